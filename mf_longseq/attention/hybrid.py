@@ -1,0 +1,20 @@
+"""hybrid_cp: Ulysses inside, ring across.  CP = U x R, Ulysses ranks contiguous (see ``parallel/mesh.py``).
+
+    q (B, S/CP, N, D) --Ulysses all-to-all--> (B, S/R, N/U, D)   [this ring rank's part, 1/U of the heads]
+                      --ring attention over the R ring ranks (zigzag parts, per-step masks)-->
+                      --Ulysses all-to-all back--> (B, S/CP, N, D)
+
+The all-to-all moves the most bytes, so it stays inside the Ulysses group (neighbouring ranks, in practice one
+node); only K/V blocks cross the ring.  This file only composes the two: ``ulysses.py`` and ``ring.py``.
+"""
+from mf_longseq.attention.ring import RingAttention
+from mf_longseq.attention.ulysses import ulysses_attention
+
+
+def hybrid_attention(q, k, v, *, ulysses_group, ring_group, kernel, masks, scale, use_alltoall: bool = True):
+    """Args: q (B, S_loc, N, D), k/v (B, S_loc, K, D); ``masks[j]``: this ring rank's part vs ring rank j's part.
+
+    Returns (B, S_loc, N, D).
+    """
+    ring = RingAttention(ring_group, kernel, masks, scale)
+    return ulysses_attention(q, k, v, ulysses_group, ring, use_alltoall)

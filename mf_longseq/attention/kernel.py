@@ -1,0 +1,191 @@
+"""Local attention: one device, one (queries, keys) pair of blocks, returning ``(out, lse)``.
+
+Shapes (legend): B batch, N query heads, K kv heads (GQA, N = K*G), G query heads per kv head, S_q / S_k query /
+key tokens of this call, D head dim, R = G * tile rows (a tile's queries of all G heads stacked).
+
+    q (B, N, S_q, D), k and v (B, K, S_k, D)  ->  out (B, N, S_q, D) in q's dtype, lse (B, N, S_q) float32
+
+``lse`` is the natural-log sum of exp(scores) over the visible keys (-inf where a query sees none) so partial
+results merge exactly (``merge``).  Two kernels share this contract:
+
+* ``BlockwiseKernel`` (CPU, GPU): tiles of ``block_size``; online softmax in float32 (FlashAttention-2); tiles
+  that ``AttentionMask`` marks SKIP cost nothing, FULL tiles use no mask; GQA by stacking a kv head's G query
+  heads as rows of one matmul, never repeating K/V.  Backward recomputes each tile from (q, k, v, lse).
+* ``FlashKernel`` (Ascend): FlashAttentionScore / FlashAttentionScoreGrad, arguments from ``flash.py``.
+
+No S x S tensor exists in either direction: the largest temporary is (B, K, R, tile_k).
+"""
+import math
+from typing import Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mf_longseq.attention.mask import FULL, AttentionMask
+
+NEG_INF = float("-inf")
+
+
+def merge(out, lse, block_out, block_lse):
+    """Combine two partial attention results over disjoint key sets, in float32.
+
+    lse = log(exp(lse_a) + exp(lse_b)); out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse).
+    (Derivation: https://github.com/zhuzilin/ring-flash-attention/pull/34#issuecomment-2076126795.)
+    out (B, N, S, D) float32, lse (B, N, S) float32; -inf lse (no visible key) is handled.
+    """
+    high = ops.maximum(lse, block_lse)
+    high_safe = ops.where(ops.isinf(high), ops.zeros_like(high), high)
+    total = ops.exp(lse - high_safe) + ops.exp(block_lse - high_safe)
+    new_lse = ops.log(total) + high_safe                                         # -inf where both are -inf
+    new_lse_safe = ops.where(ops.isinf(new_lse), ops.zeros_like(new_lse), new_lse)
+    w_a = ops.exp(lse - new_lse_safe).expand_dims(-1)
+    w_b = ops.exp(block_lse - new_lse_safe).expand_dims(-1)
+    return out * w_a + block_out * w_b, new_lse
+
+
+def _rows(x_BKGSD, qs: int, qe: int):
+    """(B, K, G, S, D) -> the tile's rows (B, K, G*(qe-qs), D)."""
+    b, k, g, _, d = x_BKGSD.shape
+    return x_BKGSD[:, :, :, qs:qe, :].reshape(b, k, g * (qe - qs), d)
+
+
+def _unrows(x_BKRD, g: int):
+    """(B, K, G*T, D) -> (B, K, G, T, D)."""
+    b, k, r, d = x_BKRD.shape
+    return x_BKRD.reshape(b, k, g, r // g, d)
+
+
+class BlockwiseKernel:
+    """Tiled attention with online softmax, composed of MindSpore ops (runs on CPU, GPU and Ascend)."""
+
+    name = "blockwise"
+
+    def __init__(self, block_size: int = 2048):
+        self.block_size = block_size
+
+    def _bias(self, mask: AttentionMask, qs, qe, ks, ke, g: int):
+        """Additive (G*T_q, T_k) bias of a PARTIAL tile: 0 where visible, -inf where masked."""
+        allowed = np.tile(mask.allowed(qs, qe, ks, ke), (g, 1))
+        return Tensor(np.where(allowed, 0.0, NEG_INF).astype(np.float32))
+
+    def forward(self, q, k, v, mask: AttentionMask, scale: float) -> Tuple[Tensor, Tensor]:
+        b, n, s_q, d = q.shape
+        kv_heads = k.shape[1]
+        g = n // kv_heads
+        q5 = (q.astype(ms.float32) * scale).reshape(b, kv_heads, g, s_q, d)      # (B, K, G, S_q, D)
+        k32, v32 = k.astype(ms.float32), v.astype(ms.float32)
+        outs, lses = [], []
+        for qs, qe, row in mask.plan(self.block_size):
+            rows = g * (qe - qs)
+            if not row:                                                           # sees no key at all
+                outs.append(ops.zeros((b, kv_heads, rows, d), ms.float32))
+                lses.append(ops.full((b, kv_heads, rows), NEG_INF, dtype=ms.float32))
+                continue
+            q_t = _rows(q5, qs, qe)                                               # (B, K, R, D)
+            m = ops.full((b, kv_heads, rows, 1), NEG_INF, dtype=ms.float32)
+            l = ops.zeros((b, kv_heads, rows, 1), ms.float32)
+            acc = ops.zeros((b, kv_heads, rows, d), ms.float32)
+            for ks, ke, kind in row:
+                s = ops.matmul(q_t, k32[:, :, ks:ke].swapaxes(-1, -2))           # (B, K, R, T_k)
+                if kind != FULL:
+                    s = s + self._bias(mask, qs, qe, ks, ke, g)
+                m_new = ops.maximum(m, s.max(axis=-1, keepdims=True))
+                m_safe = ops.where(ops.isinf(m_new), ops.zeros_like(m_new), m_new)
+                p = ops.exp(s - m_safe)
+                alpha = ops.exp(m - m_safe)
+                l = l * alpha + p.sum(axis=-1, keepdims=True)
+                acc = acc * alpha + ops.matmul(p, v32[:, :, ks:ke])
+                m = m_new
+            seen = l > 0
+            outs.append(acc / ops.where(seen, l, ops.ones_like(l)))
+            m_safe = ops.where(ops.isinf(m), ops.zeros_like(m), m)
+            lse = ops.where(seen, ops.log(ops.where(seen, l, ops.ones_like(l))) + m_safe, ops.full_like(l, NEG_INF))
+            lses.append(lse.squeeze(-1))
+        out = ops.cat([_unrows(o, g) for o in outs], axis=3).reshape(b, n, s_q, d)
+        lse = ops.cat([l_.reshape(b, kv_heads, g, -1) for l_ in lses], axis=3).reshape(b, n, s_q)
+        return out.astype(q.dtype), lse
+
+    def backward(self, q, k, v, dout, lse, delta, mask: AttentionMask, scale: float):
+        """Gradients of this call's (q, k, v), given the *final* lse and delta = rowsum(dout * out) - dlse.
+
+        Returns float32 (dq (B, N, S_q, D), dk (B, K, S_k, D), dv (B, K, S_k, D)).
+        """
+        b, n, s_q, d = q.shape
+        kv_heads, s_k = k.shape[1], k.shape[2]
+        g = n // kv_heads
+        q5 = (q.astype(ms.float32) * scale).reshape(b, kv_heads, g, s_q, d)
+        do5 = dout.astype(ms.float32).reshape(b, kv_heads, g, s_q, d)
+        lse_safe = ops.where(ops.isinf(lse), ops.full_like(lse, float("inf")), lse)
+        lse5 = lse_safe.reshape(b, kv_heads, g, s_q, 1)
+        delta5 = delta.reshape(b, kv_heads, g, s_q, 1)
+        k32, v32 = k.astype(ms.float32), v.astype(ms.float32)
+        dk_parts, dv_parts, dq_tiles = {}, {}, []
+        for qs, qe, row in mask.plan(self.block_size):
+            q_t, do_t = _rows(q5, qs, qe), _rows(do5, qs, qe)                    # (B, K, R, D)
+            lse_t, delta_t = _rows(lse5, qs, qe), _rows(delta5, qs, qe)          # (B, K, R, 1)
+            dq_t = ops.zeros(q_t.shape, ms.float32)
+            for ks, ke, kind in row:
+                k_t, v_t = k32[:, :, ks:ke], v32[:, :, ks:ke]                    # (B, K, T_k, D)
+                s = ops.matmul(q_t, k_t.swapaxes(-1, -2))                        # (B, K, R, T_k)
+                if kind != FULL:
+                    s = s + self._bias(mask, qs, qe, ks, ke, g)
+                p = ops.exp(s - lse_t)
+                dp = ops.matmul(do_t, v_t.swapaxes(-1, -2))
+                ds = p * (dp - delta_t)
+                dq_t = dq_t + ops.matmul(ds, k_t)
+                key = (ks, ke)
+                dv_blk = ops.matmul(p.swapaxes(-1, -2), do_t)                    # (B, K, T_k, D), summed over G
+                dk_blk = ops.matmul(ds.swapaxes(-1, -2), q_t)
+                dv_parts[key] = dv_parts[key] + dv_blk if key in dv_parts else dv_blk
+                dk_parts[key] = dk_parts[key] + dk_blk if key in dk_parts else dk_blk
+            dq_tiles.append(_unrows(dq_t * scale, g))
+        dq = ops.cat(dq_tiles, axis=3).reshape(b, n, s_q, d)
+        dk, dv = self._assemble(dk_parts, (b, kv_heads, s_k, d)), self._assemble(dv_parts, (b, kv_heads, s_k, d))
+        return dq, dk, dv
+
+    @staticmethod
+    def _assemble(parts, shape):
+        """Key-tile gradients -> one (B, K, S_k, D) tensor (zeros for tiles no query saw)."""
+        b, kv_heads, s_k, d = shape
+        pieces, cursor = [], 0
+        for ks, ke in sorted(parts):
+            if ks > cursor:
+                pieces.append(ops.zeros((b, kv_heads, ks - cursor, d), ms.float32))
+            pieces.append(parts[(ks, ke)])
+            cursor = ke
+        if cursor < s_k:
+            pieces.append(ops.zeros((b, kv_heads, s_k - cursor, d), ms.float32))
+        return ops.cat(pieces, axis=2) if len(pieces) > 1 else pieces[0]
+
+
+def select_kernel(device_target: str = "CPU", block_size: int = 2048, use_flash_attention: bool = True):
+    """The kernel for a backend: FlashAttentionScore on Ascend (when flash attention is on), blockwise elsewhere."""
+    if device_target == "Ascend" and use_flash_attention:
+        from mf_longseq.attention.flash import FlashKernel
+        return FlashKernel()
+    return BlockwiseKernel(block_size)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+class LocalAttention(nn.Cell):
+    """Differentiable single-call attention: ``construct(q, k, v) -> (out, lse)``.
+
+    Backward recomputes tiles (``kernel.backward``); the gradient of ``lse``, if any, enters through delta.
+    """
+
+    def __init__(self, kernel, mask: AttentionMask, scale: float):
+        super().__init__()
+        self.kernel, self.mask, self.scale = kernel, mask, scale
+
+    def construct(self, q, k, v):
+        return self.kernel.forward(q, k, v, self.mask, self.scale)
+
+    def bprop(self, q, k, v, out, dout):
+        d_out, d_lse = dout
+        delta = (d_out.astype(ms.float32) * out[0].astype(ms.float32)).sum(-1) - d_lse
+        dq, dk, dv = self.kernel.backward(q, k, v, d_out, out[1], delta, self.mask, self.scale)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

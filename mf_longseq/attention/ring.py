@@ -1,0 +1,76 @@
+"""colossalai_cp: ring attention. K/V blocks travel round the ring; partial outputs merge by log-sum-exp.
+
+Each of the R ring ranks holds 1/R of Q, K and V (for the zigzag layout: chunks i and 2R-1-i).  At step t rank
+i holds the K/V block of rank (i - t) mod R, computes attention of its queries against it, and merges the
+result into its running (out, lse) in float32.  Which keys a query may see is decided from global positions
+(``AttentionMask``), so steps whose keys all lie in the future are skipped outright and the zigzag layout gives
+every rank the same causal work.
+
+Backward (FlashAttention-2 style, nothing stored but q, k, v, out, lse): the K/V blocks travel the ring again,
+and with them a float32 buffer of their dK/dV, to which every rank adds its contribution; after R shifts the
+buffer is back at its owner.  Per-rank memory stays O(S/R): q, one K/V block in flight, its dK/dV buffer.
+
+Shapes: q (B, N, S_loc, D), k and v (B, K, S_loc, D); kv travel stacked as (2, B, K, S_loc, D).
+"""
+from typing import Sequence
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from mf_longseq.attention.kernel import merge
+from mf_longseq.attention.mask import AttentionMask
+from mf_longseq.parallel.comm import ring_shift
+
+
+def _has_work(mask: AttentionMask, block_size: int) -> bool:
+    return any(row for _, _, row in mask.plan(block_size))
+
+
+class RingAttention(nn.Cell):
+    """Ring attention over ``group``; ``masks[j]`` is the visibility of this rank's queries to ring rank j's keys.
+
+    ``construct(q, k, v) -> (out, lse)`` with out in q's dtype and lse float32 (B, N, S_loc).
+    """
+
+    def __init__(self, group, kernel, masks: Sequence[AttentionMask], scale: float):
+        super().__init__()
+        self.group, self.kernel, self.scale = group, kernel, scale
+        self.masks = list(masks)
+        block = getattr(kernel, "block_size", 1 << 30)
+        self.work = [_has_work(m, block) for m in self.masks]
+
+    def _source(self, step: int) -> int:
+        return (self.group.index - step) % self.group.size
+
+    def construct(self, q, k, v):
+        b, n, s_loc, d = q.shape
+        out = ops.zeros((b, n, s_loc, d), ms.float32)
+        lse = ops.full((b, n, s_loc), float("-inf"), dtype=ms.float32)
+        kv = ops.stack([k, v])                                                   # (2, B, K, S_loc, D)
+        for step in range(self.group.size):
+            src = self._source(step)
+            incoming = ring_shift(kv, self.group) if step + 1 < self.group.size else None
+            if self.work[src]:
+                block_out, block_lse = self.kernel.forward(q, kv[0], kv[1], self.masks[src], self.scale)
+                out, lse = merge(out, lse, block_out.astype(ms.float32), block_lse)
+            kv = incoming
+        return out.astype(q.dtype), lse
+
+    def bprop(self, q, k, v, out, dout):
+        d_out, d_lse = dout
+        o, lse = out
+        delta = (d_out.astype(ms.float32) * o.astype(ms.float32)).sum(-1) - d_lse      # (B, N, S_loc)
+        dq = ops.zeros(q.shape, ms.float32)
+        kv = ops.stack([k, v])
+        dkv = ops.zeros(kv.shape, ms.float32)                                    # travels with kv
+        for step in range(self.group.size):
+            src = self._source(step)
+            incoming = ring_shift(kv, self.group) if step + 1 < self.group.size else None
+            if self.work[src]:
+                dq_b, dk_b, dv_b = self.kernel.backward(q, kv[0], kv[1], d_out, lse, delta, self.masks[src],
+                                                        self.scale)
+                dq = dq + dq_b
+                dkv = dkv + ops.stack([dk_b, dv_b])
+            dkv = ring_shift(dkv, self.group)                                    # after R shifts: back home
+            kv = incoming
+        return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)

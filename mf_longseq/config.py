@@ -1,0 +1,291 @@
+"""LongSeqConfig: the validated, frozen settings of one long-sequence run.
+
+It is read from a MindFormers config (``MindFormerConfig``, a dict or a YAML path).  The standard keys are read
+where MindFormers keeps them; the plugin's own knobs live in a top-level ``long_seq:`` section, because
+MindFormers rejects unknown keys under ``parallel_config``::
+
+    parallel_config: {data_parallel, model_parallel, context_parallel, pipeline_stage, micro_batch_num,
+                      context_parallel_algo, ulysses_degree_in_cp, use_seq_parallel}
+    model.model_config: {seq_length, num_heads, n_kv_heads, num_layers, use_flash_attention,
+                         use_attn_mask_compression}
+    parallel: {enable_alltoall}
+    context: {device_target}
+    long_seq: {layout, block_size, device_num}
+
+Every rule is checked in ``__post_init__``; a broken rule raises ``ValueError`` naming the key, the value and a fix.
+"""
+import difflib
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+logger = logging.getLogger(__name__)
+
+CP_ALGOS = ("colossalai_cp", "ulysses_cp", "hybrid_cp")
+LEGACY_ALGO_SPELLINGS = {"hybird_cp": "hybrid_cp"}
+LAYOUTS = ("contiguous", "zigzag")
+DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
+
+# Keys a user may put in the plugin's own ``long_seq:`` section.
+LONG_SEQ_KEYS = ("layout", "block_size", "device_num")
+
+
+def _fail(key: str, value: Any, problem: str, fix: str) -> None:
+    raise ValueError(f"{key} = {value!r}: {problem}. Fix: {fix}.")
+
+
+def _divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongSeqConfig:
+    """Settings of a context-parallel run. All counts are global (whole model, whole sequence)."""
+
+    seq_length: int
+    """model.model_config.seq_length: tokens per sample (the whole sequence, before CP splits it)."""
+    num_heads: int
+    """model.model_config.num_heads: query heads."""
+    num_kv_heads: Optional[int] = None
+    """model.model_config.n_kv_heads: key/value heads (GQA); None means num_heads."""
+    num_layers: int = 1
+    """model.model_config.num_layers: decoder layers (checked against pipeline_stage)."""
+    data_parallel: int = 1
+    """parallel_config.data_parallel."""
+    model_parallel: int = 1
+    """parallel_config.model_parallel: tensor parallel degree (heads split across it)."""
+    context_parallel: int = 1
+    """parallel_config.context_parallel: ranks that share one sequence; 1 means CP is off."""
+    pipeline_stage: int = 1
+    """parallel_config.pipeline_stage."""
+    micro_batch_num: int = 1
+    """parallel_config.micro_batch_num: must be >= pipeline_stage."""
+    context_parallel_algo: str = "colossalai_cp"
+    """parallel_config.context_parallel_algo: colossalai_cp (ring), ulysses_cp or hybrid_cp."""
+    ulysses_degree_in_cp: int = 1
+    """parallel_config.ulysses_degree_in_cp: Ulysses part of CP for hybrid_cp (ring part = CP / this)."""
+    use_seq_parallel: bool = False
+    """parallel_config.use_seq_parallel: Megatron sequence parallel; incompatible with CP."""
+    use_flash_attention: bool = True
+    """model.model_config.use_flash_attention: required on Ascend when CP > 1."""
+    use_attn_mask_compression: bool = False
+    """model.model_config.use_attn_mask_compression: 2048x2048 compressed causal mask instead of S x S."""
+    enable_alltoall: bool = False
+    """parallel.enable_alltoall: Ulysses uses AlltoAll if True, an AllGather-based exchange if False."""
+    device_target: str = "CPU"
+    """context.device_target: CPU, Ascend or GPU."""
+    device_num: Optional[int] = None
+    """long_seq.device_num: total ranks; None means the product of the parallel degrees."""
+    layout: str = "zigzag"
+    """long_seq.layout: how a sequence is split across CP ranks, contiguous or zigzag (causal load balance)."""
+    block_size: int = 2048
+    """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
+
+    def __post_init__(self):
+        algo = self.context_parallel_algo
+        if algo in LEGACY_ALGO_SPELLINGS:
+            logger.warning("parallel_config.context_parallel_algo = %r is the old spelling; using %r.",
+                           algo, LEGACY_ALGO_SPELLINGS[algo])
+            object.__setattr__(self, "context_parallel_algo", LEGACY_ALGO_SPELLINGS[algo])
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        self._check_types()
+        self._check_degrees()
+        self._check_heads()
+        self._check_sequence()
+        self._check_pipeline()
+
+    # ----------------------------------------------------------------------------------------------- derived
+    @property
+    def ulysses_degree(self) -> int:
+        """Ranks of one Ulysses (all-to-all) group inside CP."""
+        if self.context_parallel == 1 or self.context_parallel_algo == "colossalai_cp":
+            return 1
+        if self.context_parallel_algo == "ulysses_cp":
+            return self.context_parallel
+        return self.ulysses_degree_in_cp
+
+    @property
+    def ring_degree(self) -> int:
+        """Ranks of one ring inside CP."""
+        return self.context_parallel // self.ulysses_degree
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel * self.model_parallel * self.context_parallel * self.pipeline_stage
+
+    # ----------------------------------------------------------------------------------------------- checks
+    def _check_types(self):
+        ints = ("seq_length", "num_heads", "num_kv_heads", "num_layers", "data_parallel", "model_parallel",
+                "context_parallel", "pipeline_stage", "micro_batch_num", "ulysses_degree_in_cp", "block_size")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(_KEY_PATHS[name], value, "must be a positive integer", f"set {_KEY_PATHS[name]} to 1 or more")
+        for name in ("use_seq_parallel", "use_flash_attention", "use_attn_mask_compression", "enable_alltoall"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
+        if self.context_parallel_algo not in CP_ALGOS:
+            close = difflib.get_close_matches(str(self.context_parallel_algo), CP_ALGOS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo, "unknown algorithm",
+                  f"{hint}use one of {', '.join(CP_ALGOS)}")
+        if self.layout not in LAYOUTS:
+            _fail(_KEY_PATHS["layout"], self.layout, "unknown sequence layout", f"use one of {', '.join(LAYOUTS)}")
+        if self.device_target not in DEVICE_TARGETS:
+            _fail(_KEY_PATHS["device_target"], self.device_target, "unknown device target",
+                  f"use one of {', '.join(DEVICE_TARGETS)}")
+
+    def _check_degrees(self):
+        cp = self.context_parallel
+        if self.device_num is not None and self.device_num != self.world_size:
+            _fail(_KEY_PATHS["device_num"], self.device_num,
+                  f"device_num must equal data_parallel x model_parallel x context_parallel x pipeline_stage = "
+                  f"{self.data_parallel} x {self.model_parallel} x {cp} x {self.pipeline_stage} = {self.world_size}",
+                  "change the parallel degrees so that their product is the number of devices")
+        if cp > 1 and self.use_seq_parallel:
+            _fail(_KEY_PATHS["use_seq_parallel"], True,
+                  f"Megatron sequence parallel cannot be combined with context_parallel = {cp}",
+                  "set parallel_config.use_seq_parallel: False")
+        if cp > 1 and self.device_target == "Ascend" and not self.use_flash_attention:
+            _fail(_KEY_PATHS["use_flash_attention"], False, "context parallelism on Ascend runs on FlashAttention",
+                  "set model.model_config.use_flash_attention: True")
+        if self.context_parallel_algo == "hybrid_cp" and cp > 1:
+            u = self.ulysses_degree_in_cp
+            if cp % u != 0:
+                _fail(_KEY_PATHS["ulysses_degree_in_cp"], u,
+                      f"must divide parallel_config.context_parallel = {cp}",
+                      f"use one of {_divisors(cp)}")
+
+    def _check_heads(self):
+        heads, kv = self.num_heads, self.num_kv_heads
+        mp, u = self.model_parallel, self.ulysses_degree
+        if heads % kv != 0:
+            _fail(_KEY_PATHS["num_kv_heads"], kv, f"must divide model.model_config.num_heads = {heads}",
+                  f"use one of {_divisors(heads)}")
+        if heads % mp != 0:
+            _fail(_KEY_PATHS["model_parallel"], mp, f"must divide model.model_config.num_heads = {heads}",
+                  f"use one of {_divisors(heads)}")
+        if kv % mp != 0 and mp % kv != 0:
+            _fail(_KEY_PATHS["model_parallel"], mp,
+                  f"must divide, or be a multiple of, model.model_config.n_kv_heads = {kv}",
+                  f"use one of {_divisors(kv)} or a multiple of {kv} that divides {heads}")
+        heads_per_mp = heads // mp
+        if heads_per_mp % u != 0:
+            key = "ulysses_degree_in_cp" if self.context_parallel_algo == "hybrid_cp" else "context_parallel"
+            valid = [d for d in _divisors(heads_per_mp) if d > 1]
+            _fail(_KEY_PATHS[key], getattr(self, key),
+                  f"the Ulysses degree {u} must divide the query heads per model-parallel rank, "
+                  f"num_heads / model_parallel = {heads} / {mp} = {heads_per_mp}",
+                  f"use a Ulysses degree in {valid or [1]} (or colossalai_cp, which has no head constraint)")
+        kv_per_mp = max(kv // mp, 1)
+        if kv_per_mp % u != 0 and u % kv_per_mp != 0:
+            _fail(_KEY_PATHS["num_kv_heads"], kv,
+                  f"kv heads per model-parallel rank ({kv_per_mp}) and the Ulysses degree {u} must divide one another",
+                  "choose a Ulysses degree that divides or is a multiple of the kv heads per rank")
+
+    def _check_sequence(self):
+        cp, s = self.context_parallel, self.seq_length
+        if cp == 1:
+            return
+        # zigzag cuts the sequence into 2 x ring_degree chunks, each rank's pair then into Ulysses pieces;
+        # with no ring (pure Ulysses) zigzag is the contiguous layout.
+        zigzag = self.layout == "zigzag" and self.ring_degree > 1
+        parts = 2 * cp if zigzag else cp
+        if s % parts != 0:
+            _fail(_KEY_PATHS["seq_length"], s,
+                  f"the {self.layout} layout with context_parallel = {cp} splits the sequence into {parts} equal "
+                  f"parts", f"use a seq_length divisible by {parts} (e.g. {(s // parts + 1) * parts})")
+
+    def _check_pipeline(self):
+        pp = self.pipeline_stage
+        if pp > 1 and self.micro_batch_num < pp:
+            _fail(_KEY_PATHS["micro_batch_num"], self.micro_batch_num,
+                  f"must be >= parallel_config.pipeline_stage = {pp}", f"set micro_batch_num to {pp} or more")
+        if self.num_layers < pp:
+            _fail(_KEY_PATHS["pipeline_stage"], pp,
+                  f"more stages than model.model_config.num_layers = {self.num_layers}",
+                  f"use at most {self.num_layers} stages")
+
+    # ----------------------------------------------------------------------------------------------- reading
+    @classmethod
+    def from_mindformers(cls, config: Any, **overrides) -> "LongSeqConfig":
+        """Build from a ``MindFormerConfig``, a nested dict, or a YAML path. ``overrides`` win over the file."""
+        tree = _as_dict(config)
+        own = tree.get("long_seq") or {}
+        for key in own:
+            if key not in LONG_SEQ_KEYS:
+                close = difflib.get_close_matches(key, LONG_SEQ_KEYS, n=1)
+                hint = f"did you mean long_seq.{close[0]}?" if close else f"known keys: {', '.join(LONG_SEQ_KEYS)}"
+                _fail(f"long_seq.{key}", own[key], "unknown key", hint)
+        values = {}
+        for name, path in _KEY_PATHS.items():
+            found, value = _lookup(tree, path)
+            if found and value is not None:
+                values[name] = value
+        model_cfg = (tree.get("model") or {}).get("model_config") or {}
+        if "num_kv_heads" not in values and model_cfg.get("num_key_value_heads"):
+            values["num_kv_heads"] = model_cfg["num_key_value_heads"]
+        values.update(overrides)
+        missing = [n for n in ("seq_length", "num_heads") if n not in values]
+        if missing:
+            _fail(_KEY_PATHS[missing[0]], None, "is required", f"set {_KEY_PATHS[missing[0]]} in the YAML")
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One line per setting, for logs and ``mf-longseq validate``."""
+        lines = [f"{_KEY_PATHS[f.name]}: {getattr(self, f.name)!r}" for f in fields(self)]
+        lines.append(f"(derived) ulysses degree: {self.ulysses_degree}, ring degree: {self.ring_degree}, "
+                     f"world size: {self.world_size}")
+        return "\n".join(lines)
+
+
+# Where each field lives in a MindFormers YAML.
+_KEY_PATHS = {
+    "seq_length": "model.model_config.seq_length",
+    "num_heads": "model.model_config.num_heads",
+    "num_kv_heads": "model.model_config.n_kv_heads",
+    "num_layers": "model.model_config.num_layers",
+    "data_parallel": "parallel_config.data_parallel",
+    "model_parallel": "parallel_config.model_parallel",
+    "context_parallel": "parallel_config.context_parallel",
+    "pipeline_stage": "parallel_config.pipeline_stage",
+    "micro_batch_num": "parallel_config.micro_batch_num",
+    "context_parallel_algo": "parallel_config.context_parallel_algo",
+    "ulysses_degree_in_cp": "parallel_config.ulysses_degree_in_cp",
+    "use_seq_parallel": "parallel_config.use_seq_parallel",
+    "use_flash_attention": "model.model_config.use_flash_attention",
+    "use_attn_mask_compression": "model.model_config.use_attn_mask_compression",
+    "enable_alltoall": "parallel.enable_alltoall",
+    "device_target": "context.device_target",
+    "device_num": "long_seq.device_num",
+    "layout": "long_seq.layout",
+    "block_size": "long_seq.block_size",
+}
+
+
+def key_path(field_name: str) -> str:
+    """The YAML key path of a LongSeqConfig field, e.g. ``parallel_config.context_parallel``."""
+    return _KEY_PATHS[field_name]
+
+
+def _as_dict(config: Any) -> Mapping:
+    if isinstance(config, str):
+        import yaml
+        with open(config, encoding="utf-8") as handle:
+            return yaml.safe_load(handle) or {}
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if isinstance(config, Mapping):
+        return config
+    raise TypeError(f"expected a MindFormerConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+def _lookup(tree: Mapping, path: str):
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node

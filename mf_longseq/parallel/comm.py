@@ -1,0 +1,260 @@
+"""Exchanges between the ranks of one group. Nothing here knows about attention.
+
+Every function takes an explicit ``Group`` (see ``mesh.py``).  Native primitives are used where the backend has
+them (Ascend/GPU: AlltoAll, AllGather, ReduceScatter, point-to-point send/receive).  On CPU only AllReduce works
+outside the world group, so every exchange is built from AllReduce there:
+
+* point-to-point (ring shift): an AllReduce in the two-rank group of sender and receiver, the receiver adding
+  zeros.  Per-rank buffers stay the size of the block that moves.
+* all-gather: an AllReduce of a zero buffer holding this rank's part in its slot.
+* all-to-all: P-1 rounds of pairwise transfers (round r: send to index+r, receive from index-r).
+
+The decision native-or-emulated is made here, from ``group.device_target``, and nowhere else.
+
+Raw functions (``ring_shift``, ``all_gather``, ``all_to_all``, ``all_reduce``) are not differentiable; the
+Cells at the bottom (``AllToAll``, ``AllGather``, ``RingShift``) are, each with its backward stated next to it.
+
+Every call counts bytes into ``group.stats``: ``logical`` is what the native primitive sends from this rank,
+``wire`` is the size of the buffers this rank really hands to collectives (equal to logical on native backends).
+"""
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict
+
+import mindspore as ms
+from mindspore import nn, ops
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CommStats:
+    """Bytes and calls per exchange kind, for one process."""
+
+    calls: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    logical_bytes: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    wire_bytes: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, logical: int, wire: int) -> None:
+        self.calls[kind] += 1
+        self.logical_bytes[kind] += int(logical)
+        self.wire_bytes[kind] += int(wire)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.logical_bytes.clear()
+        self.wire_bytes.clear()
+
+    def total(self, which: str = "logical") -> int:
+        table = self.logical_bytes if which == "logical" else self.wire_bytes
+        return sum(table.values())
+
+    def as_dict(self) -> dict:
+        return {k: {"calls": self.calls[k], "logical_bytes": self.logical_bytes[k], "wire_bytes": self.wire_bytes[k]}
+                for k in sorted(self.calls)}
+
+
+def is_emulated(group) -> bool:
+    """True where the backend lacks sub-group AllGather / AlltoAll / send-receive (CPU)."""
+    return group.device_target == "CPU"
+
+
+def _nbytes(x) -> int:
+    return x.size * x.itemsize
+
+
+def _allreduce_sum(x, group_name: str):
+    # AllReduce of bf16 is not available on every backend's CPU kernels: move fp32, hand back the input dtype.
+    if x.dtype == ms.bfloat16:
+        return ops.AllReduce(group=group_name)(x.astype(ms.float32)).astype(x.dtype)
+    return ops.AllReduce(group=group_name)(x)
+
+
+# --------------------------------------------------------------------------------------------------- raw
+def all_reduce(x, group):
+    """Sum of ``x`` over the group, on every rank."""
+    if group.size == 1:
+        return x
+    n = group.size
+    group.stats.add("all_reduce", _nbytes(x) * 2 * (n - 1) // n, _nbytes(x))
+    return _allreduce_sum(x, group.name)
+
+
+def _pair_transfer(x, group, peer: int, sending: bool):
+    """One point-to-point transfer between this rank and ``peer`` (group indices), built on AllReduce."""
+    payload = x if sending else ops.zeros_like(x)
+    return _allreduce_sum(payload, group.pair(group.index, peer))
+
+
+def _shift_emulated(x, group, offset: int):
+    """Send ``x`` to index+offset, receive from index-offset, in two-rank groups.
+
+    The permutation i -> i+offset splits into cycles; along a cycle even positions send first and odd positions
+    receive first, so every transfer finds its partner waiting and no cycle of waits can form.
+    """
+    n, me = group.size, group.index
+    dst, src = (me + offset) % n, (me - offset) % n
+    cycle_start = me % math.gcd(n, offset % n)
+    position = next(k for k in range(n) if (cycle_start + k * offset) % n == me)
+    if position % 2 == 0:
+        _pair_transfer(x, group, dst, sending=True)
+        return _pair_transfer(x, group, src, sending=False)
+    received = _pair_transfer(x, group, src, sending=False)
+    _pair_transfer(x, group, dst, sending=True)
+    return received
+
+
+def _shift_native(x, group, offset: int):
+    import mindspore.mint.distributed as dist
+    n, me = group.size, group.index
+    received = ops.zeros_like(x)
+    work = dist.batch_isend_irecv([
+        dist.P2POp(dist.isend, x, group.ranks[(me + offset) % n], group=group.name),
+        dist.P2POp(dist.irecv, received, group.ranks[(me - offset) % n], group=group.name),
+    ])
+    for handle in work:
+        handle.wait()
+    return received
+
+
+def ring_shift(x, group, offset: int = 1):
+    """Send ``x`` to group index ``index + offset`` and return what index ``index - offset`` sent."""
+    if group.size == 1 or offset % group.size == 0:
+        return x
+    emulated = is_emulated(group)
+    group.stats.add("ring_shift", _nbytes(x), 2 * _nbytes(x) if emulated else _nbytes(x))
+    return _shift_emulated(x, group, offset) if emulated else _shift_native(x, group, offset)
+
+
+def all_gather(x, group, dim: int):
+    """Concatenate every rank's ``x`` along ``dim`` in group order."""
+    n = group.size
+    if n == 1:
+        return x
+    if is_emulated(group):
+        slots = [ops.zeros_like(x)] * n
+        slots[group.index] = x
+        buffer = ops.cat(slots, axis=dim)                                  # (.., n * x.shape[dim], ..)
+        group.stats.add("all_gather", _nbytes(x) * (n - 1), _nbytes(buffer))
+        return _allreduce_sum(buffer, group.name)
+    group.stats.add("all_gather", _nbytes(x) * (n - 1), _nbytes(x) * (n - 1))
+    stacked = ops.AllGather(group=group.name)(x.swapaxes(0, dim))            # gathers along dim 0
+    return stacked.swapaxes(0, dim)
+
+
+def _chunk(x, n: int, dim: int, i: int):
+    size = x.shape[dim] // n
+    return ops.narrow(x, dim, i * size, size)
+
+
+def reduce_scatter(x, group, dim: int):
+    """Sum over the group, then keep this rank's 1/n chunk along ``dim``."""
+    n = group.size
+    if n == 1:
+        return x
+    if is_emulated(group) or dim != 0:
+        return _chunk(all_reduce(x, group), n, dim, group.index)
+    group.stats.add("reduce_scatter", _nbytes(x) * (n - 1) // n, _nbytes(x) * (n - 1) // n)
+    return ops.ReduceScatter(group=group.name)(x)
+
+
+def all_to_all(x, group, scatter_dim: int, gather_dim: int, use_alltoall: bool = True):
+    """Split ``x`` into group.size chunks along ``scatter_dim``; chunk j goes to index j; the received chunks
+    are concatenated along ``gather_dim`` in group order.
+
+    ``use_alltoall=False`` is the AllGather-based exchange (gather along ``gather_dim``, keep this rank's chunk of
+    ``scatter_dim``): more bytes and a transient buffer group.size times larger, but no AlltoAll needed.
+    """
+    n = group.size
+    if n == 1:
+        return x
+    if x.shape[scatter_dim] % n != 0:
+        raise ValueError(f"all_to_all: dimension {scatter_dim} of shape {tuple(x.shape)} is not divisible by the "
+                         f"group size {n}")
+    if not use_alltoall:
+        return _chunk(all_gather(x, group, gather_dim), n, scatter_dim, group.index)
+    if not is_emulated(group):
+        group.stats.add("all_to_all", _nbytes(x) * (n - 1) // n, _nbytes(x) * (n - 1) // n)
+        return ops.AlltoAll(split_count=n, split_dim=scatter_dim, concat_dim=gather_dim, group=group.name)(x)
+    return _all_to_all_pairwise(x, group, scatter_dim, gather_dim)
+
+
+def _all_to_all_pairwise(x, group, scatter_dim: int, gather_dim: int):
+    n, me = group.size, group.index
+    chunks = [_chunk(x, n, scatter_dim, j) for j in range(n)]
+    received = [None] * n
+    received[me] = chunks[me]
+    for offset in range(1, n):
+        dst = (me + offset) % n
+        # Round `offset`: what goes to dst is chunk dst; what arrives from src is our chunk of src's tensor.
+        cycle_start = me % math.gcd(n, offset)
+        position = next(k for k in range(n) if (cycle_start + k * offset) % n == me)
+        src = (me - offset) % n
+        if position % 2 == 0:
+            _pair_transfer(chunks[dst], group, dst, sending=True)
+            received[src] = _pair_transfer(chunks[dst], group, src, sending=False)
+        else:
+            received[src] = _pair_transfer(chunks[dst], group, src, sending=False)
+            _pair_transfer(chunks[dst], group, dst, sending=True)
+    chunk_bytes = _nbytes(chunks[0])
+    group.stats.add("all_to_all", chunk_bytes * (n - 1), 2 * chunk_bytes * (n - 1))
+    return ops.cat(received, axis=gather_dim)
+
+
+# --------------------------------------------------------------------------------------------------- differentiable
+class AllToAll(nn.Cell):
+    """Differentiable all-to-all. Backward: the same exchange with scatter and gather dims swapped."""
+
+    def __init__(self, group, scatter_dim: int, gather_dim: int, use_alltoall: bool = True):
+        super().__init__()
+        self.group, self.scatter_dim, self.gather_dim, self.use_alltoall = group, scatter_dim, gather_dim, use_alltoall
+
+    def construct(self, x):
+        return all_to_all(x, self.group, self.scatter_dim, self.gather_dim, self.use_alltoall)
+
+    def bprop(self, x, out, dout):
+        return (all_to_all(dout, self.group, self.gather_dim, self.scatter_dim, self.use_alltoall),)
+
+
+class AllGather(nn.Cell):
+    """Differentiable all-gather along ``dim``. Backward: reduce-scatter (sum, keep this rank's chunk)."""
+
+    def __init__(self, group, dim: int):
+        super().__init__()
+        self.group, self.dim = group, dim
+
+    def construct(self, x):
+        return all_gather(x, self.group, self.dim)
+
+    def bprop(self, x, out, dout):
+        return (reduce_scatter(dout, self.group, self.dim),)
+
+
+class RingShift(nn.Cell):
+    """Differentiable ring shift by ``offset``. Backward: the shift by ``-offset``."""
+
+    def __init__(self, group, offset: int = 1):
+        super().__init__()
+        self.group, self.offset = group, offset
+
+    def construct(self, x):
+        return ring_shift(x, self.group, self.offset)
+
+    def bprop(self, x, out, dout):
+        return (ring_shift(dout, self.group, -self.offset),)
+
+
+class AllReduce(nn.Cell):
+    """Differentiable sum over the group. Backward: the sum of the incoming gradients (an all-reduce)."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def construct(self, x):
+        return all_reduce(x, self.group)
+
+    def bprop(self, x, out, dout):
+        return (all_reduce(dout, self.group),)

@@ -1,0 +1,214 @@
+"""Rank layout and communication groups: one explicit ``Mesh`` object, built once and passed by keyword.
+
+Rank order (MindFormers' order, model parallel fastest)::
+
+    rank = stage * (dp * cp * mp) + dp_id * (cp * mp) + cp_id * mp + mp_id
+
+Inside CP the ranks split into Ulysses x ring, Ulysses ranks contiguous (they exchange the most)::
+
+    cp_id = ring_id * ulysses + ulysses_id
+
+Groups (each a ``Group``: its global ranks in order, this rank's index, a communication-group name):
+
+    axis        ranks that differ only in            used for
+    dp          dp_id                                 (with cp) gradient averaging
+    cp          cp_id                                 all-gather / split of a sequence
+    ulysses     ulysses_id (same ring_id)             Ulysses all-to-all
+    ring        ring_id (same ulysses_id)             ring shift of K/V blocks
+    mp          mp_id                                 tensor-parallel all-reduce
+    pp          stage                                 pipeline transfers
+    dp_cp       dp_id and cp_id                       gradient all-reduce (weights replicated over both)
+
+A ``Mesh`` built with an explicit ``rank`` and no communication is plain arithmetic: unit tests simulate every
+rank in a loop.  ``Mesh.create_groups()`` creates the communication groups this rank belongs to (under msrun,
+after ``mindspore.communication.init()``), including the two-rank groups that the CPU exchanges need.
+"""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, Optional, Tuple
+
+from mf_longseq.parallel.comm import CommStats
+
+
+class Axis(str, Enum):
+    DP = "dp"
+    CP = "cp"
+    ULYSSES = "ulysses"
+    RING = "ring"
+    MP = "mp"
+    PP = "pp"
+    DP_CP = "dp_cp"
+
+
+@dataclass(frozen=True)
+class Group:
+    """The ranks of one mesh axis that include this rank.
+
+    Attributes:
+        axis: mesh axis name.
+        ranks: global ranks of the group, in group order (index 0 first).
+        index: this rank's position in ``ranks``.
+        name: communication-group name (the world group's name when the group is the whole world).
+        device_target: backend the exchanges run on ("CPU" selects the AllReduce-based emulation).
+        stats: byte counters shared by every group of the mesh.
+        pair_names: name of the two-rank group for each pair of group indices (i, j), i < j.
+    """
+
+    axis: str
+    ranks: Tuple[int, ...]
+    index: int
+    name: str
+    device_target: str = "CPU"
+    stats: CommStats = field(default_factory=CommStats, compare=False, repr=False)
+    pair_names: Dict[Tuple[int, int], str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def pair(self, i: int, j: int) -> str:
+        """Name of the two-rank group of group indices i and j."""
+        key = (min(i, j), max(i, j))
+        if key not in self.pair_names:
+            raise KeyError(f"no two-rank group for indices {key} of {self.axis} group {self.ranks}: "
+                           "call Mesh.create_groups() first")
+        return self.pair_names[key]
+
+
+class Mesh:
+    """dp x pp x cp (ulysses x ring) x mp layout of ranks, and the groups of one rank.
+
+    Args:
+        dp, mp, cp, pp: parallel degrees; their product is the world size.
+        ulysses: Ulysses degree inside CP (must divide cp); ring degree = cp // ulysses.
+        rank: this process's global rank (default: ``mindspore.communication.get_rank()``, 0 without init).
+        device_target: "CPU" (emulated exchanges) or "Ascend"/"GPU" (native collectives).
+    """
+
+    def __init__(self, *, dp: int = 1, mp: int = 1, cp: int = 1, pp: int = 1, ulysses: int = 1,
+                 rank: Optional[int] = None, device_target: str = "CPU"):
+        for name, value in (("dp", dp), ("mp", mp), ("cp", cp), ("pp", pp), ("ulysses", ulysses)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Mesh {name} = {value!r}: must be a positive integer")
+        if cp % ulysses != 0:
+            raise ValueError(f"Mesh ulysses = {ulysses}: must divide cp = {cp}")
+        self.dp, self.mp, self.cp, self.pp, self.ulysses = dp, mp, cp, pp, ulysses
+        self.ring = cp // ulysses
+        self.world_size = dp * mp * cp * pp
+        self.rank = _current_rank() if rank is None else rank
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a mesh of {self.world_size} ranks "
+                             f"(dp={dp} x mp={mp} x cp={cp} x pp={pp}): check the degrees against msrun --worker_num")
+        self.device_target = device_target
+        self.stats = CommStats()
+        self._pair_names: Dict[Tuple[int, int], str] = {}
+
+    @classmethod
+    def from_config(cls, config, *, rank: Optional[int] = None) -> "Mesh":
+        """Mesh of a ``LongSeqConfig``."""
+        return cls(dp=config.data_parallel, mp=config.model_parallel, cp=config.context_parallel,
+                   pp=config.pipeline_stage, ulysses=config.ulysses_degree, rank=rank,
+                   device_target=config.device_target)
+
+    def __repr__(self) -> str:
+        return (f"Mesh(dp={self.dp}, mp={self.mp}, cp={self.cp} (ulysses={self.ulysses} x ring={self.ring}), "
+                f"pp={self.pp}, rank={self.rank})")
+
+    # ------------------------------------------------------------------------------------------- coordinates
+    def coords(self, rank: Optional[int] = None) -> Dict[str, int]:
+        """stage, dp_id, cp_id, mp_id, ring_id, ulysses_id of a rank (default: this one)."""
+        r = self.rank if rank is None else rank
+        mp_id = r % self.mp
+        cp_id = (r // self.mp) % self.cp
+        dp_id = (r // (self.mp * self.cp)) % self.dp
+        stage = r // (self.mp * self.cp * self.dp)
+        return {"stage": stage, "dp_id": dp_id, "cp_id": cp_id, "mp_id": mp_id,
+                "ring_id": cp_id // self.ulysses, "ulysses_id": cp_id % self.ulysses}
+
+    def rank_of(self, *, stage: int, dp_id: int, cp_id: int, mp_id: int) -> int:
+        return ((stage * self.dp + dp_id) * self.cp + cp_id) * self.mp + mp_id
+
+    def ranks(self, axis: str, rank: Optional[int] = None) -> Tuple[int, ...]:
+        """Global ranks of the ``axis`` group that contains ``rank``, in group order."""
+        c = self.coords(rank)
+        axis = Axis(axis)
+
+        def at(**changes):
+            d = {"stage": c["stage"], "dp_id": c["dp_id"], "cp_id": c["cp_id"], "mp_id": c["mp_id"]}
+            d.update(changes)
+            return self.rank_of(**d)
+
+        if axis is Axis.DP:
+            return tuple(at(dp_id=i) for i in range(self.dp))
+        if axis is Axis.CP:
+            return tuple(at(cp_id=i) for i in range(self.cp))
+        if axis is Axis.ULYSSES:
+            return tuple(at(cp_id=c["ring_id"] * self.ulysses + u) for u in range(self.ulysses))
+        if axis is Axis.RING:
+            return tuple(at(cp_id=i * self.ulysses + c["ulysses_id"]) for i in range(self.ring))
+        if axis is Axis.MP:
+            return tuple(at(mp_id=i) for i in range(self.mp))
+        if axis is Axis.PP:
+            return tuple(at(stage=i) for i in range(self.pp))
+        return tuple(at(dp_id=d, cp_id=i) for d in range(self.dp) for i in range(self.cp))
+
+    def group(self, axis: str) -> Group:
+        """This rank's ``axis`` group."""
+        ranks = self.ranks(axis)
+        pairs = {}
+        for i in range(len(ranks)):
+            for j in range(i + 1, len(ranks)):
+                name = self._pair_names.get((min(ranks[i], ranks[j]), max(ranks[i], ranks[j])))
+                if name is not None:
+                    pairs[(i, j)] = name
+        return Group(axis=Axis(axis).value, ranks=ranks, index=ranks.index(self.rank), name=self._group_name(ranks),
+                     device_target=self.device_target, stats=self.stats, pair_names=pairs)
+
+    # ------------------------------------------------------------------------------------------- communication
+    def _group_name(self, ranks: Tuple[int, ...]) -> str:
+        if len(ranks) == self.world_size and ranks == tuple(range(self.world_size)):
+            from mindspore.communication import GlobalComm
+            return GlobalComm.WORLD_COMM_GROUP
+        return "mfls_" + "_".join(str(r) for r in ranks)
+
+    def _needed_groups(self):
+        """Group rank tuples this rank belongs to, and the rank pairs its exchanges use."""
+        groups, pairs = set(), set()
+        for axis in Axis:
+            ranks = self.ranks(axis)
+            if len(ranks) > 1:
+                groups.add(ranks)
+        # Two-rank groups: ring neighbours (ring shift), every Ulysses pair (pairwise all-to-all),
+        # pipeline neighbours (stage transfers).
+        for axis in (Axis.RING, Axis.ULYSSES, Axis.PP):
+            ranks = self.ranks(axis)
+            me = ranks.index(self.rank)
+            partners = range(len(ranks)) if axis is Axis.ULYSSES else (me - 1, me + 1)
+            for j in partners:
+                other = ranks[j % len(ranks)]
+                if other != self.rank:
+                    pairs.add((min(self.rank, other), max(self.rank, other)))
+        return groups, pairs
+
+    def create_groups(self) -> "Mesh":
+        """Create every communication group this rank takes part in (call once, on every rank)."""
+        from mindspore.communication import create_group
+        groups, pairs = self._needed_groups()
+        for ranks in sorted(groups) + sorted(pairs):
+            name = self._group_name(tuple(ranks))
+            if name.startswith("mfls_") and name not in self._created:
+                create_group(name, list(ranks))
+                self._created.add(name)
+        for a, b in pairs:
+            self._pair_names[(a, b)] = self._group_name((a, b))
+        return self
+
+    _created: set = set()  # group names created in this process (creating one twice is an error)
+
+
+def _current_rank() -> int:
+    try:
+        from mindspore.communication import get_rank
+        return get_rank()
+    except Exception:  # communication not initialised: a single process
+        return 0

@@ -1,0 +1,4 @@
+"""Packaging entry point; metadata and dependencies live in setup.cfg."""
+from setuptools import setup
+
+setup()
