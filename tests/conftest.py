@@ -1,0 +1,64 @@
+"""Shared test set-up: keep MindFormers' logs out of the repo, CPU device, an msrun launcher for dist tests."""
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))                  # oracle.py
+sys.path.insert(0, str(TESTS / "dist"))         # cases.py, check.py
+
+# MindFormers writes logs to $LOCAL_DEFAULT_PATH (default ./output) on import: send them to a temp dir.
+_RUN_DIR = tempfile.mkdtemp(prefix="mf_longseq_tests_")
+os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(_RUN_DIR, "mindformers_output"))
+os.environ.setdefault("GLOG_v", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_device():
+    import mindspore as ms
+    ms.set_device("CPU")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_msrun(script, args, workers: int, timeout: float, log_dir=None) -> Path:
+    """Launch ``script args`` on ``workers`` CPU ranks with msrun; fail the test with the workers' log tails.
+
+    Returns the log directory.  The venv's bin goes first on PATH (msrun starts workers with ``python``).
+    """
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="msrun_", dir=_RUN_DIR))
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    cmd = ["msrun", "--worker_num", str(workers), "--local_worker_num", str(workers),
+           "--master_port", str(free_port()), "--log_dir", str(log_dir), "--join", "True",
+           "--cluster_time_out", str(int(timeout)), str(script), *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, cwd=_RUN_DIR, env=env, capture_output=True, text=True, timeout=timeout)
+        failed = proc.returncode != 0
+        reason = f"msrun exited with {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-f", str(script)], check=False)
+        failed, reason = True, f"msrun timed out after {timeout} s"
+    if failed:
+        tails = []
+        for log in sorted(log_dir.glob("worker_*.log")):
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if "[WARNING]" not in ln]
+            tails.append(f"--- {log.name} ---\n" + "\n".join(lines[-40:]))
+        pytest.fail(f"{reason}: {' '.join(cmd)}\n" + "\n".join(tails))
+    return log_dir
+
+
+@pytest.fixture(scope="session")
+def msrun():
+    return run_msrun
