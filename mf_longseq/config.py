@@ -30,8 +30,17 @@ DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
 LONG_SEQ_KEYS = ("layout", "block_size", "device_num")
 
 
+class ConfigError(ValueError):
+    """A broken rule. ``str()`` is the one-line message; ``key`` (YAML key path), ``value``, ``problem`` and
+    ``fix`` are kept apart for tools (``mf-longseq validate --json``)."""
+
+    def __init__(self, key: str, value: Any, problem: str, fix: str):
+        super().__init__(f"{key} = {value!r}: {problem}. Fix: {fix}.")
+        self.key, self.value, self.problem, self.fix = key, value, problem, fix
+
+
 def _fail(key: str, value: Any, problem: str, fix: str) -> None:
-    raise ValueError(f"{key} = {value!r}: {problem}. Fix: {fix}.")
+    raise ConfigError(key, value, problem, fix)
 
 
 def _divisors(n: int) -> list:
@@ -83,7 +92,7 @@ class LongSeqConfig:
 
     def __post_init__(self):
         algo = self.context_parallel_algo
-        if algo in LEGACY_ALGO_SPELLINGS:
+        if isinstance(algo, str) and algo in LEGACY_ALGO_SPELLINGS:
             logger.warning("parallel_config.context_parallel_algo = %r is the old spelling; using %r.",
                            algo, LEGACY_ALGO_SPELLINGS[algo])
             object.__setattr__(self, "context_parallel_algo", LEGACY_ALGO_SPELLINGS[algo])
@@ -122,12 +131,16 @@ class LongSeqConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(_KEY_PATHS[name], value, "must be a positive integer", f"set {_KEY_PATHS[name]} to 1 or more")
+        num = self.device_num
+        if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+            _fail(_KEY_PATHS["device_num"], num, "must be a positive integer", "set it to the number of devices "
+                  "or remove it (default: the product of the parallel degrees)")
         for name in ("use_seq_parallel", "use_flash_attention", "use_attn_mask_compression", "enable_alltoall"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
         if self.context_parallel_algo not in CP_ALGOS:
-            close = difflib.get_close_matches(str(self.context_parallel_algo), CP_ALGOS, n=1)
+            close = difflib.get_close_matches(str(self.context_parallel_algo), CP_ALGOS, n=1, cutoff=0.8)
             hint = f"did you mean {close[0]!r}? " if close else ""
             _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo, "unknown algorithm",
                   f"{hint}use one of {', '.join(CP_ALGOS)}")
@@ -213,10 +226,11 @@ class LongSeqConfig:
     def from_mindformers(cls, config: Any, **overrides) -> "LongSeqConfig":
         """Build from a ``MindFormerConfig``, a nested dict, or a YAML path. ``overrides`` win over the file."""
         tree = _as_dict(config)
+        _check_sections(tree)
         own = tree.get("long_seq") or {}
         for key in own:
             if key not in LONG_SEQ_KEYS:
-                close = difflib.get_close_matches(key, LONG_SEQ_KEYS, n=1)
+                close = difflib.get_close_matches(str(key), LONG_SEQ_KEYS, n=1)
                 hint = f"did you mean long_seq.{close[0]}?" if close else f"known keys: {', '.join(LONG_SEQ_KEYS)}"
                 _fail(f"long_seq.{key}", own[key], "unknown key", hint)
         values = {}
@@ -239,6 +253,28 @@ class LongSeqConfig:
         lines.append(f"(derived) ulysses degree: {self.ulysses_degree}, ring degree: {self.ring_degree}, "
                      f"world size: {self.world_size}")
         return "\n".join(lines)
+
+    def notes(self) -> list:
+        """Advice that does not make the run fail (shown by ``mf-longseq validate``), one string per note."""
+        cp, s, out = self.context_parallel, self.seq_length, []
+        if self.use_attn_mask_compression and s < 2048:
+            out.append(f"{_KEY_PATHS['use_attn_mask_compression']}: the compressed mask is 2048 x 2048 and "
+                       f"seq_length = {s} is shorter, so compression saves no memory here (results are the same)")
+        if not self.use_attn_mask_compression and s >= 8192 and self.device_target != "CPU":
+            out.append(f"{_KEY_PATHS['use_attn_mask_compression']} is False: the dense S x S uint8 mask takes "
+                       f"{s * s / 2 ** 30:.2f} GiB per device; set it True to use the 2048 x 2048 compressed mask")
+        if cp == 1:
+            out.append(f"{_KEY_PATHS['context_parallel']} = 1: context parallelism is off")
+        if cp > 1 and self.layout == "contiguous" and self.ring_degree > 1:
+            out.append(f"{_KEY_PATHS['layout']} = 'contiguous': with causal attention the last ring rank does about "
+                       f"{2 * self.ring_degree - 1}x the work of the first; 'zigzag' balances it")
+        if cp > 1 and self.context_parallel_algo == "hybrid_cp" and self.ulysses_degree_in_cp in (1, cp):
+            same = "colossalai_cp (pure ring)" if self.ulysses_degree_in_cp == 1 else "ulysses_cp (pure Ulysses)"
+            out.append(f"{_KEY_PATHS['ulysses_degree_in_cp']} = {self.ulysses_degree_in_cp}: hybrid_cp runs as {same}")
+        if self.ulysses_degree > 1 and not self.enable_alltoall and self.device_target != "CPU":
+            out.append(f"{_KEY_PATHS['enable_alltoall']} is False: Ulysses uses the AllGather-based exchange, which "
+                       f"moves about {self.ulysses_degree}x the bytes of AlltoAll; set it True on {self.device_target}")
+        return out
 
 
 # Where each field lives in a MindFormers YAML.
@@ -265,6 +301,18 @@ _KEY_PATHS = {
 }
 
 
+def check_world_size(config: "LongSeqConfig", world_size: int) -> None:
+    """Raise ValueError unless the parallel degrees multiply to the real number of ranks (msrun --worker_num)."""
+    if config.world_size != world_size:
+        product = (f"data_parallel x model_parallel x context_parallel x pipeline_stage = {config.data_parallel} x "
+                   f"{config.model_parallel} x {config.context_parallel} x {config.pipeline_stage} = "
+                   f"{config.world_size}")
+        _fail(_KEY_PATHS["device_num"], config.device_num if config.device_num is not None else config.world_size,
+              f"{product}, but {world_size} ranks were started",
+              f"launch msrun with --worker_num {config.world_size}, or change the parallel degrees so that their "
+              f"product is {world_size}")
+
+
 def key_path(field_name: str) -> str:
     """The YAML key path of a LongSeqConfig field, e.g. ``parallel_config.context_parallel``."""
     return _KEY_PATHS[field_name]
@@ -277,9 +325,7 @@ def _as_dict(config: Any) -> Mapping:
             return yaml.safe_load(handle) or {}
     if hasattr(config, "to_dict"):
         return config.to_dict()
-    if isinstance(config, Mapping):
-        return config
-    raise TypeError(f"expected a MindFormerConfig, a dict or a YAML path, got {type(config).__name__}")
+    return config                                 # not a mapping: _check_sections reports it
 
 
 def _lookup(tree: Mapping, path: str):
@@ -289,3 +335,29 @@ def _lookup(tree: Mapping, path: str):
             return False, None
         node = node[part]
     return True, node
+
+
+# Keys MindFormers 1.9 accepts under parallel_config (TransformerOpParallelConfig's arguments): any other key
+# fails there at build time, so it is reported here first, with a did-you-mean.
+PARALLEL_CONFIG_KEYS = ("data_parallel", "model_parallel", "context_parallel", "expert_parallel", "pipeline_stage",
+                        "micro_batch_num", "seq_split_num", "recompute", "use_seq_parallel", "optimizer_shard",
+                        "gradient_aggregation_group", "vocab_emb_dp", "context_parallel_algo",
+                        "ulysses_degree_in_cp", "mem_coeff", "swap")
+_SECTIONS = ("long_seq", "parallel_config", "model", "model.model_config", "parallel", "context")
+
+
+def _check_sections(tree: Any) -> None:
+    """Every section read here must be a mapping; parallel_config keys must be ones MindFormers knows."""
+    if not isinstance(tree, Mapping):
+        _fail("<top level>", type(tree).__name__, "a MindFormers config must be a mapping of sections",
+              "start the YAML with sections such as model:, parallel_config:, long_seq:")
+    for path in _SECTIONS:
+        found, node = _lookup(tree, path)
+        if found and node is not None and not isinstance(node, Mapping):
+            _fail(path, node, "must be a section (a mapping of keys)", f"write {path}: followed by indented keys")
+    for key in (tree.get("parallel_config") or {}):
+        if key not in PARALLEL_CONFIG_KEYS:
+            close = difflib.get_close_matches(str(key), PARALLEL_CONFIG_KEYS, n=1, cutoff=0.75)
+            hint = (f"did you mean parallel_config.{close[0]}? Rename the key" if close
+                    else f"MindFormers accepts only {', '.join(PARALLEL_CONFIG_KEYS)}")
+            _fail(f"parallel_config.{key}", tree["parallel_config"][key], "unknown key", hint)

@@ -11,33 +11,31 @@ def reference_attention(q, k, v, allowed, scale, dout=None):
 
     ``allowed`` is a (S_q, S_k) boolean visibility matrix (True = the query sees the key).
     """
-    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-    n, kv = q.shape[2], k.shape[2]
+    q, k, v = (np.asarray(t, np.float64).transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, S, D)
+    n, kv = q.shape[1], k.shape[1]
     g = n // kv
-    k_h = np.repeat(k, g, axis=2)                                   # (B, S_k, N, D), oracle only
-    v_h = np.repeat(v, g, axis=2)
-    s = np.einsum("bqhd,bkhd->bhqk", q, k_h) * scale
-    s = np.where(allowed[None, None], s, -np.inf)
+    k_h, v_h = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)  # (B, N, S_k, D), oracle only
+    s = np.where(allowed[None, None], q @ k_h.swapaxes(-1, -2) * scale, -np.inf)  # (B, N, S_q, S_k)
     m = s.max(-1, keepdims=True)
     m_safe = np.where(np.isinf(m), 0.0, m)
     e = np.exp(s - m_safe)
     den = e.sum(-1, keepdims=True)
-    p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-    lse = np.where(den[..., 0] > 0, np.log(np.where(den[..., 0] > 0, den[..., 0], 1.0)) + m_safe[..., 0], -np.inf)
-    out = np.einsum("bhqk,bkhd->bqhd", p, v_h)
+    seen = den > 0
+    p = np.where(seen, e / np.where(seen, den, 1.0), 0.0)
+    lse = np.where(seen, np.log(np.where(seen, den, 1.0)) + m_safe, -np.inf)[..., 0]  # (B, N, S_q)
+    out = p @ v_h                                                   # (B, N, S_q, D)
+    bsnd = lambda x: x.transpose(0, 2, 1, 3)                        # noqa: E731
     if dout is None:
-        return out, lse
-    do = np.asarray(dout, np.float64)
-    dv_h = np.einsum("bhqk,bqhd->bkhd", p, do)
-    dp = np.einsum("bqhd,bkhd->bhqk", do, v_h)
-    delta = np.einsum("bqhd,bqhd->bhq", do, out)[..., None]
-    ds = p * (dp - delta)
-    dq = np.einsum("bhqk,bkhd->bqhd", ds, k_h) * scale
-    dk_h = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
-    b, s_k, _, d = k.shape
-    dk = dk_h.reshape(b, s_k, kv, g, d).sum(3)
-    dv = dv_h.reshape(b, s_k, kv, g, d).sum(3)
-    return out, lse, (dq, dk, dv)
+        return bsnd(out), lse
+    do = np.asarray(dout, np.float64).transpose(0, 2, 1, 3)
+    dv_h = p.swapaxes(-1, -2) @ do
+    ds = p * (do @ v_h.swapaxes(-1, -2) - (do * out).sum(-1, keepdims=True))
+    dq = ds @ k_h * scale
+    dk_h = ds.swapaxes(-1, -2) @ q * scale
+    b, _, s_k, d = k.shape
+    dk = dk_h.reshape(b, kv, g, s_k, d).sum(2)
+    dv = dv_h.reshape(b, kv, g, s_k, d).sum(2)
+    return bsnd(out), lse, (bsnd(dq), bsnd(dk), bsnd(dv))
 
 
 def causal_allowed(q_pos, k_pos, q_doc=None, k_doc=None, causal=True):

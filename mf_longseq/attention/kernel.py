@@ -56,6 +56,19 @@ def _unrows(x_BKRD, g: int):
     return x_BKRD.reshape(b, k, g, r // g, d)
 
 
+# MindSpore CPU kernels broadcast slowly (a (R, 1) row offset applied to an (R, T) tile costs ~10x a same-shape
+# op), so no tile op below broadcasts: row offsets (-max, -lse, -delta) ride along in the matmul as an extra
+# column ([q, -m] @ [k, 1]^T = q k^T - m), masks are added at full tile shape, and transposed products use
+# BatchMatMul's transpose flags instead of swapaxes copies.
+_MM_NT = ops.BatchMatMul(transpose_b=True)                                       # a @ b^T
+_MM_TN = ops.BatchMatMul(transpose_a=True)                                       # a^T @ b
+
+
+def _append(x, column):
+    """(.., D) and a (.., 1) column -> (.., D + 1)."""
+    return ops.cat([x, column], axis=-1)
+
+
 class BlockwiseKernel:
     """Tiled attention with online softmax, composed of MindSpore ops (runs on CPU, GPU and Ascend)."""
 
@@ -64,44 +77,49 @@ class BlockwiseKernel:
     def __init__(self, block_size: int = 2048):
         self.block_size = block_size
 
-    def _bias(self, mask: AttentionMask, qs, qe, ks, ke, g: int):
-        """Additive (G*T_q, T_k) bias of a PARTIAL tile: 0 where visible, -inf where masked."""
+    def _bias(self, mask: AttentionMask, qs, qe, ks, ke, shape):
+        """Additive bias of a PARTIAL tile at the tile's full (B, K, G*T_q, T_k) shape: 0 visible, -inf masked."""
+        g = shape[2] // (qe - qs)
         allowed = np.tile(mask.allowed(qs, qe, ks, ke), (g, 1))
-        return Tensor(np.where(allowed, 0.0, NEG_INF).astype(np.float32))
+        return Tensor(np.broadcast_to(np.where(allowed, 0.0, NEG_INF).astype(np.float32), shape).copy())
+
+    @staticmethod
+    def _with_ones(x):
+        """(B, K, S, D) float32 -> (B, K, S, D + 1) with a column of ones (the partner of a row-offset column)."""
+        return _append(x, ops.ones(x.shape[:-1] + (1,), ms.float32))
 
     def forward(self, q, k, v, mask: AttentionMask, scale: float) -> Tuple[Tensor, Tensor]:
         b, n, s_q, d = q.shape
         kv_heads = k.shape[1]
         g = n // kv_heads
         q5 = (q.astype(ms.float32) * scale).reshape(b, kv_heads, g, s_q, d)      # (B, K, G, S_q, D)
-        k32, v32 = k.astype(ms.float32), v.astype(ms.float32)
+        k32 = k.astype(ms.float32)
+        k1, v1 = self._with_ones(k32), self._with_ones(v.astype(ms.float32))      # (B, K, S_k, D + 1)
         outs, lses = [], []
         for qs, qe, row in mask.plan(self.block_size):
             rows = g * (qe - qs)
-            if not row:                                                           # sees no key at all
-                outs.append(ops.zeros((b, kv_heads, rows, d), ms.float32))
-                lses.append(ops.full((b, kv_heads, rows), NEG_INF, dtype=ms.float32))
-                continue
             q_t = _rows(q5, qs, qe)                                               # (B, K, R, D)
             m = ops.full((b, kv_heads, rows, 1), NEG_INF, dtype=ms.float32)
-            l = ops.zeros((b, kv_heads, rows, 1), ms.float32)
-            acc = ops.zeros((b, kv_heads, rows, d), ms.float32)
+            acc = ops.zeros((b, kv_heads, rows, d + 1), ms.float32)              # [sum p v | sum p]
             for ks, ke, kind in row:
-                s = ops.matmul(q_t, k32[:, :, ks:ke].swapaxes(-1, -2))           # (B, K, R, T_k)
-                if kind != FULL:
-                    s = s + self._bias(mask, qs, qe, ks, ke, g)
+                bias = self._bias(mask, qs, qe, ks, ke, (b, kv_heads, rows, ke - ks)) if kind != FULL else None
+                s = _MM_NT(q_t, k32[:, :, ks:ke])                                 # (B, K, R, T_k)
+                if bias is not None:
+                    s = s + bias
                 m_new = ops.maximum(m, s.max(axis=-1, keepdims=True))
                 m_safe = ops.where(ops.isinf(m_new), ops.zeros_like(m_new), m_new)
-                p = ops.exp(s - m_safe)
-                alpha = ops.exp(m - m_safe)
-                l = l * alpha + p.sum(axis=-1, keepdims=True)
-                acc = acc * alpha + ops.matmul(p, v32[:, :, ks:ke])
+                s = _MM_NT(_append(q_t, -m_safe), k1[:, :, ks:ke])               # scores - row max
+                if bias is not None:
+                    s = s + bias
+                p = ops.exp(s)
+                acc = acc * ops.exp(m - m_safe) + ops.matmul(p, v1[:, :, ks:ke])  # (B, K, R, D + 1)
                 m = m_new
+            l = acc[..., d:]
             seen = l > 0
-            outs.append(acc / ops.where(seen, l, ops.ones_like(l)))
+            l_safe = ops.where(seen, l, ops.ones_like(l))
+            outs.append(acc[..., :d] / l_safe)
             m_safe = ops.where(ops.isinf(m), ops.zeros_like(m), m)
-            lse = ops.where(seen, ops.log(ops.where(seen, l, ops.ones_like(l))) + m_safe, ops.full_like(l, NEG_INF))
-            lses.append(lse.squeeze(-1))
+            lses.append(ops.where(seen, ops.log(l_safe) + m_safe, ops.full_like(l, NEG_INF)).squeeze(-1))
         out = ops.cat([_unrows(o, g) for o in outs], axis=3).reshape(b, n, s_q, d)
         lse = ops.cat([l_.reshape(b, kv_heads, g, -1) for l_ in lses], axis=3).reshape(b, n, s_q)
         return out.astype(q.dtype), lse
@@ -116,27 +134,27 @@ class BlockwiseKernel:
         g = n // kv_heads
         q5 = (q.astype(ms.float32) * scale).reshape(b, kv_heads, g, s_q, d)
         do5 = dout.astype(ms.float32).reshape(b, kv_heads, g, s_q, d)
-        lse_safe = ops.where(ops.isinf(lse), ops.full_like(lse, float("inf")), lse)
-        lse5 = lse_safe.reshape(b, kv_heads, g, s_q, 1)
-        delta5 = delta.reshape(b, kv_heads, g, s_q, 1)
-        k32, v32 = k.astype(ms.float32), v.astype(ms.float32)
+        # A query that sees no key has lse = -inf: a huge finite offset makes its p = exp(s - lse) exactly 0.
+        neg_lse = -ops.where(ops.isinf(lse), ops.full_like(lse, 1e30), lse).reshape(b, kv_heads, g, s_q, 1)
+        neg_delta = -delta.reshape(b, kv_heads, g, s_q, 1)
+        k32 = k.astype(ms.float32)
+        k1, v1 = self._with_ones(k32), self._with_ones(v.astype(ms.float32))
         dk_parts, dv_parts, dq_tiles = {}, {}, []
         for qs, qe, row in mask.plan(self.block_size):
             q_t, do_t = _rows(q5, qs, qe), _rows(do5, qs, qe)                    # (B, K, R, D)
-            lse_t, delta_t = _rows(lse5, qs, qe), _rows(delta5, qs, qe)          # (B, K, R, 1)
+            q_lse = _append(q_t, _rows(neg_lse, qs, qe))                          # [q | -lse]
+            do_delta = _append(do_t, _rows(neg_delta, qs, qe))                    # [dout | -delta]
             dq_t = ops.zeros(q_t.shape, ms.float32)
             for ks, ke, kind in row:
-                k_t, v_t = k32[:, :, ks:ke], v32[:, :, ks:ke]                    # (B, K, T_k, D)
-                s = ops.matmul(q_t, k_t.swapaxes(-1, -2))                        # (B, K, R, T_k)
+                s = _MM_NT(q_lse, k1[:, :, ks:ke])                                # scores - lse, (B, K, R, T_k)
                 if kind != FULL:
-                    s = s + self._bias(mask, qs, qe, ks, ke, g)
-                p = ops.exp(s - lse_t)
-                dp = ops.matmul(do_t, v_t.swapaxes(-1, -2))
-                ds = p * (dp - delta_t)
-                dq_t = dq_t + ops.matmul(ds, k_t)
+                    s = s + self._bias(mask, qs, qe, ks, ke, s.shape)
+                p = ops.exp(s)
+                ds = p * _MM_NT(do_delta, v1[:, :, ks:ke])                        # p * (dp - delta)
+                dq_t = dq_t + ops.matmul(ds, k32[:, :, ks:ke])
                 key = (ks, ke)
-                dv_blk = ops.matmul(p.swapaxes(-1, -2), do_t)                    # (B, K, T_k, D), summed over G
-                dk_blk = ops.matmul(ds.swapaxes(-1, -2), q_t)
+                dv_blk = _MM_TN(p, do_t)                                          # (B, K, T_k, D), summed over G
+                dk_blk = _MM_TN(ds, q_t)
                 dv_parts[key] = dv_parts[key] + dv_blk if key in dv_parts else dv_blk
                 dk_parts[key] = dk_parts[key] + dk_blk if key in dk_parts else dk_blk
             dq_tiles.append(_unrows(dq_t * scale, g))

@@ -1,0 +1,63 @@
+"""msrun worker: runs every case of ``cases.CASES`` on this rank and saves its shards for the test to check.
+
+Usage (under msrun): python attention_worker.py OUT_DIR
+Each rank writes OUT_DIR/<case>/rank<r>.npz with its positions, output and gradients (dq, dk, dv).
+"""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cases import CASES, WORLD  # noqa: E402
+
+
+def run_case(case, rank, out_dir):
+    import mindspore as ms
+    from mindspore import Tensor
+    from mf_longseq.attention import BlockwiseKernel, context_parallel_attention
+    from mf_longseq.parallel import Mesh, global_positions, shard_sequence
+
+    mesh = Mesh(dp=case.dp, cp=case.cp, ulysses=case.ulysses, rank=rank).create_groups()
+    dp_id = mesh.coords()["dp_id"]
+    rng = np.random.default_rng(1000 + dp_id)
+    b, s, n, kv, d = case.batch, case.seq_len, case.heads, case.kv_heads, case.head_dim
+    full = {name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in (("q", (b, s, n, d)), ("k", (b, s, kv, d)), ("v", (b, s, kv, d)),
+                                ("dout", (b, s, n, d)))}
+    local = {name: Tensor(shard_sequence(x, mesh, case.layout, seq_dim=1)) for name, x in full.items()}
+    kernel = BlockwiseKernel(case.block)
+
+    def loss(q, k, v):
+        out = context_parallel_attention(q, k, v, mesh=mesh, algo=case.algo, causal=case.causal,
+                                         layout=case.layout, kernel=kernel, use_alltoall=case.use_alltoall)
+        return (out * local["dout"]).sum(), out
+
+    mesh.stats.reset()
+    (_, out), grads = ms.value_and_grad(loss, grad_position=(0, 1, 2), has_aux=True)(
+        local["q"], local["k"], local["v"])
+    os.makedirs(os.path.join(out_dir, case.name), exist_ok=True)
+    np.savez(os.path.join(out_dir, case.name, f"rank{rank}.npz"), dp_id=dp_id,
+             positions=global_positions(s, mesh, case.layout), out=out.asnumpy(),
+             dq=grads[0].asnumpy(), dk=grads[1].asnumpy(), dv=grads[2].asnumpy(),
+             logical_bytes=mesh.stats.total("logical"), wire_bytes=mesh.stats.total("wire"))
+
+
+def main():
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+    ms.set_device("CPU")
+    init()
+    rank = get_rank()
+    assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
+    out_dir = sys.argv[1]
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    for case in CASES:
+        if only and case.name not in only:
+            continue
+        run_case(case, rank, out_dir)
+        print(f"rank {rank}: {case.name} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
