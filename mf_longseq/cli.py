@@ -2,12 +2,16 @@
 the parser of the verb, with ``set_defaults(func=...)`` pointing at the function that runs it.
 """
 import argparse
+import contextlib
 import importlib
 import sys
 
 # module providing register(subparsers), one per verb family
 VERB_MODULES = [
-    "mf_longseq.demo",
+    "mf_longseq.train.cli",
+    "mf_longseq.tools.validate",
+    "mf_longseq.planner.cli",
+    "mf_longseq.models.convert",
 ]
 
 
@@ -15,8 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mf-longseq", description="Long-sequence training with context "
                                      "parallelism for MindFormers (LLaMA2, Qwen, Qwen1.5).")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for name in VERB_MODULES:
-        importlib.import_module(name).register(sub)
+    with contextlib.redirect_stdout(sys.stderr):   # import-time logs (MindFormers') keep stdout clean for --json
+        for name in VERB_MODULES:
+            importlib.import_module(name).register(sub)
     return parser
 
 

@@ -60,13 +60,13 @@ class LongSeqConfig:
     num_layers: int = 1
     """model.model_config.num_layers: decoder layers (checked against pipeline_stage)."""
     data_parallel: int = 1
-    """parallel_config.data_parallel."""
+    """parallel_config.data_parallel: model replicas, each training on its own samples."""
     model_parallel: int = 1
     """parallel_config.model_parallel: tensor parallel degree (heads split across it)."""
     context_parallel: int = 1
     """parallel_config.context_parallel: ranks that share one sequence; 1 means CP is off."""
     pipeline_stage: int = 1
-    """parallel_config.pipeline_stage."""
+    """parallel_config.pipeline_stage: pipeline stages (the layers split across them)."""
     micro_batch_num: int = 1
     """parallel_config.micro_batch_num: must be >= pipeline_stage."""
     context_parallel_algo: str = "colossalai_cp"

@@ -15,3 +15,12 @@ def _register(cls, module_type):
 
 
 _register(ContextParallelAttention, MindFormerModuleType.MODULES)
+
+# Model families: importing mf_longseq.models registers the config (CONFIG) and model (MODELS) classes.  The names
+# imported here also make this file the target of MindFormers' auto_register route, without importing mf_longseq
+# first (mf_longseq must be installed or on PYTHONPATH):
+#     python run_mindformer.py --register_path <path of the mf_longseq package> --config run.yaml
+#     model.model_config.auto_register: registry.LlamaLongSeqConfig
+#     model.arch.auto_register: registry.LlamaLongSeqForCausalLM
+from mf_longseq.models import (LlamaLongSeqConfig, LlamaLongSeqForCausalLM, Qwen2LongSeqConfig,  # noqa: E402,F401
+                               Qwen2LongSeqForCausalLM, QwenLongSeqConfig, QwenLongSeqForCausalLM)

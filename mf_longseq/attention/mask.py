@@ -15,6 +15,7 @@ NumPy arrays, and classifies each (query tile, key tile) pair before any device 
 Tiles never straddle a break in positions (a zigzag chunk boundary), so a tile holds consecutive tokens and the
 min/max tests below are exact. Nothing here builds an S x S array except ``dense()``, which is for tests.
 """
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -105,3 +106,80 @@ class AttentionMask:
             for ks, ke, kind in row:
                 total += (qe - qs) * (ke - ks) if kind == FULL else int(self.allowed(qs, qe, ks, ke).sum())
         return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FlashAttentionScore masks (model.model_config.use_attn_mask_compression) and the dense mask MindFormers builds.
+# Convention of both (MindSpore's FlashAttentionScore): uint8, 1 = masked (discarded), 0 = kept.
+
+SPARSE_DEFAULT = 0          # no mask: every key kept; or a full (Sq, Sk) / (B, 1, Sq, Sk) mask
+SPARSE_ALL_MASK = 1         # a full mask, pre/next tokens ignored
+SPARSE_LEFT_UP_CAUSAL = 2   # keep key j for query i when j <= i; needs the compressed 2048 x 2048 mask
+SPARSE_RIGHT_DOWN_CAUSAL = 3  # keep j <= i + (Sk - Sq) (queries are a suffix of keys); compressed mask
+COMPRESSED_MASK_SIZE = 2048
+MAX_TOKENS = 2147483647     # FlashAttentionScore's "no limit" for pre_tokens / next_tokens
+
+
+@functools.lru_cache(maxsize=1)
+def compressed_causal_mask() -> np.ndarray:
+    """The (2048, 2048) uint8 upper triangle (1 above the diagonal = masked) of sparse_mode 2 and 3.
+
+    Its size does not depend on the sequence length: FlashAttentionScore derives every causal tile from it.
+    Built once (4 MiB) and read-only.
+    """
+    mask = np.triu(np.ones((COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE), dtype=np.uint8), k=1)
+    mask.flags.writeable = False
+    return mask
+
+
+def dense_attention_mask(batch: int, seq_len: int, segment_ids: Optional[np.ndarray] = None,
+                         pad_mask: Optional[np.ndarray] = None, causal: bool = True) -> np.ndarray:
+    """The (B, 1, S, S) uint8 mask MindFormers builds when use_attn_mask_compression is False (1 = masked).
+
+    MindFormers: ``1 - input_mask[:, None, :] * tril(ones(S, S))`` expanded to (B, 1, S, S).  B * S^2 bytes:
+    the memory that compression removes (filled in row chunks, so no second S x S temporary).
+    ``segment_ids`` (S,) or (B, S) adds the packed-document block diagonal; ``pad_mask`` (B, S), 1 for real
+    tokens, masks pad keys as MindFormers does.
+    """
+    mask = np.empty((batch, 1, seq_len, seq_len), dtype=np.uint8)              # (B, 1, S, S)
+    cols = np.arange(seq_len)
+    docs = None if segment_ids is None else np.asarray(segment_ids)
+    for b in range(batch):
+        doc = None if docs is None else (docs[b] if docs.ndim == 2 else docs)
+        for r0 in range(0, seq_len, COMPRESSED_MASK_SIZE):
+            rows = cols[r0:r0 + COMPRESSED_MASK_SIZE, None]                     # (rows, 1)
+            keep = cols[None, :] <= rows if causal else np.ones((len(rows), seq_len), dtype=bool)
+            if doc is not None:
+                keep &= doc[None, :] == doc[rows]
+            if pad_mask is not None:
+                keep &= np.asarray(pad_mask[b], dtype=bool)[None, :]
+            mask[b, 0, r0:r0 + len(rows)] = ~keep
+    return mask
+
+
+def _consecutive(pos: np.ndarray) -> bool:
+    return len(pos) > 0 and int(pos[-1]) - int(pos[0]) + 1 == len(pos) and bool(np.all(np.diff(pos) == 1))
+
+
+@dataclass(frozen=True)
+class DenseMask(AttentionMask):
+    """An ``AttentionMask`` whose visibility is read from a dense uint8 mask (1 = masked) at global positions.
+
+    This is the use_attn_mask_compression = False path: the S x S array exists and every tile is sliced out
+    of it.  ``grid`` is (S, S) or (B, 1, S, S) (sample 0 is used: the kernel's mask is shared by the batch).
+    """
+
+    grid: Optional[np.ndarray] = None
+
+    def _grid(self) -> np.ndarray:
+        return self.grid[0, 0] if self.grid.ndim == 4 else self.grid
+
+    def allowed(self, qs: int, qe: int, ks: int, ke: int) -> np.ndarray:
+        q, k = self.q_pos[qs:qe], self.k_pos[ks:ke]
+        if _consecutive(q) and _consecutive(k):                                   # a tile: a view, no copy
+            return self._grid()[q[0]:q[-1] + 1, k[0]:k[-1] + 1] == 0              # (qe-qs, ke-ks)
+        return self._grid()[np.ix_(q, k)] == 0
+
+    def classify(self, qs: int, qe: int, ks: int, ke: int) -> str:
+        ok = self.allowed(qs, qe, ks, ke)
+        return SKIP if not ok.any() else (FULL if ok.all() else PARTIAL)

@@ -19,6 +19,7 @@ Every call counts bytes into ``group.stats``: ``logical`` is what the native pri
 """
 import logging
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict
@@ -128,6 +129,41 @@ def ring_shift(x, group, offset: int = 1):
     return _shift_emulated(x, group, offset) if emulated else _shift_native(x, group, offset)
 
 
+def send_recv(send, group, peer: int, recv_shape=None, recv_dtype=None):
+    """Point-to-point with group index ``peer``: send ``send`` (or None) and receive a ``recv_shape`` tensor of
+    ``recv_dtype`` (or None, nothing to receive).  Both ranks call it at the same point with mirrored arguments.
+
+    Emulated (CPU): ONE AllReduce in the two-rank group of the flat buffer [low -> high | high -> low] (low =
+    the smaller group index), each rank filling the slot of what it sends, so a two-way exchange (pipeline
+    "send forward, receive backward") costs one collective.  Native: isend / irecv.
+    """
+    if recv_shape is None and send is None:
+        return None
+    recv_count = 0 if recv_shape is None else int(math.prod(recv_shape))
+    sent = 0 if send is None else _nbytes(send)
+    if not is_emulated(group):
+        import mindspore.mint.distributed as dist
+        received = None if recv_shape is None else ops.zeros(tuple(recv_shape), recv_dtype)
+        peer_rank = group.ranks[peer]
+        pending = ([dist.P2POp(dist.isend, send, peer_rank, group=group.name)] if send is not None else []) + \
+            ([dist.P2POp(dist.irecv, received, peer_rank, group=group.name)] if received is not None else [])
+        for handle in dist.batch_isend_irecv(pending):
+            handle.wait()
+        group.stats.add("send_recv", sent, sent)
+        return received
+    dtype = send.dtype if send is not None else recv_dtype
+    mine = [] if send is None else [send.reshape(-1)]
+    theirs = [ops.zeros((recv_count,), dtype)] if recv_count else []
+    low_first = group.index < peer
+    buffer = ops.cat(mine + theirs if low_first else theirs + mine)                # (sent + received elements,)
+    group.stats.add("send_recv", sent, _nbytes(buffer))
+    total = _allreduce_sum(buffer, group.pair(group.index, peer))
+    if recv_shape is None:
+        return None
+    start = send.size if (low_first and send is not None) else 0
+    return total[start:start + recv_count].reshape(tuple(recv_shape)).astype(recv_dtype)
+
+
 def all_gather(x, group, dim: int):
     """Concatenate every rank's ``x`` along ``dim`` in group order."""
     n = group.size
@@ -178,6 +214,9 @@ def all_to_all(x, group, scatter_dim: int, gather_dim: int, use_alltoall: bool =
     if not is_emulated(group):
         group.stats.add("all_to_all", _nbytes(x) * (n - 1) // n, _nbytes(x) * (n - 1) // n)
         return ops.AlltoAll(split_count=n, split_dim=scatter_dim, concat_dim=gather_dim, group=group.name)(x)
+    warnings.warn("parallel.enable_alltoall = True: this backend (CPU) has no AlltoAll; it is emulated with "
+                  "pairwise transfers (same result and logical bytes). Set it False for the AllGather-based "
+                  "exchange.", RuntimeWarning, stacklevel=2)   # Python shows it once per call site
     return _all_to_all_pairwise(x, group, scatter_dim, gather_dim)
 
 

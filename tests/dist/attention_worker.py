@@ -5,6 +5,7 @@ Each rank writes OUT_DIR/<case>/rank<r>.npz with its positions, output and gradi
 """
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -55,8 +56,9 @@ def main():
     for case in CASES:
         if only and case.name not in only:
             continue
+        start = time.time()
         run_case(case, rank, out_dir)
-        print(f"rank {rank}: {case.name} done", flush=True)
+        print(f"rank {rank}: {case.name} done in {time.time() - start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""``build_model``: a LLaMA2 / Qwen / Qwen1.5 model with context-parallel attention from a MindFormers config.
+
+    model = build_model("yaml_templates/tiny/llama2_tiny_s256_cp2_colossalai_cp.yaml")   # mesh from the YAML
+    loss_sum, token_count = model(input_ids_local, labels_local, loss_mask_local)
+
+The classes are the ones the YAML names (``model.model_config.type`` and ``model.arch.type``, looked up in
+MindFormers' registry), so the same file builds through MindFormers' own ``build_network(config.model)``.
+The parallel settings come from the same file through ``LongSeqConfig.from_mindformers``.
+"""
+from typing import Any, Optional
+
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from mf_longseq.config import LongSeqConfig, _as_dict
+from mf_longseq.models.decoder import LongSeqForCausalLM
+from mf_longseq.models.llama2 import LlamaLongSeqConfig, LlamaLongSeqForCausalLM
+from mf_longseq.models.model_config import LongSeqModelConfig
+from mf_longseq.models.qwen import QwenLongSeqConfig, QwenLongSeqForCausalLM
+from mf_longseq.models.qwen1_5 import Qwen2LongSeqConfig, Qwen2LongSeqForCausalLM
+
+CONFIG_CLASSES = {"llama2": LlamaLongSeqConfig, "qwen": QwenLongSeqConfig, "qwen1_5": Qwen2LongSeqConfig}
+MODEL_CLASSES = {"llama2": LlamaLongSeqForCausalLM, "qwen": QwenLongSeqForCausalLM,
+                 "qwen1_5": Qwen2LongSeqForCausalLM}
+
+
+def _registered(kind, name: str, key: str, base: type) -> type:
+    ours = ", ".join(sorted(c.__name__ for c in (CONFIG_CLASSES if base is LongSeqModelConfig
+                                                  else MODEL_CLASSES).values()))
+    if not MindFormerRegister.is_exist(kind, name):
+        raise ValueError(f"{key} = {name!r}: not registered in MindFormers. Fix: use one of {ours} "
+                         "(import mf_longseq.models first).")
+    cls = MindFormerRegister.get_cls(kind, name)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{key} = {name!r}: a MindFormers class, not one of mf_longseq's, so it has no "
+                         f"context-parallel attention. Fix: use one of {ours}.")
+    return cls
+
+
+def model_config_from(tree: Any) -> LongSeqModelConfig:
+    """The ``model.model_config`` section of a MindFormers config (YAML path, dict, MindFormerConfig) as our config."""
+    tree = _as_dict(tree)
+    section = dict(((tree.get("model") or {}).get("model_config")) or {})
+    if not section:
+        raise ValueError("model.model_config: missing. Fix: add a model: {model_config: {type: "
+                         "LlamaLongSeqConfig, ...}, arch: {type: LlamaLongSeqForCausalLM}} section.")
+    section.pop("auto_register", None)
+    name = section.pop("type", "LlamaLongSeqConfig")
+    config_cls = _registered(MindFormerModuleType.CONFIG, name, "model.model_config.type", LongSeqModelConfig)
+    return config_cls(**section)
+
+
+def build_model(config: Any, *, mesh=None, long_seq_config: Optional[LongSeqConfig] = None) -> LongSeqForCausalLM:
+    """Build the model a MindFormers config describes.
+
+    Args:
+        config: a YAML path, a MindFormers config / nested dict (whole file: ``model``, ``parallel_config``,
+            ``long_seq``...), or a ``LongSeqModelConfig`` (then parallel settings come from ``long_seq_config``
+            or from the model config itself: CP off unless its ``parallel_config`` says otherwise).
+        mesh: the rank ``Mesh``; default ``Mesh.from_config(long_seq_config)`` (groups created when > 1 rank).
+        long_seq_config: parallel settings; default ``LongSeqConfig.from_mindformers(config)``.
+
+    Returns:
+        The registered ``*ForCausalLM`` the YAML names (``model.arch.type``; default: the family's class), with
+        every decoder layer recomputed in backward when ``recompute_config.recompute`` is True.
+
+    Raises:
+        ValueError: unknown or foreign class names, broken shapes or parallel settings (the message names the key).
+    """
+    if isinstance(config, LongSeqModelConfig):
+        return MODEL_CLASSES[config.family](config, mesh=mesh, long_seq_config=long_seq_config)
+    tree = _as_dict(config)
+    model_config = model_config_from(tree)
+    arch = dict(((tree.get("model") or {}).get("arch")) or {})
+    if "type" in arch:
+        model_cls = _registered(MindFormerModuleType.MODELS, arch["type"], "model.arch.type", LongSeqForCausalLM)
+    else:
+        model_cls = MODEL_CLASSES[model_config.family]
+    long_seq = long_seq_config or LongSeqConfig.from_mindformers(tree)
+    model = model_cls(model_config, mesh=mesh, long_seq_config=long_seq)
+    apply_recompute(model, (tree.get("recompute_config") or {}).get("recompute", False))
+    return model
+
+
+def apply_recompute(model: LongSeqForCausalLM, recompute) -> None:
+    """``recompute_config.recompute: True``: every decoder layer keeps only its input for backward and recomputes
+    the rest (``Cell.recompute``, which MindSpore also runs in PyNative mode)."""
+    if not isinstance(recompute, bool):
+        raise ValueError(f"recompute_config.recompute = {recompute!r}: mf_longseq takes True or False (no per-stage "
+                         "list). Fix: write recompute_config.recompute: True or False.")
+    if recompute:
+        for layer in model.model.layers:
+            layer.recompute()
+
+
+__all__ = ["build_model", "model_config_from", "apply_recompute", "CONFIG_CLASSES", "MODEL_CLASSES"]

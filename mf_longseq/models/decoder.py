@@ -1,0 +1,366 @@
+"""One decoder for LLaMA2, Qwen (v1) and Qwen1.5: RMSNorm, RoPE from global positions, GQA attention through
+``ContextParallelAttention``, SwiGLU MLP, optional q/k/v bias.  The families are presets of this file.
+
+Shapes (legend): B batch, S tokens of this rank (S_global / CP), H hidden, N query heads, K kv heads, D head dim,
+F FFN width, V vocabulary.
+
+Labels and context parallelism.  Next-token labels are made by the data side *before* sharding: a sample holds
+S_global + 1 tokens, ``input_ids = tokens[:-1]`` and ``labels = tokens[1:]``, and both are cut with the same
+``shard_sequence`` layout (and padding marked 0 in ``loss_mask``).  So every rank holds the label of each of its
+tokens, also of a shard's last token, whose next token lives on another rank (zigzag makes that true of two
+chunks per rank).  The model never shifts.  Each rank returns the sum of its per-token cross entropy (times the
+mask) and its token count; sum(loss_sum) / sum(count) over the CP (and DP) ranks is exactly the single-device
+mean loss, and differentiating ``loss_sum / global_count`` on every rank, then summing gradients over dp x cp,
+is exactly its gradient.
+
+Numerics: weights are stored in ``param_init_type`` and cast to ``compute_dtype`` for matmuls; RMSNorm
+statistics, softmax and attention merges (inside the kernel) and the cross entropy are float32.  RoPE angles are
+computed in float64 on the host from the global positions of this rank's tokens (``global_positions``), then cast.
+
+Weights carry Hugging Face LLaMA / Qwen2 names (``model.layers.0.self_attn.q_proj.weight``, (out, in) layout),
+one weight per projection (q/k/v/o, gate/up/down).  Model parallelism (``parallel/tensor_parallel.py``): q/k/v,
+gate/up and the LM head are column-parallel, o/down row-parallel, the embedding vocabulary-parallel; every rank
+keeps its shard under the same name.  Pipeline stages run parts of this model (``parallel/pipeline.py``).
+"""
+import zlib
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindformers.models.modeling_utils import PreTrainedModel
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from mf_longseq.attention.layer import ContextParallelAttention
+from mf_longseq.config import LongSeqConfig
+from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
+from mf_longseq.parallel.mesh import Mesh
+from mf_longseq.parallel.sharding import global_positions
+from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
+                                                 SharedInputColumns, VocabParallelEmbedding, local_units,
+                                                 shard_array, shard_specs, vocab_parallel_cross_entropy)
+
+MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+
+
+def _zeros(shape, dtype) -> Parameter:
+    return Parameter(Tensor(np.zeros(shape, np.float32), dtype))
+
+
+class MatMulNT(nn.Cell):
+    """a (M, K) @ b (N, K)^T -> (M, N) in a's dtype.
+
+    CPU has no bfloat16 / float16 MatMul kernel: there the half-precision operands are multiplied in float32
+    and the product rounded back (half-precision storage, float32 accumulation, as on Ascend's cube unit).
+    """
+
+    def __init__(self, compute_dtype):
+        super().__init__()
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.upcast = compute_dtype != ms.float32 and ms.get_context("device_target") == "CPU"
+
+    def construct(self, a, b):
+        if self.upcast:
+            return self.matmul(a.astype(ms.float32), b.astype(ms.float32)).astype(a.dtype)
+        return self.matmul(a, b)
+
+
+class Linear(nn.Cell):
+    """y = x @ W^T (+ b), W (out, in); a 2-D matmul (CPU BatchMatMul does not broadcast). (.., in) -> (.., out)."""
+
+    def __init__(self, in_features: int, out_features: int, *, has_bias: bool, param_dtype, compute_dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        self.weight = _zeros((out_features, in_features), param_dtype)
+        self.bias = _zeros((out_features,), param_dtype) if has_bias else None
+        self.matmul = MatMulNT(compute_dtype)
+
+    def construct(self, x):
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features), self.weight.astype(self.compute_dtype))  # (prod(lead), out)
+        if self.bias is not None:
+            y = y + self.bias.astype(self.compute_dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+class RMSNorm(nn.Cell):
+    """x / sqrt(mean(x^2) + eps) * weight, statistics in float32; output in x's dtype."""
+
+    def __init__(self, hidden: int, eps: float, param_dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(Tensor(np.ones((hidden,), np.float32), param_dtype))
+
+    def construct(self, x):
+        x32 = x.astype(ms.float32)
+        normed = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight.astype(x.dtype)
+
+
+class Embedding(nn.Cell):
+    """Token ids (B, S) -> (B, S, H) rows of the (V, H) table."""
+
+    def __init__(self, vocab: int, hidden: int, param_dtype, compute_dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.weight = _zeros((vocab, hidden), param_dtype)
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids.astype(ms.int32), 0).astype(self.compute_dtype)
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float):
+    """cos, sin (S, D) float32 of the rotate-half convention: angle[s, j] = pos[s] * theta^(-2(j mod D/2)/D)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (D/2,)
+    angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]                # (S, D/2)
+    angles = np.concatenate([angles, angles], axis=-1)                                      # (S, D)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, S, N, D) rotated: x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1].
+
+    cos, sin: (1, S, 1, D) from ``rope_tables`` (the rotate-half convention of Hugging Face LLaMA / Qwen2).
+    """
+    half = x.shape[-1] // 2
+    rotated = ops.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Cell):
+    """GQA self-attention over this rank's shard; the sequence exchange is ``ContextParallelAttention``'s."""
+
+    def __init__(self, config: LongSeqModelConfig, long_seq: LongSeqConfig, mesh: Mesh):
+        super().__init__()
+        h, d, n, kv = config.hidden_size, config.head_dim, config.num_heads, config.n_kv_heads
+        mp = mesh.group("mp")                      # model parallel: whole heads per rank, kv heads replicated
+        self.num_heads, self.kv_heads, self.head_dim = local_units(n, mp.size), local_units(kv, mp.size), d
+        dtypes = dict(param_dtype=MS_DTYPES[config.param_init_type], compute_dtype=MS_DTYPES[config.compute_dtype])
+        bias = config.qkv_has_bias
+        self.q_proj = ColumnParallelLinear(h, n * d, group=mp, units=n, has_bias=bias, **dtypes)
+        self.k_proj = ColumnParallelLinear(h, kv * d, group=mp, units=kv, has_bias=bias, **dtypes)
+        self.v_proj = ColumnParallelLinear(h, kv * d, group=mp, units=kv, has_bias=bias, **dtypes)
+        self.o_proj = RowParallelLinear(n * d, h, group=mp, units=n, has_bias=False, **dtypes)
+        self.qkv = SharedInputColumns([self.q_proj, self.k_proj, self.v_proj], group=mp)   # one f for q, k, v
+        self.core = ContextParallelAttention(config=long_seq, mesh=mesh, causal=True)
+
+    def construct(self, x, cos, sin):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x)
+        q = q.reshape(b, s, self.num_heads, self.head_dim)                              # (B, S, H) -> (B, S, N, D)
+        k = k.reshape(b, s, self.kv_heads, self.head_dim)                               # (B, S, K, D)
+        v = v.reshape(b, s, self.kv_heads, self.head_dim)                               # (B, S, K, D)
+        out = self.core(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)            # (B, S, N, D)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))          # (B, S, N*D) -> (B, S, H)
+
+
+class MLP(nn.Cell):
+    """SwiGLU: down(silu(gate(x)) * up(x)); (B, S, H) -> (B, S, F) -> (B, S, H)."""
+
+    def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None):
+        super().__init__()
+        h, f = config.hidden_size, config.ffn_hidden_size
+        mp = (mesh or Mesh(rank=0)).group("mp")     # model parallel: gate/up split on F, down on its input
+        dtypes = dict(param_dtype=MS_DTYPES[config.param_init_type], compute_dtype=MS_DTYPES[config.compute_dtype])
+        self.gate_proj = ColumnParallelLinear(h, f, group=mp, has_bias=False, **dtypes)
+        self.up_proj = ColumnParallelLinear(h, f, group=mp, has_bias=False, **dtypes)
+        self.down_proj = RowParallelLinear(f, h, group=mp, has_bias=False, **dtypes)
+        self.gate_up = SharedInputColumns([self.gate_proj, self.up_proj], group=mp)   # one f for gate and up
+
+    def construct(self, x):
+        gate, up = self.gate_up(x)
+        act = ops.silu(gate.astype(ms.float32)).astype(gate.dtype)        # float32 (CPU has no half Sigmoid)
+        return self.down_proj(act * up)
+
+
+class DecoderLayer(nn.Cell):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: LongSeqModelConfig, long_seq: LongSeqConfig, mesh: Mesh):
+        super().__init__()
+        param_dtype = MS_DTYPES[config.param_init_type]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.self_attn = Attention(config, long_seq, mesh)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.mlp = MLP(config, mesh)
+
+    def construct(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Cell):
+    """Embedding, decoder layers, final norm: ids (B, S) -> hidden (B, S, H) in compute dtype."""
+
+    def __init__(self, config: LongSeqModelConfig, long_seq: LongSeqConfig, mesh: Mesh):
+        super().__init__()
+        param_dtype, compute_dtype = MS_DTYPES[config.param_init_type], MS_DTYPES[config.compute_dtype]
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group=mesh.group("mp"),
+                                                   param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.layers = nn.CellList([DecoderLayer(config, long_seq, mesh) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+
+    def construct(self, input_ids, cos, sin):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+def cross_entropy(logits, labels):
+    """Per-token cross entropy in float32: logsumexp(logits) - logits[label]; (B, S, V), (B, S) -> (B, S)."""
+    logits = logits.astype(ms.float32)
+    target = ops.gather_elements(logits, -1, labels.astype(ms.int32).expand_dims(-1)).squeeze(-1)   # (B, S)
+    return ops.logsumexp(logits, -1) - target
+
+
+class LongSeqForCausalLM(PreTrainedModel):
+    """Causal LM over this rank's shard of the sequence: returns (loss_sum, token_count).
+
+    Args:
+        config: a ``LongSeqModelConfig`` (or a family subclass).
+        mesh: the rank ``Mesh``; default ``Mesh.from_config(long_seq_config)``, groups created when the mesh
+            spans more than one rank (communication must be initialised then).
+        long_seq_config: the parallel settings (``LongSeqConfig.from_mindformers(yaml)``); default: built from
+            ``config`` (its shape, ``config.parallel_config`` as MindFormers' trainer sets it, ``config.long_seq``).
+
+    Inputs of ``construct``: input_ids, labels (B, S/CP) int, loss_mask (B, S/CP) float, this rank's shards in
+    ``long_seq_config.layout`` (labels already shifted globally; see the module docstring).
+
+    Outputs: loss_sum (float32 scalar, differentiable): sum over this rank's tokens of cross entropy x mask;
+    token_count (float32 scalar, no gradient): sum of loss_mask on this rank.
+    """
+
+    config_class = LongSeqModelConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None,
+                 long_seq_config: Optional[LongSeqConfig] = None, **kwargs):
+        super().__init__(config)
+        self.long_seq = long_seq_config or _long_seq_from_model_config(config)
+        _check_supported(config, self.long_seq)
+        self.mesh = mesh if mesh is not None else default_mesh(self.long_seq)
+        _check_mesh(self.mesh, self.long_seq)
+        self.compute_dtype = MS_DTYPES[config.compute_dtype]
+        self.model = DecoderModel(config, self.long_seq, self.mesh)
+        self.mp_group = self.mesh.group("mp")     # the LM head is split on the vocabulary, like the embedding
+        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(
+            config.hidden_size, config.vocab_size, group=self.mp_group, has_bias=False,
+            param_dtype=MS_DTYPES[config.param_init_type], compute_dtype=self.compute_dtype)
+        self.head_copy = CopyToMP(self.mp_group)
+        self.head_matmul = MatMulNT(self.compute_dtype)
+        self._rope_cache = {}
+        self.init_weights_from_seed(config.init_seed)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Training-only model: MindFormers' builder builds no generation config for it."""
+        return False
+
+    def init_weights_from_seed(self, seed: int) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, ones for norms, zeros for biases.
+
+        Each weight draws from its own generator seeded by (seed, crc32(name)): every rank and every run with the
+        same seed gets the same weights, whatever the construction order.  Under model parallelism every rank
+        draws the full weight and keeps its shard, so any layout starts from the same model.
+        """
+        sigma = self.config.initializer_range
+        full_shapes, specs = parameter_shapes(self.config), shard_specs(self)
+        mp, mp_id = self.mp_group.size, self.mp_group.index
+        for name, param in self.parameters_and_names():
+            if len(param.shape) == 2:
+                rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+                full = rng.normal(0.0, sigma, full_shapes.get(name, param.shape)).astype(np.float32)
+                if name in specs:
+                    full = shard_array(full, specs[name], mp, mp_id)
+                param.set_data(Tensor(np.ascontiguousarray(full), param.dtype))
+
+    def positions(self, seq_len: int) -> np.ndarray:
+        """Global positions (np.int64) of this rank's tokens of a ``seq_len``-token sequence."""
+        return global_positions(seq_len, self.mesh, self.long_seq.layout)
+
+    def _rope(self, local_len: int):
+        seq_len = local_len * self.mesh.cp
+        if seq_len not in self._rope_cache:
+            cos, sin = rope_tables(self.positions(seq_len), self.config.head_dim, self.config.theta)
+            self._rope_cache[seq_len] = (Tensor(cos[None, :, None, :], self.compute_dtype),      # (1, S, 1, D)
+                                         Tensor(sin[None, :, None, :], self.compute_dtype))
+        return self._rope_cache[seq_len]
+
+    def logits(self, input_ids):
+        """(B, S/CP) ids -> (B, S/CP, V/MP) float32 logits of this rank's tokens (its vocabulary slice)."""
+        cos, sin = self._rope(input_ids.shape[1])
+        return self.head_logits(self.model(input_ids, cos, sin))                         # (B, S, H) -> logits
+
+    def head_logits(self, hidden):
+        """Final hidden (B, S, H) -> (B, S, V/MP) float32 logits (vocabulary ids [mp_id*V/MP, (mp_id+1)*V/MP))."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(ms.float32)
+        b, s, h = hidden.shape
+        table = self.model.embed_tokens.weight.astype(self.compute_dtype)                # (V/MP, H), tied
+        hidden = self.head_copy(hidden)
+        return self.head_matmul(hidden.reshape(b * s, h), table).reshape(b, s, -1).astype(ms.float32)
+
+    def head_loss(self, hidden, labels, loss_mask):
+        """(loss_sum, token_count) from the final hidden state; the cross entropy never gathers the vocabulary."""
+        mask = loss_mask.astype(ms.float32)
+        labels = ops.where(mask > 0, labels.astype(ms.int32), ops.zeros_like(labels, dtype=ms.int32))
+        logits = self.head_logits(hidden)                                                # (B, S, V/MP)
+        if self.mp_group.size == 1:
+            ce = cross_entropy(logits, labels)                                           # (B, S)
+        else:
+            ce = vocab_parallel_cross_entropy(logits, labels, group=self.mp_group,
+                                              vocab_start=self.mp_group.index * logits.shape[-1])
+        return (ce * mask).sum(), ops.stop_gradient(mask.sum())
+
+    def construct(self, input_ids, labels, loss_mask):
+        cos, sin = self._rope(input_ids.shape[1])
+        return self.head_loss(self.model(input_ids, cos, sin), labels, loss_mask)
+
+
+def _long_seq_from_model_config(config: LongSeqModelConfig) -> LongSeqConfig:
+    values = config.long_seq_values()
+    target = ms.get_context("device_target")
+    values.setdefault("device_target", target if target in ("CPU", "Ascend", "GPU") else "CPU")
+    return LongSeqConfig(**values)
+
+
+def _check_supported(config: LongSeqModelConfig, long_seq: LongSeqConfig) -> None:
+    for key, ours, theirs in (("num_heads", config.num_heads, long_seq.num_heads),
+                              ("n_kv_heads", config.n_kv_heads, long_seq.num_kv_heads),
+                              ("seq_length", config.seq_length, long_seq.seq_length)):
+        if ours != theirs:
+            raise ValueError(f"model.model_config.{key} = {ours!r} but the parallel settings were built with "
+                             f"{theirs!r}. Fix: build LongSeqConfig from the same YAML as the model config.")
+    if config.vocab_size % long_seq.model_parallel or config.ffn_hidden_size % long_seq.model_parallel:
+        raise ValueError(f"parallel_config.model_parallel = {long_seq.model_parallel}: must divide "
+                         f"model.model_config.vocab_size = {config.vocab_size} and the FFN width "
+                         f"{config.ffn_hidden_size}. Fix: pad the vocabulary / choose a model_parallel dividing both.")
+
+
+def _check_mesh(mesh: Mesh, long_seq: LongSeqConfig) -> None:
+    if (mesh.cp, mesh.ulysses, mesh.mp, mesh.pp) != (long_seq.context_parallel, long_seq.ulysses_degree,
+                                                     long_seq.model_parallel, long_seq.pipeline_stage):
+        raise ValueError(f"mesh {mesh} does not match parallel_config.context_parallel = "
+                         f"{long_seq.context_parallel} with Ulysses degree {long_seq.ulysses_degree}, model_parallel "
+                         f"= {long_seq.model_parallel}, pipeline_stage = {long_seq.pipeline_stage}. "
+                         "Fix: build the mesh with Mesh.from_config(long_seq_config).")
+
+
+def default_mesh(long_seq: LongSeqConfig) -> Mesh:
+    """``Mesh.from_config``; communication groups created when it spans more than one rank."""
+    mesh = Mesh.from_config(long_seq)
+    return mesh.create_groups() if mesh.world_size > 1 else mesh
+
+
+def register_classes(*classes) -> None:
+    """Register config classes (CONFIG) and model classes (MODELS) in MindFormers' registry, once."""
+    for cls in classes:
+        kind = MindFormerModuleType.CONFIG if issubclass(cls, LongSeqModelConfig) else MindFormerModuleType.MODELS
+        if not MindFormerRegister.is_exist(kind, cls.__name__):
+            MindFormerRegister.register_cls(cls, module_type=kind)
+
+
+__all__ = ["LongSeqForCausalLM", "DecoderModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "Linear",
+           "Embedding", "rope_tables", "apply_rope", "cross_entropy", "default_mesh", "register_classes",
+           "MS_DTYPES"]

@@ -1,0 +1,188 @@
+"""``mf-longseq plan``: memory and communication of a long-sequence run, and the layouts that fit.
+
+    mf-longseq plan --model llama2-70b --seq-len 131072 --devices 64 --device-memory 64GiB
+    mf-longseq plan --model qwen1_5-72b --seq-len 32768 --devices 32 --emit-yaml run.yaml --json
+
+Prints the model, the per-device memory of the best layout item by item (with and without recompute, the
+attention buffers of every CP algorithm), the bytes each CP algorithm moves per step at that layout, and the
+ranked layouts that fit.  ``--emit-yaml`` writes the best one as a MindFormers YAML (checked by
+``mf-longseq validate`` rules before it is written).
+"""
+import contextlib
+import json
+import re
+import sys
+from dataclasses import asdict, replace
+
+from mf_longseq.planner import comm
+from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.planner.memory import memory_per_device
+from mf_longseq.planner.recommend import Hardware, check, closest, recommend, step_traffic
+from mf_longseq.planner.shapes import model_shape
+from mf_longseq.planner.template import emit_yaml
+
+_UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40, "kb": 10 ** 3,
+          "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30}
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+           "float16": "float16"}
+
+
+def parse_size(text: str) -> int:
+    """'64GiB' -> 68719476736; '80GB' -> 80e9; a plain number is bytes."""
+    found = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not found or found.group(2).lower() not in _UNITS:
+        raise ValueError(f"--device-memory = {text!r}: not a size. Fix: write e.g. 64GiB, 32GB or 65536MiB")
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+
+
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:8.2f} GiB"
+
+
+def _settings(args) -> Settings:
+    for name in ("dtype", "param_dtype"):
+        if getattr(args, name) not in _DTYPES:
+            raise ValueError(f"--{name.replace('_', '-')} = {getattr(args, name)!r}: unknown. Fix: use one of "
+                             "fp32, bf16, fp16")
+    param = _DTYPES[args.param_dtype]
+    return Settings(seq_len=args.seq_len, micro_batch=args.micro_batch, micro_batch_num=args.micro_batch_num,
+                    param_dtype=param, grad_dtype=param, compute_dtype=_DTYPES[args.dtype],
+                    zero=args.zero, mask_compression=not args.no_mask_compression,
+                    use_alltoall=not args.allgather, backend=args.backend, block_size=args.block_size)
+
+
+def _algo_rows(shape, best, settings):
+    """The CP exchanges of every algorithm at the best layout's degrees: (label, bytes per layer fwd, per step)."""
+    rows = []
+    for algo in comm.ALGOS:
+        degrees = {"colossalai_cp": [1], "ulysses_cp": [best.cp],
+                   "hybrid_cp": [u for u in range(2, best.cp) if best.cp % u == 0]}[algo]
+        for u in degrees:
+            layout = replace(best, algo=algo, ulysses=u)
+            problem = check(layout, shape, settings)
+            call = comm.AttentionCall(settings.micro_batch, settings.seq_len, max(shape.heads // best.mp, 1),
+                                      max(shape.kv_heads // best.mp, 1), shape.head_dim,
+                                      settings.bytes_of("compute"), best.cp, u, settings.use_alltoall)
+            forward = sum(comm.attention_bytes(call, "forward").values())
+            traffic = step_traffic(shape, layout, settings)
+            cp_step = sum(v for k, v in traffic.items() if k in ("ring_shift", "all_to_all", "all_gather"))
+            attention = memory_per_device(shape, layout, settings).attention
+            rows.append((layout.label(), forward, cp_step, attention, problem))
+    return rows
+
+
+def report(args) -> dict:
+    """Everything ``plan`` prints, as a dict (also the --json output)."""
+    shape = model_shape(args.model)
+    settings = _settings(args)
+    hw = Hardware(memory=parse_size(args.device_memory), reserve=args.reserve, tflops=args.tflops,
+                  devices_per_node=args.devices_per_node)
+    algos = [args.algo] if args.algo else list(comm.ALGOS)
+    ranked = recommend(shape, args.devices, settings, hw, algos, max_mp=args.max_mp)
+    out = {"model": asdict(shape) | {"total_params": shape.total_params}, "settings": asdict(settings),
+           "devices": args.devices, "usable_memory": hw.usable, "recommendations": [], "best": None,
+           "closest": None}
+    out["recommendations"] = [_candidate_dict(c) for c in ranked[:args.top]]
+    shown = ranked[0] if ranked else closest(shape, args.devices, settings, hw, algos, max_mp=args.max_mp)
+    if shown is not None:
+        out["best" if ranked else "closest"] = _candidate_dict(shown)
+        out["algorithms_at_best"] = [dict(zip(("label", "cp_bytes_per_layer_forward", "cp_bytes_per_step",
+                                               "attention_buffers", "invalid"), row))
+                                     for row in _algo_rows(shape, shown.layout, shown.settings)]
+    return out
+
+
+def _candidate_dict(cand) -> dict:
+    return {"layout": asdict(cand.layout), "label": cand.layout.label(), "settings": asdict(cand.settings),
+            "recompute": cand.recompute, "memory_total": cand.memory_total, "memory": dict(cand.memory.rows()),
+            "comm_bytes_per_step": cand.comm_bytes, "step_seconds_estimate": cand.step_seconds}
+
+
+def _print(out: dict, args) -> None:
+    m = out["model"]
+    print(f"model {m['name']}: {m['total_params'] / 1e9:.2f} B parameters, hidden {m['hidden']}, {m['layers']} "
+          f"layers, {m['heads']} heads ({m['kv_heads']} kv), FFN {m['ffn']}, vocab {m['vocab']}")
+    print(f"sequence {args.seq_len}, {args.devices} devices of {args.device_memory} "
+          f"({gib(out['usable_memory']).strip()} usable), compute {out['settings']['compute_dtype']}")
+    best = out["best"] or out["closest"]
+    if best is None:
+        print("no valid layout: the heads, sequence length and device count admit none (see mf-longseq validate)")
+        return
+    if out["best"]:
+        print(f"\nbest: {best['label']}{' with recompute' if best['recompute'] else ''}: memory per device")
+    else:
+        print(f"\nNO LAYOUT FITS. The one needing least memory is {best['label']} with recompute, "
+              f"{gib(best['memory_total']).strip()} per device > {gib(out['usable_memory']).strip()} usable. "
+              "Fix: more devices, more --device-memory, or a higher --zero (3 splits the weights too).")
+    for name, value in best["memory"].items():
+        print(f"  {name:24s}{gib(value)}")
+    print(f"  {'total':24s}{gib(best['memory_total'])}")
+    print(f"\nCP exchanges per device at dp{best['layout']['dp']} mp{best['layout']['mp']} cp{best['layout']['cp']} "
+          f"pp{best['layout']['pp']} (bytes this device sends):")
+    print(f"  {'algorithm':34s}{'per layer fwd':>16s}{'per step':>16s}{'attn buffers':>14s}")
+    for row in out.get("algorithms_at_best", []):
+        note = "  (invalid: " + row["invalid"].split(":")[0] + ")" if row["invalid"] else ""
+        print(f"  {row['label']:34s}{row['cp_bytes_per_layer_forward'] / 2 ** 20:13.1f} MiB"
+              f"{row['cp_bytes_per_step'] / 2 ** 30:12.2f} GiB{row['attention_buffers'] / 2 ** 30:10.2f} GiB{note}")
+    if not out["recommendations"]:
+        return
+    print(f"\nranked layouts that fit ({len(out['recommendations'])} shown):")
+    for i, rec in enumerate(out["recommendations"], 1):
+        traffic = sum(rec["comm_bytes_per_step"].values())
+        print(f"  {i:2d}. {rec['label']:34s} mem {gib(rec['memory_total'])}{' (recompute)' if rec['recompute'] else '':12s}"
+              f" comm {traffic / 2 ** 30:8.2f} GiB/step  ~{rec['step_seconds_estimate']:7.2f} s/step")
+
+
+def run(args) -> int:
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr if args.json else stdout):   # library logs must not mix with JSON
+        return _run(args, stdout)
+
+
+def _run(args, stdout) -> int:
+    out = report(args)
+    if args.emit_yaml:
+        if not out["best"]:
+            raise ValueError(f"--emit-yaml {args.emit_yaml}: no layout fits, nothing to write. Fix: more devices or "
+                             "more --device-memory")
+        best = out["best"]
+        emit_yaml(args.emit_yaml, args.model, Layout(**best["layout"]), Settings(**best["settings"]),
+                  recompute=best["recompute"])
+        out["emitted_yaml"] = args.emit_yaml
+    if args.json:
+        print(json.dumps(out, indent=2, default=str), file=stdout)
+    else:
+        _print(out, args)
+        if args.emit_yaml:
+            print(f"\nwrote {args.emit_yaml} (check it with: mf-longseq validate {args.emit_yaml})")
+    return 0 if out["best"] else 1
+
+
+def register(subparsers) -> None:
+    """Add the ``plan`` verb."""
+    p = subparsers.add_parser("plan", help="per-device memory, CP traffic, and the layouts that fit",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="llama2-7b/13b/70b, qwen-7b/14b/72b, qwen1_5-7b/14b/72b, or a YAML")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--devices", type=int, required=True, help="devices of the run")
+    p.add_argument("--device-memory", default="64GiB", help="memory per device (default 64GiB)")
+    p.add_argument("--reserve", type=float, default=0.10, help="fraction kept free for the runtime (default 0.1)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--micro-batch-num", type=int, default=1, help="micro-batches per step (at least pp)")
+    p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 (default), fp16, fp32")
+    p.add_argument("--param-dtype", default="fp32", help="weights and gradients: fp32 (default), bf16, fp16")
+    p.add_argument("--algo", choices=comm.ALGOS, help="consider only this CP algorithm")
+    p.add_argument("--allgather", action="store_true", help="Ulysses by the AllGather exchange "
+                   "(parallel.enable_alltoall: False)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1, help="split over dp x cp: 0 nothing, "
+                   "1 optimizer states (default), 2 + gradients, 3 + weights")
+    p.add_argument("--no-mask-compression", action="store_true", help="dense S x S mask")
+    p.add_argument("--backend", choices=("ascend", "cpu"), default="ascend")
+    p.add_argument("--block-size", type=int, default=2048, help="blockwise kernel tile (backend cpu)")
+    p.add_argument("--tflops", type=float, default=280.0, help="peak TFLOP/s per device for the time estimate")
+    p.add_argument("--devices-per-node", type=int, default=8)
+    p.add_argument("--max-mp", type=int, default=8, help="largest model-parallel degree tried (default 8)")
+    p.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--emit-yaml", metavar="PATH", help="write the best layout as a MindFormers YAML")
+    p.set_defaults(func=run)

@@ -1,0 +1,144 @@
+"""Per-device memory of one layout: weights, gradients, optimizer states, activations (with and without
+recompute), attention buffers per algorithm, the mask and the logits.  Bytes, worst pipeline stage.
+
+Legend: s = b S / CP tokens on the device, h hidden, F FFN width, V vocabulary, t = mp, Nt = N/t and
+Kt = max(K/t, 1) heads on the device (kv heads replicated when mp exceeds them), D head dim, e compute bytes,
+L_s = ceil(L / pp) layers of a stage.
+
+Weights and gradients: the stage's parameters (projections, FFN, embedding and LM head split over mp, norms
+replicated), in ``param_dtype`` / ``grad_dtype``.  Optimizer: AdamW m and v in float32, plus a float32 master
+copy when the weights are half precision.  ``zero`` >= 1 / 2 / 3 splits the optimizer / gradients / weights
+over the dp x cp ranks.
+
+Activations kept for backward, per layer (what the decoder in ``models/decoder.py`` and the engine keep alive
+in PyNative: every op's inputs that its backward reads, custom-bprop Cells' inputs and outputs):
+
+    norms      2 x (s h 4 + s h e)      float32 input copy and the normalised output, twice per layer
+    q, k, v    s (Nt + 2 Kt) D e        projections
+    RoPE       2 s (Nt + Kt) D e        rotated halves and the rotated q, k
+    attention  s (Nt + 2 Kt) D e + 2 s Nt D e + 4 s Nt     BNSD q, k, v, the output in both layouts, lse
+               (+ Ulysses: the head-layout q, k, v and output, s (2 Nt + 2 Kr) D e)
+    MLP        s (F/t) (4 e + 4)        gate, its float32 copy, silu, up, their product
+
+With recompute only each layer's input (s h e) is kept, and one layer's activations live during its backward.
+1F1B keeps min(pp, micro_batch_num) micro-batches in flight on the first stage.
+
+Backward working set: while a layer's backward runs, the gradients of its largest block exist next to the
+activations not yet released: the MLP's d(product), d(silu), d(up) (3 s F/t e) and the hidden-state gradient in
+and out (2 s h e).
+
+Attention buffers (transient, the backward of one layer): ring: kv and the incoming kv (2 x 2 s Kh D e), the
+float32 dK/dV buffer and its shifted copy (2 x 2 s Kh D 4), the float32 dq (s Nt D 4); Ulysses with the
+AllGather-based exchange: the gathered tensor, U times a local one.  The blockwise kernel (backend "cpu") adds
+its float32 tiles, T = min(block_size, S/R): in the backward of one tile the scores, their masked copy, p,
+dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4); and float32 copies of
+q, k, v when the compute dtype is half.
+Mask: dense b S^2 bytes (uint8) without compression, 2048^2 with (none on the CPU kernel).  Logits on the last
+stage, s V/t elements: the compute-dtype logits, two float32 copies kept by the cross entropy (the cast and
+logsumexp's input) and three float32 tensors of its backward (softmax, the gathered target's gradient, their
+sum): s V/t (e + 20).
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import List, Tuple
+
+from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.planner.shapes import ModelShape
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per device, by item."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_recompute: int
+    backward: int
+    attention: int
+    mask: int
+    logits: int
+
+    def total(self, recompute: bool) -> int:
+        acts = self.activations_recompute if recompute else self.activations
+        return (self.weights + self.gradients + self.optimizer + acts + self.backward + self.attention + self.mask
+                + self.logits)
+
+    def rows(self) -> List[Tuple[str, int]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+def local_heads(heads: int, mp: int) -> int:
+    """Heads one mp rank holds (``tensor_parallel.local_units``): heads / mp, or 1 when replicated."""
+    return max(heads // mp, 1)
+
+
+def stage_params(shape: ModelShape, layout: Layout) -> int:
+    """Parameters on one device of the largest pipeline stage."""
+    t, h, d = layout.mp, shape.hidden, shape.head_dim
+    nt, kt = local_heads(shape.heads, t), local_heads(shape.kv_heads, t)
+    plain = h * d * (2 * shape.heads + 2 * shape.kv_heads) + 3 * h * shape.ffn + 2 * h
+    bias = (shape.layer_params - plain) // (shape.heads + 2 * shape.kv_heads) * (nt + 2 * kt) \
+        if shape.layer_params > plain else 0
+    layer = h * d * (2 * nt + 2 * kt) + 3 * h * (shape.ffn // t) + 2 * h + bias
+    per_stage = math.ceil(shape.layers / layout.pp) * layer
+    first = shape.embedding_params // t
+    last = shape.head_params // t + shape.norm_params
+    return per_stage + (first + last if layout.pp == 1 else max(first, last))
+
+
+def layer_activations(shape: ModelShape, layout: Layout, settings: Settings) -> int:
+    """Bytes one decoder layer keeps for backward, per micro-batch (see the module docstring)."""
+    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
+    h, d, f = shape.hidden, shape.head_dim, shape.ffn // layout.mp
+    nt, kt = local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp)
+    norms = 2 * (s * h * 4 + s * h * e)
+    qkv = s * (nt + 2 * kt) * d * e
+    rope = 2 * s * (nt + kt) * d * e
+    attention = s * (nt + 2 * kt) * d * e + 2 * s * nt * d * e + 4 * s * nt
+    if layout.ulysses > 1:
+        kr = kt * (layout.ulysses // kt) if kt < layout.ulysses else kt
+        attention += s * (2 * nt + 2 * kr) * d * e
+    mlp = s * f * (4 * e + 4)
+    return norms + qkv + rope + attention + mlp
+
+
+def attention_buffers(shape: ModelShape, layout: Layout, settings: Settings) -> int:
+    """Transient bytes of one layer's attention backward, on top of what is kept."""
+    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
+    d, u = shape.head_dim, layout.ulysses
+    nt, kt = local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp)
+    kr = kt * (u // kt) if kt < u else kt
+    kh = kr // u if u > 1 else kt
+    out = s * nt * d * 4                                                     # float32 dq
+    if layout.ring > 1:
+        out += 2 * (2 * s * kh * d * e) + 2 * (2 * s * kh * d * 4)
+    if u > 1 and not settings.use_alltoall:
+        out += u * s * max(nt, kr) * d * e
+    if settings.backend == "cpu":
+        tile = min(settings.block_size, settings.seq_len // layout.ring)
+        out += 8 * settings.micro_batch * nt * tile * tile * 4 + s * (nt + 2 * kh) * d * 4 * (1 if e < 4 else 0)
+    return out
+
+
+def memory_per_device(shape: ModelShape, layout: Layout, settings: Settings) -> Memory:
+    """Every item of the per-device memory of ``layout`` (bytes, worst pipeline stage)."""
+    params, group = stage_params(shape, layout), layout.dp * layout.cp
+    split = lambda stage: group if settings.zero >= stage else 1                          # noqa: E731
+    optimizer = params * (8 + (4 if settings.bytes_of("param") < 4 else 0)) // split(1)
+    layers = math.ceil(shape.layers / layout.pp)
+    in_flight = min(layout.pp, max(settings.micro_batch_num, 1))
+    per_layer = layer_activations(shape, layout, settings)
+    s = settings.micro_batch * settings.seq_len // layout.cp
+    layer_input = s * shape.hidden * settings.bytes_of("compute")
+    mask = 2048 * 2048 if settings.mask_compression else settings.micro_batch * settings.seq_len ** 2
+    if settings.mask_compression and settings.backend == "cpu":
+        mask = 0                                                  # the blockwise kernel decides from positions
+    logits = s * (shape.vocab // layout.mp) * (settings.bytes_of("compute") + 20)
+    return Memory(weights=params * settings.bytes_of("param") // split(3),
+                  gradients=params * settings.bytes_of("grad") // split(2),
+                  optimizer=optimizer, activations=in_flight * layers * (per_layer + layer_input),
+                  activations_recompute=in_flight * layers * layer_input + per_layer,
+                  backward=3 * s * (shape.ffn // layout.mp) * settings.bytes_of("compute") + 2 * layer_input,
+                  attention=attention_buffers(shape, layout, settings), mask=mask, logits=logits)

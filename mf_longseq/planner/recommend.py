@@ -1,0 +1,163 @@
+"""Enumerate every layout of N devices that ``LongSeqConfig`` accepts, keep those that fit the device memory,
+and rank them by an estimated step time.
+
+Rank order (``parallel/mesh.py``) is mp fastest, then CP (Ulysses inside ring), then dp, then pp; a group whose
+ranks span more than ``devices_per_node`` consecutive ranks crosses nodes and gets the inter-node bandwidth.
+
+Time model (an estimate for ranking, not a measurement): compute = model FLOPs of the step on this device
+(6 x parameters x tokens, plus causal attention 6 x L x h x S per token, x 4/3 with recompute) at
+``tflops`` x ``efficiency``; communication = the bytes of ``comm.py`` (CP exchanges, tensor-parallel
+all-reduces, gradient all-reduce) over the group's bandwidth, not overlapped; the 1F1B pipeline adds
+(pp - 1) / micro_batch_num of the compute.
+"""
+from dataclasses import dataclass, replace
+from typing import Iterator, List, Optional, Sequence
+
+from mf_longseq.config import LongSeqConfig
+from mf_longseq.planner import comm
+from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.planner.memory import Memory, local_heads, memory_per_device, stage_params
+from mf_longseq.planner.shapes import ModelShape
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Device and network figures of the time model (defaults: an Ascend 910B-class NPU, 8 per node)."""
+
+    memory: int = 64 * 2 ** 30
+    reserve: float = 0.10                   # kept free for the runtime, workspaces, fragmentation
+    tflops: float = 280.0
+    efficiency: float = 0.45
+    intra_node_gbps: float = 100.0          # GB/s per device inside a node
+    inter_node_gbps: float = 25.0           # GB/s per device across nodes
+    devices_per_node: int = 8
+
+    @property
+    def usable(self) -> int:
+        return int(self.memory * (1 - self.reserve))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layout that fits, with its memory, traffic and estimated step time."""
+
+    layout: Layout
+    settings: Settings
+    memory: Memory
+    recompute: bool
+    comm_bytes: dict
+    step_seconds: float
+
+    @property
+    def memory_total(self) -> int:
+        return self.memory.total(self.recompute)
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(devices: int, shape: ModelShape, algos: Sequence[str], max_mp: int = 8) -> Iterator[Layout]:
+    """Every (dp, mp, cp, pp, algo, ulysses) with dp x mp x cp x pp = devices (CP algorithms only when cp > 1)."""
+    for mp in _divisors(devices):
+        if mp > max_mp:
+            continue
+        for cp in _divisors(devices // mp):
+            for pp in _divisors(devices // mp // cp):
+                dp = devices // mp // cp // pp
+                if pp > shape.layers:
+                    continue
+                if cp == 1:
+                    yield Layout(dp, mp, 1, pp, "colossalai_cp", 1)
+                    continue
+                for algo in algos:
+                    degrees = {"colossalai_cp": [1], "ulysses_cp": [cp],
+                               "hybrid_cp": [u for u in _divisors(cp) if 1 < u < cp]}[algo]
+                    for u in degrees:
+                        yield Layout(dp, mp, cp, pp, algo, u)
+
+
+def check(layout: Layout, shape: ModelShape, settings: Settings) -> Optional[str]:
+    """None if ``LongSeqConfig`` accepts the layout, else its error message (the rules live there)."""
+    try:
+        LongSeqConfig(seq_length=settings.seq_len, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+                      num_layers=shape.layers, data_parallel=layout.dp, model_parallel=layout.mp,
+                      context_parallel=layout.cp, pipeline_stage=layout.pp,
+                      micro_batch_num=max(settings.micro_batch_num, layout.pp), context_parallel_algo=layout.algo,
+                      ulysses_degree_in_cp=layout.ulysses if layout.algo == "hybrid_cp" else 1,
+                      use_flash_attention=True, use_attn_mask_compression=settings.mask_compression,
+                      enable_alltoall=settings.use_alltoall,
+                      device_target="Ascend" if settings.backend == "ascend" else "CPU",
+                      block_size=settings.block_size)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def step_traffic(shape: ModelShape, layout: Layout, settings: Settings) -> dict:
+    """Bytes one device sends in one step, by exchange (CP kinds from ``comm.attention_bytes``)."""
+    micro = max(settings.micro_batch_num, layout.pp)
+    layers = -(-shape.layers // layout.pp)
+    call = comm.AttentionCall(batch=settings.micro_batch, seq_len=settings.seq_len,
+                              heads=local_heads(shape.heads, layout.mp),
+                              kv_heads=local_heads(shape.kv_heads, layout.mp), head_dim=shape.head_dim,
+                              itemsize=settings.bytes_of("compute"), cp=layout.cp, ulysses=layout.ulysses,
+                              use_alltoall=settings.use_alltoall)
+    out = {kind: n * layers * micro for kind, n in comm.attention_bytes(call).items()} if layout.cp > 1 else {}
+    tokens = settings.micro_batch * settings.seq_len // layout.cp
+    out["mp_all_reduce"] = comm.tensor_parallel_bytes(tokens, shape.hidden, settings.bytes_of("compute"),
+                                                      layout.mp) * layers * micro
+    out["grad_all_reduce"] = comm.gradient_allreduce_bytes(stage_params(shape, layout), settings.bytes_of("grad"),
+                                                           layout.dp * layout.cp)
+    return {k: v for k, v in out.items() if v}
+
+
+def _bandwidth(span: int, hw: Hardware) -> float:
+    return (hw.intra_node_gbps if span <= hw.devices_per_node else hw.inter_node_gbps) * 1e9
+
+
+def step_seconds(shape: ModelShape, layout: Layout, settings: Settings, recompute: bool, hw: Hardware) -> float:
+    """Estimated seconds of one step (see the module docstring)."""
+    micro = max(settings.micro_batch_num, layout.pp)
+    tokens = settings.micro_batch * settings.seq_len * micro                     # per dp replica
+    flops = tokens * (6 * shape.total_params + 6 * shape.layers * shape.hidden * settings.seq_len)
+    flops *= (4 / 3 if recompute else 1) / (layout.mp * layout.cp * layout.pp)
+    compute = flops / (hw.tflops * 1e12 * hw.efficiency)
+    traffic = step_traffic(shape, layout, settings)
+    spans = {"all_to_all": layout.mp * layout.ulysses, "all_gather": layout.mp * layout.ulysses,
+             "ring_shift": layout.mp * layout.cp, "mp_all_reduce": layout.mp,
+             "grad_all_reduce": layout.mp * layout.cp * layout.dp}
+    network = sum(n / _bandwidth(spans[kind], hw) for kind, n in traffic.items())
+    bubble = compute * (layout.pp - 1) / micro
+    return compute + network + bubble
+
+
+def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = comm.ALGOS,
+              max_mp: int = 8) -> List[Candidate]:
+    """Layouts that fit ``hw.usable`` bytes, fastest first (recompute only where needed to fit)."""
+    out = []
+    for layout in layouts(devices, shape, algos, max_mp):
+        if check(layout, shape, settings) is not None:
+            continue
+        s = replace(settings, micro_batch_num=max(settings.micro_batch_num, layout.pp))
+        memory = memory_per_device(shape, layout, s)
+        for recompute in (False, True):
+            if memory.total(recompute) <= hw.usable:
+                out.append(Candidate(layout, s, memory, recompute, step_traffic(shape, layout, s),
+                                     step_seconds(shape, layout, s, recompute, hw)))
+                break
+    return sorted(out, key=lambda c: (c.step_seconds, c.memory_total))
+
+
+def closest(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = comm.ALGOS,
+            max_mp: int = 8) -> Optional[Candidate]:
+    """The valid layout that needs the least memory (with recompute), whether it fits or not."""
+    best = None
+    for layout in layouts(devices, shape, algos, max_mp):
+        if check(layout, shape, settings) is None:
+            s = replace(settings, micro_batch_num=max(settings.micro_batch_num, layout.pp))
+            memory = memory_per_device(shape, layout, s)
+            if best is None or memory.total(True) < best.memory_total:
+                best = Candidate(layout, s, memory, True, step_traffic(shape, layout, s),
+                                 step_seconds(shape, layout, s, True, hw))
+    return best

@@ -1,0 +1,57 @@
+"""``plan --emit-yaml``: the chosen layout as a MindFormers YAML, in MindFormers' section layout.
+
+The file is checked before it is written: ``LongSeqConfig.from_mindformers`` (every plugin rule) and
+``models.model_config_from`` (the model section builds).  Model shapes are the presets' (``--model``).
+"""
+import yaml
+
+from mf_longseq.config import LongSeqConfig
+from mf_longseq.planner.layout import Layout, Settings
+
+_CLASSES = {"llama2": ("LlamaLongSeqConfig", "LlamaLongSeqForCausalLM"),
+            "qwen": ("QwenLongSeqConfig", "QwenLongSeqForCausalLM"),
+            "qwen1_5": ("Qwen2LongSeqConfig", "Qwen2LongSeqForCausalLM")}
+
+
+def template(model: str, layout: Layout, settings: Settings, recompute: bool) -> dict:
+    """The YAML tree of one run."""
+    from mf_longseq.planner.shapes import _config_of
+    config = _config_of(model)
+    config_type, arch_type = _CLASSES[config.family]
+    model_config = {"type": config_type, **{k: v for k, v in config.to_dict().items() if k in _MODEL_KEYS}}
+    model_config.update(seq_length=settings.seq_len, compute_dtype=settings.compute_dtype,
+                        param_init_type=settings.param_dtype, use_flash_attention=True,
+                        use_attn_mask_compression=settings.mask_compression)
+    return {
+        "seed": 0,
+        "run_mode": "train",
+        "context": {"device_target": "Ascend" if settings.backend == "ascend" else "CPU", "mode": 1},
+        "parallel": {"enable_alltoall": settings.use_alltoall,
+                     "enable_parallel_optimizer": settings.zero > 0},
+        "parallel_config": {"data_parallel": layout.dp, "model_parallel": layout.mp,
+                            "context_parallel": layout.cp, "pipeline_stage": layout.pp,
+                            "micro_batch_num": settings.micro_batch_num, "context_parallel_algo": layout.algo,
+                            "ulysses_degree_in_cp": layout.ulysses if layout.algo == "hybrid_cp" else 1,
+                            "use_seq_parallel": False, "vocab_emb_dp": True},
+        "recompute_config": {"recompute": recompute},
+        "runner_config": {"batch_size": settings.micro_batch},
+        "model": {"model_config": model_config, "arch": {"type": arch_type}},
+        "long_seq": {"layout": "zigzag", "block_size": settings.block_size, "device_num": layout.devices},
+    }
+
+
+_MODEL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size",
+               "rms_norm_eps", "theta", "qkv_has_bias", "tie_word_embeddings")
+
+
+def emit_yaml(path: str, model: str, layout: Layout, settings: Settings, recompute: bool) -> dict:
+    """Write the template of ``layout`` to ``path`` after checking it; returns the tree."""
+    from mf_longseq.models import model_config_from
+    tree = template(model, layout, settings, recompute)
+    LongSeqConfig.from_mindformers(tree)
+    model_config_from(tree)
+    header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {layout.devices}: "
+              f"{layout.label()}{' with recompute' if recompute else ''}\n")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(header + yaml.safe_dump(tree, sort_keys=False))
+    return tree

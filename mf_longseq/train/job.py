@@ -1,0 +1,125 @@
+"""One training job from a MindFormers YAML: context, model, data, optimizer, loop, checkpoints.
+
+    records = run_job(JobOptions(config="x.yaml", steps=20, output_dir="out", save_every=5))
+
+Run keys read from the YAML (MindFormers' places): ``seed``, ``runner_config.batch_size`` (sequences per dp rank),
+``model.model_config.vocab_size`` / ``pad_token_id``, ``optimizer``, ``lr_schedule``, ``parallel``; the rest
+through ``LongSeqConfig`` and the model builder.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from mf_longseq.train import checkpoint as ckpt
+from mf_longseq.train import context as run_context
+from mf_longseq.train.data import open_source
+from mf_longseq.train.monitor import Monitor
+from mf_longseq.train.optim import AdamW, OptimSettings
+from mf_longseq.train.runner import LoopSettings, Trainer, resume, save_checkpoint, train_loop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOptions:
+    """Command-line level settings of a job (``mf-longseq train`` flags)."""
+
+    config: Any                              # YAML path, dict or MindFormerConfig
+    steps: int = 10                          # the run ends after update number `steps` (also when resuming)
+    data: Optional[str] = None               # token file; None = synthetic tokens
+    data_dtype: Optional[str] = None         # dtype of a raw .bin file
+    save_every: int = 0                      # checkpoint period in steps (0: no checkpoints)
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None             # output dir or step dir to continue from
+    seed: Optional[int] = None               # overrides the YAML's `seed`
+
+
+def load_tree(config: Any) -> dict:
+    """The config as a plain dict; YAML paths go through ``MindFormerConfig`` (base_config and all)."""
+    if isinstance(config, str):
+        from mindformers import MindFormerConfig
+        config = MindFormerConfig(config)
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise TypeError(f"expected a YAML path, a dict or a MindFormerConfig, got {type(config).__name__}")
+    return _plain(config)
+
+
+def _plain(node):
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node
+
+
+def model_config_value(tree: dict, key: str, default=None):
+    return ((tree.get("model") or {}).get("model_config") or {}).get(key, default)
+
+
+def _positive(tree: dict, key_path: str, default: int) -> int:
+    node: Any = tree
+    for part in key_path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    value = default if node is None else node
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key_path} = {value!r}: must be a positive integer. Fix: set {key_path}: 1 or more.")
+    return value
+
+
+def build_default_model(tree: dict, mesh):
+    from mf_longseq.models import build_model
+    return build_model(tree, mesh=mesh)
+
+
+def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, stream=None):
+    """Run the job on this rank (under msrun: every rank runs it). Returns the rank's list of StepRecords."""
+    import mindspore as ms
+    from mf_longseq.config import LongSeqConfig
+    tree = load_tree(opts.config)
+    config = LongSeqConfig.from_mindformers(tree)
+    run = run_context.setup(tree, config)
+    seed = int(tree.get("seed", 0) or 0) if opts.seed is None else opts.seed
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    model = model_factory(tree, run.mesh)
+    settings = OptimSettings.from_mindformers(tree, opts.steps)
+    vocab = _positive(tree, "model.model_config.vocab_size", 0)
+    source = open_source(opts.data, vocab_size=vocab, seq_length=config.seq_length, seed=seed,
+                         dtype=opts.data_dtype)
+    trainer = Trainer(model=model, mesh=run.mesh, optimizer=AdamW(model.trainable_params(), settings),
+                      source=source, batch_size=_positive(tree, "runner_config.batch_size", 1),
+                      layout=config.layout,
+                      pad_token_id=model_config_value(tree, "pad_token_id") if opts.data else None)
+    trainer.broadcast_weights()
+    start = resume(trainer, run, config, opts.resume) if opts.resume else 0
+    if start >= opts.steps:
+        raise ValueError(f"--steps {opts.steps}: the checkpoint is already at step {start}. "
+                         f"Fix: pass --steps larger than {start}.")
+    output_dir = opts.output_dir or (ckpt.run_dir_of(opts.resume) if opts.resume else None)
+    if opts.save_every and not output_dir:
+        raise ValueError("--save-every needs --output-dir. Fix: pass --output-dir DIR.")
+    if output_dir and run.rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        _write_yaml(tree, os.path.join(output_dir, "config.yaml"))
+    monitor = Monitor(run.rank, opts.steps, output_dir, stream=stream, start_step=start)
+    monitor.say(f"mf-longseq train: {run.mesh}, algo {config.context_parallel_algo}, layout {config.layout}, "
+                f"seq_length {config.seq_length}, batch {trainer.batch_size} per dp rank, data "
+                f"{source.describe()['kind']}, steps {start + 1}..{opts.steps}")
+    data_state = {**source.describe(), "batch_size": trainer.batch_size}
+
+    def save(step):
+        save_checkpoint(trainer, run, output_dir=output_dir, step=step, tree=tree, config=config, data=data_state)
+
+    loop = LoopSettings(end_step=opts.steps, start_step=start, save_every=opts.save_every, output_dir=output_dir)
+    return train_loop(trainer, run, loop, monitor=monitor, save=save if opts.save_every else None)
+
+
+def _write_yaml(tree: dict, path: str) -> None:
+    import yaml
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(tree, handle, sort_keys=False)

@@ -1,0 +1,126 @@
+"""What a run reports every step: loss, tokens/s, per-rank peak memory; a progress bar on a terminal.
+
+Peak memory is the process's peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, KiB on
+Linux): on CPU MindSpore's ``max_memory_allocated`` returns 0, and RSS is what the machine actually gave the rank.
+Rank 0 prints one line per step and appends one JSON object per step to ``<output_dir>/metrics.jsonl``.
+"""
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import List, Optional, TextIO
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """The global numbers of one training step (identical on every rank, printed by rank 0)."""
+
+    step: int                    # 1-based number of the update just applied
+    loss: float                  # global mean loss: sum of CE * mask over all ranks / global token count
+    tokens: int                  # tokens processed in the step, all dp ranks
+    seconds: float               # wall time of the step
+    lr: float
+    peak_rss_mib: List[float]    # per rank, in rank order
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self, total_steps: int) -> str:
+        mem = " ".join(f"{m:.0f}" for m in self.peak_rss_mib)
+        return (f"step {self.step:>{len(str(total_steps))}}/{total_steps} | loss {self.loss:.6f} | "
+                f"{self.tokens_per_second:,.0f} tok/s | {self.seconds:.2f} s | lr {self.lr:.3g} | "
+                f"peak RSS per rank (MiB): {mem}")
+
+    def as_json(self) -> str:
+        return json.dumps({**asdict(self), "tokens_per_second": self.tokens_per_second})
+
+
+class ProgressBar:
+    """A one-line bar redrawn with carriage returns; it draws nothing unless ``stream`` is a terminal."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stdout, width: int = 30):
+        self.total, self.stream, self.width = total, stream, width
+        self.enabled = bool(getattr(stream, "isatty", lambda: False)())
+        self.start = time.time()
+        self.shown = False
+
+    def draw(self, done: int, start_step: int = 0) -> None:
+        if not self.enabled:
+            return
+        frac = done / self.total if self.total else 1.0
+        filled = int(round(frac * self.width))
+        elapsed = time.time() - self.start
+        rate = (done - start_step) / elapsed if elapsed > 0 and done > start_step else 0.0
+        eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} eta {eta}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.enabled and self.shown:
+            self.stream.write("\r" + " " * (self.width + 40) + "\r")
+            self.stream.flush()
+            self.shown = False
+
+
+class Monitor:
+    """Prints step lines (rank 0), keeps the loss history, appends ``metrics.jsonl``.
+
+    Args:
+        rank: this process's rank (only rank 0 prints and writes).
+        total_steps: the step number the run ends at (for the bar and the line format).
+        output_dir: where ``metrics.jsonl`` goes (None: no file).
+        stream: where lines go (default stdout).
+    """
+
+    def __init__(self, rank: int, total_steps: int, output_dir: Optional[str] = None, stream: TextIO = None,
+                 start_step: int = 0):
+        self.rank, self.total_steps, self.start_step = rank, total_steps, start_step
+        self.stream = stream or sys.stdout
+        self.path = os.path.join(output_dir, "metrics.jsonl") if output_dir and rank == 0 else None
+        self.bar = ProgressBar(total_steps, self.stream) if rank == 0 else None
+        self.records: List[StepRecord] = []
+        if self.path and os.path.exists(self.path):
+            _keep_until(self.path, start_step)
+
+    def say(self, text: str) -> None:
+        if self.rank != 0:
+            return
+        self.bar.clear()
+        print(text, file=self.stream, flush=True)
+
+    def record(self, rec: StepRecord) -> None:
+        self.records.append(rec)
+        if self.rank != 0:
+            return
+        self.say(rec.line(self.total_steps))
+        self.bar.draw(rec.step, self.start_step)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(rec.as_json() + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+
+
+def _keep_until(path: str, step: int) -> None:
+    """Drop the records after ``step`` (a fresh run keeps none; a resumed one keeps the steps it resumes after)."""
+    with open(path, encoding="utf-8") as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+
+
+def read_metrics(output_dir: str) -> List[dict]:
+    """The step records of a run's ``metrics.jsonl`` (a resumed run appends to it)."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

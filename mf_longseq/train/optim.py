@@ -1,0 +1,142 @@
+"""AdamW (decoupled weight decay, bias-corrected moments) and the learning-rate schedule of a run.
+
+The update, per parameter p with gradient g at step t = 1, 2, ... (Loshchilov & Hutter, arXiv:1711.05101)::
+
+    m = b1 * m + (1 - b1) * g            v = b2 * v + (1 - b2) * g * g
+    p = p * (1 - lr * wd)                (only for weights with ndim >= 2: not norms, not biases)
+    p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+Element-wise ops only, in a fixed order, so the run is deterministic; a checkpoint stores the moments next to
+the weights as ``adam_m.<param>`` / ``adam_v.<param>``.
+
+Settings come from MindFormers' sections::
+
+    optimizer:    {type: AdamW, betas: [0.9, 0.95], eps: 1.e-8, weight_decay: 0.1, learning_rate: ...}
+    lr_schedule:  {type: CosineWithWarmUpLR | ConstantWarmUpLR | ..., learning_rate, warmup_steps | warmup_ratio,
+                   lr_end, total_steps}
+"""
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, ops
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Hyper-parameters of AdamW and of the schedule (linear warm-up, then constant or cosine decay)."""
+
+    learning_rate: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay: str = "constant"          # "constant" or "cosine"
+    lr_end: float = 0.0
+    total_steps: int = 0             # cosine horizon; 0 means the run's --steps
+
+    @classmethod
+    def from_mindformers(cls, tree: Mapping, steps: int) -> "OptimSettings":
+        """Read ``optimizer`` and ``lr_schedule``; missing keys keep the defaults above."""
+        opt = dict(tree.get("optimizer") or {})
+        sched = dict(tree.get("lr_schedule") or {})
+        if opt.get("type") not in (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay"):
+            raise ValueError(f"optimizer.type = {opt.get('type')!r}: the mf_longseq runner implements AdamW only. "
+                             "Fix: set optimizer.type: AdamW.")
+        lr = float(sched.get("learning_rate", opt.get("learning_rate", cls.learning_rate)))
+        total = int(sched.get("total_steps") or 0)
+        total = total if total > 0 else steps
+        warmup = int(sched.get("warmup_steps") or 0) or int(float(sched.get("warmup_ratio") or 0.0) * total)
+        decay = "cosine" if "cosine" in str(sched.get("type", "")).lower() else "constant"
+        betas = tuple(float(b) for b in opt.get("betas", cls.betas))
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"optimizer.betas = {opt.get('betas')!r}: need two numbers in [0, 1). "
+                             "Fix: e.g. betas: [0.9, 0.95].")
+        return cls(learning_rate=lr, betas=betas, eps=float(opt.get("eps", cls.eps)),
+                   weight_decay=float(opt.get("weight_decay", cls.weight_decay)), warmup_steps=warmup,
+                   decay=decay, lr_end=float(sched.get("lr_end", 0.0) or 0.0), total_steps=total)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of update number ``step`` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        if self.decay != "cosine" or self.total_steps <= self.warmup_steps:
+            return self.learning_rate
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.lr_end + 0.5 * (self.learning_rate - self.lr_end) * (1.0 + math.cos(math.pi * progress))
+
+
+class AdamW:
+    """Deterministic AdamW over a list of ``Parameter``s (see the module docstring for the formula).
+
+    The moments live in two flat float32 buffers (all parameters concatenated in order), so one update is a
+    handful of element-wise ops whatever the number of parameters (PyNative dispatches op by op).
+
+    Args:
+        params: the trainable parameters, in a fixed order.
+        settings: an ``OptimSettings``.
+    """
+
+    def __init__(self, params, settings: OptimSettings):
+        self.params = list(params)
+        self.settings = settings
+        self.sizes = [int(np.prod(p.shape)) for p in self.params]
+        total = sum(self.sizes)
+        self.m = ops.zeros((total,), ms.float32)                                   # (sum of sizes,)
+        self.v = ops.zeros((total,), ms.float32)
+        decays = [np.full(n, 1.0 if p.ndim >= 2 else 0.0, np.float32) for p, n in zip(self.params, self.sizes)]
+        self.decay_mask = Tensor(np.concatenate(decays) if decays else np.zeros(0, np.float32))
+        self.step_count = 0          # updates applied so far
+
+    @staticmethod
+    def flatten(tensors):
+        """Concatenate tensors into one float32 vector, in order: [(..)] -> (sum of sizes,)."""
+        return ops.cat([t.astype(ms.float32).reshape(-1) for t in tensors])
+
+    def step(self, grads) -> float:
+        """Apply one update with ``grads`` (a list in ``params`` order); returns the learning rate used."""
+        return self.step_flat(self.flatten(grads))
+
+    def step_flat(self, grad) -> float:
+        """Apply one update with the flat gradient (``flatten`` order); returns the learning rate used."""
+        s = self.settings
+        lr = s.lr_at(self.step_count)
+        self.step_count += 1
+        b1, b2 = s.betas
+        bias1 = 1.0 - b1 ** self.step_count
+        bias2 = 1.0 - b2 ** self.step_count
+        grad = grad.astype(ms.float32)
+        self.m = self.m * b1 + grad * (1.0 - b1)
+        self.v = self.v * b2 + ops.square(grad) * (1.0 - b2)
+        flat = self.flatten(self.params)
+        if s.weight_decay:
+            flat = flat * (1.0 - self.decay_mask * (lr * s.weight_decay))
+        flat = flat - (self.m / bias1) / (ops.sqrt(self.v / bias2) + s.eps) * lr
+        self._scatter(flat)
+        return lr
+
+    def _scatter(self, flat) -> None:
+        start = 0
+        for p, n in zip(self.params, self.sizes):
+            p.set_data(flat[start:start + n].reshape(p.shape).astype(p.dtype))
+            start += n
+
+    def state_parameters(self):
+        """The moments as per-parameter ``Parameter``s (copies) named adam_m.<param> / adam_v.<param>."""
+        out = []
+        for prefix, flat in (("adam_m", self.m), ("adam_v", self.v)):
+            start = 0
+            for p, n in zip(self.params, self.sizes):
+                out.append(Parameter(flat[start:start + n].reshape(p.shape), name=f"{prefix}.{p.name}",
+                                     requires_grad=False))
+                start += n
+        return out
+
+    def load_state(self, moments, step_count: int) -> None:
+        """Restore from ``state_parameters()``-shaped Parameters (same order) and the update counter."""
+        half = len(moments) // 2
+        self.m = self.flatten(moments[:half])
+        self.v = self.flatten(moments[half:])
+        self.step_count = int(step_count)

@@ -1,0 +1,99 @@
+"""Packed documents (EOD): MindFormers' ``actual_seq_len`` from EOD tokens, and what the engine needs from it.
+
+MindFormers' format (dataset key ``create_compressed_eod_mask: True``): per sample, the cumulative end offsets
+of its documents, padded with the sequence length to a fixed ``eod_pad_length``.  A document ends after its
+EOD token; an EOD on the last token ends the last document (it adds no entry).  Example, S = 10, EOD = 2::
+
+    tokens          5 7 2 9 9 2 4 4 4 4
+    actual_seq_len  3 6 10 10 10 ...          (eod_pad_length entries)
+    segment ids     0 0 0 1 1 1 2 2 2 2       -> context_parallel_attention(..., segment_ids=...)
+    positions       0 1 2 0 1 2 0 1 2 3       (use_eod_reset: RoPE positions restart per document)
+
+Every CP rank takes its tokens' ids and positions with ``shard_sequence(x, mesh, layout, seq_dim=1)``: both
+are global per token, so documents crossing shard or zigzag-chunk boundaries need nothing special.
+
+Padding: a compressed mask cannot hide pad tokens.  Put the padding in its own trailing document (it then sees
+only itself) and zero its loss mask.  Compared with MindFormers' ``_get_eod_attention_mask`` we always keep a
+final entry equal to S (TND needs it), so a sample may hold at most eod_pad_length documents, not one more.
+"""
+from typing import Optional
+
+import numpy as np
+
+EOD_PAD_KEY = "train_dataset.data_loader.config.eod_pad_length"
+EOD_RESET_KEY = "model.model_config.use_eod_reset"
+
+
+def _as_batch(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x[None] if x.ndim == 1 else x
+
+
+def actual_seq_len_from_tokens(tokens, eod_token_id: int, eod_pad_length: int) -> np.ndarray:
+    """Cumulative document ends per sample, padded with S: (S,) or (B, S) tokens -> (B, eod_pad_length) int64.
+
+    Raises:
+        ValueError: a sample holds more documents than eod_pad_length (the error names the key and the
+            length that would fit), or eod_pad_length < 1.
+    """
+    if not isinstance(eod_pad_length, (int, np.integer)) or eod_pad_length < 1:
+        raise ValueError(f"{EOD_PAD_KEY} = {eod_pad_length!r}: must be a positive integer. "
+                         f"Fix: set it to the largest number of documents a packed sample may hold.")
+    tokens = _as_batch(tokens)
+    batch, seq_len = tokens.shape
+    out = np.full((batch, eod_pad_length), seq_len, dtype=np.int64)
+    for b in range(batch):
+        ends = np.flatnonzero(tokens[b] == eod_token_id) + 1                     # a document ends after its EOD
+        ends = ends[ends < seq_len]                                              # the final EOD adds no entry
+        docs = len(ends) + 1
+        if docs > eod_pad_length:
+            raise ValueError(f"{EOD_PAD_KEY} = {eod_pad_length}: sample {b} holds {docs} documents "
+                             f"({len(ends)} EOD tokens before its end). Fix: set {EOD_PAD_KEY} to at least "
+                             f"{docs}, or pack fewer documents per sample.")
+        out[b, :len(ends)] = ends
+    return out
+
+
+def check_actual_seq_len(actual_seq_len, seq_len: int) -> np.ndarray:
+    """Validate (B, L) or (L,) ends: non-decreasing, within [1, S], last entry S. Returns (B, L) int64."""
+    ends = _as_batch(actual_seq_len).astype(np.int64)
+    for b, row in enumerate(ends):
+        if np.any(np.diff(row) < 0) or row.min() < 1 or row.max() != seq_len or row[-1] != seq_len:
+            raise ValueError(f"actual_seq_len of sample {b} = {row.tolist()}: must be non-decreasing "
+                             f"cumulative document ends in [1, {seq_len}] ending with seq_length {seq_len}. "
+                             f"Fix: build it with actual_seq_len_from_tokens or pad with {seq_len}.")
+    return ends
+
+
+def segment_ids_from_actual_seq_len(actual_seq_len, seq_len: int) -> np.ndarray:
+    """(B, L) document ends -> (B, S) int64 document id of every token (0, 1, ... per sample)."""
+    ends = check_actual_seq_len(actual_seq_len, seq_len)
+    tokens = np.arange(seq_len)
+    return np.stack([np.searchsorted(row, tokens, side="right") for row in ends]).astype(np.int64)
+
+
+def position_ids_from_actual_seq_len(actual_seq_len, seq_len: int, use_eod_reset: bool = True) -> np.ndarray:
+    """(B, S) int64 RoPE positions: restart at 0 in every document when use_eod_reset, else 0..S-1."""
+    if not isinstance(use_eod_reset, bool):
+        raise ValueError(f"{EOD_RESET_KEY} = {use_eod_reset!r}: must be True or False.")
+    ends = check_actual_seq_len(actual_seq_len, seq_len)
+    tokens = np.arange(seq_len, dtype=np.int64)
+    if not use_eod_reset:
+        return np.tile(tokens, (len(ends), 1))
+    starts = np.concatenate([np.zeros((len(ends), 1), np.int64), ends[:, :-1]], axis=1)   # (B, L)
+    doc = segment_ids_from_actual_seq_len(ends, seq_len)                                   # (B, S)
+    return tokens[None, :] - np.take_along_axis(starts, np.minimum(doc, starts.shape[1] - 1), axis=1)
+
+
+def pack_documents(tokens, eod_token_id: int, eod_pad_length: int, use_eod_reset: bool = True,
+                   seq_len: Optional[int] = None) -> dict:
+    """Everything a packed batch needs: actual_seq_len, segment_ids and position_ids (all int64, per sample)."""
+    tokens = _as_batch(tokens)
+    seq_len = tokens.shape[1] if seq_len is None else seq_len
+    ends = actual_seq_len_from_tokens(tokens, eod_token_id, eod_pad_length)
+    return {"actual_seq_len": ends, "segment_ids": segment_ids_from_actual_seq_len(ends, seq_len),
+            "position_ids": position_ids_from_actual_seq_len(ends, seq_len, use_eod_reset)}
+
+
+__all__ = ["actual_seq_len_from_tokens", "check_actual_seq_len", "segment_ids_from_actual_seq_len",
+           "position_ids_from_actual_seq_len", "pack_documents", "EOD_PAD_KEY", "EOD_RESET_KEY"]

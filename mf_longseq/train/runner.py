@@ -1,0 +1,196 @@
+"""The training loop: one step on every rank, gradient synchronisation, checkpoints, resume.
+
+One step on a rank of a dp x cp mesh (weights replicated over dp x cp)::
+
+    batch      = batch_for_step(step, dp_id)                   whole sequences of this dp rank, labels shifted
+    shard      = shard_sequence(batch, layout)                 (B, S) -> (B, S/CP) this rank's tokens
+    count      = all_reduce(sum(loss_mask), dp_cp)             global token count (not differentiated)
+    loss_sum   = model(ids, labels, mask)[0]                   sum of CE * mask over this rank's tokens
+    grads      = d(loss_sum / count) / d(weights)              this rank's share of the global-mean objective
+    grads      = all_reduce(grads, dp_cp)                      sum over ranks = gradient of the global mean
+    AdamW step; logged loss = all_reduce(loss_sum) / count
+
+The exchanges inside attention have custom backwards that send gradients back to the rank owning the tokens,
+so the sum over ranks of the per-rank gradients is the gradient of the whole objective: CP=N equals CP=1.
+"""
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from mf_longseq.train import checkpoint as ckpt
+from mf_longseq.train.data import batch_for_step
+from mf_longseq.train.monitor import Monitor, StepRecord, peak_rss_mib
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    lr: float
+
+
+class Trainer:
+    """Runs training steps of ``model`` on this rank of ``mesh``.
+
+    Args:
+        model: Cell with ``model(input_ids, labels, loss_mask) -> (loss_sum, token_count)`` on (B, S/CP) shards.
+        mesh: this rank's ``Mesh`` (groups created when it has more than one rank).
+        optimizer: an ``AdamW`` over ``model.trainable_params()``.
+        source: token source (``SyntheticTokens`` / ``ArrayTokens``).
+        batch_size: sequences per dp rank per step.
+        layout: sequence layout of the CP shards (``LongSeqConfig.layout``).
+        pad_token_id: labels equal to it do not count (None: every label counts).
+    """
+
+    def __init__(self, *, model, mesh, optimizer, source, batch_size: int, layout: str,
+                 pad_token_id: Optional[int] = None):
+        import mindspore as ms
+        self.model, self.mesh, self.optimizer, self.source = model, mesh, optimizer, source
+        self.batch_size, self.layout, self.pad_token_id = batch_size, layout, pad_token_id
+        self.params = list(optimizer.params)
+        self.group = mesh.group("dp_cp")
+        self.grad_fn = ms.value_and_grad(self._objective, None, self.params, has_aux=True)
+        self.losses: List[float] = []
+
+    def _objective(self, input_ids, labels, loss_mask, inv_count):
+        loss_sum, token_count = self.model(input_ids, labels, loss_mask)
+        return loss_sum * inv_count, loss_sum, token_count
+
+    def _sum(self, value: float) -> float:
+        """Sum of a host scalar over the dp x cp ranks (fp32, as the tensors are)."""
+        import mindspore as ms
+        from mf_longseq.parallel.comm import all_reduce
+        return float(all_reduce(ms.Tensor(np.array([value], np.float32)), self.group).asnumpy()[0])
+
+    def local_batch(self, step: int):
+        """This rank's (B, S/CP) shards of the dp rank's batch at ``step``, as Tensors."""
+        import mindspore as ms
+        from mf_longseq.parallel import shard_sequence
+        dp_id = self.mesh.coords()["dp_id"]
+        batch = batch_for_step(self.source, step, batch_size=self.batch_size, dp=self.mesh.dp, dp_id=dp_id,
+                               pad_token_id=self.pad_token_id)
+        shards = [shard_sequence(x, self.mesh, self.layout, seq_dim=1)          # (B, S) -> (B, S/CP)
+                  for x in (batch.input_ids, batch.labels, batch.loss_mask)]
+        return [ms.Tensor(np.ascontiguousarray(x)) for x in shards]
+
+    def sync_gradients(self, grads):
+        """The gradients summed over dp x cp, as one flat float32 buffer (one collective per step)."""
+        from mf_longseq.parallel.comm import all_reduce
+        return all_reduce(self.optimizer.flatten(grads), self.group)           # (sum of sizes,)
+
+    def step(self, step: int) -> StepResult:
+        """Run update number ``step`` (0-based): forward, backward, gradient sum, AdamW."""
+        import mindspore as ms
+        input_ids, labels, loss_mask = self.local_batch(step)
+        count = self._sum(float(loss_mask.sum().asnumpy()))
+        if count <= 0:
+            raise ValueError(f"step {step}: every label is masked (pad_token_id = {self.pad_token_id}). "
+                             "Fix: check the data or model.model_config.pad_token_id.")
+        inv_count = ms.Tensor(np.float32(1.0 / count))
+        (_, loss_sum, _), grads = self.grad_fn(input_ids, labels, loss_mask, inv_count)
+        lr = self.optimizer.step_flat(self.sync_gradients(grads))
+        loss = self._sum(float(loss_sum.asnumpy())) / count
+        self.losses.append(loss)
+        tokens = self.batch_size * self.mesh.dp * input_ids.shape[1] * self.mesh.cp
+        return StepResult(loss=loss, tokens=tokens, lr=lr)
+
+    def broadcast_weights(self) -> None:
+        """Make every dp x cp rank start from dp_cp rank 0's weights (rank 0's values plus zeros elsewhere)."""
+        from mindspore import ops
+        from mf_longseq.parallel.comm import all_reduce
+        if self.group.size == 1:
+            return
+        for p in self.params:
+            mine = p if self.group.index == 0 else ops.zeros_like(p)
+            p.set_data(all_reduce(mine * 1, self.group))
+
+    def state_parameters(self):
+        """Everything a checkpoint holds for this rank: all model parameters and the optimizer moments."""
+        return list(self.model.get_parameters()) + self.optimizer.state_parameters()
+
+    def load_state(self, path: str, step_count: int) -> None:
+        """Restore the model parameters and the optimizer from one rank file."""
+        moments = self.optimizer.state_parameters()
+        ckpt.load_into(path, list(self.model.get_parameters()) + moments)
+        self.optimizer.load_state(moments, step_count)
+
+
+def world_max(values: List[float], rank: int, world_size: int) -> List[float]:
+    """Per-rank values gathered on every rank (a world AllReduce of a vector with this rank's slot filled)."""
+    if world_size == 1:
+        return list(values)
+    import mindspore as ms
+    from mindspore import ops
+    from mindspore.communication import GlobalComm
+    vec = np.zeros(world_size, np.float32)
+    vec[rank] = values[0]
+    out = ops.AllReduce(group=GlobalComm.WORLD_COMM_GROUP)(ms.Tensor(vec))
+    return [float(x) for x in out.asnumpy()]
+
+
+def barrier(world_size: int) -> Callable[[], None]:
+    def wait():
+        world_max([0.0], 0, world_size)
+    return wait
+
+
+@dataclass
+class LoopSettings:
+    """The loop of one run: steps [start_step, end_step), checkpoint period, where results go."""
+
+    end_step: int
+    start_step: int = 0
+    save_every: int = 0
+    output_dir: Optional[str] = None
+
+
+def train_loop(trainer: Trainer, run, loop: LoopSettings, *, monitor: Monitor,
+               save: Optional[Callable[[int], None]] = None) -> List[StepRecord]:
+    """Run the steps, log each one, checkpoint every ``loop.save_every`` steps and at the end."""
+    for step in range(loop.start_step, loop.end_step):
+        start = time.perf_counter()
+        result = trainer.step(step)
+        seconds = time.perf_counter() - start
+        rss = world_max([peak_rss_mib()], run.rank, run.world_size)
+        monitor.record(StepRecord(step=step + 1, loss=result.loss, tokens=result.tokens, seconds=seconds,
+                                  lr=result.lr, peak_rss_mib=rss))
+        done = step + 1
+        if save is not None and loop.save_every and (done % loop.save_every == 0 or done == loop.end_step):
+            save(done)
+    monitor.close()
+    return monitor.records
+
+
+def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: dict, config, data: dict) -> str:
+    """Write this rank's file (every rank calls it at the same step) and, on rank 0, the metadata."""
+    opt = trainer.optimizer.settings
+    return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
+                     barrier=barrier(run.world_size), layout=ckpt.Layout.of(config), config_tree=tree, data=data,
+                     optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
+                                "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
+                                "weight_decay": opt.weight_decay, "warmup_steps": opt.warmup_steps,
+                                "decay": opt.decay, "total_steps": opt.total_steps},
+                     losses=trainer.losses)
+
+
+def resume(trainer: Trainer, run, config, path: str) -> int:
+    """Load a checkpoint into the trainer; returns the step to continue from."""
+    directory = ckpt.find_resume_dir(path)
+    meta = ckpt.read_meta(directory)
+    file = ckpt.file_for_rank(directory, meta, run.rank, ckpt.Layout.of(config))
+    trainer.load_state(file, meta["optimizer"]["step_count"])
+    trainer.losses = list(meta["losses"])
+    if run.rank == 0:
+        logger.info("resumed from %s (step %d)", directory, meta["step"])
+    return int(meta["step"])
+
+
+def output_path(output_dir: str, name: str) -> str:
+    os.makedirs(output_dir, exist_ok=True)
+    return os.path.join(output_dir, name)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Qwen1.5 (7b, 14b, 72b) with context parallelism, from a template under yaml_templates/qwen1_5/.
+#
+#   bash scripts/launch_qwen1_5.sh --size SIZE --seq-len LEN --cp N --algo ALGO [--steps N] [launcher flags]
+#   bash scripts/launch_qwen1_5.sh --template yaml_templates/qwen1_5/FILE.yaml --dry-run
+#
+# Single node (8 NPUs):  bash scripts/launch_qwen1_5.sh --size 7b --cp 8 --algo colossalai_cp
+# Multi-node, on node R of M (8 NPUs each):
+#   bash scripts/launch_qwen1_5.sh --size 72b --cp 8 --algo hybrid_cp --local-worker-num 8 \
+#        --master-addr <node-0 ip> --node-rank R
+# See scripts/lib/launch_template.sh and scripts/msrun_launcher.sh --help.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/lib/launch_template.sh" qwen1_5 "$@"

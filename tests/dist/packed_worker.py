@@ -1,0 +1,115 @@
+"""msrun worker: packed documents (EOD) under every CP algorithm; one launch of 4 CPU workers runs every case.
+
+Usage (under msrun): python packed_worker.py OUT_DIR
+Each rank writes OUT_DIR/<case>/rank<r>.npz with its positions, output and gradients (dq, dk, dv).
+Documents come from EOD tokens through ``train.packing`` (MindFormers' actual_seq_len format), per sample,
+and cross shard boundaries, zigzag chunk boundaries and (for zigzag) the gap between a rank's two chunks.
+"""
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+WORLD = 4
+SEQ_LEN = 96
+EOD = 2
+# Document ends per sample: sample 0 has a document [5, 90) spanning every zigzag chunk of CP 4 (chunk 12)
+# and CP 2 (chunk 24), so rank 0 sees it in both of its chunks; sample 1 has a 1-token document at 60.
+DOC_ENDS = ([5, 90, 96], [17, 31, 50, 60, 61, 83, 96])
+
+
+@dataclass(frozen=True)
+class PackedCase:
+    name: str
+    algo: str
+    cp: int
+    ulysses: int = 1
+    layout: str = "zigzag"
+    use_alltoall: bool = False
+    per_sample: bool = True          # (B, S) ids; False: sample 1's ids shared by the batch as (S,)
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 8
+    batch: int = 2
+    block: int = 32
+
+    @property
+    def dp(self) -> int:
+        return WORLD // self.cp
+
+
+CASES = [
+    PackedCase("ring_cp2_zigzag", "colossalai_cp", 2),
+    PackedCase("ring_cp2_contiguous_shared_ids", "colossalai_cp", 2, layout="contiguous", per_sample=False),
+    PackedCase("ring_cp4_zigzag", "colossalai_cp", 4),
+    PackedCase("ring_cp4_contiguous", "colossalai_cp", 4, layout="contiguous"),
+    PackedCase("ulysses_cp2", "ulysses_cp", 2, ulysses=2),
+    PackedCase("ulysses_cp4_alltoall", "ulysses_cp", 4, ulysses=4, use_alltoall=True),
+    PackedCase("hybrid_cp4_u2r2_zigzag", "hybrid_cp", 4, ulysses=2),
+    PackedCase("hybrid_cp4_u2r2_contiguous_alltoall", "hybrid_cp", 4, ulysses=2, layout="contiguous",
+               use_alltoall=True),
+]
+
+
+def segment_ids(case: PackedCase) -> np.ndarray:
+    """(B, S) or (S,) document ids, derived from EOD tokens the way the dataset side does it."""
+    from mf_longseq.train.packing import pack_documents
+    tokens = np.full((len(DOC_ENDS), SEQ_LEN), 7, dtype=np.int64)
+    for b, ends in enumerate(DOC_ENDS):
+        tokens[b, [e - 1 for e in ends]] = EOD                        # a document ends after its EOD token
+    ids = pack_documents(tokens, EOD, eod_pad_length=8)["segment_ids"]
+    return ids if case.per_sample else ids[1]
+
+
+def inputs(case: PackedCase, dp_id: int):
+    """Full-sequence q, k, v, dout of one dp group (the test rebuilds them the same way)."""
+    rng = np.random.default_rng(2000 + dp_id)
+    b, s, n, kv, d = case.batch, SEQ_LEN, case.heads, case.kv_heads, case.head_dim
+    return {name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in (("q", (b, s, n, d)), ("k", (b, s, kv, d)), ("v", (b, s, kv, d)),
+                                ("dout", (b, s, n, d)))}
+
+
+def run_case(case: PackedCase, rank: int, out_dir: str) -> None:
+    import mindspore as ms
+    from mindspore import Tensor
+    from mf_longseq.attention import BlockwiseKernel, context_parallel_attention
+    from mf_longseq.parallel import Mesh, global_positions, shard_sequence
+
+    mesh = Mesh(dp=case.dp, cp=case.cp, ulysses=case.ulysses, rank=rank).create_groups()
+    dp_id = mesh.coords()["dp_id"]
+    local = {name: Tensor(shard_sequence(x, mesh, case.layout, seq_dim=1))
+             for name, x in inputs(case, dp_id).items()}
+    ids, kernel = segment_ids(case), BlockwiseKernel(case.block)
+
+    def loss(q, k, v):
+        out = context_parallel_attention(q, k, v, mesh=mesh, algo=case.algo, causal=True, layout=case.layout,
+                                         kernel=kernel, use_alltoall=case.use_alltoall, segment_ids=ids)
+        return (out * local["dout"]).sum(), out
+
+    (_, out), grads = ms.value_and_grad(loss, grad_position=(0, 1, 2), has_aux=True)(
+        local["q"], local["k"], local["v"])
+    os.makedirs(os.path.join(out_dir, case.name), exist_ok=True)
+    np.savez(os.path.join(out_dir, case.name, f"rank{rank}.npz"), dp_id=dp_id,
+             positions=global_positions(SEQ_LEN, mesh, case.layout), out=out.asnumpy(),
+             dq=grads[0].asnumpy(), dk=grads[1].asnumpy(), dv=grads[2].asnumpy())
+
+
+def main():
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+    ms.set_device("CPU")
+    init()
+    rank = get_rank()
+    assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
+    out_dir = sys.argv[1]
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    for case in CASES:
+        if only is None or case.name in only:
+            run_case(case, rank, out_dir)
+            print(f"rank {rank}: {case.name} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

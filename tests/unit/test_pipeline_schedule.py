@@ -1,0 +1,104 @@
+"""Pipeline schedules, every stage simulated in one process.
+
+The simulator executes all stages' actions with the semantics of the transfers we use (a blocking two-rank
+collective: a transfer completes only when both stages reach it, and the k-th transfer of a stage pair must be
+the same transfer on both sides).  It fails on a deadlock, on mismatched transfers, on a forward without its
+input, or on a backward without its gradient.
+"""
+import pytest
+
+from mf_longseq.parallel.pipeline import ACT, GRAD, build_schedule, stage_layers
+
+
+def simulate(kind, num_stages, num_micro):
+    """Run every stage's schedule; return (per-stage executed compute order, peak stage inputs kept)."""
+    plans = [build_schedule(kind, s, num_stages, num_micro) for s in range(num_stages)]
+    pos = [0] * num_stages
+    have_act = [set() if s else set(range(num_micro)) for s in range(num_stages)]
+    have_grad = [set() for _ in range(num_stages)]
+    done_f = [set() for _ in range(num_stages)]
+    done_b = [set() for _ in range(num_stages)]
+    kept = [0] * num_stages
+    peak = [0] * num_stages
+    order = [[] for _ in range(num_stages)]
+    while any(pos[s] < len(plans[s]) for s in range(num_stages)):
+        progressed = False
+        for s in range(num_stages):
+            if pos[s] >= len(plans[s]):
+                continue
+            a = plans[s][pos[s]]
+            if a.kind == "F":
+                assert a.micro in have_act[s], f"stage {s} forward {a.micro} without its input"
+                done_f[s].add(a.micro)
+                kept[s] += 1
+                peak[s] = max(peak[s], kept[s])
+            elif a.kind == "B":
+                assert a.micro in done_f[s], f"stage {s} backward {a.micro} before its forward"
+                assert s == num_stages - 1 or a.micro in have_grad[s], f"stage {s} backward {a.micro} w/o grad"
+                done_b[s].add(a.micro)
+                kept[s] -= 1
+            else:
+                other = s + a.peer
+                assert 0 <= other < num_stages, f"stage {s} talks to missing stage {other}"
+                if pos[other] >= len(plans[other]):
+                    continue
+                b = plans[other][pos[other]]
+                if b.kind != "comm" or b.peer != -a.peer:
+                    continue                                   # partner not there yet: wait
+                assert (a.send, a.recv) == (b.recv, b.send), f"mismatched transfer {a} vs {b}"
+                for x, y in ((a, other), (b, s)):
+                    if x.send is not None:
+                        what, micro = x.send
+                        source = (done_f if what == ACT else done_b)[s if x is a else other]
+                        assert micro in source, f"sending {x.send} before computing it"
+                        (have_act if what == ACT else have_grad)[y].add(micro)
+                pos[other] += 1
+            order[s].append((a.kind, a.micro))
+            pos[s] += 1
+            progressed = True
+        assert progressed, f"deadlock at positions {pos}"
+    for s in range(num_stages):
+        assert done_f[s] == done_b[s] == set(range(num_micro))
+    return order, peak
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages, micro", [(1, 1), (1, 3), (2, 2), (2, 5), (3, 3), (4, 4), (4, 7), (8, 8), (8, 13)])
+def test_schedule_completes_without_deadlock(kind, stages, micro):
+    simulate(kind, stages, micro)
+
+
+@pytest.mark.parametrize("stages, micro", [(2, 4), (4, 4), (4, 9), (8, 16)])
+def test_1f1b_keeps_at_most_p_minus_s_inputs(stages, micro):
+    _, peak = simulate("1f1b", stages, micro)
+    assert peak == [min(stages - s, micro) for s in range(stages)]
+    _, peak_gpipe = simulate("gpipe", stages, micro)
+    assert peak_gpipe == [micro] * stages
+
+
+def test_1f1b_order_on_last_stage_alternates():
+    order, _ = simulate("1f1b", 4, 6)
+    computes = [op for op in order[3] if op[0] in "FB"]
+    assert computes == [(k, i) for i in range(6) for k in "FB"]
+
+
+def test_micro_batch_num_below_stages_is_rejected():
+    with pytest.raises(ValueError, match=r"parallel_config.micro_batch_num = 2: must be >= "
+                                         r"parallel_config.pipeline_stage = 4. Fix: set micro_batch_num to 4"):
+        build_schedule("1f1b", 0, 4, 2)
+    with pytest.raises(ValueError, match=r"pipeline schedule = 'pipedream': unknown"):
+        build_schedule("pipedream", 0, 2, 2)
+
+
+@pytest.mark.parametrize("layers, stages", [(2, 2), (5, 2), (7, 3), (8, 4), (3, 3)])
+def test_stage_layers_partition(layers, stages):
+    parts = [stage_layers(layers, stages, s) for s in range(stages)]
+    assert [i for p in parts for i in p] == list(range(layers))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_stage_layers_rejects_more_stages_than_layers():
+    with pytest.raises(ValueError, match=r"parallel_config.pipeline_stage = 3: more stages than "
+                                         r"model.model_config.num_layers = 2. Fix: use at most 2 stages"):
+        stage_layers(2, 3, 0)

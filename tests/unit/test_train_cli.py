@@ -1,0 +1,94 @@
+"""``mf-longseq train`` and ``demo`` from the command line, one rank: checkpoints, an exact resume in a new process,
+token files, the demo's dry run and the error messages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "dist"))
+from train_worker import case_tree  # noqa: E402
+
+
+def cli(args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, "-m", "mf_longseq.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny_llama2.yaml"
+    path.write_text(yaml.safe_dump(case_tree("llama2")))
+    return path
+
+
+def test_train_saves_and_a_new_process_resumes_exactly(tmp_path, config):
+    first = cli(["train", "--config", config, "--steps", "6", "--save-every", "3", "--output-dir", tmp_path / "a"],
+                tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = [ln for ln in first.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 6 and "tok/s" in lines[0] and "peak RSS per rank (MiB)" in lines[0]
+    assert "\r[" not in first.stdout                                 # no progress bar when stdout is a pipe
+    full = metrics(tmp_path / "a")
+    step3 = tmp_path / "a" / "checkpoints" / "step_000003"
+    meta = json.loads((step3 / "meta.json").read_text())
+    assert meta["config"] == "config.yaml" and yaml.safe_load((step3 / "config.yaml").read_text())["seed"] == 3
+
+    second = cli(["train", "--steps", "6", "--resume", step3, "--output-dir", tmp_path / "b"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = metrics(tmp_path / "b")
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full[3:]]
+
+
+def test_train_reads_a_token_file(tmp_path, config):
+    tokens = np.random.default_rng(0).integers(0, 128, size=(3, 65)).astype(np.int32)
+    np.save(tmp_path / "tokens.npy", tokens)
+    proc = cli(["train", "--config", config, "--steps", "1", "--data", tmp_path / "tokens.npy", "--output-dir",
+                tmp_path / "run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data file" in proc.stdout
+    assert len(metrics(tmp_path / "run")) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--steps", "2"], "--config is missing. Fix: pass --config X.yaml"),
+    (["train", "--config", "CFG", "--steps", "1", "--data", "nope.npy"], "--data nope.npy: no such file"),
+    (["train", "--config", "CFG", "--steps", "2", "--save-every", "1", "--workers", "0"], "--workers 0: need at least"),
+    (["train", "--resume", "."], "--resume .: no complete checkpoint"),
+])
+def test_cli_errors_are_one_line(tmp_path, config, args, message):
+    proc = cli([str(config) if a == "CFG" else a for a in args], tmp_path)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_dry_run_prints_config_and_msrun_command(tmp_path):
+    proc = cli(["demo", "--dry-run", "--output-dir", tmp_path / "demo"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "msrun --worker_num 2 --local_worker_num 2" in proc.stdout and "--steps 20" in proc.stdout
+    tree = yaml.safe_load((tmp_path / "demo" / "demo_config.yaml").read_text())
+    assert tree["model"]["model_config"]["seq_length"] == 8192
+    assert (tree["parallel_config"]["context_parallel"], tree["parallel_config"]["context_parallel_algo"],
+            tree["long_seq"]["layout"]) == (2, "colossalai_cp", "zigzag")
+
+
+def test_demo_script_dry_run(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo_cpu.sh"), "--python", sys.executable, "--dry-run",
+                           "--output-dir", str(tmp_path / "demo")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("+ ") and "mf_longseq.cli demo --steps 20 --seq-len 8192" in proc.stdout
+    assert "msrun --worker_num 2" in proc.stdout
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "demo_cpu.sh"), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr

@@ -1,0 +1,74 @@
+"""The ``parallel:`` section goes to MindSpore's auto-parallel context and reads back; world-size check."""
+import logging
+
+import pytest
+from mindspore import context
+
+from mf_longseq.config import LongSeqConfig
+from mf_longseq.train.context import apply_parallel_context, check_world, parallel_context_kwargs, \
+    resolve_parallel_mode
+
+
+@pytest.fixture(autouse=True)
+def reset_context():
+    yield
+    context.reset_auto_parallel_context()
+
+
+@pytest.mark.parametrize("value, mode", [(0, "data_parallel"), (1, "semi_auto_parallel"), (2, "auto_parallel"),
+                                         (3, "hybrid_parallel"), ("SEMI_AUTO_PARALLEL", "semi_auto_parallel"),
+                                         ("MANUAL_PARALLEL", "stand_alone"), ("data_parallel", "data_parallel")])
+def test_mindformers_parallel_mode_spellings(value, mode):
+    assert resolve_parallel_mode(value) == mode
+
+
+def test_applied_keys_read_back_from_mindspore(caplog):
+    parallel = {"parallel_mode": 1, "enable_alltoall": True, "gradients_mean": False, "search_mode":
+                "sharding_propagation", "enable_parallel_optimizer": True, "strategy_ckpt_config":
+                {"save_file": "/tmp/strategy.ckpt"}, "full_batch": True}
+    with caplog.at_level(logging.INFO, logger="mf_longseq.train.context"):
+        applied = apply_parallel_context(parallel, world_size=4, rank=2)
+    get = context.get_auto_parallel_context
+    assert get("enable_alltoall") is True and applied["enable_alltoall"] is True
+    assert get("parallel_mode") == "stand_alone"                  # semi_auto is not a PyNative mode
+    assert get("gradients_mean") is False and get("search_mode") == "sharding_propagation"
+    assert get("enable_parallel_optimizer") is True
+    assert get("strategy_ckpt_config")["save_file"] == "/tmp/strategy.ckpt"
+    assert get("full_batch") is False                             # as MindFormers does outside auto modes
+    assert (get("device_num"), get("global_rank")) == (4, 2)      # from the world, not the YAML
+    assert "using stand_alone" in caplog.text and "not used by mf_longseq" in caplog.text
+
+    apply_parallel_context({"parallel_mode": 0, "enable_alltoall": False}, world_size=2, rank=1)
+    assert (get("parallel_mode"), get("enable_alltoall")) == ("data_parallel", False)
+
+
+def test_device_num_in_yaml_is_replaced_by_the_world():
+    kwargs = parallel_context_kwargs({"device_num": 64, "global_rank": 7}, world_size=2, rank=1)
+    assert (kwargs["device_num"], kwargs["global_rank"]) == (2, 1)
+
+
+@pytest.mark.parametrize("parallel, match", [
+    ({"enable_all_to_all": True}, r"parallel\.enable_all_to_all = True: not a mindspore\.set_auto_parallel_context "
+                                  r"key\. Fix: did you mean parallel\.enable_alltoall\?"),
+    ({"parallel_mode": 7}, r"parallel\.parallel_mode = 7: unknown mode\. Fix: use 0 \(data_parallel\)"),
+])
+def test_bad_parallel_keys(parallel, match):
+    with pytest.raises(ValueError, match=match):
+        parallel_context_kwargs(parallel, world_size=1, rank=0)
+
+
+def test_world_size_must_match_the_degrees():
+    cfg = LongSeqConfig(seq_length=64, num_heads=4, context_parallel=2, data_parallel=2)
+    check_world(cfg, 4)
+    with pytest.raises(ValueError, match=r"parallel_config: data_parallel x model_parallel x context_parallel x "
+                                         r"pipeline_stage = 2 x 1 x 2 x 1 = 4, but 2 rank\(s\) are running\. "
+                                         r"Fix: launch 4 workers \(mf-longseq train --workers 4"):
+        check_world(cfg, 2)
+
+
+def test_runtime_threads_from_the_context_section():
+    from mf_longseq.train.context import runtime_context_kwargs
+    assert runtime_context_kwargs({"runtime_num_threads": 1, "mode": 1}) == {"runtime_num_threads": 1}
+    assert runtime_context_kwargs(None) == {}
+    with pytest.raises(ValueError, match=r"context\.runtime_num_threads = 0: must be a positive integer"):
+        runtime_context_kwargs({"runtime_num_threads": 0})
