@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LENS = [4096, 8192, 16384, 32768, 65536, 131072]
-MAX_ALLOC = 4 << 30                 # dense masks are allocated only below this (64k: 4 GiB is not run)
+MAX_ALLOC = 4 << 30                 # dense masks larger than this (S > 64k) are never allocated
 COMPRESSED_BYTES = 2048 * 2048
 MIB = float(1 << 20)
 
@@ -94,7 +94,7 @@ def table_rows(max_run: int, block: int, timeout: float):
     for seq_len in SEQ_LENS:
         dense = seq_len * seq_len                                             # B = 1, uint8
         row = {"seq_len": seq_len, "dense_mask_bytes": dense, "compressed_mask_bytes": COMPRESSED_BYTES,
-               "dense_fits": dense < MAX_ALLOC}
+               "dense_fits": dense <= MAX_ALLOC}
         for comp in (True, False):
             name = "on" if comp else "off"
             runnable = seq_len <= max_run and (comp or dense <= MAX_ALLOC)
@@ -123,7 +123,7 @@ def print_table(rows) -> None:
         print(f"{r['seq_len']:>7} | {dense:>32} | {r['compressed_mask_bytes'] / MIB:>14,.0f} | {_fmt(on):>14} | "
               f"{off_txt:>14} | {diff:>9}")
     print("peak = peak RSS during one forward+backward minus RSS before it (MiB); dense mask = B*S^2 bytes, B = 1;")
-    print(f"dense masks of {MAX_ALLOC >> 30} GiB or more are not allocated; 'not run': step longer than --max-run.")
+    print(f"dense masks above {MAX_ALLOC >> 30} GiB are not allocated; 'not run': S above --max-run.")
 
 
 def write_csv(rows, path: Path) -> None:
@@ -163,7 +163,11 @@ def plot(rows, path: Path) -> None:
 def read_csv(path: Path):
     """Rows written by ``write_csv`` (numbers back as int, empty cells as None)."""
     def value(text):
-        return None if text in ("", "None") else (text == "True" if text in ("True", "False") else int(float(text)))
+        if text in ("", "None"):
+            return None
+        if text in ("True", "False"):
+            return text == "True"
+        return int(text) if text.lstrip("-").isdigit() else float(text)
     with open(path, encoding="ascii") as handle:
         return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(handle)]
 

@@ -1,6 +1,9 @@
 """mf_longseq: context parallelism (ring, Ulysses, hybrid) for long-sequence training with MindFormers.
 
-Importing the package needs no device and no communication; the MindFormers registrations happen in
-``mf_longseq.registry`` when MindFormers is importable.
+Importing the package registers its classes in MindFormers' registry (``mf_longseq.registry``): the
+ContextParallelAttention layer, the LLaMA2 / Qwen / Qwen1.5 configs and models.  It needs no device and no
+communication.  (MindFormers' own import writes its logs under ``$LOCAL_DEFAULT_PATH``, default ``./output``.)
 """
+from mf_longseq import registry  # noqa: F401  (registration is the import's only effect)
+
 __version__ = "0.1.0"

@@ -35,7 +35,8 @@ if ! PY_PATH="$(command -v "$PY")"; then
   echo "demo_cpu.sh: python '$PY' not found. Fix: pass --python /path/to/venv/bin/python" >&2
   exit 2
 fi
-if ! "$PY_PATH" -c "import mindspore, mindformers" >/dev/null 2>&1; then
+if ! "$PY_PATH" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('mindspore') and u.find_spec('mindformers')))" \
+     >/dev/null 2>&1; then
   echo "demo_cpu.sh: $PY_PATH cannot import mindspore and mindformers. Fix: pass --python of the environment" \
        "where mf_longseq is installed" >&2
   exit 2

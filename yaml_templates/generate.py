@@ -258,7 +258,7 @@ model:
     text += "\n".join(_model_config(family, "tiny", seq, ("float32", "float32")))
     text += """
     use_flash_attention: False
-    use_attn_mask_compression: False
+    use_attn_mask_compression: True
   arch:
     type: {arch}
 

@@ -322,6 +322,8 @@ def _long_seq_from_model_config(config: LongSeqModelConfig) -> LongSeqConfig:
     values = config.long_seq_values()
     target = ms.get_context("device_target")
     values.setdefault("device_target", target if target in ("CPU", "Ascend", "GPU") else "CPU")
+    # MindFormers applies the YAML's parallel: section (enable_alltoall) to MindSpore before building the network
+    values.setdefault("enable_alltoall", bool(ms.get_auto_parallel_context("enable_alltoall")))
     return LongSeqConfig(**values)
 
 

@@ -38,10 +38,20 @@ class JobOptions:
 
 
 def load_tree(config: Any) -> dict:
-    """The config as a plain dict; YAML paths go through ``MindFormerConfig`` (base_config and all)."""
+    """The config as a plain dict.  A YAML file is read as written; one with ``base_config`` goes through
+    ``MindFormerConfig``, which merges the base files."""
     if isinstance(config, str):
-        from mindformers import MindFormerConfig
-        config = MindFormerConfig(config)
+        import yaml
+        if not os.path.isfile(config):
+            raise ValueError(f"--config {config}: no such file. Fix: give the path of a MindFormers YAML.")
+        with open(config, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"--config {config}: not a YAML mapping. Fix: give a MindFormers YAML.")
+        if "base_config" in tree:
+            from mindformers import MindFormerConfig
+            tree = MindFormerConfig(config)
+        config = tree
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     if not isinstance(config, dict):
@@ -50,11 +60,16 @@ def load_tree(config: Any) -> dict:
 
 
 def _plain(node):
+    """Nested dicts / lists of plain values (YAML-writable), from MindFormers' config objects."""
     if isinstance(node, dict):
         return {str(k): _plain(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
         return [_plain(v) for v in node]
-    return node
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if hasattr(node, "to_dict"):
+        return _plain(node.to_dict())
+    return _plain(vars(node)) if hasattr(node, "__dict__") else str(node)
 
 
 def model_config_value(tree: dict, key: str, default=None):

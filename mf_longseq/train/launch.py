@@ -7,7 +7,9 @@ ends (``ok`` or the error); msrun's output is passed through without MindSpore's
 
 The launch fails - non-zero exit, naming the first failed rank and printing the tail of its log - when a worker
 reports an error, when msrun exits non-zero, or when a worker ends without reporting.  A worker that reported an
-error while the others hang in a collective ends the whole launch after ``grace`` seconds.
+error while the others hang in a collective ends the whole launch after ``grace`` seconds (msrun, the scheduler
+and every worker are signalled by process id).  msrun's scheduler runs the same entry script; there it only
+serves the cluster (``mindspore.communication.init()``) and never reads the config.
 """
 import json
 import os
@@ -148,14 +150,29 @@ def _watch(proc, run_dir: str, workers: int, grace: float, timeout: Optional[flo
             failed_at = time.time()
         late = failed_at is not None and time.time() - failed_at > grace
         if late or (timeout and time.time() - started > timeout):
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
             return None
     return proc.returncode
+
+
+def _stop(proc) -> None:
+    """End msrun and every process under it (msrun starts each worker in a session of its own, so signalling
+    msrun's process group does not reach them): SIGTERM, then SIGKILL after 10 s."""
+    import psutil
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for member in family:
+            try:
+                member.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, family = psutil.wait_procs(family, timeout=10)
+        if not family:
+            break
+    proc.wait()
 
 
 def _report(code: Optional[int], run_dir: str, log_dir: str, workers: int, out) -> int:

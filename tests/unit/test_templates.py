@@ -157,3 +157,16 @@ def test_auto_register_route_needs_no_import_of_mf_longseq(tmp_path):
     from mf_longseq.models import Qwen2LongSeqConfig, count_parameters
     expected = count_parameters(Qwen2LongSeqConfig.from_preset("tiny", seq_length=256))
     assert lines[0].split()[1:] == ["False", "Qwen2LongSeqForCausalLM", str(expected)]
+
+
+def test_builder_route_reads_alltoall_from_mindspore_and_long_seq_from_model_config():
+    """MindFormers applies ``parallel:`` to MindSpore before building; ``long_seq`` may sit in model_config."""
+    from mindformers.models.build_model import build_network
+    cfg = load(TEMPLATES / "tiny" / "llama2_tiny_s256_cp1_colossalai_cp.yaml")
+    cfg.model.model_config.long_seq = {"layout": "contiguous", "block_size": 32}
+    ms.set_auto_parallel_context(enable_alltoall=True)
+    try:
+        net = build_network(cfg.model, default_args={"parallel_config": cfg.parallel_config})
+    finally:
+        ms.set_auto_parallel_context(enable_alltoall=False)
+    assert (net.long_seq.enable_alltoall, net.long_seq.layout, net.long_seq.block_size) == (True, "contiguous", 32)

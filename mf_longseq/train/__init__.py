@@ -1,0 +1,1 @@
+"""Training: runner, data, checkpoints, packing, launch, CLI verbs train and demo."""
