@@ -64,6 +64,13 @@ _MM_NT = ops.BatchMatMul(transpose_b=True)                                      
 _MM_TN = ops.BatchMatMul(transpose_a=True)                                       # a^T @ b
 
 
+def _drain(x) -> None:
+    """Wait until ``x`` is computed. PyNative dispatches ops asynchronously; on a busy host the Python side can
+    run many tiles ahead of execution, and every queued tile holds its (R, T_k) temporaries.  Waiting once per
+    query tile bounds the memory in flight to one row of tiles."""
+    x.asnumpy()
+
+
 def _append(x, column):
     """(.., D) and a (.., 1) column -> (.., D + 1)."""
     return ops.cat([x, column], axis=-1)
@@ -120,6 +127,7 @@ class BlockwiseKernel:
             outs.append(acc[..., :d] / l_safe)
             m_safe = ops.where(ops.isinf(m), ops.zeros_like(m), m)
             lses.append(ops.where(seen, ops.log(l_safe) + m_safe, ops.full_like(l, NEG_INF)).squeeze(-1))
+            _drain(lses[-1])
         out = ops.cat([_unrows(o, g) for o in outs], axis=3).reshape(b, n, s_q, d)
         lse = ops.cat([l_.reshape(b, kv_heads, g, -1) for l_ in lses], axis=3).reshape(b, n, s_q)
         return out.astype(q.dtype), lse
@@ -158,6 +166,7 @@ class BlockwiseKernel:
                 dv_parts[key] = dv_parts[key] + dv_blk if key in dv_parts else dv_blk
                 dk_parts[key] = dk_parts[key] + dk_blk if key in dk_parts else dk_blk
             dq_tiles.append(_unrows(dq_t * scale, g))
+            _drain(dq_t)
         dq = ops.cat(dq_tiles, axis=3).reshape(b, n, s_q, d)
         dk, dv = self._assemble(dk_parts, (b, kv_heads, s_k, d)), self._assemble(dv_parts, (b, kv_heads, s_k, d))
         return dq, dk, dv

@@ -84,7 +84,9 @@ def fake(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "msrun").write_text(FAKE_MSRUN.format(python=sys.executable))
     (bin_dir / "msrun").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
+    # A wrapper, not a symlink: a venv's interpreter finds its site-packages only when started by its own path.
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     (tmp_path / "task.py").write_text(TASK)
     (tmp_path / "marks").mkdir()
     record = tmp_path / "record.jsonl"
