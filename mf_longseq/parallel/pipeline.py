@@ -17,6 +17,9 @@ schedules are checked by a one-process simulation in tests/unit/test_pipeline_sc
 A stage's backward recomputes its forward: ``GradOperation(get_all=True, get_by_list=True, sens_param=True)``
 on the stage Cell, with the gradient received from the next stage as ``sens`` (on the last stage, the sens of
 the objective).  Only the stage inputs are kept between a micro-batch's forward and its backward.
+
+``DecoderStage`` cuts a ``LongSeqForCausalLM`` into its stage's part; ``PipelineTrainer`` is the runner's
+``Trainer`` for one stage (same objective, gradient sum over dp x cp and AdamW, the batch cut into micro-batches).
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -25,7 +28,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
-from mf_longseq.parallel.comm import all_reduce, send_recv
+from mf_longseq.parallel.comm import all_reduce, is_emulated, send_recv
 from mf_longseq.train.optim import AdamW
 from mf_longseq.train.runner import StepResult, Trainer
 
@@ -254,6 +257,11 @@ class PipelineTrainer(Trainer):
                          source=source, batch_size=batch_size, layout=layout, pad_token_id=pad_token_id)
         self.micro_batch_num, self.schedule = micro_batch_num, schedule
         self.pp_group = mesh.group("pp")
+        if is_emulated(self.pp_group):
+            # The emulated transfers are blocking collectives in several two-rank groups; they are deadlock-free
+            # in the order they are issued, but PyNative's asynchronous launch may run them in another order
+            # (seen on CPU: a hang after a few steps).  Launch every op synchronously in this process.
+            ms.runtime.launch_blocking()
 
     def step(self, step: int) -> StepResult:
         input_ids, labels, loss_mask = self.local_batch(step)                  # (B, S/CP) each

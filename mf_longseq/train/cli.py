@@ -87,9 +87,10 @@ def run_train(args) -> int:
     return 0
 
 
-def print_summary(output_dir: str, seconds: float, out=sys.stdout) -> None:
+def print_summary(output_dir: str, seconds: float, out=None) -> None:
     """Loss first -> last, mean tokens/s and the peak memory of every rank, from metrics.jsonl."""
     from mf_longseq.train.monitor import read_metrics
+    out = out or sys.stdout                     # looked up now: the CLI redirects stdout while importing verbs
     records = read_metrics(output_dir)
     if not records:
         return

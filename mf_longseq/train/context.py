@@ -1,6 +1,7 @@
 """MindSpore context of a training run: device, PyNative mode, communication, auto-parallel context, mesh.
 
-``context:`` keys used: ``device_target`` (through ``LongSeqConfig``) and ``runtime_num_threads``.
+``context:`` keys used: ``device_target`` (through ``LongSeqConfig``) and ``runtime_num_threads``.  The run is
+always PyNative, with synchronous op dispatch (``pynative_synchronize``; see ``setup`` for why).
 
 ``parallel:`` keys of a MindFormers YAML go to ``mindspore.set_auto_parallel_context`` as MindFormers passes them,
 with two rules of this plugin:

@@ -1,6 +1,6 @@
 """The ``mf-longseq demo`` run: a tiny LLaMA2 at S = 8192 with CP = 2 (ring attention, zigzag layout) on 2 CPU ranks.
 
-The model is small (hidden 64, 2 layers, 4 heads / 2 kv heads, vocabulary 256) so that 20 steps at the full
+The model is small (hidden 64, 2 layers, 2 heads / 1 kv head, vocabulary 256) so that 20 steps at the full
 8192-token sequence finish in a few minutes on a 2-core machine; the sequence is never shortened.  The tokens
 are the seeded synthetic Markov stream (``data.SyntheticTokens``), which the model learns: the loss falls.
 The config is written to ``<output_dir>/demo_config.yaml`` in MindFormers' layout, so the same run is
@@ -24,7 +24,7 @@ def demo_tree(seq_length: int = 8192, context_parallel: int = 2) -> dict:
                             "ulysses_degree_in_cp": 1, "use_seq_parallel": False},
         "model": {
             "model_config": {"type": "LlamaLongSeqConfig", "vocab_size": 256, "hidden_size": 64, "num_layers": 2,
-                             "num_heads": 4, "n_kv_heads": 2, "intermediate_size": 128,
+                             "num_heads": 2, "n_kv_heads": 1, "intermediate_size": 128,
                              "seq_length": seq_length, "compute_dtype": "float32", "param_init_type": "float32",
                              "use_flash_attention": False, "use_attn_mask_compression": True,
                              "initializer_range": 0.02, "init_seed": 1234},
@@ -32,7 +32,7 @@ def demo_tree(seq_length: int = 8192, context_parallel: int = 2) -> dict:
         },
         "long_seq": {"layout": "zigzag", "block_size": 2048},
         "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.01},
-        "lr_schedule": {"type": "ConstantWarmUpLR", "learning_rate": 0.01, "warmup_steps": 2},
+        "lr_schedule": {"type": "ConstantWarmUpLR", "learning_rate": 0.003, "warmup_steps": 2},
     }
 
 

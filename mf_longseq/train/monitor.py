@@ -46,8 +46,8 @@ class StepRecord:
 class ProgressBar:
     """A one-line bar redrawn with carriage returns; it draws nothing unless ``stream`` is a terminal."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stdout, width: int = 30):
-        self.total, self.stream, self.width = total, stream, width
+    def __init__(self, total: int, stream: Optional[TextIO] = None, width: int = 30):
+        self.total, self.stream, self.width = total, stream or sys.stdout, width
         self.enabled = bool(getattr(stream, "isatty", lambda: False)())
         self.start = time.time()
         self.shown = False

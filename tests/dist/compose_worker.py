@@ -112,13 +112,14 @@ def resume_next_loss(directory, tree, rank=None):
     config, mesh, trainer = build(tree, rank=rank)
     target = RankLayout(dp=mesh.dp, cp=mesh.cp, mp=mesh.mp, pp=mesh.pp)
     state = load_resharded(directory, target=target, rank=mesh.rank)
-    params = list(trainer.optimizer.params) + trainer.optimizer.state_parameters()
-    missing = [p.name for p in params if p.name not in state]
+    weights, moments = list(trainer.optimizer.params), trainer.optimizer.state_parameters()
+    missing = [p.name for p in weights + moments if p.name not in state]
     assert not missing, f"resharded state lacks {missing[:3]}"
-    for p in params:
+    for p in weights + moments:
         p.set_data(_tensor(state[p.name], p))
-    meta = json.load(open(os.path.join(directory, "meta.json"), encoding="utf-8"))
-    trainer.optimizer.load_step(meta["optimizer"]["step_count"])
+    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
+        step_count = json.load(handle)["optimizer"]["step_count"]
+    trainer.optimizer.load_state(moments, step_count)
     return trainer.step(STEPS).loss
 
 
@@ -160,6 +161,7 @@ def main():
     from mindspore.communication import get_group_size, get_rank, init
     ms.set_device("CPU")
     init()
+    ms.runtime.launch_blocking()      # emulated exchanges in several groups: run ops in the order they are issued
     rank = get_rank()
     assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
     out_dir = sys.argv[1]

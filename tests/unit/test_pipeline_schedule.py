@@ -5,9 +5,14 @@ collective: a transfer completes only when both stages reach it, and the k-th tr
 the same transfer on both sides).  It fails on a deadlock, on mismatched transfers, on a forward without its
 input, or on a backward without its gradient.
 """
+import numpy as np
 import pytest
+import mindspore as ms
+from mindspore import Tensor
 
-from mf_longseq.parallel.pipeline import ACT, GRAD, build_schedule, stage_layers
+from mf_longseq.parallel import Mesh
+from mf_longseq.parallel.pipeline import (ACT, SCHEDULES, DecoderStage, PipelineRunner, build_schedule,
+                                          decoder_stage_of, stage_layers)
 
 
 def simulate(kind, num_stages, num_micro):
@@ -102,3 +107,51 @@ def test_stage_layers_rejects_more_stages_than_layers():
     with pytest.raises(ValueError, match=r"parallel_config.pipeline_stage = 3: more stages than "
                                          r"model.model_config.num_layers = 2. Fix: use at most 2 stages"):
         stage_layers(2, 3, 0)
+
+
+# ------------------------------------------------------------------------------ execution on one stage (one process)
+def tiny_model(num_layers=2):
+    from mf_longseq.models import LlamaLongSeqConfig, build_model
+    cfg = LlamaLongSeqConfig(vocab_size=32, hidden_size=16, num_layers=num_layers, num_heads=4, n_kv_heads=2,
+                             intermediate_size=24, seq_length=8, init_seed=3)
+    return build_model(cfg, mesh=Mesh(rank=0))
+
+
+def tiny_batch(b=4, s=8, vocab=32):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (b, s + 1)).astype(np.int32)
+    return Tensor(ids[:, :-1]), Tensor(ids[:, 1:]), Tensor(np.ones((b, s), np.float32))
+
+
+def test_one_stage_runner_equals_whole_batch_gradient():
+    """Micro-batches through the runner (forward, then backward with sens) sum to the whole batch's gradient."""
+    model = tiny_model()
+    stage = DecoderStage(model, 0, 1)
+    assert [p.name for p in stage.trainable_params()] == [p.name for p in model.trainable_params()]
+    ids, labels, mask = tiny_batch()
+    inv = Tensor(np.float32(1.0 / mask.size))
+    runner = PipelineRunner(stage, group=Mesh(rank=0).group("pp"), act_shape=(2, 8, 16))
+    micro = [(ids[i:i + 2], labels[i:i + 2], mask[i:i + 2], inv) for i in (0, 2)]
+    for schedule in SCHEDULES:
+        outputs, grads = runner.run(micro, schedule)
+        want_loss, want = ms.value_and_grad(lambda a, b, c: model(a, b, c)[0] * inv, None,
+                                            model.trainable_params())(ids, labels, mask)
+        got_loss = sum(float(o[0].asnumpy()) for o in outputs)
+        assert abs(got_loss - float(want_loss.asnumpy())) <= 1e-6 * abs(got_loss)
+        for g, w, p in zip(grads, want, model.trainable_params()):
+            np.testing.assert_allclose(g.asnumpy(), w.asnumpy(), rtol=1e-5, atol=1e-7, err_msg=p.name)
+
+
+def test_decoder_stage_of_follows_stage_layers():
+    assert decoder_stage_of("model.embed_tokens.weight", 2, 3) == 0
+    assert [decoder_stage_of(f"model.layers.{i}.mlp.up_proj.weight", 2, 3) for i in range(3)] == [0, 0, 1]
+    assert decoder_stage_of("adam_m.model.layers.2.self_attn.q_proj.weight", 2, 3) == 1
+    assert decoder_stage_of("model.norm.weight", 2, 3) == decoder_stage_of("lm_head.weight", 2, 3) == 1
+
+
+def test_tied_embeddings_are_refused_with_pipeline_stages():
+    from mf_longseq.models import LlamaLongSeqConfig, build_model
+    cfg = LlamaLongSeqConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=4, n_kv_heads=2,
+                             intermediate_size=24, seq_length=8, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings = True with parallel_config.pipeline_stage = 2"):
+        DecoderStage(build_model(cfg, mesh=Mesh(rank=0)), 0, 2)

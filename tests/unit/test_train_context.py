@@ -72,3 +72,30 @@ def test_runtime_threads_from_the_context_section():
     assert runtime_context_kwargs(None) == {}
     with pytest.raises(ValueError, match=r"context\.runtime_num_threads = 0: must be a positive integer"):
         runtime_context_kwargs({"runtime_num_threads": 0})
+
+
+@pytest.mark.parametrize("algo, cp, ulysses_in_cp, alltoall", [
+    ("colossalai_cp", 2, 1, False), ("ulysses_cp", 2, 1, True), ("hybrid_cp", 4, 2, True)])
+def test_algo_and_alltoall_reach_every_attention_layer(algo, cp, ulysses_in_cp, alltoall):
+    """parallel_config.context_parallel_algo and parallel.enable_alltoall, from one YAML tree, end up in MindSpore's
+    context and in every attention layer of the model built from the same tree."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
+    from train_worker import case_tree
+    from mf_longseq.attention.layer import ContextParallelAttention
+    from mf_longseq.models import build_model
+    from mf_longseq.parallel import Mesh
+
+    tree = case_tree("qwen1_5", cp=cp, dp=1, algo=algo, ulysses_in_cp=ulysses_in_cp)
+    tree["parallel"]["enable_alltoall"] = alltoall
+    config = LongSeqConfig.from_mindformers(tree)
+    apply_parallel_context(tree["parallel"], world_size=cp, rank=0)
+    model = build_model(tree, mesh=Mesh.from_config(config, rank=0))
+    layers = [cell for _, cell in model.cells_and_names() if isinstance(cell, ContextParallelAttention)]
+    assert len(layers) == tree["model"]["model_config"]["num_layers"]
+    assert context.get_auto_parallel_context("enable_alltoall") is alltoall
+    for layer in layers:
+        assert (layer.config.context_parallel_algo, layer.config.enable_alltoall) == (algo, alltoall)
+        assert (layer.mesh.cp, layer.mesh.ulysses) == (cp, config.ulysses_degree)
+    assert config.ulysses_degree == {"colossalai_cp": 1, "ulysses_cp": cp, "hybrid_cp": ulysses_in_cp}[algo]
