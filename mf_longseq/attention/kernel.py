@@ -66,8 +66,9 @@ _MM_TN = ops.BatchMatMul(transpose_a=True)                                      
 
 def _drain(x) -> None:
     """Wait until ``x`` is computed. PyNative dispatches ops asynchronously; on a busy host the Python side can
-    run many tiles ahead of execution, and every queued tile holds its (R, T_k) temporaries.  Waiting once per
-    query tile bounds the memory in flight to one row of tiles."""
+    run many tiles ahead of execution, and every queued tile holds its (R, T_k) temporaries (seen: 5.5 GiB at
+    S = 32768 when waiting once per query tile).  Waiting once per tile bounds the memory in flight to one tile's
+    temporaries; the wait costs microseconds against a tile's milliseconds."""
     x.asnumpy()
 
 
@@ -121,13 +122,13 @@ class BlockwiseKernel:
                 p = ops.exp(s)
                 acc = acc * ops.exp(m - m_safe) + ops.matmul(p, v1[:, :, ks:ke])  # (B, K, R, D + 1)
                 m = m_new
+                _drain(acc)
             l = acc[..., d:]
             seen = l > 0
             l_safe = ops.where(seen, l, ops.ones_like(l))
             outs.append(acc[..., :d] / l_safe)
             m_safe = ops.where(ops.isinf(m), ops.zeros_like(m), m)
             lses.append(ops.where(seen, ops.log(l_safe) + m_safe, ops.full_like(l, NEG_INF)).squeeze(-1))
-            _drain(lses[-1])
         out = ops.cat([_unrows(o, g) for o in outs], axis=3).reshape(b, n, s_q, d)
         lse = ops.cat([l_.reshape(b, kv_heads, g, -1) for l_ in lses], axis=3).reshape(b, n, s_q)
         return out.astype(q.dtype), lse
@@ -165,8 +166,8 @@ class BlockwiseKernel:
                 dk_blk = _MM_TN(ds, q_t)
                 dv_parts[key] = dv_parts[key] + dv_blk if key in dv_parts else dv_blk
                 dk_parts[key] = dk_parts[key] + dk_blk if key in dk_parts else dk_blk
+                _drain(dk_parts[key])
             dq_tiles.append(_unrows(dq_t * scale, g))
-            _drain(dq_t)
         dq = ops.cat(dq_tiles, axis=3).reshape(b, n, s_q, d)
         dk, dv = self._assemble(dk_parts, (b, kv_heads, s_k, d)), self._assemble(dv_parts, (b, kv_heads, s_k, d))
         return dq, dk, dv

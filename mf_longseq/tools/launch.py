@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from mf_longseq.tools import supervise
 
-GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_guard.py")
+GUARD = supervise.GUARD
 POSITIONAL_FORMS = {
     1: ("COMMAND",),
     2: ("COMMAND", "WORKER_NUM"),

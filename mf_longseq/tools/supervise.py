@@ -19,11 +19,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 STATUS_DIR_NAME = "mf_longseq_status"
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_guard.py")   # msrun runs it per rank
 
 
 @dataclass
@@ -204,7 +206,8 @@ class _Watch:
 
 def supervise(cmd: Sequence[str], *, log_dir: str, ranks: Sequence[str], env: Optional[dict] = None,
               grace: float = 10.0, poll: float = 0.5, timeout: float = 0.0, stall_timeout: float = 0.0,
-              tail: int = 40, out=None) -> Outcome:
+              tail: int = 40, out=None, cwd: Optional[str] = None,
+              hide: Optional[Callable[[str], bool]] = None) -> Outcome:
     """Run ``cmd`` (an msrun command whose task is ``rank_guard.py``) and watch the local ``ranks``.
 
     Args:
@@ -218,13 +221,20 @@ def supervise(cmd: Sequence[str], *, log_dir: str, ranks: Sequence[str], env: Op
         stall_timeout: fail when no worker log grew for this long (0: never).
         tail: log lines shown for a failed rank.
         out: stream for the launcher's messages (default stderr).
+        cwd: working directory of msrun.
+        hide: when given, msrun's output is passed on to ``out`` without the lines for which it returns True
+            (e.g. MindSpore's log lines); when None, msrun writes to this process's stdout directly.
 
     Returns:
         An ``Outcome``; ``code`` is 0 on success, 1 on failure.
     """
     out = out or sys.stderr
     clear_status(log_dir)
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    piped = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) if hide else {}
+    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, start_new_session=True, **piped)
+    pump = threading.Thread(target=_pass_on, args=(proc.stdout, out, hide), daemon=True) if hide else None
+    if pump:
+        pump.start()
     watch = _Watch(proc, log_dir, [str(r) for r in ranks], grace, timeout, stall_timeout, out)
     code = None
     while code is None:
@@ -232,10 +242,19 @@ def supervise(cmd: Sequence[str], *, log_dir: str, ranks: Sequence[str], env: Op
         code = watch.step()
     if proc.poll() is None or code:
         kill_launch(proc, watch.statuses)
+    if pump:
+        pump.join(timeout=5)
     if code == 0:
         return Outcome(0)
     _report(out, watch.reason, watch.failed, log_dir, tail)
     return Outcome(1, failed_ranks=watch.failed, reason=watch.reason)
+
+
+def _pass_on(stream, out, hide: Callable[[str], bool]) -> None:
+    for line in iter(stream.readline, ""):
+        if not hide(line):
+            out.write(line)
+            out.flush()
 
 
 def _all_ended(proc, statuses) -> bool:

@@ -5,12 +5,12 @@ Each rank writes OUT_DIR/<case>/rank<r>.npz with its positions, output and gradi
 """
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import CASES, WORLD  # noqa: E402
+from worker_main import join_launch, run_cases  # noqa: E402
 
 
 def run_case(case, rank, out_dir):
@@ -45,20 +45,8 @@ def run_case(case, rank, out_dir):
 
 
 def main():
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
-    assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
-    out_dir = sys.argv[1]
-    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
-    for case in CASES:
-        if only and case.name not in only:
-            continue
-        start = time.time()
-        run_case(case, rank, out_dir)
-        print(f"rank {rank}: {case.name} done in {time.time() - start:.1f} s", flush=True)
+    rank, out_dir, only = join_launch(WORLD)
+    run_cases(CASES, lambda case: run_case(case, rank, out_dir), only, rank)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from worker_main import join_launch, run_cases  # noqa: E402
+
 WORLD = 4
 # name, algo, cp, ulysses, use_alltoall, heads, kv_heads, seq_len, batch, dtype
 CASES = [
@@ -55,17 +58,9 @@ def run_case(case, rank, out_dir):
 
 
 def main():
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
-    assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
-    for case in CASES:
-        run_case(case, rank, sys.argv[1])
-        print(f"rank {rank}: {case[0]} done", flush=True)
+    rank, out_dir, only = join_launch(WORLD)
+    run_cases(CASES, lambda case: run_case(case, rank, out_dir), only, rank, name_of=lambda case: case[0])
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()
