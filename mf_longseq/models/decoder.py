@@ -13,6 +13,12 @@ mask) and its token count; sum(loss_sum) / sum(count) over the CP (and DP) ranks
 mean loss, and differentiating ``loss_sum / global_count`` on every rank, then summing gradients over dp x cp,
 is exactly its gradient.
 
+Packed documents (EOD).  ``construct`` / ``logits`` take MindFormers' ``actual_seq_len`` (B, L): the global
+cumulative document ends of every sample (``train/packing.py``).  The model turns them into global document ids
+(B, S_global), which every layer's attention uses for block-diagonal causal masking, and, when
+``use_eod_reset``, into per-document RoPE positions, of which each rank takes its own tokens with the same
+``shard_sequence`` layout as the ids.  Without ``actual_seq_len`` the model is unchanged (one document).
+
 Numerics: weights are stored in ``param_init_type`` and cast to ``compute_dtype`` for matmuls; RMSNorm
 statistics, softmax and attention merges (inside the kernel) and the cross entropy are float32.  RoPE angles are
 computed in float64 on the host from the global positions of this rank's tokens (``global_positions``), then cast.
@@ -35,10 +41,11 @@ from mf_longseq.attention.layer import ContextParallelAttention
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
 from mf_longseq.parallel.mesh import Mesh
-from mf_longseq.parallel.sharding import global_positions
+from mf_longseq.parallel.sharding import global_positions, shard_sequence
 from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
                                                  SharedInputColumns, VocabParallelEmbedding, local_units,
                                                  shard_array, shard_specs, vocab_parallel_cross_entropy)
+from mf_longseq.train.packing import position_ids_from_actual_seq_len, segment_ids_from_actual_seq_len
 
 MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 
@@ -110,17 +117,21 @@ class Embedding(nn.Cell):
 
 
 def rope_tables(positions: np.ndarray, head_dim: int, theta: float):
-    """cos, sin (S, D) float32 of the rotate-half convention: angle[s, j] = pos[s] * theta^(-2(j mod D/2)/D)."""
+    """cos, sin (.., D) float32 of the rotate-half convention: angle[.., j] = pos[..] * theta^(-2(j mod D/2)/D).
+
+    ``positions`` (S,) gives (S, D) tables; per-sample positions (B, S) give (B, S, D).
+    """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (D/2,)
-    angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]                # (S, D/2)
-    angles = np.concatenate([angles, angles], axis=-1)                                      # (S, D)
+    angles = np.asarray(positions, np.float64)[..., None] * inv_freq                       # (.., D/2)
+    angles = np.concatenate([angles, angles], axis=-1)                                      # (.., D)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def apply_rope(x, cos, sin):
     """x (B, S, N, D) rotated: x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1].
 
-    cos, sin: (1, S, 1, D) from ``rope_tables`` (the rotate-half convention of Hugging Face LLaMA / Qwen2).
+    cos, sin: (1, S, 1, D), or (B, S, 1, D) per sample, from ``rope_tables`` (the rotate-half convention of
+    Hugging Face LLaMA / Qwen2).
     """
     half = x.shape[-1] // 2
     rotated = ops.cat((-x[..., half:], x[..., :half]), -1)
@@ -144,13 +155,14 @@ class Attention(nn.Cell):
         self.qkv = SharedInputColumns([self.q_proj, self.k_proj, self.v_proj], group=mp)   # one f for q, k, v
         self.core = ContextParallelAttention(config=long_seq, mesh=mesh, causal=True)
 
-    def construct(self, x, cos, sin):
+    def construct(self, x, cos, sin, segment_ids=None):
+        """x (B, S, H); segment_ids: None, or (B, S_global) np.int64 global document ids (packed documents)."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x)
         q = q.reshape(b, s, self.num_heads, self.head_dim)                              # (B, S, H) -> (B, S, N, D)
         k = k.reshape(b, s, self.kv_heads, self.head_dim)                               # (B, S, K, D)
         v = v.reshape(b, s, self.kv_heads, self.head_dim)                               # (B, S, K, D)
-        out = self.core(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)            # (B, S, N, D)
+        out = self.core(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, segment_ids)  # (B, S, N, D)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))          # (B, S, N*D) -> (B, S, H)
 
 
@@ -184,8 +196,8 @@ class DecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.mlp = MLP(config, mesh)
 
-    def construct(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def construct(self, x, cos, sin, segment_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -200,10 +212,10 @@ class DecoderModel(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(config, long_seq, mesh) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
 
-    def construct(self, input_ids, cos, sin):
+    def construct(self, input_ids, cos, sin, segment_ids=None):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, segment_ids)
         return self.norm(x)
 
 
@@ -225,7 +237,9 @@ class LongSeqForCausalLM(PreTrainedModel):
             ``config`` (its shape, ``config.parallel_config`` as MindFormers' trainer sets it, ``config.long_seq``).
 
     Inputs of ``construct``: input_ids, labels (B, S/CP) int, loss_mask (B, S/CP) float, this rank's shards in
-    ``long_seq_config.layout`` (labels already shifted globally; see the module docstring).
+    ``long_seq_config.layout`` (labels already shifted globally; see the module docstring); optional
+    actual_seq_len (B, L) int (Tensor or ndarray), the *global* cumulative document ends of each packed sample
+    in MindFormers' format, the same on every CP rank (None: every sample is one document).
 
     Outputs: loss_sum (float32 scalar, differentiable): sum over this rank's tokens of cross entropy x mask;
     token_count (float32 scalar, no gradient): sum of loss_mask on this rank.
@@ -279,6 +293,41 @@ class LongSeqForCausalLM(PreTrainedModel):
         """Global positions (np.int64) of this rank's tokens of a ``seq_len``-token sequence."""
         return global_positions(seq_len, self.mesh, self.long_seq.layout)
 
+    def packed_inputs(self, actual_seq_len, local_len: int):
+        """Document ids and RoPE tables of packed samples.
+
+        Args:
+            actual_seq_len: (B, L) or (L,) int global cumulative document ends (Tensor or ndarray).
+            local_len: tokens of this rank (S/CP).
+
+        Returns:
+            segment_ids (B, S) np.int64, global document id of every token (what the attention expects);
+            cos, sin (B, S/CP, 1, D) per-document positions of this rank's tokens when ``use_eod_reset``, else
+            the cached (1, S/CP, 1, D) tables of global positions.
+        """
+        seq_len = local_len * self.mesh.cp
+        ends = actual_seq_len.asnumpy() if isinstance(actual_seq_len, Tensor) else np.asarray(actual_seq_len)
+        segment_ids = segment_ids_from_actual_seq_len(ends, seq_len)                      # (B, S)
+        if not self.config.use_eod_reset:
+            return (segment_ids,) + self._rope(local_len)
+        positions = position_ids_from_actual_seq_len(ends, seq_len, use_eod_reset=True)  # (B, S) per document
+        mine = shard_sequence(positions, self.mesh, self.long_seq.layout, seq_dim=1)     # (B, S/CP)
+        cos, sin = rope_tables(mine, self.config.head_dim, self.config.theta)            # (B, S/CP, D)
+        return (segment_ids, Tensor(cos[:, :, None, :], self.compute_dtype),             # (B, S/CP, 1, D)
+                Tensor(sin[:, :, None, :], self.compute_dtype))
+
+    def _inputs(self, input_ids, actual_seq_len):
+        """(segment_ids or None, cos, sin) for this rank's (B, S/CP) ids."""
+        if actual_seq_len is None:
+            return (None,) + self._rope(input_ids.shape[1])
+        segment_ids, cos, sin = self.packed_inputs(actual_seq_len, input_ids.shape[1])
+        if segment_ids.shape[0] == 1:
+            segment_ids = segment_ids[0]                       # (L,) ends: one row of ids shared by the batch
+        elif segment_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"actual_seq_len has {segment_ids.shape[0]} rows for a batch of {input_ids.shape[0]} "
+                             "samples. Fix: give one row of document ends per sample (train.packing).")
+        return segment_ids, cos, sin
+
     def _rope(self, local_len: int):
         seq_len = local_len * self.mesh.cp
         if seq_len not in self._rope_cache:
@@ -287,10 +336,10 @@ class LongSeqForCausalLM(PreTrainedModel):
                                          Tensor(sin[None, :, None, :], self.compute_dtype))
         return self._rope_cache[seq_len]
 
-    def logits(self, input_ids):
+    def logits(self, input_ids, actual_seq_len=None):
         """(B, S/CP) ids -> (B, S/CP, V/MP) float32 logits of this rank's tokens (its vocabulary slice)."""
-        cos, sin = self._rope(input_ids.shape[1])
-        return self.head_logits(self.model(input_ids, cos, sin))                         # (B, S, H) -> logits
+        segment_ids, cos, sin = self._inputs(input_ids, actual_seq_len)
+        return self.head_logits(self.model(input_ids, cos, sin, segment_ids))            # (B, S, H) -> logits
 
     def head_logits(self, hidden):
         """Final hidden (B, S, H) -> (B, S, V/MP) float32 logits (vocabulary ids [mp_id*V/MP, (mp_id+1)*V/MP))."""
@@ -313,9 +362,9 @@ class LongSeqForCausalLM(PreTrainedModel):
                                               vocab_start=self.mp_group.index * logits.shape[-1])
         return (ce * mask).sum(), ops.stop_gradient(mask.sum())
 
-    def construct(self, input_ids, labels, loss_mask):
-        cos, sin = self._rope(input_ids.shape[1])
-        return self.head_loss(self.model(input_ids, cos, sin), labels, loss_mask)
+    def construct(self, input_ids, labels, loss_mask, actual_seq_len=None):
+        segment_ids, cos, sin = self._inputs(input_ids, actual_seq_len)
+        return self.head_loss(self.model(input_ids, cos, sin, segment_ids), labels, loss_mask)
 
 
 def _long_seq_from_model_config(config: LongSeqModelConfig) -> LongSeqConfig:

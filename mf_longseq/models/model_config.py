@@ -52,6 +52,8 @@ class LongSeqModelConfig(PretrainedConfig):
         initializer_range: std of the normal init of projections and embeddings.
         init_seed: seed of the weight init (every rank draws the same weights without communication).
         use_flash_attention, use_attn_mask_compression: read by ``LongSeqConfig`` (Ascend kernel settings).
+        use_eod_reset: with packed documents (``actual_seq_len`` given to the model), RoPE positions restart at
+            0 in every document instead of running 0..S-1 over the packed sample (MindFormers' key).
         long_seq: optional dict of the plugin's own knobs (``layout``, ``block_size``) when the model is built by
             MindFormers' builder from ``model.model_config`` alone.
         family: llama2, qwen or qwen1_5 (set by the family classes).
@@ -65,8 +67,8 @@ class LongSeqModelConfig(PretrainedConfig):
                  theta: float = 10000.0, qkv_has_bias: bool = False, tie_word_embeddings: bool = False,
                  seq_length: int = 4096, compute_dtype: str = "float32", param_init_type: str = "float32",
                  initializer_range: float = 0.02, init_seed: int = 1234, use_flash_attention: bool = True,
-                 use_attn_mask_compression: bool = False, long_seq: Optional[dict] = None,
-                 family: str = "llama2", **kwargs):
+                 use_attn_mask_compression: bool = False, use_eod_reset: bool = False,
+                 long_seq: Optional[dict] = None, family: str = "llama2", **kwargs):
         super().__init__(**kwargs)
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
@@ -79,6 +81,7 @@ class LongSeqModelConfig(PretrainedConfig):
         self.compute_dtype, self.param_init_type = _dtype_name(compute_dtype), _dtype_name(param_init_type)
         self.initializer_range, self.init_seed = float(initializer_range), int(init_seed)
         self.use_flash_attention, self.use_attn_mask_compression = use_flash_attention, use_attn_mask_compression
+        self.use_eod_reset = use_eod_reset
         self.long_seq = dict(long_seq or {})
         self.family = family
         self.validate()
@@ -112,6 +115,9 @@ class LongSeqModelConfig(PretrainedConfig):
                   f"use one of {[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}")
         if self.ffn_hidden_size < 1:
             _fail("intermediate_size", self.intermediate_size, "gives an empty FFN", "set a positive width")
+        if not isinstance(self.use_eod_reset, bool):
+            _fail("use_eod_reset", self.use_eod_reset, "must be True or False",
+                  "set use_eod_reset: True (RoPE positions restart per packed document) or False")
         if self.family not in FAMILIES:
             _fail("family", self.family, "unknown model family", f"use one of {', '.join(FAMILIES)}")
 

@@ -263,6 +263,10 @@ class PipelineTrainer(Trainer):
             # (seen on CPU: a hang after a few steps).  Launch every op synchronously in this process.
             ms.runtime.launch_blocking()
 
+    def state_parameters(self):
+        """What this rank's checkpoint file holds: this stage's parameters and their optimizer moments."""
+        return list(self.stage_cell.get_parameters()) + self.optimizer.state_parameters()
+
     def step(self, step: int) -> StepResult:
         input_ids, labels, loss_mask = self.local_batch(step)                  # (B, S/CP) each
         count = self._sum(float(loss_mask.sum().asnumpy()))

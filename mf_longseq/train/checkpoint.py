@@ -8,15 +8,20 @@
 ``meta.json`` is written last, by rank 0, after every rank has written its file (the caller passes a barrier):
 a step directory without it is incomplete and is never resumed from.
 
-Weights are replicated over the dp x cp ranks (mp and pp do not split them here), so a checkpoint can be resumed
-under another dp / cp layout (any rank file holds the whole model); a different mp or pp needs resharding.
+Weights are replicated over the dp x cp ranks, cut over mp (each split tensor as its ``ShardSpec`` says) and held
+by one pipeline stage (a rank file under pp holds only its stage's weights and moments).  ``meta.json`` records
+the layout, the shard spec of every mp-split tensor (``shard_specs``) and ``num_layers``, so ``state_for_rank``
+can resume under any layout: with the same mp and pp a rank reads one file (its own, or the dp x cp replica with
+its stage and mp index); with another mp or pp every file is merged and cut again (``parallel/reshard.py``).
 """
 import json
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
+
+import numpy as np
 
 
 FORMAT = "mf_longseq.checkpoint/1"
@@ -73,8 +78,13 @@ def save_rank(directory: str, rank: int, parameters) -> str:
 
 
 def write_meta(directory: str, *, step: int, layout: Layout, config_tree: dict, data: dict, optimizer: dict,
-               losses: List[float], extra: Optional[dict] = None) -> str:
-    """Write ``config.yaml`` and then ``meta.json`` (which marks the step directory complete)."""
+               losses: List[float], shard_specs: Mapping[str, dict], num_layers: Optional[int],
+               extra: Optional[dict] = None) -> str:
+    """Write ``config.yaml`` and then ``meta.json`` (which marks the step directory complete).
+
+    ``shard_specs``: weight name -> ``ShardSpec.to_dict()`` of every mp-split tensor; ``num_layers``: decoder
+    layers (which stage holds which layer).  Both are what resharding to another mp / pp needs.
+    """
     import yaml
     with open(os.path.join(directory, "config.yaml"), "w", encoding="utf-8") as handle:
         yaml.safe_dump(config_tree, handle, sort_keys=False)
@@ -85,7 +95,7 @@ def write_meta(directory: str, *, step: int, layout: Layout, config_tree: dict, 
                     "note": "batches are a pure function of (seed, step, dp_id); no other random state is used "
                             "after initialisation"},
             "losses": [float(x) for x in losses], "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **(extra or {})}
+            "shard_specs": dict(shard_specs), "num_layers": num_layers, **(extra or {})}
     tmp = os.path.join(directory, META + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
@@ -94,14 +104,15 @@ def write_meta(directory: str, *, step: int, layout: Layout, config_tree: dict, 
 
 
 def save(output_dir: str, *, step: int, rank: int, parameters, barrier: Callable[[], None], layout: Layout,
-         config_tree: dict, data: dict, optimizer: dict, losses: List[float]) -> str:
+         config_tree: dict, data: dict, optimizer: dict, losses: List[float], shard_specs: Mapping[str, dict],
+         num_layers: Optional[int]) -> str:
     """Every rank calls this at the same step: rank files, a barrier, then rank 0 writes the metadata."""
     directory = step_dir(output_dir, step)
     save_rank(directory, rank, parameters)
     barrier()
     if rank == 0:
         write_meta(directory, step=step, layout=layout, config_tree=config_tree, data=data, optimizer=optimizer,
-                   losses=losses)
+                   losses=losses, shard_specs=shard_specs, num_layers=num_layers)
     barrier()
     return directory
 
@@ -132,35 +143,76 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def file_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> str:
-    """The rank file this rank loads: its own under the same layout, else any (weights replicated over dp x cp)."""
+def same_split(meta: dict, layout: Layout) -> bool:
+    """True when the checkpoint was written with this run's model_parallel and pipeline_stage (no resharding)."""
     saved = meta["layout"]
-    if (saved["mp"], saved["pp"]) != (layout.mp, layout.pp):
-        raise ValueError(f"--resume {directory}: written with model_parallel = {saved['mp']}, pipeline_stage = "
-                         f"{saved['pp']}; this run has {layout.mp}, {layout.pp}. Fix: resume with the same "
-                         "parallel_config.model_parallel and pipeline_stage (or reshard the checkpoint first).")
-    same = saved["world_size"] == layout.world_size and (saved["dp"], saved["cp"]) == (layout.dp, layout.cp)
-    name = meta["rank_files"].get(str(rank)) if same else meta["rank_files"]["0"]
+    return (saved["mp"], saved["pp"]) == (layout.mp, layout.pp)
+
+
+def file_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> str:
+    """The rank file this rank loads when mp and pp are unchanged: its own under the same layout, else the file of
+    the saved rank with the same pipeline stage and mp index at dp_id = cp_id = 0 (weights replicated over dp x cp).
+    """
+    from mf_longseq.parallel.reshard import RankLayout
+    assert same_split(meta, layout), "file_for_rank: another mp / pp needs state_for_rank (resharding)"
+    saved = meta["layout"]
+    if saved["world_size"] == layout.world_size and (saved["dp"], saved["cp"]) == (layout.dp, layout.cp):
+        source = rank
+    else:
+        c = RankLayout(dp=layout.dp, cp=layout.cp, mp=layout.mp, pp=layout.pp).coords(rank)
+        source = RankLayout.from_dict(saved).rank(stage=c["stage"], dp_id=0, cp_id=0, mp_id=c["mp_id"])
+    name = meta["rank_files"][str(source)]
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         raise ValueError(f"--resume {directory}: missing {name}. Fix: copy the whole checkpoint directory.")
     return path
 
 
-def load_into(path: str, parameters) -> List[str]:
-    """Copy the checkpoint's values into ``parameters`` (matched by name); every parameter must be present."""
+def state_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> Dict[str, np.ndarray]:
+    """Name -> array of everything rank ``rank`` of ``layout`` holds (weights and ``adam_m.`` / ``adam_v.`` moments).
+
+    Same mp and pp: one rank file (``file_for_rank``).  Otherwise every rank file is merged into full tensors and
+    cut for this rank (``reshard.load_resharded``), which needs the metadata's ``shard_specs`` and ``num_layers``.
+
+    Raises:
+        ValueError: the checkpoint lacks what resharding needs (it was written before they were recorded).
+    """
     import mindspore as ms
-    stored = ms.load_checkpoint(path)
-    missing = [p.name for p in parameters if p.name not in stored]
+    if same_split(meta, layout):
+        return {k: v.asnumpy() for k, v in ms.load_checkpoint(file_for_rank(directory, meta, rank, layout)).items()}
+    from mf_longseq.parallel.reshard import RankLayout, load_resharded
+    saved = meta["layout"]
+    needs = {"shard_specs": saved["mp"] != layout.mp, "num_layers": max(saved["pp"], layout.pp) > 1}
+    lacking = [key for key, needed in needs.items() if needed and meta.get(key) is None]
+    if lacking:
+        raise ValueError(f"--resume {directory}: written with model_parallel = {saved['mp']}, pipeline_stage = "
+                         f"{saved['pp']}; this run has {layout.mp}, {layout.pp}, and its {META} has no "
+                         f"{' / '.join(lacking)} to reshard with. Fix: resume with parallel_config.model_parallel: "
+                         f"{saved['mp']} and pipeline_stage: {saved['pp']}.")
+    target = RankLayout(dp=layout.dp, cp=layout.cp, mp=layout.mp, pp=layout.pp)
+    return load_resharded(directory, target=target, rank=rank)
+
+
+def assign(values: Mapping[str, np.ndarray], parameters, source: str) -> None:
+    """Copy ``values`` into ``parameters`` (matched by name); every parameter must be present with its shape."""
+    import mindspore as ms
+    missing = [p.name for p in parameters if p.name not in values]
     if missing:
-        raise ValueError(f"--resume: {path} lacks {len(missing)} parameters of this model (first: {missing[0]}). "
+        raise ValueError(f"--resume: {source} lacks {len(missing)} parameters of this model (first: {missing[0]}). "
                          "Fix: resume with the model config the checkpoint was written with (its config.yaml).")
     for p in parameters:
-        value = stored[p.name].asnumpy()
+        value = np.asarray(values[p.name])
         if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"--resume: {p.name} has shape {tuple(value.shape)} in {path}, the model has "
+            raise ValueError(f"--resume: {p.name} has shape {tuple(value.shape)} in {source}, the model has "
                              f"{tuple(p.shape)}. Fix: resume with the checkpoint's config.yaml.")
-        p.set_data(ms.Tensor(value).astype(p.dtype))
+        p.set_data(ms.Tensor(np.ascontiguousarray(value)).astype(p.dtype))
+
+
+def load_into(path: str, parameters) -> List[str]:
+    """Copy one rank file's values into ``parameters`` (matched by name); returns the file's names."""
+    import mindspore as ms
+    stored = {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items()}
+    assign(stored, parameters, path)
     return sorted(stored)
 
 

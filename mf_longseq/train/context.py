@@ -128,17 +128,6 @@ def runtime_context_kwargs(section: Optional[Mapping]) -> Dict[str, Any]:
     return {"runtime_num_threads": threads}
 
 
-def check_world(config, world_size: int) -> None:
-    """The parallel degrees must multiply to the number of ranks actually running."""
-    if config.world_size != world_size:
-        raise ValueError(
-            f"parallel_config: data_parallel x model_parallel x context_parallel x pipeline_stage = "
-            f"{config.data_parallel} x {config.model_parallel} x {config.context_parallel} x "
-            f"{config.pipeline_stage} = {config.world_size}, but {world_size} rank(s) are running. "
-            f"Fix: launch {config.world_size} workers (mf-longseq train --workers {config.world_size}, or "
-            f"msrun --worker_num {config.world_size}), or change the degrees.")
-
-
 def _set_device(target: str) -> None:
     """Set the device unless the process already did (msrun workers may set it, with their device id)."""
     import mindspore as ms
@@ -166,6 +155,7 @@ def setup(tree: Mapping, config) -> RunContext:
         ValueError: the degrees do not match the number of ranks, or a bad ``parallel:`` key.
     """
     import mindspore as ms
+    from mf_longseq.config import check_world_size
     from mf_longseq.parallel import Mesh
     _set_device(config.device_target)
     # Synchronous PyNative: with asynchronous dispatch (MindSpore 2.9, CPU) the gradients of the attention
@@ -180,7 +170,7 @@ def setup(tree: Mapping, config) -> RunContext:
         if not GlobalComm.INITED:                   # a process may run several jobs (tests): init once
             init()
         rank, world_size = get_rank(), get_group_size()
-    check_world(config, world_size)
+    check_world_size(config, world_size)
     applied = apply_parallel_context(tree.get("parallel"), world_size=world_size, rank=rank)
     mesh = Mesh.from_config(config, rank=rank)
     if world_size > 1:

@@ -10,7 +10,9 @@ Labels are shifted *globally*, before sharding (``labels[t] = tokens[t + 1]``), 
 each of its tokens, including the last token of a zigzag chunk whose successor lives on another rank.
 
 Synthetic tokens follow a seeded sparse Markov chain (each token has ``branching`` likely successors, with a
-little uniform noise): a model can learn it, so the loss visibly falls from ln(vocab) in a few steps.
+little uniform noise): a model can learn it, so the loss visibly falls from ln(vocab) in a few steps.  With an
+``eod_token_id`` they also hold EOD tokens at seeded random places, so packed training (``train/packing.py``) has
+documents to separate.
 """
 import os
 from dataclasses import dataclass
@@ -43,16 +45,28 @@ class SyntheticTokens:
         seed: seed of the transition table and of every sample.
         branching: likely successors per token (the learnable structure).
         noise: probability of a uniformly random next token.
+        eod_token_id: when set, this id ends a document at random places (seeded by the sample index);
+            the Markov chain restarts after it.  None (default): no EOD insertion, the stream of earlier versions.
+        mean_document_length: mean tokens per document when ``eod_token_id`` is set (EODs are placed
+            independently with probability 1 / mean_document_length per token).
     """
 
     kind = "synthetic"
 
-    def __init__(self, vocab_size: int, seq_length: int, seed: int = 0, branching: int = 4, noise: float = 0.1):
+    def __init__(self, vocab_size: int, seq_length: int, seed: int = 0, branching: int = 4, noise: float = 0.1,
+                 eod_token_id: Optional[int] = None, mean_document_length: int = 256):
         if vocab_size < 2:
             raise ValueError(f"model.model_config.vocab_size = {vocab_size}: synthetic tokens need at least 2 ids. "
                              "Fix: set vocab_size >= 2.")
+        if eod_token_id is not None and not 0 <= eod_token_id < vocab_size:
+            raise ValueError(f"EOD token id {eod_token_id}: not in the vocabulary [0, {vocab_size}). Fix: set "
+                             "train_dataset.data_loader.config.eod (or model.model_config.eos_token_id) below "
+                             "vocab_size.")
+        if mean_document_length < 1:
+            raise ValueError(f"mean_document_length = {mean_document_length}: must be at least 1.")
         self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
         self.branching, self.noise = branching, noise
+        self.eod_token_id, self.mean_document_length = eod_token_id, mean_document_length
         table_rng = np.random.default_rng([seed, 0x7AB1E])
         self.successors = table_rng.integers(0, vocab_size, size=(vocab_size, branching))   # (V, K)
 
@@ -66,16 +80,27 @@ class SyntheticTokens:
         choice = rng.integers(0, self.branching, size=n)
         random_tok = rng.integers(0, self.vocab_size, size=n)
         use_noise = rng.random(n) < self.noise
+        is_eod = np.zeros(n, dtype=bool)
+        if self.eod_token_id is not None:       # own generator: the draws of the EOD-free stream stay
+            is_eod = np.random.default_rng([self.seed, 2, index]).random(n) < 1.0 / self.mean_document_length
         out = np.empty(n, dtype=np.int64)
         out[0] = random_tok[0]
         succ = self.successors
         for t in range(1, n):
-            out[t] = random_tok[t] if use_noise[t] else succ[out[t - 1], choice[t]]
+            if is_eod[t]:
+                out[t] = self.eod_token_id
+            elif is_eod[t - 1]:
+                out[t] = random_tok[t]                                 # a new document starts anywhere
+            else:
+                out[t] = random_tok[t] if use_noise[t] else succ[out[t - 1], choice[t]]
         return out
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "seed": self.seed, "branching": self.branching,
-                "noise": self.noise}
+        out = {"kind": self.kind, "vocab_size": self.vocab_size, "seed": self.seed, "branching": self.branching,
+               "noise": self.noise}
+        if self.eod_token_id is not None:
+            out.update(eod_token_id=self.eod_token_id, mean_document_length=self.mean_document_length)
+        return out
 
 
 class ArrayTokens:
@@ -168,10 +193,13 @@ def default_bin_dtype(vocab_size: int) -> str:
 
 
 def open_source(path: Optional[str], *, vocab_size: int, seq_length: int, seed: int = 0,
-                dtype: Optional[str] = None):
-    """The token source of a run: synthetic when ``path`` is None, else the file (ids checked against vocab)."""
+                dtype: Optional[str] = None, eod_token_id: Optional[int] = None):
+    """The token source of a run: synthetic when ``path`` is None, else the file (ids checked against vocab).
+
+    ``eod_token_id`` (packed training): synthetic samples then contain EOD tokens; a file is read as it is.
+    """
     if path is None:
-        return SyntheticTokens(vocab_size, seq_length, seed)
+        return SyntheticTokens(vocab_size, seq_length, seed, eod_token_id=eod_token_id)
     tokens = read_token_file(path, dtype or default_bin_dtype(vocab_size))
     source = ArrayTokens(np.asarray(tokens), seq_length, path)
     top = source.max_token()

@@ -5,6 +5,10 @@
 Run keys read from the YAML (MindFormers' places): ``seed``, ``runner_config.batch_size`` (sequences per dp rank),
 ``model.model_config.vocab_size`` / ``pad_token_id``, ``optimizer``, ``lr_schedule``, ``parallel``; the rest
 through ``LongSeqConfig`` and the model builder.
+
+The layout is dp x pp x cp x mp (``parallel_config``): the model is built on the rank's mesh (tensor-parallel
+layers under mp), and with pipeline_stage > 1 each rank trains its stage (``build_trainer``).  ``--resume`` may
+name a checkpoint written under another layout (``runner.resume`` reshards it).
 """
 import logging
 import os
@@ -18,6 +22,7 @@ from mf_longseq.train import context as run_context
 from mf_longseq.train.data import open_source
 from mf_longseq.train.monitor import Monitor
 from mf_longseq.train.optim import AdamW, OptimSettings
+from mf_longseq.train.packing import PackingSettings
 from mf_longseq.train.runner import LoopSettings, Trainer, resume, save_checkpoint, train_loop
 
 logger = logging.getLogger(__name__)
@@ -91,12 +96,31 @@ def build_default_model(tree: dict, mesh):
     return build_model(tree, mesh=mesh)
 
 
+def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch_size: int,
+                  pad_token_id: Optional[int], packing: Optional[PackingSettings] = None) -> Trainer:
+    """The trainer of this rank: ``Trainer`` (dp x cp x mp), or with ``parallel_config.pipeline_stage`` > 1 the
+    ``PipelineTrainer`` of this rank's stage (``parallel_config.micro_batch_num`` micro-batches, 1F1B schedule).
+    ``packing``: packed documents (``train_dataset.data_loader.config.create_compressed_eod_mask``), pp = 1 only."""
+    if packing is not None:
+        packing.check_pipeline_stage(config.pipeline_stage)
+    if config.pipeline_stage > 1:
+        from mf_longseq.parallel.pipeline import PipelineTrainer
+        return PipelineTrainer(model=model, mesh=mesh, settings=settings, source=source, batch_size=batch_size,
+                               layout=config.layout, micro_batch_num=config.micro_batch_num, schedule="1f1b",
+                               pad_token_id=pad_token_id)
+    return Trainer(model=model, mesh=mesh, optimizer=AdamW(model.trainable_params(), settings), source=source,
+                   batch_size=batch_size, layout=config.layout, pad_token_id=pad_token_id, packing=packing)
+
+
 def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, stream=None):
     """Run the job on this rank (under msrun: every rank runs it). Returns the rank's list of StepRecords."""
     import mindspore as ms
     from mf_longseq.config import LongSeqConfig
     tree = load_tree(opts.config)
     config = LongSeqConfig.from_mindformers(tree)
+    packing = PackingSettings.from_mindformers(tree)                      # None: samples are not packed
+    if packing is not None:
+        packing.check_pipeline_stage(config.pipeline_stage)              # before any device work
     run = run_context.setup(tree, config)
     seed = int(tree.get("seed", 0) or 0) if opts.seed is None else opts.seed
     ms.set_seed(seed)
@@ -105,11 +129,11 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     settings = OptimSettings.from_mindformers(tree, opts.steps)
     vocab = _positive(tree, "model.model_config.vocab_size", 0)
     source = open_source(opts.data, vocab_size=vocab, seq_length=config.seq_length, seed=seed,
-                         dtype=opts.data_dtype)
-    trainer = Trainer(model=model, mesh=run.mesh, optimizer=AdamW(model.trainable_params(), settings),
-                      source=source, batch_size=_positive(tree, "runner_config.batch_size", 1),
-                      layout=config.layout,
-                      pad_token_id=model_config_value(tree, "pad_token_id") if opts.data else None)
+                         dtype=opts.data_dtype, eod_token_id=packing.eod_token_id if packing else None)
+    trainer = build_trainer(model=model, mesh=run.mesh, config=config, settings=settings, source=source,
+                            batch_size=_positive(tree, "runner_config.batch_size", 1),
+                            pad_token_id=model_config_value(tree, "pad_token_id") if opts.data else None,
+                            packing=packing)
     trainer.broadcast_weights()
     start = resume(trainer, run, config, opts.resume) if opts.resume else 0
     if start >= opts.steps:

@@ -12,16 +12,30 @@ EOD token; an EOD on the last token ends the last document (it adds no entry).  
 Every CP rank takes its tokens' ids and positions with ``shard_sequence(x, mesh, layout, seq_dim=1)``: both
 are global per token, so documents crossing shard or zigzag-chunk boundaries need nothing special.
 
+Training with packed samples (``Trainer(packing=PackingSettings.from_mindformers(yaml))``) reads MindFormers'
+dataset keys: ``train_dataset.data_loader.config.create_compressed_eod_mask: True`` turns packing on,
+``eod_pad_length`` (default 128, as MindFormers) bounds the documents per sample, ``eod`` is the EOD token id
+(``model.model_config.eos_token_id`` when unset), ``eod_mask_loss`` (default False) drops the loss of every
+position whose input token is the EOD (the EOD predicting the next document's first token).  MindFormers keeps
+that label by default, and so do we.  ``actual_seq_len`` is computed on the whole sample, before CP sharding.
+
 Padding: a compressed mask cannot hide pad tokens.  Put the padding in its own trailing document (it then sees
 only itself) and zero its loss mask.  Compared with MindFormers' ``_get_eod_attention_mask`` we always keep a
 final entry equal to S (TND needs it), so a sample may hold at most eod_pad_length documents, not one more.
 """
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-EOD_PAD_KEY = "train_dataset.data_loader.config.eod_pad_length"
+LOADER_KEY = "train_dataset.data_loader.config"
+PACKING_KEY = f"{LOADER_KEY}.create_compressed_eod_mask"
+EOD_PAD_KEY = f"{LOADER_KEY}.eod_pad_length"
+EOD_TOKEN_KEY = f"{LOADER_KEY}.eod"
+EOS_TOKEN_KEY = "model.model_config.eos_token_id"
+EOD_MASK_LOSS_KEY = f"{LOADER_KEY}.eod_mask_loss"
 EOD_RESET_KEY = "model.model_config.use_eod_reset"
+DEFAULT_EOD_PAD_LENGTH = 128                       # MindFormers' default (BlendedMegatronDatasetDataLoader)
 
 
 def _as_batch(x) -> np.ndarray:
@@ -95,5 +109,68 @@ def pack_documents(tokens, eod_token_id: int, eod_pad_length: int, use_eod_reset
             "position_ids": position_ids_from_actual_seq_len(ends, seq_len, use_eod_reset)}
 
 
-__all__ = ["actual_seq_len_from_tokens", "check_actual_seq_len", "segment_ids_from_actual_seq_len",
-           "position_ids_from_actual_seq_len", "pack_documents", "EOD_PAD_KEY", "EOD_RESET_KEY"]
+def _node(tree, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+@dataclass(frozen=True)
+class PackingSettings:
+    """How the trainer packs: EOD token, documents per sample, whether EOD positions count in the loss."""
+
+    eod_token_id: int
+    eod_pad_length: int = DEFAULT_EOD_PAD_LENGTH
+    eod_mask_loss: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.eod_token_id, bool) or not isinstance(self.eod_token_id, (int, np.integer)) \
+                or self.eod_token_id < 0:
+            raise ValueError(f"{EOD_TOKEN_KEY} = {self.eod_token_id!r} (or {EOS_TOKEN_KEY}): packing needs the "
+                             f"EOD token id, a non-negative integer. Fix: set {EOD_TOKEN_KEY} or {EOS_TOKEN_KEY}.")
+        if isinstance(self.eod_pad_length, bool) or not isinstance(self.eod_pad_length, (int, np.integer)) \
+                or self.eod_pad_length < 1:
+            raise ValueError(f"{EOD_PAD_KEY} = {self.eod_pad_length!r}: must be a positive integer. "
+                             f"Fix: set it to the largest number of documents a packed sample may hold.")
+        if not isinstance(self.eod_mask_loss, bool):
+            raise ValueError(f"{EOD_MASK_LOSS_KEY} = {self.eod_mask_loss!r}: must be True or False.")
+
+    @classmethod
+    def from_mindformers(cls, tree: dict) -> Optional["PackingSettings"]:
+        """The settings of a MindFormers YAML (as a plain dict); None when packing is off."""
+        loader = _node(tree, LOADER_KEY) or {}
+        if not isinstance(loader, dict):
+            loader = {}
+        on = loader.get("create_compressed_eod_mask", False)
+        if not isinstance(on, bool):
+            raise ValueError(f"{PACKING_KEY} = {on!r}: must be True or False.")
+        if not on:
+            return None
+        eod = loader.get("eod")
+        if eod is None or (isinstance(eod, int) and not isinstance(eod, bool) and eod < 0):   # MindFormers: -1 unset
+            eod = _node(tree, EOS_TOKEN_KEY)
+        pad_length = loader.get("eod_pad_length", loader.get("compressed_eod_mask_length", DEFAULT_EOD_PAD_LENGTH))
+        return cls(eod_token_id=eod, eod_pad_length=pad_length, eod_mask_loss=loader.get("eod_mask_loss", False))
+
+    def check_pipeline_stage(self, pipeline_stage: int) -> None:
+        """Packing and pipeline stages do not combine: the stages do not pass document ids to their layers."""
+        if pipeline_stage > 1:
+            raise ValueError(f"{PACKING_KEY} = True with parallel_config.pipeline_stage = {pipeline_stage}: "
+                             "pipeline stages do not pass document ids to their layers. Fix: set pipeline_stage: 1, "
+                             f"or {PACKING_KEY}: False.")
+
+    def pack(self, input_ids: np.ndarray, loss_mask: np.ndarray):
+        """Whole-sequence (B, S) input ids and loss mask -> (actual_seq_len (B, eod_pad_length) int32, loss mask).
+
+        The loss mask is copied and, with ``eod_mask_loss``, zeroed where the input token is the EOD.
+        """
+        ends = actual_seq_len_from_tokens(input_ids, self.eod_token_id, int(self.eod_pad_length))
+        mask = np.array(loss_mask, np.float32)
+        if self.eod_mask_loss:
+            mask[np.asarray(input_ids) == self.eod_token_id] = 0.0
+        return ends.astype(np.int32), mask
+
+
+__all__ = ["PackingSettings", "actual_seq_len_from_tokens", "check_actual_seq_len", "segment_ids_from_actual_seq_len",
+           "position_ids_from_actual_seq_len", "pack_documents", "EOD_PAD_KEY", "EOD_RESET_KEY",
+           "EOD_TOKEN_KEY", "EOS_TOKEN_KEY", "EOD_MASK_LOSS_KEY", "PACKING_KEY"]

@@ -10,6 +10,10 @@ One step on a rank of a dp x cp mesh (weights replicated over dp x cp)::
     grads      = all_reduce(grads, dp_cp)                      sum over ranks = gradient of the global mean
     AdamW step; logged loss = all_reduce(loss_sum) / count
 
+Packed documents (``packing`` set): ``actual_seq_len`` (B, L) is computed from the whole sequences of the batch,
+before sharding, and passed to the model as a fourth input; labels across document ends are kept (MindFormers'
+default) unless ``eod_mask_loss``.
+
 The exchanges inside attention have custom backwards that send gradients back to the rank owning the tokens,
 so the sum over ranks of the per-rank gradients is the gradient of the whole objective: CP=N equals CP=1.
 """
@@ -46,20 +50,25 @@ class Trainer:
         batch_size: sequences per dp rank per step.
         layout: sequence layout of the CP shards (``LongSeqConfig.layout``).
         pad_token_id: labels equal to it do not count (None: every label counts).
+        packing: ``PackingSettings`` for packed samples (the model then also takes ``actual_seq_len``); None:
+            every sample is one document.  Not with pipeline stages.
     """
 
     def __init__(self, *, model, mesh, optimizer, source, batch_size: int, layout: str,
-                 pad_token_id: Optional[int] = None):
+                 pad_token_id: Optional[int] = None, packing=None):
         import mindspore as ms
+        if packing is not None:
+            packing.check_pipeline_stage(mesh.pp)
         self.model, self.mesh, self.optimizer, self.source = model, mesh, optimizer, source
         self.batch_size, self.layout, self.pad_token_id = batch_size, layout, pad_token_id
+        self.packing = packing
         self.params = list(optimizer.params)
         self.group = mesh.group("dp_cp")
         self.grad_fn = ms.value_and_grad(self._objective, None, self.params, has_aux=True)
         self.losses: List[float] = []
 
-    def _objective(self, input_ids, labels, loss_mask, inv_count):
-        loss_sum, token_count = self.model(input_ids, labels, loss_mask)
+    def _objective(self, input_ids, labels, loss_mask, inv_count, *actual_seq_len):
+        loss_sum, token_count = self.model(input_ids, labels, loss_mask, *actual_seq_len)
         return loss_sum * inv_count, loss_sum, token_count
 
     def _sum(self, value: float) -> float:
@@ -70,15 +79,20 @@ class Trainer:
         return float(all_reduce(ms.Tensor(np.array([value], np.float32)), self.group).asnumpy()[0])
 
     def local_batch(self, step: int):
-        """This rank's (B, S/CP) shards of the dp rank's batch at ``step``, as Tensors."""
+        """This rank's (B, S/CP) shards of the dp rank's batch at ``step``, as Tensors: input_ids, labels,
+        loss_mask, and with packing a fourth, actual_seq_len (B, eod_pad_length) of the whole sequences."""
         import mindspore as ms
         from mf_longseq.parallel import shard_sequence
         dp_id = self.mesh.coords()["dp_id"]
         batch = batch_for_step(self.source, step, batch_size=self.batch_size, dp=self.mesh.dp, dp_id=dp_id,
                                pad_token_id=self.pad_token_id)
+        loss_mask, packed = batch.loss_mask, []
+        if self.packing is not None:                                            # before sharding: global ends
+            actual_seq_len, loss_mask = self.packing.pack(batch.input_ids, batch.loss_mask)
+            packed = [ms.Tensor(actual_seq_len)]                               # (B, eod_pad_length) int32
         shards = [shard_sequence(x, self.mesh, self.layout, seq_dim=1)          # (B, S) -> (B, S/CP)
-                  for x in (batch.input_ids, batch.labels, batch.loss_mask)]
-        return [ms.Tensor(np.ascontiguousarray(x)) for x in shards]
+                  for x in (batch.input_ids, batch.labels, loss_mask)]
+        return [ms.Tensor(np.ascontiguousarray(x)) for x in shards] + packed
 
     def sync_gradients(self, grads):
         """The gradients summed over dp x cp, as one flat float32 buffer (one collective per step)."""
@@ -88,13 +102,13 @@ class Trainer:
     def step(self, step: int) -> StepResult:
         """Run update number ``step`` (0-based): forward, backward, gradient sum, AdamW."""
         import mindspore as ms
-        input_ids, labels, loss_mask = self.local_batch(step)
+        input_ids, labels, loss_mask, *actual_seq_len = self.local_batch(step)
         count = self._sum(float(loss_mask.asnumpy().sum(dtype=np.float64)))
         if count <= 0:
             raise ValueError(f"step {step}: every label is masked (pad_token_id = {self.pad_token_id}). "
                              "Fix: check the data or model.model_config.pad_token_id.")
         inv_count = ms.Tensor(np.float32(1.0 / count))
-        (_, loss_sum, _), grads = self.grad_fn(input_ids, labels, loss_mask, inv_count)
+        (_, loss_sum, _), grads = self.grad_fn(input_ids, labels, loss_mask, inv_count, *actual_seq_len)
         lr = self.optimizer.step_flat(self.sync_gradients(grads))
         loss = self._sum(float(loss_sum.asnumpy())) / count
         self.losses.append(loss)
@@ -114,12 +128,6 @@ class Trainer:
     def state_parameters(self):
         """Everything a checkpoint holds for this rank: all model parameters and the optimizer moments."""
         return list(self.model.get_parameters()) + self.optimizer.state_parameters()
-
-    def load_state(self, path: str, step_count: int) -> None:
-        """Restore the model parameters and the optimizer from one rank file."""
-        moments = self.optimizer.state_parameters()
-        ckpt.load_into(path, list(self.model.get_parameters()) + moments)
-        self.optimizer.load_state(moments, step_count)
 
 
 def world_gather(values: List[float], rank: int, world_size: int) -> List[float]:
@@ -170,27 +178,53 @@ def train_loop(trainer: Trainer, run, loop: LoopSettings, *, monitor: Monitor,
 
 
 def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: dict, config, data: dict) -> str:
-    """Write this rank's file (every rank calls it at the same step) and, on rank 0, the metadata."""
+    """Write this rank's file (every rank calls it at the same step) and, on rank 0, the metadata.
+
+    The rank file holds ``trainer.state_parameters()`` (under pp: this stage's weights and moments only); the
+    metadata names the layout, the shard spec of every mp-split weight and ``num_layers``, for resharding.
+    """
+    from mf_longseq.parallel.tensor_parallel import shard_specs
     opt = trainer.optimizer.settings
+    num_layers = ((tree.get("model") or {}).get("model_config") or {}).get("num_layers")
     return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
                      barrier=barrier(run.world_size), layout=ckpt.Layout.of(config), config_tree=tree, data=data,
                      optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
                                 "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
                                 "weight_decay": opt.weight_decay, "warmup_steps": opt.warmup_steps,
                                 "decay": opt.decay, "total_steps": opt.total_steps},
-                     losses=trainer.losses)
+                     losses=trainer.losses,
+                     shard_specs={name: spec.to_dict() for name, spec in shard_specs(trainer.model).items()},
+                     num_layers=num_layers)
 
 
 def resume(trainer: Trainer, run, config, path: str) -> int:
-    """Load a checkpoint into the trainer; returns the step to continue from."""
+    """Load a checkpoint into the trainer, under this run's layout; returns the step to continue from.
+
+    Another dp / cp reads one replica; another mp or pp reshards the whole checkpoint for this rank
+    (``checkpoint.state_for_rank``).  The weights and moments are then exactly those of the saved run.
+    """
     directory = ckpt.find_resume_dir(path)
     meta = ckpt.read_meta(directory)
-    file = ckpt.file_for_rank(directory, meta, run.rank, ckpt.Layout.of(config))
-    trainer.load_state(file, meta["optimizer"]["step_count"])
+    layout = ckpt.Layout.of(config)
+    load_trainer_state(trainer, ckpt.state_for_rank(directory, meta, run.rank, layout),
+                       meta["optimizer"]["step_count"], source=directory)
     trainer.losses = list(meta["losses"])
     if run.rank == 0:
-        logger.info("resumed from %s (step %d)", directory, meta["step"])
+        saved = meta["layout"]
+        how = "" if ckpt.same_split(meta, layout) else (
+            f", resharded from mp {saved['mp']} x pp {saved['pp']} to mp {layout.mp} x pp {layout.pp}")
+        logger.info("resumed from %s (step %d%s)", directory, meta["step"], how)
     return int(meta["step"])
+
+
+def load_trainer_state(trainer: Trainer, values, step_count: int, *, source: str) -> None:
+    """Set the trainer's checkpointed parameters and AdamW moments (``adam_m.<name>`` / ``adam_v.<name>``) from
+    ``values`` (name -> array) and the optimizer's update counter to ``step_count``."""
+    moments = trainer.optimizer.state_parameters()
+    moment_names = {p.name for p in moments}
+    weights = [p for p in trainer.state_parameters() if p.name not in moment_names]
+    ckpt.assign(values, weights + moments, source)
+    trainer.optimizer.load_state(moments, step_count)
 
 
 def output_path(output_dir: str, name: str) -> str:

@@ -2,25 +2,36 @@
 
 Usage (under msrun, 4 workers): python compose_worker.py OUT_DIR [case,case,...]
 
-Every case trains a tiny LLaMA2 with GQA (4 heads, 2 kv heads) for ``STEPS`` steps and writes, per rank,
-OUT_DIR/<case>/rank<r>.npz: the losses and this rank's trained weights (its mp shard; its stage's weights).
-The test merges the shards (``reshard.merge_rank_states``) and compares them with a one-rank run of the same
-functions (``train_case(.., single=True)``) in the pytest process.
+Library cases (``CASES``): a tiny LLaMA2 with GQA (4 heads, 2 kv heads) trains for ``STEPS`` steps on hand-built
+trainers (``train_case``); per rank OUT_DIR/<case>/rank<r>.npz holds the losses and this rank's trained weights
+(its mp shard; its stage's weights).  The test merges the shards (``reshard.merge_rank_states``) and compares them
+with a one-rank run of the same functions (``train_case(.., single=True)``) in the pytest process.
 
-``mp2_cp2`` also saves a checkpoint after ``STEPS`` steps (per-rank files + metadata with the shard specs) and
-records its next-step loss; ``resume_cp4`` loads that checkpoint resharded to cp4 and runs the next step.
-``world_size`` records the error ``check_world_size`` raises for a config of 8 ranks started on 4.
+User-path cases (``JOB_CASES``) go through ``train.job.run_job``, as ``mf-longseq train`` does, and its
+checkpoints (``runner.save_checkpoint`` / ``runner.resume``); per rank OUT_DIR/<case>/rank<r>.json holds the
+logged steps and losses:
+
+* ``job_pp2_cp2``: pp2 x cp2 (1F1B, 2 micro-batches) for ``JOB_SAVE_STEP`` steps, saving at the last one;
+* ``job_mp2_cp2``: mp2 x cp2 for ``JOB_SAVE_STEP`` steps, saving at the last one;
+* ``job_resume_cp4``: that mp2 x cp2 checkpoint resumed under cp4 (resharded) up to step ``JOB_STEPS``.
+
+``world_size`` records the error the run set-up (``train.context.setup``) raises for a config of 8 ranks
+started on 4.
 """
+import io
 import json
 import os
-import sys
 
 import numpy as np
+
+from worker_main import join_launch, run_cases
 
 WORLD = 4
 STEPS = 5
 GLOBAL_BATCH = 2
 SEQ = 32
+JOB_SAVE_STEP = 3            # the user-path runs save here ...
+JOB_STEPS = 5                # ... and the resumed run continues to here
 
 # name: (dp, mp, cp, pp, algo, micro_batch_num)
 CASES = {
@@ -29,6 +40,12 @@ CASES = {
     "pp2_cp2": (1, 1, 2, 2, "colossalai_cp", 2),
     "mp2_ulysses2": (1, 2, 2, 1, "ulysses_cp", 1),
     "mp4_kv_replicated": (1, 4, 1, 1, "colossalai_cp", 1),
+}
+# name: layout (as CASES) of a run_job case; job_resume_cp4 resumes job_mp2_cp2's checkpoint
+JOB_CASES = {
+    "job_pp2_cp2": (1, 1, 2, 2, "colossalai_cp", 2),
+    "job_mp2_cp2": (1, 2, 2, 1, "colossalai_cp", 1),
+    "job_resume_cp4": (1, 1, 4, 1, "colossalai_cp", 1),
 }
 
 
@@ -56,24 +73,17 @@ def build(tree, rank=None):
     from mf_longseq.config import LongSeqConfig
     from mf_longseq.models import build_model
     from mf_longseq.parallel import Mesh
-    from mf_longseq.parallel.pipeline import PipelineTrainer
     from mf_longseq.train.data import SyntheticTokens
-    from mf_longseq.train.optim import AdamW, OptimSettings
-    from mf_longseq.train.runner import Trainer
+    from mf_longseq.train.job import build_trainer
+    from mf_longseq.train.optim import OptimSettings
     config = LongSeqConfig.from_mindformers(tree)
     mesh = Mesh.from_config(config, rank=rank)
     if mesh.world_size > 1:
         mesh.create_groups()
-    model = build_model(tree, mesh=mesh)
-    settings = OptimSettings.from_mindformers(tree, STEPS + 1)
-    source = SyntheticTokens(64, SEQ, seed=3)
-    batch = tree["runner_config"]["batch_size"]
-    if config.pipeline_stage > 1:
-        trainer = PipelineTrainer(model=model, mesh=mesh, settings=settings, source=source, batch_size=batch,
-                                  layout=config.layout, micro_batch_num=config.micro_batch_num)
-    else:
-        trainer = Trainer(model=model, mesh=mesh, optimizer=AdamW(model.trainable_params(), settings),
-                          source=source, batch_size=batch, layout=config.layout)
+    trainer = build_trainer(model=build_model(tree, mesh=mesh), mesh=mesh, config=config,
+                            settings=OptimSettings.from_mindformers(tree, STEPS + 1),
+                            source=SyntheticTokens(64, SEQ, seed=3), batch_size=tree["runner_config"]["batch_size"],
+                            pad_token_id=None)
     return config, mesh, trainer
 
 
@@ -91,84 +101,58 @@ def train_case(name, *, single=False, rank=None):
     return losses, trainer
 
 
-def save_checkpoint(trainer, mesh, config, directory):
-    """Per-rank files (weights + moments) and, on rank 0, metadata naming the layout and the shard specs."""
-    from mf_longseq.parallel.tensor_parallel import shard_specs
-    from mf_longseq.train import checkpoint as ckpt
-    from mf_longseq.train.runner import barrier
-    ckpt.save_rank(directory, mesh.rank, list(trainer.optimizer.params) + trainer.optimizer.state_parameters())
-    barrier(mesh.world_size)()
-    if mesh.rank == 0:
-        specs = {name: spec.to_dict() for name, spec in shard_specs(trainer.model).items()}
-        ckpt.write_meta(directory, step=STEPS, layout=ckpt.Layout.of(config), config_tree={}, data={},
-                        optimizer={"step_count": trainer.optimizer.step_count}, losses=trainer.losses,
-                        extra={"shard_specs": specs, "num_layers": 2})
-    barrier(mesh.world_size)()
+def run_dir(out_dir, name):
+    return os.path.join(out_dir, name, "run")
 
 
-def resume_next_loss(directory, tree, rank=None):
-    """Load the checkpoint in ``directory`` resharded for ``tree``'s layout; return the next step's loss."""
-    from mf_longseq.parallel.reshard import RankLayout, load_resharded
-    config, mesh, trainer = build(tree, rank=rank)
-    target = RankLayout(dp=mesh.dp, cp=mesh.cp, mp=mesh.mp, pp=mesh.pp)
-    state = load_resharded(directory, target=target, rank=mesh.rank)
-    weights, moments = list(trainer.optimizer.params), trainer.optimizer.state_parameters()
-    missing = [p.name for p in weights + moments if p.name not in state]
-    assert not missing, f"resharded state lacks {missing[:3]}"
-    for p in weights + moments:
-        p.set_data(_tensor(state[p.name], p))
-    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
-        step_count = json.load(handle)["optimizer"]["step_count"]
-    trainer.optimizer.load_state(moments, step_count)
-    return trainer.step(STEPS).loss
+def run_job_case(name, out_dir, *, rank):
+    """Run a ``JOB_CASES`` case through ``run_job`` (the user path) and write this rank's steps and losses."""
+    from mf_longseq.train.checkpoint import step_dir
+    from mf_longseq.train.job import JobOptions, run_job
+    tree = tiny_tree(*JOB_CASES[name])
+    if name == "job_resume_cp4":
+        opts = JobOptions(config=tree, steps=JOB_STEPS, output_dir=run_dir(out_dir, name),
+                          resume=step_dir(run_dir(out_dir, "job_mp2_cp2"), JOB_SAVE_STEP))
+    else:
+        opts = JobOptions(config=tree, steps=JOB_SAVE_STEP, save_every=JOB_SAVE_STEP,
+                          output_dir=run_dir(out_dir, name))
+    records = run_job(opts, stream=io.StringIO())
+    with open(os.path.join(out_dir, name, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
+        json.dump({"steps": [r.step for r in records], "losses": [r.loss for r in records]}, handle)
 
 
-def _tensor(value, like):
-    from mindspore import Tensor
-    return Tensor(np.ascontiguousarray(value)).astype(like.dtype)
+def world_size_message():
+    """The error the run set-up raises for degrees of 8 ranks on the 4 running ones ("" if none)."""
+    from mf_longseq.config import LongSeqConfig
+    from mf_longseq.train.context import setup
+    tree = tiny_tree(dp=2, cp=2, pp=2, micro=2)
+    try:
+        setup(tree, LongSeqConfig.from_mindformers(tree))
+    except ValueError as err:
+        return str(err)
+    return ""
 
 
 def run(name, rank, out_dir):
     os.makedirs(os.path.join(out_dir, name), exist_ok=True)
     path = os.path.join(out_dir, name, f"rank{rank}.npz")
     if name == "world_size":
-        from mf_longseq.config import LongSeqConfig, check_world_size
-        try:
-            check_world_size(LongSeqConfig.from_mindformers(tiny_tree(dp=2, cp=2, pp=2, micro=2)), WORLD)
-            message = ""
-        except ValueError as err:
-            message = str(err)
-        np.savez(path, message=np.array(message))
+        np.savez(path, message=np.array(world_size_message()))
         return
-    if name == "resume_cp4":
-        loss = resume_next_loss(os.path.join(out_dir, "ckpt_mp2_cp2"), tiny_tree(cp=4), rank=rank)
-        np.savez(path, next_loss=np.float64(loss))
+    if name in JOB_CASES:
+        run_job_case(name, out_dir, rank=rank)
         return
     losses, trainer = train_case(name, rank=rank)
-    extra = {f"state/{k}": v for k, v in trained_state(trainer).items()}            # after STEPS steps
-    if name == "mp2_cp2":
-        from mf_longseq.config import LongSeqConfig
-        save_checkpoint(trainer, trainer.mesh, LongSeqConfig.from_mindformers(tiny_tree(*CASES[name])),
-                        os.path.join(out_dir, "ckpt_mp2_cp2"))
-        extra["next_loss"] = np.float64(trainer.step(STEPS).loss)
     from mf_longseq.parallel.tensor_parallel import shard_specs
     specs = json.dumps({k: spec.to_dict() for k, spec in shard_specs(trainer.model).items()})
-    np.savez(path, losses=np.array(losses, np.float64), specs=np.array(specs), **extra)
+    state = {f"state/{k}": v for k, v in trained_state(trainer).items()}                # after STEPS steps
+    np.savez(path, losses=np.array(losses, np.float64), specs=np.array(specs), **state)
 
 
 def main():
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-    ms.set_device("CPU")
-    init()
-    ms.runtime.launch_blocking()      # emulated exchanges in several groups: run ops in the order they are issued
-    rank = get_rank()
-    assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
-    out_dir = sys.argv[1]
-    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES) + ["resume_cp4", "world_size"]
-    for name in names:
-        run(name, rank, out_dir)
-        print(f"rank {rank}: {name} done", flush=True)
+    rank, out_dir, only = join_launch(WORLD)
+    names = list(CASES) + list(JOB_CASES) + ["world_size"]
+    run_cases(names, lambda name: run(name, rank, out_dir), only, rank, name_of=lambda name: name)
 
 
 if __name__ == "__main__":

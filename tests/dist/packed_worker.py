@@ -1,15 +1,19 @@
 """msrun worker: packed documents (EOD) under every CP algorithm; one launch of 4 CPU workers runs every case.
 
-Usage (under msrun): python packed_worker.py OUT_DIR
-Each rank writes OUT_DIR/<case>/rank<r>.npz with its positions, output and gradients (dq, dk, dv).
+Usage (under msrun): python packed_worker.py OUT_DIR [CASE,CASE,..]
+Attention cases (``CASES``): each rank writes OUT_DIR/<case>/rank<r>.npz with its positions, output and
+gradients (dq, dk, dv).  Model cases (``MODEL_CASES``): a tiny LLaMA2 (use_eod_reset) on packed samples; each
+rank writes its loss sum, token count and the gradient of its loss sum for every weight (the test adds them up
+over a dp group and compares with the one-process model, ``build_packed_model(None)``).
 Documents come from EOD tokens through ``train.packing`` (MindFormers' actual_seq_len format), per sample,
 and cross shard boundaries, zigzag chunk boundaries and (for zigzag) the gap between a rank's two chunks.
 """
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
+
+from worker_main import join_launch, run_cases
 
 WORLD = 4
 SEQ_LEN = 96
@@ -62,6 +66,75 @@ def segment_ids(case: PackedCase) -> np.ndarray:
     return ids if case.per_sample else ids[1]
 
 
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    algo: str
+    cp: int
+    ulysses: int = 1
+    layout: str = "zigzag"
+
+    @property
+    def dp(self) -> int:
+        return WORLD // self.cp
+
+
+MODEL_CASES = [
+    ModelCase("model_ring_cp2_zigzag", "colossalai_cp", 2),
+    ModelCase("model_ulysses_cp2", "ulysses_cp", 2, ulysses=2),
+    ModelCase("model_hybrid_cp4_u2r2_zigzag", "hybrid_cp", 4, ulysses=2),
+]
+
+
+def build_packed_model(case, rank: int = 0):
+    """The tiny LLaMA2 of the model cases on ``case``'s mesh (groups created), or on one process (case None)."""
+    from mf_longseq.config import LongSeqConfig
+    from mf_longseq.models import LlamaLongSeqConfig, build_model
+    from mf_longseq.parallel import Mesh
+    cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=SEQ_LEN, use_eod_reset=True, initializer_range=0.2)
+    parallel = {} if case is None else dict(data_parallel=case.dp, context_parallel=case.cp,
+                                            context_parallel_algo=case.algo, ulysses_degree_in_cp=case.ulysses,
+                                            layout=case.layout)
+    long_seq = LongSeqConfig(seq_length=SEQ_LEN, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
+                             num_layers=cfg.num_layers, block_size=16, **parallel)
+    mesh = Mesh(rank=0) if case is None else Mesh.from_config(long_seq, rank=rank).create_groups()
+    return build_model(cfg, mesh=mesh, long_seq_config=long_seq)
+
+
+def model_batch():
+    """Whole-sequence (B, S) input_ids, labels, loss_mask and (B, 8) actual_seq_len with documents ``DOC_ENDS``."""
+    from mf_longseq.train.packing import actual_seq_len_from_tokens
+    rng = np.random.default_rng(31)
+    tokens = rng.integers(3, 256, (len(DOC_ENDS), SEQ_LEN + 1))
+    for b, ends in enumerate(DOC_ENDS):
+        tokens[b, [e - 1 for e in ends]] = EOD                        # a document ends after its EOD token
+    input_ids, labels = tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32)
+    loss_mask = (rng.random(input_ids.shape) > 0.2).astype(np.float32)
+    return input_ids, labels, loss_mask, actual_seq_len_from_tokens(input_ids, EOD, 8).astype(np.int32)
+
+
+def model_loss_and_grads(model, input_ids, labels, loss_mask, actual_seq_len):
+    """(loss_sum, token_count, {weight name: d loss_sum / d weight}) of one forward and backward."""
+    import mindspore as ms
+    from mindspore import Tensor
+    params = model.trainable_params()
+    grad_fn = ms.value_and_grad(lambda *xs: model(*xs), None, params, has_aux=True)
+    (loss_sum, count), grads = grad_fn(Tensor(input_ids), Tensor(labels), Tensor(loss_mask), Tensor(actual_seq_len))
+    return (float(loss_sum.asnumpy()), float(count.asnumpy()),
+            {p.name: np.array(g.asnumpy()) for p, g in zip(params, grads)})
+
+
+def run_model_case(case: ModelCase, rank: int, out_dir: str) -> None:
+    from mf_longseq.parallel import shard_sequence
+    model = build_packed_model(case, rank)
+    input_ids, labels, loss_mask, actual_seq_len = model_batch()
+    local = [shard_sequence(x, model.mesh, case.layout, seq_dim=1) for x in (input_ids, labels, loss_mask)]
+    loss_sum, count, grads = model_loss_and_grads(model, *local, actual_seq_len)   # ends stay global
+    os.makedirs(os.path.join(out_dir, case.name), exist_ok=True)
+    np.savez(os.path.join(out_dir, case.name, f"rank{rank}.npz"), dp_id=model.mesh.coords()["dp_id"],
+             loss_sum=loss_sum, count=count, **{"grad:" + name: g for name, g in grads.items()})
+
+
 def inputs(case: PackedCase, dp_id: int):
     """Full-sequence q, k, v, dout of one dp group (the test rebuilds them the same way)."""
     rng = np.random.default_rng(2000 + dp_id)
@@ -97,18 +170,9 @@ def run_case(case: PackedCase, rank: int, out_dir: str) -> None:
 
 
 def main():
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
-    assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
-    out_dir = sys.argv[1]
-    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
-    for case in CASES:
-        if only is None or case.name in only:
-            run_case(case, rank, out_dir)
-            print(f"rank {rank}: {case.name} done", flush=True)
+    rank, out_dir, only = join_launch(WORLD)
+    run_cases(CASES, lambda case: run_case(case, rank, out_dir), only, rank)
+    run_cases(MODEL_CASES, lambda case: run_model_case(case, rank, out_dir), only, rank)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 One msrun launch (``compose_worker.py``) trains a tiny LLaMA2 with GQA for 5 steps in dp2 x cp2, mp2 x cp2,
 pp2 x cp2 (1F1B, 2 micro-batches), cp2 Ulysses under mp2 and mp4 (kv heads replicated).  The oracle is the
 same training on one rank, run here in the pytest process: losses and the final weights (every rank's shards
-merged with ``reshard.merge_rank_states``) must agree within 1e-5 relative.  A checkpoint saved under
-mp2 x cp2 is loaded under cp4 (in the launch) and on one rank (here): the next-step loss is the same.
+merged with ``reshard.merge_rank_states``) must agree within 1e-5 relative.
+
+The user's path, ``run_job`` (``mf-longseq train``), runs in the same launch: pp2 x cp2 for 3 steps equals the
+one-rank ``run_job``; a run under mp2 x cp2 saves at step 3 and resumes under cp4 (in the launch) and on one rank
+(here), as does the pp2 x cp2 checkpoint; steps 4-5 equal those of an uninterrupted one-rank run.
 
 The validation rules of the composition are tested here too, each with its exact message.
 """
+import io
 import json
 from pathlib import Path
 
@@ -69,14 +73,73 @@ def test_layout_trains_like_one_rank(name, launch, reference):
     assert rel_err(reference["losses"][-1], reference["losses"][0]) > 1e-3     # the weights did move
 
 
+# ------------------------------------------------------------------------------ the user path: run_job
+@pytest.fixture(scope="module")
+def job_reference():
+    """Losses of steps 1..JOB_STEPS of the one-rank run_job of the same config."""
+    from mf_longseq.train.job import JobOptions, run_job
+    return [r.loss for r in run_job(JobOptions(config=cw.tiny_tree(), steps=cw.JOB_STEPS), stream=io.StringIO())]
+
+
+def job_log(out_dir, name, rank):
+    return json.loads((out_dir / name / f"rank{rank}.json").read_text())
+
+
+def job_checkpoint(out_dir, name):
+    from mf_longseq.train.checkpoint import step_dir
+    return Path(step_dir(str(cw.run_dir(str(out_dir), name)), cw.JOB_SAVE_STEP))
+
+
+def assert_losses(got, want, what):
+    errors = [rel_err(a, b) for a, b in zip(got, want)]
+    assert len(got) == len(want) and max(errors) <= RTOL, f"{what}: {got} vs {want}"
+
+
 @pytest.mark.dist
-def test_checkpoint_mp2_cp2_resumes_under_cp4_and_one_rank(launch, reference):
-    saved = float(np.load(launch / "mp2_cp2" / "rank0.npz")["next_loss"])
-    cp4 = [float(np.load(launch / "resume_cp4" / f"rank{r}.npz")["next_loss"]) for r in range(cw.WORLD)]
-    one = cw.resume_next_loss(str(launch / "ckpt_mp2_cp2"), cw.tiny_tree(), rank=0)
-    for loss in cp4 + [one]:
-        assert rel_err(loss, saved) <= 1e-6, (saved, cp4, one)
-    assert rel_err(saved, reference["next_loss"]) <= RTOL
+@pytest.mark.parametrize("name", ["job_pp2_cp2", "job_mp2_cp2"])
+def test_run_job_layout_equals_one_rank(name, launch, job_reference):
+    for rank in range(cw.WORLD):
+        log = job_log(launch, name, rank)
+        assert log["steps"] == list(range(1, cw.JOB_SAVE_STEP + 1))
+        assert_losses(log["losses"], job_reference[:cw.JOB_SAVE_STEP], f"{name} rank {rank}")
+    assert rel_err(job_reference[cw.JOB_SAVE_STEP - 1], job_reference[0]) > 1e-4          # the weights did move
+
+
+@pytest.mark.dist
+def test_pipeline_checkpoint_holds_each_stage_only(launch):
+    import mindspore as ms
+    directory = job_checkpoint(launch, "job_pp2_cp2")
+    meta = json.loads((directory / "meta.json").read_text())
+    assert (meta["layout"]["pp"], meta["layout"]["cp"], meta["num_layers"]) == (2, 2, 2)
+    stage_weights = {0: {"model.embed_tokens.weight"}, 1: {"model.norm.weight", "lm_head.weight"}}
+    for rank in range(cw.WORLD):
+        stage = rank // 2                                              # rank = stage * (dp*cp*mp) + ...
+        names = set(ms.load_checkpoint(str(directory / f"rank_{rank}.ckpt")))
+        layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+        assert layers == {stage}, (rank, sorted(names))
+        assert stage_weights[stage] <= names and not stage_weights[1 - stage] & names, (rank, sorted(names))
+        weights = {n for n in names if not n.startswith("adam_")}
+        assert names == weights | {f"adam_m.{n}" for n in weights} | {f"adam_v.{n}" for n in weights}
+
+
+@pytest.mark.dist
+def test_mp2_cp2_checkpoint_resumes_under_cp4(launch, job_reference):
+    meta = json.loads((job_checkpoint(launch, "job_mp2_cp2") / "meta.json").read_text())
+    assert meta["layout"]["mp"] == 2 and meta["shard_specs"]["lm_head.weight"]["kind"] == "split"
+    for rank in range(cw.WORLD):
+        log = job_log(launch, "job_resume_cp4", rank)
+        assert log["steps"] == list(range(cw.JOB_SAVE_STEP + 1, cw.JOB_STEPS + 1))
+        assert_losses(log["losses"], job_reference[cw.JOB_SAVE_STEP:], f"cp4 resume rank {rank}")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", ["job_mp2_cp2", "job_pp2_cp2"])
+def test_checkpoint_resumes_on_one_rank(name, launch, job_reference, tmp_path):
+    from mf_longseq.train.job import JobOptions, run_job
+    records = run_job(JobOptions(config=cw.tiny_tree(), steps=cw.JOB_STEPS, output_dir=str(tmp_path),
+                                 resume=str(job_checkpoint(launch, name))), stream=io.StringIO())
+    assert [r.step for r in records] == list(range(cw.JOB_SAVE_STEP + 1, cw.JOB_STEPS + 1))
+    assert_losses([r.loss for r in records], job_reference[cw.JOB_SAVE_STEP:], f"{name} resumed on one rank")
 
 
 @pytest.mark.dist

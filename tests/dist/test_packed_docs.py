@@ -1,16 +1,20 @@
 """Packed documents under ring, Ulysses and hybrid CP (2 and 4 ranks, zigzag and contiguous), forward and
 backward, on real msrun CPU workers: every gathered output and gradient matches the float64 oracle of
-block-diagonal causal attention within 1e-5.  One launch of 4 workers runs every case of packed_worker.CASES."""
+block-diagonal causal attention within 1e-5.  Then the whole model: a tiny LLaMA2 with use_eod_reset on packed
+samples under ring (zigzag), Ulysses and hybrid 2 x 2 has the loss and the gradient of the one-process model
+within 1e-5 relative.  One launch of 4 workers runs every case of packed_worker.CASES and MODEL_CASES."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from oracle import causal_allowed, reference_attention
-from packed_worker import CASES, SEQ_LEN, WORLD, inputs, segment_ids
+from packed_worker import (CASES, MODEL_CASES, SEQ_LEN, WORLD, build_packed_model, inputs, model_batch,
+                           model_loss_and_grads, segment_ids)
 
 WORKER = Path(__file__).with_name("packed_worker.py")
 TOL = 1e-5
+MODEL_RTOL = 1e-5
 
 pytestmark = pytest.mark.dist
 
@@ -59,3 +63,25 @@ def test_packed_case_matches_oracle(case, results):
     errors = case_errors(case, results)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOL, f"{case.name}: {worst} max abs error {errors[worst]:.2e} > {TOL}"
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """Loss sum, token count and gradients of the tiny model on one process (CP = 1), whole sequences."""
+    return model_loss_and_grads(build_packed_model(None), *model_batch())
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c.name for c in MODEL_CASES])
+def test_packed_model_loss_and_grads_match_one_process(case, results, single_process):
+    want_loss, want_count, want_grads = single_process
+    shards = [dict(np.load(results / case.name / f"rank{r}.npz")) for r in range(WORLD)]
+    for dp_id in range(case.dp):
+        mine = [sh for sh in shards if int(sh["dp_id"]) == dp_id]
+        assert len(mine) == case.cp
+        assert sum(float(sh["count"]) for sh in mine) == want_count
+        loss = sum(float(sh["loss_sum"]) for sh in mine)
+        assert abs(loss - want_loss) <= MODEL_RTOL * abs(want_loss), (case.name, dp_id, loss, want_loss)
+        for name, want in want_grads.items():
+            got = sum(sh["grad:" + name] for sh in mine)
+            error = float(np.abs(got - want).max()) / float(np.abs(want).max())
+            assert error <= MODEL_RTOL, f"{case.name} dp {dp_id} {name}: relative error {error:.2e}"

@@ -10,10 +10,11 @@ sequences per dp rank sees samples (step * dp + dp_id) * B + b, exactly the samp
 """
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
+
+from worker_main import join_launch, run_cases
 
 WORLD = 4
 STEPS = 10
@@ -107,18 +108,8 @@ def _save(folder: str, stem: str, model, records) -> None:
 
 
 def main():
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
-    assert get_group_size() == WORLD, f"launch with --worker_num {WORLD}"
-    out_dir = sys.argv[1]
-    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
-    for case in CASES:
-        if not only or case.name in only:
-            run_case(case, rank, out_dir)
-            print(f"rank {rank}: {case.name} done", flush=True)
+    rank, out_dir, only = join_launch(WORLD)
+    run_cases(CASES, lambda case: run_case(case, rank, out_dir), only, rank)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,42 @@ def test_demo_script_dry_run(tmp_path):
     assert "msrun --worker_num 2" in proc.stdout
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "demo_cpu.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
+
+
+def _packed_tree(pipeline_stage=1):
+    tree = case_tree("llama2")
+    tree["train_dataset"] = {"data_loader": {"config": {"create_compressed_eod_mask": True, "eod": 3,
+                                                        "eod_pad_length": 64}}}
+    tree["parallel_config"]["pipeline_stage"] = pipeline_stage
+    tree["parallel_config"]["micro_batch_num"] = pipeline_stage
+    return tree
+
+
+def test_train_packs_documents_when_the_yaml_asks(tmp_path, capsys, monkeypatch):
+    """create_compressed_eod_mask: True -> synthetic samples hold EOD tokens and the model gets their ends."""
+    from mf_longseq.models.decoder import LongSeqForCausalLM
+    seen = []
+    original = LongSeqForCausalLM.packed_inputs
+
+    def spy(self, actual_seq_len, local_len):
+        seen.append(np.asarray(actual_seq_len.asnumpy() if hasattr(actual_seq_len, "asnumpy") else actual_seq_len))
+        return original(self, actual_seq_len, local_len)
+    monkeypatch.setattr(LongSeqForCausalLM, "packed_inputs", spy)
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(_packed_tree()))
+    code, out, err = main(["train", "--config", path, "--steps", "1", "--output-dir", tmp_path / "run"], capsys)
+    assert code == 0, err[-3000:]
+    seq_len = case_tree("llama2")["model"]["model_config"]["seq_length"]
+    assert seen and all(ends.shape[-1] == 64 for ends in seen)
+    assert (seen[0] < seq_len).any()                                   # the sample really holds several documents
+
+
+def test_packing_with_pipeline_stages_is_refused_before_device_work(tmp_path, capsys, monkeypatch):
+    from mf_longseq.train import context
+    monkeypatch.setattr(context, "setup", lambda *a, **k: pytest.fail("device work started"))
+    path = tmp_path / "packed_pp2.yaml"
+    path.write_text(yaml.safe_dump(_packed_tree(pipeline_stage=2)))
+    code, out, err = main(["train", "--config", path, "--steps", "1", "--output-dir", tmp_path / "run"], capsys)
+    assert code != 0
+    assert "create_compressed_eod_mask = True with parallel_config.pipeline_stage = 2" in out + err
+    assert "Fix:" in out + err

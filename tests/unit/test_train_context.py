@@ -5,7 +5,7 @@ import pytest
 from mindspore import context
 
 from mf_longseq.config import LongSeqConfig
-from mf_longseq.train.context import apply_parallel_context, check_world, parallel_context_kwargs, \
+from mf_longseq.train.context import apply_parallel_context, parallel_context_kwargs, \
     resolve_parallel_mode
 
 
@@ -57,13 +57,15 @@ def test_bad_parallel_keys(parallel, match):
         parallel_context_kwargs(parallel, world_size=1, rank=0)
 
 
-def test_world_size_must_match_the_degrees():
+def test_setup_checks_the_world_size_with_the_config_rule():
+    """``setup`` refuses degrees that do not multiply to the running ranks, with ``config.check_world_size``'s
+    message (one rule, tested word for word in tests/dist/test_compose.py)."""
+    from mf_longseq.train.context import setup
     cfg = LongSeqConfig(seq_length=64, num_heads=4, context_parallel=2, data_parallel=2)
-    check_world(cfg, 4)
-    with pytest.raises(ValueError, match=r"parallel_config: data_parallel x model_parallel x context_parallel x "
-                                         r"pipeline_stage = 2 x 1 x 2 x 1 = 4, but 2 rank\(s\) are running\. "
-                                         r"Fix: launch 4 workers \(mf-longseq train --workers 4"):
-        check_world(cfg, 2)
+    with pytest.raises(ValueError, match=r"data_parallel x model_parallel x context_parallel x pipeline_stage = "
+                                         r"2 x 1 x 2 x 1 = 4, but 1 ranks were started\. Fix: launch msrun with "
+                                         r"--worker_num 4"):
+        setup({}, cfg)
 
 
 def test_runtime_threads_from_the_context_section():

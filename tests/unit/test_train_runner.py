@@ -149,9 +149,11 @@ def test_resume_errors(tmp_path):
             model_factory=bigram_factory)
     directory = ckpt.step_dir(str(tmp_path), 2)
     meta = ckpt.read_meta(directory)
-    other = ckpt.Layout(dp=1, cp=2, mp=2, pp=1, ulysses=1, layout="zigzag", context_parallel_algo="colossalai_cp")
-    with pytest.raises(ValueError, match=r"written with model_parallel = 1, pipeline_stage = 1; this run has 2, 1"):
-        ckpt.file_for_rank(directory, meta, 0, other)
+    pp2 = ckpt.Layout(dp=1, cp=2, mp=1, pp=2, ulysses=1, layout="zigzag", context_parallel_algo="colossalai_cp")
+    with pytest.raises(ValueError, match=r"written with model_parallel = 1, pipeline_stage = 1; this run has 1, 2, "
+                                         r"and its meta.json has no num_layers to reshard with\. Fix: resume with "
+                                         r"parallel_config.model_parallel: 1 and pipeline_stage: 1\."):
+        ckpt.state_for_rank(directory, meta, 0, pp2)
     cp2 = ckpt.Layout(dp=1, cp=2, mp=1, pp=1, ulysses=1, layout="zigzag", context_parallel_algo="colossalai_cp")
     assert ckpt.file_for_rank(directory, meta, 1, cp2).endswith("rank_0.ckpt")    # replicated weights
     small = [Parameter(Tensor(np.zeros((2, 2), np.float32)), name="emb")]
@@ -159,3 +161,20 @@ def test_resume_errors(tmp_path):
         ckpt.load_into(ckpt.rank_file(directory, 0), small)
     with pytest.raises(ValueError, match=r"lacks 1 parameters of this model \(first: nope\)"):
         ckpt.load_into(ckpt.rank_file(directory, 0), [Parameter(Tensor(np.zeros(1, np.float32)), name="nope")])
+
+
+def _layout(dp, cp, mp, pp):
+    return ckpt.Layout(dp=dp, cp=cp, mp=mp, pp=pp, ulysses=1, layout="zigzag", context_parallel_algo="colossalai_cp")
+
+
+@pytest.mark.parametrize("saved, now, rank, source", [
+    (_layout(1, 2, 2, 1), _layout(1, 2, 2, 1), 3, 3),          # same layout: its own file
+    (_layout(1, 2, 2, 1), _layout(2, 1, 2, 1), 3, 1),          # dp / cp changed: the replica with mp_id 1
+    (_layout(1, 2, 1, 2), _layout(2, 2, 1, 2), 5, 2),          # stage 1 of 8 ranks: stage 1's first file
+])
+def test_file_for_rank_keeps_stage_and_mp_index(tmp_path, saved, now, rank, source):
+    files = {str(r): f"rank_{r}.ckpt" for r in range(saved.world_size)}
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"")
+    meta = {"layout": saved.as_dict(), "rank_files": files}
+    assert ckpt.file_for_rank(str(tmp_path), meta, rank, now) == str(tmp_path / f"rank_{source}.ckpt")
