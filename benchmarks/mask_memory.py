@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -69,7 +68,8 @@ def probe(seq_len: int, compression: bool, block: int = 2048) -> dict:
     start = time.time()
     loss, grads = step(ids, labels, loss_mask)
     _ = float(loss.asnumpy()) + sum(float(g.sum().asnumpy()) for g in grads)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from mf_longseq.train.monitor import peak_rss_mib
+    peak = int(peak_rss_mib() * MIB)
     return {"seq_len": seq_len, "compression": compression, "base_rss": base, "peak_rss": peak,
             "peak_delta": peak - base, "seconds": round(time.time() - start, 2)}
 

@@ -2,22 +2,15 @@
 
 Usage: python memory_probe.py S [HEADS] [HEAD_DIM] [BLOCK]
 Prints {"seq_len", "baseline_mib", "peak_mib", "delta_mib", "seconds"}: delta = peak RSS during attention minus
-RSS after inputs were made.  Run it in a fresh process: ru_maxrss never goes down.
+RSS after inputs were made (peak = VmHWM, see ``train.monitor.peak_rss_mib``).  Run it in a fresh process.
 """
 import json
-import resource
 import sys
 import time
 
 import numpy as np
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from mf_longseq.train.monitor import peak_rss_mib, rss_mib
 
 
 def main():
@@ -38,7 +31,7 @@ def main():
     start = time.time()
     grads = grad(q, k, v)
     total = float(sum(g.sum().asnumpy() for g in grads))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(json.dumps({"seq_len": s, "baseline_mib": round(baseline, 1), "peak_mib": round(peak, 1),
                       "delta_mib": round(peak - baseline, 1), "seconds": round(time.time() - start, 1),
                       "finite": bool(np.isfinite(total))}))

@@ -1,7 +1,9 @@
 """What a run reports every step: loss, tokens/s, per-rank peak memory; a progress bar on a terminal.
 
-Peak memory is the process's peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, KiB on
-Linux): on CPU MindSpore's ``max_memory_allocated`` returns 0, and RSS is what the machine actually gave the rank.
+Peak memory is the process's peak resident set size (``VmHWM`` of ``/proc/self/status``): on CPU MindSpore's
+``max_memory_allocated`` returns 0, and RSS is what the machine actually gave the rank.  Not ``ru_maxrss``:
+Linux carries a parent's peak into a child started by fork + exec (msrun's, or pytest's), so a worker's
+ru_maxrss can report its parent's memory.
 Rank 0 prints one line per step and appends one JSON object per step to ``<output_dir>/metrics.jsonl``.
 """
 import json
@@ -13,9 +15,26 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional, TextIO
 
 
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process's own memory image, MiB (VmHWM; ru_maxrss where /proc is absent)."""
+    kib = _status_kib("VmHWM")
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if kib is None else kib) / 1024.0
+
+
+def rss_mib() -> float:
+    """Current resident set size, MiB (0 where /proc is absent)."""
+    return (_status_kib("VmRSS") or 0) / 1024.0
 
 
 @dataclass(frozen=True)

@@ -2,23 +2,19 @@
 
 Usage (under msrun): python planner_memory_worker.py CONFIG.yaml OUT_DIR
 
-Measured: the rise of this process's peak resident memory (``ru_maxrss``) over its resident memory just before
-the model is built, after a warm-up step of a tiny model of the same kind (kernels loaded, communication groups
+Measured: the rise of this process's peak resident memory (VmHWM, ``train.monitor.peak_rss_mib``) over its
+resident memory just before the model is built, after a warm-up step of a tiny model of the same kind (kernels loaded, communication groups
 created, MindSpore's memory pool started).  The step is what the runner does: forward + backward of
 loss_sum / count, gradients all-reduced over dp x cp, one AdamW update.  Writes OUT_DIR/rank<r>.json.
 """
 import gc
 import json
 import os
-import resource
 import sys
 
 import numpy as np
 
-
-def _rss() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from mf_longseq.train.monitor import peak_rss_mib, rss_mib
 
 
 def _step(model, mesh, seq_len, vocab, optimizer):
@@ -61,11 +57,11 @@ def main():
     _step(warm, mesh, 64, 64, nn.AdamWeightDecay(warm.trainable_params(), 1e-3))
     del warm
     gc.collect()
-    before = _rss()
+    before = int(rss_mib() * 2**20)
     model = build_model(path, mesh=mesh)
     _step(model, mesh, long_seq.seq_length, model_config.vocab_size,
           nn.AdamWeightDecay(model.trainable_params(), 1e-3))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = int(peak_rss_mib() * 2**20)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"rank{get_rank()}.json"), "w", encoding="utf-8") as handle:
         json.dump({"before": before, "peak": peak, "peak_delta": peak - before}, handle)

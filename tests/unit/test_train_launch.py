@@ -73,7 +73,7 @@ def test_all_ranks_ok(fake):
 
 def test_failed_rank_is_named_with_its_error_and_hung_ranks_are_ended(fake, tmp_path):
     code, out, seconds = fake("error")
-    assert code == 1 and seconds < 60, out
+    assert code == 1 and seconds < 300, out                # rank 0 would sleep 600 s
     assert "mf_longseq launcher: failed rank: 1" in out
     assert "mf-longseq: rank 1: error: bad thing on rank 1" in out            # the worker's one-line error
     assert "[WARNING] noise" not in out
