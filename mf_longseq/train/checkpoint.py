@@ -50,8 +50,14 @@ class Layout:
     context_parallel_algo: str
 
     @property
+    def ranks(self):
+        """The degrees alone, as ``reshard.RankLayout`` (rank order, coordinates, world size)."""
+        from mf_longseq.parallel.reshard import RankLayout
+        return RankLayout(dp=self.dp, cp=self.cp, mp=self.mp, pp=self.pp)
+
+    @property
     def world_size(self) -> int:
-        return self.dp * self.cp * self.mp * self.pp
+        return self.ranks.world_size
 
     @classmethod
     def of(cls, config) -> "Layout":
@@ -159,7 +165,7 @@ def file_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> str:
     if saved["world_size"] == layout.world_size and (saved["dp"], saved["cp"]) == (layout.dp, layout.cp):
         source = rank
     else:
-        c = RankLayout(dp=layout.dp, cp=layout.cp, mp=layout.mp, pp=layout.pp).coords(rank)
+        c = layout.ranks.coords(rank)
         source = RankLayout.from_dict(saved).rank(stage=c["stage"], dp_id=0, cp_id=0, mp_id=c["mp_id"])
     name = meta["rank_files"][str(source)]
     path = os.path.join(directory, name)
@@ -180,7 +186,7 @@ def state_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> Dic
     import mindspore as ms
     if same_split(meta, layout):
         return {k: v.asnumpy() for k, v in ms.load_checkpoint(file_for_rank(directory, meta, rank, layout)).items()}
-    from mf_longseq.parallel.reshard import RankLayout, load_resharded
+    from mf_longseq.parallel.reshard import load_resharded
     saved = meta["layout"]
     needs = {"shard_specs": saved["mp"] != layout.mp, "num_layers": max(saved["pp"], layout.pp) > 1}
     lacking = [key for key, needed in needs.items() if needed and meta.get(key) is None]
@@ -189,7 +195,7 @@ def state_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> Dic
                          f"{saved['pp']}; this run has {layout.mp}, {layout.pp}, and its {META} has no "
                          f"{' / '.join(lacking)} to reshard with. Fix: resume with parallel_config.model_parallel: "
                          f"{saved['mp']} and pipeline_stage: {saved['pp']}.")
-    target = RankLayout(dp=layout.dp, cp=layout.cp, mp=layout.mp, pp=layout.pp)
+    target = layout.ranks
     return load_resharded(directory, target=target, rank=rank)
 
 

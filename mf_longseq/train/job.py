@@ -100,9 +100,8 @@ def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch
                   pad_token_id: Optional[int], packing: Optional[PackingSettings] = None) -> Trainer:
     """The trainer of this rank: ``Trainer`` (dp x cp x mp), or with ``parallel_config.pipeline_stage`` > 1 the
     ``PipelineTrainer`` of this rank's stage (``parallel_config.micro_batch_num`` micro-batches, 1F1B schedule).
-    ``packing``: packed documents (``train_dataset.data_loader.config.create_compressed_eod_mask``), pp = 1 only."""
-    if packing is not None:
-        packing.check_pipeline_stage(config.pipeline_stage)
+    ``packing``: packed documents (``train_dataset.data_loader.config.create_compressed_eod_mask``), pp = 1 only
+    (``run_job`` refuses packing with pipeline stages before any device work; ``Trainer`` checks it too)."""
     if config.pipeline_stage > 1:
         from mf_longseq.parallel.pipeline import PipelineTrainer
         return PipelineTrainer(model=model, mesh=mesh, settings=settings, source=source, batch_size=batch_size,
