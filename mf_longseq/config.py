@@ -184,19 +184,16 @@ class LongSeqConfig:
             _fail(_KEY_PATHS["model_parallel"], mp,
                   f"must divide, or be a multiple of, model.model_config.n_kv_heads = {kv}",
                   f"use one of {_divisors(kv)} or a multiple of {kv} that divides {heads}")
+        # Ulysses splits the heads of one mp rank over U ranks, unevenly if need be (attention/head_split.py):
+        # every rank needs at least one query head; kv heads go wherever their query heads go.
         heads_per_mp = heads // mp
-        if heads_per_mp % u != 0:
+        if u > heads_per_mp:
             key = "ulysses_degree_in_cp" if self.context_parallel_algo == "hybrid_cp" else "context_parallel"
-            valid = [d for d in _divisors(heads_per_mp) if d > 1]
             _fail(_KEY_PATHS[key], getattr(self, key),
-                  f"the Ulysses degree {u} must divide the query heads per model-parallel rank, "
-                  f"num_heads / model_parallel = {heads} / {mp} = {heads_per_mp}",
-                  f"use a Ulysses degree in {valid or [1]} (or colossalai_cp, which has no head constraint)")
-        kv_per_mp = max(kv // mp, 1)
-        if kv_per_mp % u != 0 and u % kv_per_mp != 0:
-            _fail(_KEY_PATHS["num_kv_heads"], kv,
-                  f"kv heads per model-parallel rank ({kv_per_mp}) and the Ulysses degree {u} must divide one another",
-                  "choose a Ulysses degree that divides or is a multiple of the kv heads per rank")
+                  f"the Ulysses degree {u} exceeds the query heads per model-parallel rank, num_heads / "
+                  f"model_parallel = {heads} / {mp} = {heads_per_mp}, so some Ulysses ranks would hold no head",
+                  f"use a Ulysses degree of at most {heads_per_mp} (hybrid_cp puts the rest of the context "
+                  f"parallelism in the ring), or a smaller model_parallel")
 
     def _check_sequence(self):
         cp, s = self.context_parallel, self.seq_length

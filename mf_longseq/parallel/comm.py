@@ -297,3 +297,150 @@ class AllReduce(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (all_reduce(dout, self.group),)
+
+
+# =================================================================================================== variable size
+# All-to-all whose parts differ in size per destination (uneven head splits).  Same transport rules as above:
+# native AlltoAllV where the backend has it; on CPU pairwise two-way transfers (AllReduce in two-rank groups);
+# with use_alltoall=False the AllGather-based exchange of padded flat buffers.
+def pair_rounds(n: int):
+    """A round-robin schedule of every pair of ``n`` indices: a list of rounds, each {index: partner or None}.
+
+    Circle method: with m = n rounded up to even, round r pairs m-1 with r and i with j where i + j = 2r
+    (mod m-1); an index paired with m-1 >= n sits the round out.  Every rank meets each other rank once, in the
+    same round as seen by both, so blocking two-rank exchanges cannot wait on each other in a cycle.
+    """
+    m = n + n % 2
+    rounds = []
+    for r in range(m - 1):
+        partner = {}
+        for me in range(n):
+            other = r if me == m - 1 else m - 1 if me == r else (2 * r - me) % (m - 1)
+            partner[me] = other if other < n else None
+        rounds.append(partner)
+    return rounds
+
+
+def _swap_with(send, recv_shape, group, peer: int):
+    """Two-way transfer with group index ``peer`` in ONE AllReduce of [low -> high | high -> low]."""
+    recv_count = int(math.prod(recv_shape))
+    theirs = ops.zeros((recv_count,), send.dtype)
+    low_first = group.index < peer
+    buffer = ops.cat([send.reshape(-1), theirs] if low_first else [theirs, send.reshape(-1)])
+    group.stats.add("all_to_all", _nbytes(send), _nbytes(buffer))
+    total = _allreduce_sum(buffer, group.pair(group.index, peer))
+    start = send.size if low_first else 0
+    return total[start:start + recv_count].reshape(tuple(recv_shape))
+
+
+def _all_to_all_v_gathered(parts, group, shapes):
+    """AllGather-based: every rank gathers every rank's flat parts (padded to the longest) and keeps its own."""
+    n, me = group.size, group.index
+    sizes = [[int(math.prod(shapes[i][j])) for j in range(n)] for i in range(n)]
+    longest = max(sum(row) for row in sizes)
+    flat = ops.cat([p.reshape(-1) for p in parts])
+    if flat.shape[0] < longest:
+        flat = ops.cat([flat, ops.zeros((longest - flat.shape[0],), flat.dtype)])
+    rows = all_gather(flat.reshape(1, longest), group, 0)                    # (n, longest)
+    received = []
+    for i in range(n):
+        start = sum(sizes[i][:me])
+        received.append(rows[i, start:start + sizes[i][me]].reshape(tuple(shapes[i][me])))
+    return received
+
+
+def all_to_all_v(parts, group, shapes, use_alltoall: bool = True):
+    """Variable-size all-to-all: ``parts[j]`` goes to group index j; returns ``received``, ``received[i]`` from i.
+
+    Args:
+        parts: one tensor per group index (one dtype); ``parts[j].shape == shapes[index][j]``.
+        group: the ``Group``.
+        shapes: the whole plan, ``shapes[i][j]`` the shape index i sends to index j (every rank passes the same).
+        use_alltoall: False selects the AllGather-based exchange (padded flat buffers, n-1 times the bytes).
+
+    Returns:
+        list of n tensors, ``received[i].shape == shapes[i][index]``; ``received[index] is parts[index]``.
+
+    Logical bytes (``all_to_all``): the parts sent to other indices; AllGather-based (``all_gather``): (n-1)
+    times the longest rank's flat parts.
+    """
+    n, me = group.size, group.index
+    if n == 1:
+        return list(parts)
+    for j, part in enumerate(parts):
+        assert tuple(part.shape) == tuple(shapes[me][j]), (j, part.shape, shapes[me][j])
+    if not use_alltoall:
+        return _all_to_all_v_gathered(parts, group, shapes)
+    received = [None] * n
+    received[me] = parts[me]
+    if not is_emulated(group):
+        import mindspore.mint.distributed as dist
+        outputs = [ops.zeros(tuple(shapes[i][me]), parts[0].dtype) for i in range(n)]
+        sent = sum(_nbytes(p) for j, p in enumerate(parts) if j != me)
+        group.stats.add("all_to_all", sent, sent)
+        dist.all_to_all(outputs, list(parts), group=group.name)
+        return outputs
+    for partner in pair_rounds(n):
+        peer = partner[me]
+        if peer is not None:
+            received[peer] = _swap_with(parts[peer], shapes[peer][me], group, peer)
+    return received
+
+
+class AllToAllV(nn.Cell):
+    """Differentiable variable-size all-to-all along tensor dims.
+
+    Forward: part j = ``x`` at indices ``send_index[j]`` of ``scatter_dim`` (an index may go to several ranks);
+    the received parts are concatenated along ``gather_dim`` in group order.  Backward: the output gradient is cut
+    along ``gather_dim`` into the received parts, each goes back to its sender (the plan transposed), and the
+    sender sums the returned parts into ``x``'s shape at their indices (copies of one index are summed).
+
+    Args:
+        group: the ``Group``.
+        scatter_dim, gather_dim: tensor dims.
+        send_index: this rank's index lists, one per destination.
+        counts: ``counts[i][j]`` = len(index i sends to j), the whole plan; every source must send the same
+            count to a given destination (the output's ``scatter_dim``).
+        gather_sizes: ``gather_sizes[i]`` = ``x.shape[gather_dim]`` on index i (other dims equal on all ranks).
+        use_alltoall: False selects the AllGather-based exchange.
+    """
+
+    def __init__(self, group, scatter_dim: int, gather_dim: int, send_index, counts, gather_sizes,
+                 use_alltoall: bool = True):
+        super().__init__()
+        self.group, self.scatter_dim, self.gather_dim = group, scatter_dim, gather_dim
+        self.send_index = [ms.Tensor(list(idx), ms.int32) for idx in send_index]
+        self.counts, self.gather_sizes, self.use_alltoall = counts, list(gather_sizes), use_alltoall
+        flat = [i for idx in send_index for i in idx]
+        self.segment_ids = ms.Tensor(flat, ms.int32)
+        self.is_permutation = flat == list(range(len(flat)))     # plain cut: backward concatenates, no sum
+        self.ranges = [(idx[0], len(idx)) if len(idx) and list(idx) == list(range(idx[0], idx[0] + len(idx)))
+                       else None for idx in map(list, send_index)]
+
+    def _shapes(self, x_shape):
+        n = self.group.size
+
+        def shape(i, j):
+            s = list(x_shape)
+            s[self.scatter_dim], s[self.gather_dim] = self.counts[i][j], self.gather_sizes[i]
+            return tuple(s)
+        return [[shape(i, j) for j in range(n)] for i in range(n)]
+
+    def construct(self, x):
+        parts = [ops.narrow(x, self.scatter_dim, *cut) if cut else ops.gather(x, idx, self.scatter_dim)
+                 for idx, cut in zip(self.send_index, self.ranges)]
+        received = all_to_all_v(parts, self.group, self._shapes(x.shape), self.use_alltoall)
+        return ops.cat(received, axis=self.gather_dim)
+
+    def bprop(self, x, out, dout):
+        n = self.group.size
+        pieces = ops.split(dout, self.gather_sizes, axis=self.gather_dim)
+        forward = self._shapes(x.shape)
+        back = all_to_all_v(list(pieces), self.group, [[forward[j][i] for j in range(n)] for i in range(n)],
+                            self.use_alltoall)
+        grads = ops.cat(back, axis=self.scatter_dim)                        # scatter_dim: sum of my counts
+        if self.is_permutation and grads.shape[self.scatter_dim] == x.shape[self.scatter_dim]:
+            return (grads,)
+        summed = ops.unsorted_segment_sum(grads.astype(ms.float32).moveaxis(self.scatter_dim, 0), self.segment_ids,
+                                          x.shape[self.scatter_dim])        # copies of an index summed
+        return (summed.moveaxis(0, self.scatter_dim).astype(x.dtype),)

@@ -8,16 +8,23 @@ Nt query and Kt kv heads on this model-parallel rank, head dim D, e bytes per el
 * ring (``attention/ring.py``): K and V travel stacked, kv = 2 b Kt (S/R) D e bytes.
   forward R-1 shifts of kv; backward R-1 shifts of kv again plus R shifts of the float32 dK/dV buffer
   (dkv = 2 b Kt (S/R) D 4): 2(R-1) kv + R dkv.
-* Ulysses (``attention/ulysses.py``): q, k, v go sequence -> heads, the output heads -> sequence, and each
-  exchange runs again (reversed) in backward.  kv heads fewer than U are first repeated to U (``kv_repeats``).
-  4 exchanges x 2 directions of q-sized (b (S/CP) Nt D e) and kv-sized (b (S/CP) Kr D e) tensors.
-* hybrid: the Ulysses exchanges in the Ulysses group, then the ring over R with Kr/U kv heads per rank.
+* Ulysses (``attention/ulysses.py``): q, k, v go sequence -> heads in one packed exchange, the output heads ->
+  sequence, and each runs again (reversed) in backward.  Ulysses rank j holds n_j query and k_j kv heads
+  (``attention/head_split.py``: n_j = ceil or floor of Nt/U; k_j the kv heads they read, a kv head straddling
+  two ranks sent to both), t_j = n_j + 2 k_j, T = sum of t_j, s = b S/CP, in units of D e bytes:
+  AlltoAll    forward s (T - t_j) + (U-1) s n_j;       backward s (Nt - n_j) + (U-1) s t_j
+  AllGather   forward (U-1) s (T + U max n);           backward (U-1) s (Nt + U max t)
+  (the AllGather-based exchange pads every rank's parts to the longest).  Ranks send different amounts when
+  the split is uneven: ``attention_bytes`` gives one Ulysses index, by default the busiest.
+* hybrid: the Ulysses exchanges in the Ulysses group, then the ring over R with k_j kv heads per rank.
 
 Forward only, in elements per rank, with h = Nt D and r = Nt / Kt (no kv repeat, AlltoAll), this is the
 textbook form: Ulysses (U-1)/U^2 S h (2 + 2/r); ring 2 (R-1)/R S h / r.
 """
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
+
+from mf_longseq.attention.head_split import HeadSplit
 
 ALGOS = ("colossalai_cp", "ulysses_cp", "hybrid_cp")
 
@@ -51,10 +58,14 @@ class AttentionCall:
         return self.cp // self.ulysses
 
     @property
+    def split(self) -> HeadSplit:
+        """How the Ulysses ranks share this rank's heads."""
+        return HeadSplit(self.heads, self.kv_heads, self.ulysses)
+
+    @property
     def kv_heads_exchanged(self) -> int:
-        """kv heads entering the Ulysses exchange: repeated up to U when fewer (``ulysses.kv_repeats``)."""
-        u, k = self.ulysses, self.kv_heads
-        return k * (u // k) if k < u else k
+        """kv heads the Ulysses ranks receive in all (K, plus the copies of kv heads two ranks need)."""
+        return self.split.kv_heads_received if self.ulysses > 1 else self.kv_heads
 
 
 def ulysses_degree_for(algo: str, cp: int, ulysses_degree_in_cp: int) -> int:
@@ -64,35 +75,47 @@ def ulysses_degree_for(algo: str, cp: int, ulysses_degree_in_cp: int) -> int:
     return cp if algo == "ulysses_cp" else ulysses_degree_in_cp
 
 
-def attention_bytes(call: AttentionCall, direction: str = "both") -> Dict[str, int]:
-    """Logical bytes this rank sends for one attention layer, by exchange kind.
+def _ulysses_units(call: AttentionCall, j: int) -> Dict[str, int]:
+    """Ulysses rank j's forward and backward bytes in units of D e (module docstring)."""
+    split, u, s = call.split, call.ulysses, call.batch * call.seq_len // call.cp
+    t = [split.q_count(i) + 2 * split.kv_count(i) for i in range(u)]
+    n_j = split.q_count(j)
+    if call.use_alltoall:
+        return {"forward": s * (sum(t) - t[j]) + (u - 1) * s * n_j,
+                "backward": s * (call.heads - n_j) + (u - 1) * s * t[j]}
+    return {"forward": (u - 1) * s * (sum(t) + u * split.busiest), "backward": (u - 1) * s * (call.heads + u * max(t))}
+
+
+def _ring_bytes(call: AttentionCall, kv_heads: int) -> Dict[str, int]:
+    r, b, d, e = call.ring, call.batch, call.head_dim, call.itemsize
+    kv = 2 * b * kv_heads * (call.seq_len // r) * d * e                # (2, B, K, S/R, D), input dtype
+    dkv = 2 * b * kv_heads * (call.seq_len // r) * d * 4               # float32 dK/dV buffer
+    return {"forward": (r - 1) * kv, "backward": (r - 1) * kv + r * dkv}
+
+
+def attention_bytes(call: AttentionCall, direction: str = "both",
+                    ulysses_index: Optional[int] = None) -> Dict[str, int]:
+    """Logical bytes a rank sends for one attention layer, by exchange kind.
 
     Args:
         call: the layer's shapes and degrees.
         direction: "forward", "backward" or "both".
+        ulysses_index: the rank's index in its Ulysses group; None: the index that sends the most.
 
     Returns:
         {"ring_shift": .., "all_to_all": .., "all_gather": ..} (kinds with 0 bytes left out).
     """
     if direction not in ("forward", "backward", "both"):
         raise ValueError(f"direction = {direction!r}: use forward, backward or both")
+    if ulysses_index is None:
+        return max((attention_bytes(call, direction, j) for j in range(call.ulysses)), key=lambda c: sum(c.values()))
+    pick = (lambda x: x["forward"] + x["backward"]) if direction == "both" else (lambda x: x[direction])
     out: Dict[str, int] = {}
-    passes = 2 if direction == "both" else 1
-    b, d, e, u, r = call.batch, call.head_dim, call.itemsize, call.ulysses, call.ring
-    s_loc = call.seq_len // call.cp
+    u, unit = call.ulysses, call.head_dim * call.itemsize
     if u > 1:
-        q_bytes = b * s_loc * call.heads * d * e                        # q, and the output (same size)
-        kv_bytes = b * s_loc * call.kv_heads_exchanged * d * e          # k, and v
-        per_tensor = (lambda n: n * (u - 1) // u) if call.use_alltoall else (lambda n: n * (u - 1))
-        kind = "all_to_all" if call.use_alltoall else "all_gather"
-        out[kind] = passes * (2 * per_tensor(q_bytes) + 2 * per_tensor(kv_bytes))
-    if r > 1:
-        kv_heads = call.kv_heads_exchanged // u if u > 1 else call.kv_heads
-        s_ring = call.seq_len // r
-        kv = 2 * b * kv_heads * s_ring * d * e                          # (2, B, K, S/R, D), input dtype
-        dkv = 2 * b * kv_heads * s_ring * d * 4                         # float32 dK/dV buffer
-        forward, backward = (r - 1) * kv, (r - 1) * kv + r * dkv
-        out["ring_shift"] = {"forward": forward, "backward": backward, "both": forward + backward}[direction]
+        out["all_to_all" if call.use_alltoall else "all_gather"] = pick(_ulysses_units(call, ulysses_index)) * unit
+    if call.ring > 1:
+        out["ring_shift"] = pick(_ring_bytes(call, call.split.kv_count(ulysses_index) if u > 1 else call.kv_heads))
     return out
 
 

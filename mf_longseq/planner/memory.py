@@ -17,7 +17,8 @@ in PyNative: every op's inputs that its backward reads, custom-bprop Cells' inpu
     q, k, v    s (Nt + 2 Kt) D e        projections
     RoPE       2 s (Nt + Kt) D e        rotated halves and the rotated q, k
     attention  s (Nt + 2 Kt) D e + 2 s Nt D e + 4 s Nt     BNSD q, k, v, the output in both layouts, lse
-               (+ Ulysses: the head-layout q, k, v and output, s (2 Nt + 2 Kr) D e)
+               (+ Ulysses: the head-layout q, k, v and output of the busiest Ulysses rank, s U (2 n_max +
+               2 k_max) D e; n_max = ceil(Nt/U), k_max its most kv heads, ``attention/head_split.py``)
     MLP        s (F/t) (4 e + 4)        gate, its float32 copy, silu, up, their product
 
 With recompute only each layer's input (s h e) is kept, and one layer's activations live during its backward.
@@ -42,6 +43,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import List, Tuple
 
+from mf_longseq.attention.head_split import HeadSplit
 from mf_longseq.planner.layout import Layout, Settings
 from mf_longseq.planner.shapes import ModelShape
 
@@ -88,6 +90,11 @@ def stage_params(shape: ModelShape, layout: Layout) -> int:
     return per_stage + (first + last if layout.pp == 1 else max(first, last))
 
 
+def _most_kv(split: HeadSplit) -> int:
+    """kv heads of the Ulysses rank that receives the most."""
+    return max(split.kv_count(j) for j in range(split.degree))
+
+
 def layer_activations(shape: ModelShape, layout: Layout, settings: Settings) -> int:
     """Bytes one decoder layer keeps for backward, per micro-batch (see the module docstring)."""
     e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
@@ -98,8 +105,8 @@ def layer_activations(shape: ModelShape, layout: Layout, settings: Settings) -> 
     rope = 2 * s * (nt + kt) * d * e
     attention = s * (nt + 2 * kt) * d * e + 2 * s * nt * d * e + 4 * s * nt
     if layout.ulysses > 1:
-        kr = kt * (layout.ulysses // kt) if kt < layout.ulysses else kt
-        attention += s * (2 * nt + 2 * kr) * d * e
+        split = HeadSplit(nt, kt, layout.ulysses)                           # the busiest Ulysses rank's heads
+        attention += s * layout.ulysses * (2 * split.busiest + 2 * _most_kv(split)) * d * e
     mlp = s * f * (4 * e + 4)
     return norms + qkv + rope + attention + mlp
 
@@ -109,13 +116,14 @@ def attention_buffers(shape: ModelShape, layout: Layout, settings: Settings) -> 
     e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
     d, u = shape.head_dim, layout.ulysses
     nt, kt = local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp)
-    kr = kt * (u // kt) if kt < u else kt
-    kh = kr // u if u > 1 else kt
+    split = HeadSplit(nt, kt, u) if u > 1 else None
+    kr = split.kv_heads_received if split else kt                           # kv heads over the Ulysses ranks
+    kh = _most_kv(split) if split else kt                                   # kv heads entering the ring
     out = s * nt * d * 4                                                     # float32 dq
     if layout.ring > 1:
         out += 2 * (2 * s * kh * d * e) + 2 * (2 * s * kh * d * 4)
     if u > 1 and not settings.use_alltoall:
-        out += u * s * max(nt, kr) * d * e
+        out += u * s * max(u * split.busiest, kr) * d * e
     if settings.backend == "cpu":
         tile = min(settings.block_size, settings.seq_len // layout.ring)
         out += 8 * settings.micro_batch * nt * tile * tile * 4 + s * (nt + 2 * kh) * d * 4 * (1 if e < 4 else 0)

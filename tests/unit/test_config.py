@@ -51,9 +51,9 @@ def test_legacy_hybird_spelling_warns_and_normalises(caplog):
     (dict(context_parallel=4, context_parallel_algo="hybrid_cp", ulysses_degree_in_cp=3),
      r"parallel_config\.ulysses_degree_in_cp = 3: must divide parallel_config\.context_parallel = 4\. "
      r"Fix: use one of \[1, 2, 4\]"),
-    (dict(num_heads=6, num_kv_heads=6, context_parallel=4, context_parallel_algo="ulysses_cp"),
-     r"parallel_config\.context_parallel = 4: the Ulysses degree 4 must divide .* = 6 / 1 = 6\. "
-     r"Fix: use a Ulysses degree in \[2, 3, 6\]"),
+    (dict(num_heads=6, num_kv_heads=6, model_parallel=2, context_parallel=4, context_parallel_algo="ulysses_cp"),
+     r"parallel_config\.context_parallel = 4: the Ulysses degree 4 exceeds the query heads per model-parallel "
+     r"rank, .* = 6 / 2 = 3, .*Fix: use a Ulysses degree of at most 3"),
     (dict(num_kv_heads=3), r"model\.model_config\.n_kv_heads = 3: must divide model\.model_config\.num_heads = 8"),
     (dict(model_parallel=3), r"parallel_config\.model_parallel = 3: must divide model\.model_config\.num_heads"),
     (dict(seq_length=4100, context_parallel=4),
