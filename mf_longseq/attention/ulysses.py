@@ -35,32 +35,37 @@ def check_ulysses_heads(num_heads: int, num_kv_heads: int, degree: int) -> HeadS
     return HeadSplit(num_heads, num_kv_heads, degree)
 
 
+def to_heads_plan(split: HeadSplit, s_loc: int) -> dict:
+    """``AllToAllV`` arguments of sequence -> heads for the packed [q | k | v] head axis (N + 2K heads).
+
+    Rank j is sent the packed indices of its query heads and of its kv heads in k and in v
+    (``HeadSplit.packed_index``); every rank contributes ``s_loc`` rows, concatenated in group order.
+    """
+    u = split.degree
+    send = [split.packed_index(j) for j in range(u)]
+    return {"send_index": send, "counts": [[len(idx) for idx in send] for _ in range(u)], "gather_sizes": [s_loc] * u}
+
+
+def to_seq_plan(split: HeadSplit, s_loc: int) -> dict:
+    """``AllToAllV`` arguments of heads -> sequence: rank j gets rows [j s_loc, (j+1) s_loc) of every rank's
+    heads, concatenated in group order (rank i's n_i heads), i.e. heads 0..N-1 in order."""
+    u = split.degree
+    return {"send_index": [range(j * s_loc, (j + 1) * s_loc) for j in range(u)], "counts": [[s_loc] * u] * u,
+            "gather_sizes": [split.q_count(i) for i in range(u)]}
+
+
 def _qkv_to_heads(q, k, v, group, split: HeadSplit, use_alltoall: bool):
     """One all-to-all for q, k and v together: (B, S_loc, N, D), (B, S_loc, K, D) x 2 -> BNSD head shards.
 
-    q, k, v are packed on the head axis as [q | k | v] (N + 2K heads); rank j is sent the packed indices of its
-    query heads, its kv heads in k and in v (``HeadSplit.packed_index``), and cuts them apart after the exchange.
     One collective instead of three: fewer latencies, and no two independent collectives whose order ranks
     could disagree on.
     """
-    u, s_loc = group.size, q.shape[1]
-    send = [split.packed_index(j) for j in range(u)]
-    counts = [[len(idx) for idx in send] for _ in range(u)]
     packed = ops.cat([q, k, v], axis=2)                                       # (B, S_loc, N + 2K, D)
-    to_heads = AllToAllV(group, scatter_dim=2, gather_dim=1, send_index=send, counts=counts,
-                         gather_sizes=[s_loc] * u, use_alltoall=use_alltoall)
+    to_heads = AllToAllV(group, scatter_dim=2, gather_dim=1, use_alltoall=use_alltoall,
+                         **to_heads_plan(split, q.shape[1]))
     heads = to_heads(packed).transpose(0, 2, 1, 3)                            # (B, n_u + 2 k_u, S, D)
     nq, nk = split.q_count(group.index), split.kv_count(group.index)
     return heads[:, :nq], heads[:, nq:nq + nk], heads[:, nq + nk:]
-
-
-def _heads_to_seq(out, group, split: HeadSplit, s_loc: int, use_alltoall: bool):
-    """(B, S, n_u, D) -> (B, S_loc, N, D): rank j gets rows [j S_loc, (j+1) S_loc) of every rank's heads."""
-    u = group.size
-    rows = [range(j * s_loc, (j + 1) * s_loc) for j in range(u)]
-    to_seq = AllToAllV(group, scatter_dim=1, gather_dim=2, send_index=rows, counts=[[s_loc] * u] * u,
-                       gather_sizes=[split.q_count(i) for i in range(u)], use_alltoall=use_alltoall)
-    return to_seq(out)
 
 
 def ulysses_attention(q, k, v, group, inner, use_alltoall: bool = True):
@@ -83,4 +88,6 @@ def ulysses_attention(q, k, v, group, inner, use_alltoall: bool = True):
     outs = [inner(q_h[:, q0:q1], k_h[:, k0:k1], v_h[:, k0:k1])[0]
             for (q0, q1), (k0, k1) in split.segments(group.index)]
     out = outs[0] if len(outs) == 1 else ops.cat(outs, axis=1)                 # (B, n_u, S, D)
-    return _heads_to_seq(out.transpose(0, 2, 1, 3), group, split, q.shape[1], use_alltoall)   # (B, S_loc, N, D)
+    to_seq = AllToAllV(group, scatter_dim=1, gather_dim=2, use_alltoall=use_alltoall,
+                       **to_seq_plan(split, q.shape[1]))
+    return to_seq(out.transpose(0, 2, 1, 3))                                   # (B, S_loc, N, D)
