@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from mf_longseq.planner import comm
 from mf_longseq.planner.layout import Layout, Settings
 from mf_longseq.planner.memory import memory_per_device
-from mf_longseq.planner.recommend import Hardware, check, closest, recommend, step_traffic
+from mf_longseq.planner.recommend import Hardware, check, closest, recommend, step_traffic, ulysses_split
 from mf_longseq.planner.shapes import model_shape
 from mf_longseq.planner.template import emit_yaml
 
@@ -67,7 +67,8 @@ def _algo_rows(shape, best, settings):
             traffic = step_traffic(shape, layout, settings)
             cp_step = sum(v for k, v in traffic.items() if k in ("ring_shift", "all_to_all", "all_gather"))
             attention = memory_per_device(shape, layout, settings).attention
-            rows.append((layout.label(), forward, cp_step, attention, problem))
+            split = ulysses_split(shape, layout)
+            rows.append((layout.label(), forward, cp_step, attention, problem, split.describe() if split else None))
     return rows
 
 
@@ -82,18 +83,20 @@ def report(args) -> dict:
     out = {"model": asdict(shape) | {"total_params": shape.total_params}, "settings": asdict(settings),
            "devices": args.devices, "usable_memory": hw.usable, "recommendations": [], "best": None,
            "closest": None}
-    out["recommendations"] = [_candidate_dict(c) for c in ranked[:args.top]]
+    out["recommendations"] = [_candidate_dict(c, shape) for c in ranked[:args.top]]
     shown = ranked[0] if ranked else closest(shape, args.devices, settings, hw, algos, max_mp=args.max_mp)
     if shown is not None:
-        out["best" if ranked else "closest"] = _candidate_dict(shown)
+        out["best" if ranked else "closest"] = _candidate_dict(shown, shape)
         out["algorithms_at_best"] = [dict(zip(("label", "cp_bytes_per_layer_forward", "cp_bytes_per_step",
-                                               "attention_buffers", "invalid"), row))
+                                               "attention_buffers", "invalid", "ulysses_heads"), row))
                                      for row in _algo_rows(shape, shown.layout, shown.settings)]
     return out
 
 
-def _candidate_dict(cand) -> dict:
-    return {"layout": asdict(cand.layout), "label": cand.layout.label(), "settings": asdict(cand.settings),
+def _candidate_dict(cand, shape) -> dict:
+    split = ulysses_split(shape, cand.layout)
+    return {"ulysses_heads": split.describe() if split else None, "head_imbalance": split.imbalance if split else 1.0,
+            "layout": asdict(cand.layout), "label": cand.layout.label(), "settings": asdict(cand.settings),
             "recompute": cand.recompute, "memory_total": cand.memory_total, "memory": dict(cand.memory.rows()),
             "comm_bytes_per_step": cand.comm_bytes, "step_seconds_estimate": cand.step_seconds}
 
@@ -124,13 +127,16 @@ def _print(out: dict, args) -> None:
         note = "  (invalid: " + row["invalid"].split(":")[0] + ")" if row["invalid"] else ""
         print(f"  {row['label']:34s}{row['cp_bytes_per_layer_forward'] / 2 ** 20:13.1f} MiB"
               f"{row['cp_bytes_per_step'] / 2 ** 30:12.2f} GiB{row['attention_buffers'] / 2 ** 30:10.2f} GiB{note}")
+        if row["ulysses_heads"]:
+            print(f"      heads per mp rank: {row['ulysses_heads']}")
     if not out["recommendations"]:
         return
     print(f"\nranked layouts that fit ({len(out['recommendations'])} shown):")
     for i, rec in enumerate(out["recommendations"], 1):
         traffic = sum(rec["comm_bytes_per_step"].values())
         print(f"  {i:2d}. {rec['label']:34s} mem {gib(rec['memory_total'])}{' (recompute)' if rec['recompute'] else '':12s}"
-              f" comm {traffic / 2 ** 30:8.2f} GiB/step  ~{rec['step_seconds_estimate']:7.2f} s/step")
+              f" comm {traffic / 2 ** 30:8.2f} GiB/step  ~{rec['step_seconds_estimate']:7.2f} s/step"
+              + (f"  uneven heads: busiest {rec['head_imbalance']:.2f}x the mean" if rec["head_imbalance"] > 1 else ""))
 
 
 def run(args) -> int:

@@ -5,7 +5,8 @@ Rank order (``parallel/mesh.py``) is mp fastest, then CP (Ulysses inside ring), 
 ranks span more than ``devices_per_node`` consecutive ranks crosses nodes and gets the inter-node bandwidth.
 
 Time model (an estimate for ranking, not a measurement): compute = model FLOPs of the step on this device
-(6 x parameters x tokens, plus causal attention 6 x L x h x S per token, x 4/3 with recompute) at
+(6 x parameters x tokens, plus causal attention 6 x L x h x S per token, x 4/3 with recompute; under Ulysses the
+attention part is the busiest rank's, x ceil(N/U) / (N/U) of the mean when the heads split unevenly) at
 ``tflops`` x ``efficiency``; communication = the bytes of ``comm.py`` (CP exchanges, tensor-parallel
 all-reduces, gradient all-reduce) over the group's bandwidth, not overlapped; the 1F1B pipeline adds
 (pp - 1) / micro_batch_num of the compute.
@@ -13,6 +14,7 @@ all-reduces, gradient all-reduce) over the group's bandwidth, not overlapped; th
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence
 
+from mf_longseq.attention.head_split import HeadSplit
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.planner import comm
 from mf_longseq.planner.layout import Layout, Settings
@@ -94,6 +96,13 @@ def check(layout: Layout, shape: ModelShape, settings: Settings) -> Optional[str
     return None
 
 
+def ulysses_split(shape: ModelShape, layout: Layout) -> Optional[HeadSplit]:
+    """How the layout's Ulysses ranks share one mp rank's heads (None without Ulysses)."""
+    if layout.ulysses == 1:
+        return None
+    return HeadSplit(local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp), layout.ulysses)
+
+
 def step_traffic(shape: ModelShape, layout: Layout, settings: Settings) -> dict:
     """Bytes one device sends in one step, by exchange (CP kinds from ``comm.attention_bytes``)."""
     micro = max(settings.micro_batch_num, layout.pp)
@@ -120,7 +129,9 @@ def step_seconds(shape: ModelShape, layout: Layout, settings: Settings, recomput
     """Estimated seconds of one step (see the module docstring)."""
     micro = max(settings.micro_batch_num, layout.pp)
     tokens = settings.micro_batch * settings.seq_len * micro                     # per dp replica
-    flops = tokens * (6 * shape.total_params + 6 * shape.layers * shape.hidden * settings.seq_len)
+    split = ulysses_split(shape, layout)
+    imbalance = split.imbalance if split else 1.0                                # busiest Ulysses rank's heads
+    flops = tokens * (6 * shape.total_params + 6 * shape.layers * shape.hidden * settings.seq_len * imbalance)
     flops *= (4 / 3 if recompute else 1) / (layout.mp * layout.cp * layout.pp)
     compute = flops / (hw.tflops * 1e12 * hw.efficiency)
     traffic = step_traffic(shape, layout, settings)
