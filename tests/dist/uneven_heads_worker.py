@@ -1,6 +1,7 @@
 """msrun worker for Ulysses / hybrid with any head counts (issue 14): one launch of 4 CPU workers runs every
 attention case of ``CASES`` (shards saved as ``attention_worker`` saves them, with the rank's logical bytes) and
-trains a tiny LLaMA2 with 6 query / 3 kv heads at Ulysses 2 (dp 2) for ``TRAIN_STEPS`` steps.
+trains a tiny LLaMA2 for ``TRAIN_STEPS`` steps in every layout of ``TRAIN_CASES`` (6 query / 3 kv heads at
+Ulysses 2 x dp 2; 6 / 2 at mp 2 x Ulysses 2).
 
 Usage (under msrun): python uneven_heads_worker.py OUT_DIR [case,case,...]
 """
@@ -32,23 +33,30 @@ CASES = [
     Case("hybrid_u2r2_n6k3_noncausal_contiguous_allgather", "hybrid_cp", 4, ulysses=2, causal=False,
          layout="contiguous", heads=6, kv_heads=3, seq_len=48),
 ]
-TRAIN_CASE = "train_llama2_u2_n6k3"
 TRAIN_STEPS = 3
+# name: (dp, mp, cp, algo, query heads, kv heads); the reference is the same model on one process.
+TRAIN_CASES = {
+    "train_llama2_u2_n6k3": (2, 1, 2, "ulysses_cp", 6, 3),
+    # mp 2 x Ulysses 2: 3 query heads and 1 kv head per mp rank, split 2 + 1 over the Ulysses ranks.
+    "train_llama2_mp2_u2_n6k2": (1, 2, 2, "ulysses_cp", 6, 2),
+}
 
 
-def train_tree(cp: int = 1, dp: int = 1, algo: str = "colossalai_cp") -> dict:
-    """train_worker's tiny LLaMA2 with 6 query heads over 3 kv heads (head dim 8)."""
+def train_tree(dp: int = 1, mp: int = 1, cp: int = 1, algo: str = "colossalai_cp", heads: int = 6,
+               kv_heads: int = 3) -> dict:
+    """train_worker's tiny LLaMA2 with ``heads`` query heads over ``kv_heads`` kv heads (head dim 8)."""
     from train_worker import case_tree
     tree = case_tree("llama2", cp=cp, dp=dp, algo=algo)
-    tree["model"]["model_config"].update(num_heads=6, n_kv_heads=3, hidden_size=48)
+    tree["parallel_config"]["model_parallel"] = mp
+    tree["model"]["model_config"].update(num_heads=heads, n_kv_heads=kv_heads, hidden_size=8 * heads)
     return tree
 
 
-def run_training(rank: int, out_dir: str) -> None:
+def run_training(name: str, rank: int, out_dir: str) -> None:
     from mf_longseq.models import build_model
     from mf_longseq.train.job import JobOptions, run_job
     from train_worker import weights
-    folder = os.path.join(out_dir, TRAIN_CASE)
+    folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
     built = []
 
@@ -56,7 +64,7 @@ def run_training(rank: int, out_dir: str) -> None:
         built.append(build_model(tree, mesh=mesh))
         return built[-1]
 
-    records = run_job(JobOptions(config=train_tree(cp=2, dp=2, algo="ulysses_cp"), steps=TRAIN_STEPS,
+    records = run_job(JobOptions(config=train_tree(*TRAIN_CASES[name]), steps=TRAIN_STEPS,
                                  output_dir=os.path.join(folder, "run")), model_factory=factory)
     np.savez(os.path.join(folder, f"rank{rank}.npz"), **weights(built[-1]))
     with open(os.path.join(folder, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
@@ -66,8 +74,7 @@ def run_training(rank: int, out_dir: str) -> None:
 def main():
     rank, out_dir, only = join_launch(WORLD)
     run_cases(CASES, lambda case: run_case(case, rank, out_dir), only, rank)
-    if only is None or TRAIN_CASE in only:
-        run_training(rank, out_dir)
+    run_cases(TRAIN_CASES, lambda name: run_training(name, rank, out_dir), only, rank, name_of=lambda name: name)
 
 
 if __name__ == "__main__":
