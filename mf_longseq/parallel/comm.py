@@ -378,7 +378,9 @@ def all_to_all_v(parts, group, shapes, use_alltoall: bool = True):
         outputs = [ops.zeros(tuple(shapes[i][me]), parts[0].dtype) for i in range(n)]
         sent = sum(_nbytes(p) for j, p in enumerate(parts) if j != me)
         group.stats.add("all_to_all", sent, sent)
-        dist.all_to_all(outputs, list(parts), group=group.name)
+        handle = dist.all_to_all(outputs, list(parts), group=group.name)
+        if handle is not None:
+            handle.wait()
         return outputs
     for partner in pair_rounds(n):
         peer = partner[me]

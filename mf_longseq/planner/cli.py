@@ -68,7 +68,8 @@ def _algo_rows(shape, best, settings):
             cp_step = sum(v for k, v in traffic.items() if k in ("ring_shift", "all_to_all", "all_gather"))
             attention = memory_per_device(shape, layout, settings).attention
             split = ulysses_split(shape, layout)
-            rows.append((layout.label(), forward, cp_step, attention, problem, split.describe() if split else None))
+            rows.append((layout.label(), forward, cp_step, attention, problem, split.describe() if split else None,
+                         comm.replicated_kv_bytes(call)))
     return rows
 
 
@@ -88,7 +89,8 @@ def report(args) -> dict:
     if shown is not None:
         out["best" if ranked else "closest"] = _candidate_dict(shown, shape)
         out["algorithms_at_best"] = [dict(zip(("label", "cp_bytes_per_layer_forward", "cp_bytes_per_step",
-                                               "attention_buffers", "invalid", "ulysses_heads"), row))
+                                               "attention_buffers", "invalid", "ulysses_heads",
+                                               "replicated_kv_bytes_per_layer_forward"), row))
                                      for row in _algo_rows(shape, shown.layout, shown.settings)]
     return out
 
@@ -128,7 +130,8 @@ def _print(out: dict, args) -> None:
         print(f"  {row['label']:34s}{row['cp_bytes_per_layer_forward'] / 2 ** 20:13.1f} MiB"
               f"{row['cp_bytes_per_step'] / 2 ** 30:12.2f} GiB{row['attention_buffers'] / 2 ** 30:10.2f} GiB{note}")
         if row["ulysses_heads"]:
-            print(f"      heads per mp rank: {row['ulysses_heads']}")
+            print(f"      heads per mp rank: {row['ulysses_heads']} "
+                  f"({row['replicated_kv_bytes_per_layer_forward'] / 2 ** 20:.1f} MiB of kv copies per layer fwd)")
     if not out["recommendations"]:
         return
     print(f"\nranked layouts that fit ({len(out['recommendations'])} shown):")

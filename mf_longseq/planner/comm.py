@@ -75,6 +75,16 @@ def ulysses_degree_for(algo: str, cp: int, ulysses_degree_in_cp: int) -> int:
     return cp if algo == "ulysses_cp" else ulysses_degree_in_cp
 
 
+def replicated_kv_bytes(call: AttentionCall) -> int:
+    """Forward bytes the whole Ulysses group sends for kv-head copies beyond one per head (k and v): each copy
+    brings s = b S/CP rows from each of the U-1 other ranks.  Included in ``attention_bytes``; 0 when no kv head
+    is shared by two ranks."""
+    if call.ulysses == 1:
+        return 0
+    s = call.batch * call.seq_len // call.cp
+    return call.split.replicated_kv_heads * 2 * (call.ulysses - 1) * s * call.head_dim * call.itemsize
+
+
 def _ulysses_units(call: AttentionCall, j: int) -> Dict[str, int]:
     """Ulysses rank j's forward and backward bytes in units of D e (module docstring)."""
     split, u, s = call.split, call.ulysses, call.batch * call.seq_len // call.cp

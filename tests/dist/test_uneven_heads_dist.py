@@ -24,22 +24,28 @@ from uneven_heads_worker import CASES, TRAIN_CASES, TRAIN_STEPS, WORLD, train_tr
 
 WORKER = Path(__file__).with_name("uneven_heads_worker.py")
 TOL = 1e-5                      # absolute, for tensors of magnitude <= 1; relative to the largest entry above
-
 pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
 def results(msrun, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("uneven_heads")
+    """One launch of the worker; the directory of every rank's saved shards, bytes and training logs."""
+    return _launch(msrun, tmp_path_factory.mktemp("uneven_heads"))
+
+
+def _launch(msrun, out_dir):
     msrun(WORKER, [out_dir], workers=WORLD, timeout=900)
     return out_dir
 
 
+def _largest(results, case, name):
+    return max(float(np.abs(np.load(results / case.name / f"rank{r}.npz")[name]).max()) for r in range(WORLD))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_case_matches_oracle(case, results):
+def test_shards_match_the_oracle(case, results):
     errors = case_errors(case, results)
-    scale = {name: max(1.0, max(float(np.abs(np.load(results / case.name / f"rank{r}.npz")[name]).max())
-                                for r in range(WORLD))) for name in ("out", "dq", "dk", "dv")}
+    scale = {name: max(1.0, _largest(results, case, name)) for name in ("out", "dq", "dk", "dv")}
     worst = max(errors, key=lambda key: errors[key] / scale[key[1]])
     assert errors[worst] <= TOL * scale[worst[1]], \
         f"{case.name}: {worst} max abs error {errors[worst]:.2e} > {TOL} x {scale[worst[1]]:.2f}"

@@ -235,4 +235,16 @@ def test_plan_prints_how_uneven_the_heads_are(capsys):
     args.func(args)
     out = capsys.readouterr().out
     assert "dp1 mp1 cp16 pp1 ulysses_cp" in out and "(invalid" not in out.split("ulysses_cp", 1)[1].split("\n")[0]
-    assert "40 query heads over Ulysses 16: 3,3,3,3,3,3,3,3,2,2,2,2,2,2,2,2 (busiest 3 = 1.20x the mean)" in out
+    assert "40 query heads over Ulysses 16: 3,3,3,3,3,3,3,3,2,2,2,2,2,2,2,2 (busiest 3 = 1.20x the mean); 40 kv " \
+           "heads: 40 received, 0 replicated (0.0 MiB of kv copies per layer fwd)" in out
+
+
+@pytest.mark.parametrize("n, k, u, copies", [(10, 2, 4, 3), (6, 3, 2, 1), (40, 40, 16, 0), (8, 2, 4, 2)])
+def test_replicated_kv_bytes_are_the_copies_beyond_one_per_head(n, k, u, copies):
+    from mf_longseq.planner.comm import replicated_kv_bytes
+    b, s, d, e = 1, 64, 4, 2
+    call = AttentionCall(b, s * u, n, k, d, e, cp=u, ulysses=u)
+    split = HeadSplit(n, k, u)
+    assert split.replicated_kv_heads == copies
+    kv_sent = sum((u - 1) * b * s * 2 * split.kv_count(j) * d * e for j in range(u))     # to every destination
+    assert replicated_kv_bytes(call) == kv_sent - (u - 1) * b * s * 2 * k * d * e
