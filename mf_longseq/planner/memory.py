@@ -29,8 +29,9 @@ activations not yet released: the MLP's d(product), d(silu), d(up) (3 s F/t e) a
 and out (2 s h e).
 
 Attention buffers (transient, the backward of one layer): ring: kv and the incoming kv (2 x 2 s Kh D e), the
-float32 dK/dV buffer and its shifted copy (2 x 2 s Kh D 4), the float32 dq (s Nt D 4); Ulysses with the
-AllGather-based exchange: the gathered tensor, U times a local one.  The blockwise kernel (backend "cpu") adds
+float32 dK/dV buffer and its shifted copy (2 x 2 s Kh D 4), the float32 dq (s Nt D 4), Kh the kv heads a ring
+carries (under Ulysses the most any Ulysses rank receives); Ulysses with the AllGather-based exchange: the
+gathered tensor, U times the larger of the busiest rank's output (U s n_max) and the packed kv.  The blockwise kernel (backend "cpu") adds
 its float32 tiles, T = min(block_size, S/R): in the backward of one tile the scores, their masked copy, p,
 dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4); and float32 copies of
 q, k, v when the compute dtype is half.
