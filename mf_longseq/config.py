@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
+from mf_longseq.parallel.plan import (CP_ALGOS, LAYOUTS, LEGACY_ALGO_SPELLINGS, RunPlan, ulysses_degree_of,
+                                     world_size_of)
+
 logger = logging.getLogger(__name__)
 
-CP_ALGOS = ("colossalai_cp", "ulysses_cp", "hybrid_cp")
-LEGACY_ALGO_SPELLINGS = {"hybird_cp": "hybrid_cp"}
-LAYOUTS = ("contiguous", "zigzag")
 DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
 
 # Keys a user may put in the plugin's own ``long_seq:`` section.
@@ -106,22 +106,25 @@ class LongSeqConfig:
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
+    def plan(self) -> RunPlan:
+        """The run's degrees, rank order, algorithm and sequence layout (``parallel/plan.py``)."""
+        return RunPlan.from_config(self)
+
+    # ulysses_degree and world_size call the plan's functions rather than build the plan: the rules read them
+    # before they have checked that the degrees fit together (which building a RunPlan asserts).
+    @property
     def ulysses_degree(self) -> int:
         """Ranks of one Ulysses (all-to-all) group inside CP."""
-        if self.context_parallel == 1 or self.context_parallel_algo == "colossalai_cp":
-            return 1
-        if self.context_parallel_algo == "ulysses_cp":
-            return self.context_parallel
-        return self.ulysses_degree_in_cp
+        return ulysses_degree_of(self.context_parallel_algo, self.context_parallel, self.ulysses_degree_in_cp)
 
     @property
     def ring_degree(self) -> int:
         """Ranks of one ring inside CP."""
-        return self.context_parallel // self.ulysses_degree
+        return self.plan.ring
 
     @property
     def world_size(self) -> int:
-        return self.data_parallel * self.model_parallel * self.context_parallel * self.pipeline_stage
+        return world_size_of(self.data_parallel, self.model_parallel, self.context_parallel, self.pipeline_stage)
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_types(self):

@@ -17,16 +17,15 @@ from mf_longseq.attention.kernel import BlockwiseKernel, LocalAttention, default
 from mf_longseq.attention.mask import AttentionMask, DenseMask
 from mf_longseq.attention.ring import RingAttention
 from mf_longseq.attention.ulysses import ulysses_attention
+from mf_longseq.parallel.plan import CP_ALGOS, LEGACY_ALGO_SPELLINGS
 from mf_longseq.parallel.sharding import ring_part_positions
-
-ALGOS = ("colossalai_cp", "ulysses_cp", "hybrid_cp")
 
 
 def _check_algo(algo: str, mesh) -> str:
-    if algo == "hybird_cp":
-        algo = "hybrid_cp"
-    if algo not in ALGOS:
-        raise ValueError(f"algo = {algo!r}: unknown context-parallel algorithm. Fix: use one of {', '.join(ALGOS)}.")
+    algo = LEGACY_ALGO_SPELLINGS.get(algo, algo)
+    if algo not in CP_ALGOS:
+        raise ValueError(f"algo = {algo!r}: unknown context-parallel algorithm. "
+                         f"Fix: use one of {', '.join(CP_ALGOS)}.")
     if algo == "colossalai_cp" and mesh.ulysses != 1:
         raise ValueError(f"algo = 'colossalai_cp' needs a mesh without a Ulysses split, got {mesh}. "
                          "Fix: build the mesh with ulysses=1, or use hybrid_cp.")

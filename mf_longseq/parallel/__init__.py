@@ -1,7 +1,18 @@
-"""Rank mesh, communication groups, exchanges and sequence sharding."""
-from mf_longseq.parallel.comm import CommStats
-from mf_longseq.parallel.mesh import Axis, Group, Mesh
-from mf_longseq.parallel.sharding import cp_order, gather_sequence, global_positions, positions_for, shard_sequence
+"""Run plan (rank layout), communication groups, exchanges and sequence sharding.
 
-__all__ = ["CommStats", "Axis", "Group", "Mesh", "cp_order", "gather_sequence", "global_positions",
-           "positions_for", "shard_sequence"]
+Names load on first use, so ``mf_longseq.parallel.plan`` (pure Python) imports without MindSpore.
+"""
+import importlib
+
+_HOMES = {"RunPlan": "plan", "Axis": "plan", "CpAlgo": "plan", "CommStats": "comm", "Group": "mesh",
+          "Mesh": "mesh", "cp_order": "sharding", "gather_sequence": "sharding", "global_positions": "sharding",
+          "positions_for": "sharding", "shard_sequence": "sharding"}
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_HOMES)

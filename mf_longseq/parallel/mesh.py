@@ -1,43 +1,17 @@
-"""Rank layout and communication groups: one explicit ``Mesh`` object, built once and passed by keyword.
+"""Communication groups of one rank: ``Mesh`` = a ``RunPlan`` (degrees, rank order, axes) + this rank + its groups.
 
-Rank order (MindFormers' order, model parallel fastest)::
-
-    rank = stage * (dp * cp * mp) + dp_id * (cp * mp) + cp_id * mp + mp_id
-
-Inside CP the ranks split into Ulysses x ring, Ulysses ranks contiguous (they exchange the most)::
-
-    cp_id = ring_id * ulysses + ulysses_id
-
-Groups (each a ``Group``: its global ranks in order, this rank's index, a communication-group name):
-
-    axis        ranks that differ only in            used for
-    dp          dp_id                                 (with cp) gradient averaging
-    cp          cp_id                                 all-gather / split of a sequence
-    ulysses     ulysses_id (same ring_id)             Ulysses all-to-all
-    ring        ring_id (same ulysses_id)             ring shift of K/V blocks
-    mp          mp_id                                 tensor-parallel all-reduce
-    pp          stage                                 pipeline transfers
-    dp_cp       dp_id and cp_id                       gradient all-reduce (weights replicated over both)
+The rank order and the axes are the plan's (parallel/plan.py, the one home of both).  Each group is a ``Group``:
+its global ranks in order, this rank's index, a communication-group name.
 
 A ``Mesh`` built with an explicit ``rank`` and no communication is plain arithmetic: unit tests simulate every
 rank in a loop.  ``Mesh.create_groups()`` creates the communication groups this rank belongs to (under msrun,
 after ``mindspore.communication.init()``), including the two-rank groups that the CPU exchanges need.
 """
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Dict, Optional, Tuple
 
 from mf_longseq.parallel.comm import CommStats
-
-
-class Axis(str, Enum):
-    DP = "dp"
-    CP = "cp"
-    ULYSSES = "ulysses"
-    RING = "ring"
-    MP = "mp"
-    PP = "pp"
-    DP_CP = "dp_cp"
+from mf_longseq.parallel.plan import Axis, RunPlan
 
 
 @dataclass(frozen=True)
@@ -76,39 +50,40 @@ class Group:
 
 
 class Mesh:
-    """dp x pp x cp (ulysses x ring) x mp layout of ranks, and the groups of one rank.
+    """A ``RunPlan``, this process's rank in it, and the groups of that rank.
 
     Args:
         dp, mp, cp, pp: parallel degrees; their product is the world size.
         ulysses: Ulysses degree inside CP (must divide cp); ring degree = cp // ulysses.
         rank: this process's global rank (default: ``mindspore.communication.get_rank()``, 0 without init).
         device_target: "CPU" (emulated exchanges) or "Ascend"/"GPU" (native collectives).
+        plan: the whole plan (then dp, mp, cp, pp, ulysses are not given).
+
+    Raises:
+        ValueError: as ``RunPlan``, or the rank is outside the plan's world.
     """
 
     def __init__(self, *, dp: int = 1, mp: int = 1, cp: int = 1, pp: int = 1, ulysses: int = 1,
-                 rank: Optional[int] = None, device_target: str = "CPU"):
-        for name, value in (("dp", dp), ("mp", mp), ("cp", cp), ("pp", pp), ("ulysses", ulysses)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Mesh {name} = {value!r}: must be a positive integer")
-        if cp % ulysses != 0:
-            raise ValueError(f"Mesh ulysses = {ulysses}: must divide cp = {cp}")
-        self.dp, self.mp, self.cp, self.pp, self.ulysses = dp, mp, cp, pp, ulysses
-        self.ring = cp // ulysses
-        self.world_size = dp * mp * cp * pp
+                 rank: Optional[int] = None, device_target: str = "CPU", plan: Optional[RunPlan] = None):
+        self.plan = plan if plan is not None else RunPlan(dp=dp, mp=mp, cp=cp, pp=pp, ulysses=ulysses)
         self.rank = _current_rank() if rank is None else rank
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside a mesh of {self.world_size} ranks "
-                             f"(dp={dp} x mp={mp} x cp={cp} x pp={pp}): check the degrees against msrun --worker_num")
+        self.plan.coords(self.rank)                         # raises when the rank is outside the world
         self.device_target = device_target
         self.stats = CommStats()
         self._pair_names: Dict[Tuple[int, int], str] = {}
 
     @classmethod
     def from_config(cls, config, *, rank: Optional[int] = None) -> "Mesh":
-        """Mesh of a ``LongSeqConfig``."""
-        return cls(dp=config.data_parallel, mp=config.model_parallel, cp=config.context_parallel,
-                   pp=config.pipeline_stage, ulysses=config.ulysses_degree, rank=rank,
-                   device_target=config.device_target)
+        """Mesh of a ``LongSeqConfig`` (its ``plan``)."""
+        return cls(plan=config.plan, rank=rank, device_target=config.device_target)
+
+    dp = property(lambda self: self.plan.dp)
+    mp = property(lambda self: self.plan.mp)
+    cp = property(lambda self: self.plan.cp)
+    pp = property(lambda self: self.plan.pp)
+    ulysses = property(lambda self: self.plan.ulysses)
+    ring = property(lambda self: self.plan.ring)
+    world_size = property(lambda self: self.plan.world_size)
 
     def __repr__(self) -> str:
         return (f"Mesh(dp={self.dp}, mp={self.mp}, cp={self.cp} (ulysses={self.ulysses} x ring={self.ring}), "
@@ -116,41 +91,15 @@ class Mesh:
 
     # ------------------------------------------------------------------------------------------- coordinates
     def coords(self, rank: Optional[int] = None) -> Dict[str, int]:
-        """stage, dp_id, cp_id, mp_id, ring_id, ulysses_id of a rank (default: this one)."""
-        r = self.rank if rank is None else rank
-        mp_id = r % self.mp
-        cp_id = (r // self.mp) % self.cp
-        dp_id = (r // (self.mp * self.cp)) % self.dp
-        stage = r // (self.mp * self.cp * self.dp)
-        return {"stage": stage, "dp_id": dp_id, "cp_id": cp_id, "mp_id": mp_id,
-                "ring_id": cp_id // self.ulysses, "ulysses_id": cp_id % self.ulysses}
+        """stage, dp_id, cp_id, mp_id, ring_id, ulysses_id of a rank (default: this one); ``RunPlan.coords``."""
+        return self.plan.coords(self.rank if rank is None else rank)
 
     def rank_of(self, *, stage: int, dp_id: int, cp_id: int, mp_id: int) -> int:
-        return ((stage * self.dp + dp_id) * self.cp + cp_id) * self.mp + mp_id
+        return self.plan.rank_of(stage=stage, dp_id=dp_id, cp_id=cp_id, mp_id=mp_id)
 
     def ranks(self, axis: str, rank: Optional[int] = None) -> Tuple[int, ...]:
-        """Global ranks of the ``axis`` group that contains ``rank``, in group order."""
-        c = self.coords(rank)
-        axis = Axis(axis)
-
-        def at(**changes):
-            d = {"stage": c["stage"], "dp_id": c["dp_id"], "cp_id": c["cp_id"], "mp_id": c["mp_id"]}
-            d.update(changes)
-            return self.rank_of(**d)
-
-        if axis is Axis.DP:
-            return tuple(at(dp_id=i) for i in range(self.dp))
-        if axis is Axis.CP:
-            return tuple(at(cp_id=i) for i in range(self.cp))
-        if axis is Axis.ULYSSES:
-            return tuple(at(cp_id=c["ring_id"] * self.ulysses + u) for u in range(self.ulysses))
-        if axis is Axis.RING:
-            return tuple(at(cp_id=i * self.ulysses + c["ulysses_id"]) for i in range(self.ring))
-        if axis is Axis.MP:
-            return tuple(at(mp_id=i) for i in range(self.mp))
-        if axis is Axis.PP:
-            return tuple(at(stage=i) for i in range(self.pp))
-        return tuple(at(dp_id=d, cp_id=i) for d in range(self.dp) for i in range(self.cp))
+        """Global ranks of the ``axis`` group that contains ``rank`` (default: this one), in group order."""
+        return self.plan.ranks(axis, self.rank if rank is None else rank)
 
     def group(self, axis: str) -> Group:
         """This rank's ``axis`` group."""

@@ -1,6 +1,6 @@
 """Pipeline parallelism over the ``pp`` group: which layers a stage holds, the schedule, and its execution.
 
-Stage s of P holds a contiguous range of decoder layers (``stage_layers``); the embedding lives on the first
+Stage s of P holds a contiguous range of decoder layers (``plan.stage_layers``); the embedding lives on the first
 stage, the final norm, LM head and loss on the last.  A step splits the batch into M micro-batches and runs a
 schedule, a list of ``Action``s per stage:
 
@@ -29,21 +29,12 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from mf_longseq.parallel.comm import all_reduce, is_emulated, send_recv
+from mf_longseq.parallel.plan import stage_layers
 from mf_longseq.train.optim import AdamW
 from mf_longseq.train.runner import StepResult, Trainer
 
 ACT, GRAD = "act", "grad"
 SCHEDULES = ("gpipe", "1f1b")
-
-
-def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
-    """Decoder layers of ``stage``: contiguous, sizes differ by at most one (the first stages take the extra)."""
-    if num_layers < num_stages:
-        raise ValueError(f"parallel_config.pipeline_stage = {num_stages}: more stages than "
-                         f"model.model_config.num_layers = {num_layers}. Fix: use at most {num_layers} stages")
-    base, extra = divmod(num_layers, num_stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (1 if stage < extra else 0))
 
 
 @dataclass(frozen=True)
@@ -290,19 +281,6 @@ class PipelineTrainer(Trainer):
         return StepResult(loss=loss, tokens=b * self.mesh.dp * s_loc * self.mesh.cp, lr=lr)
 
 
-def decoder_stage_of(name: str, num_stages: int, num_layers: int) -> int:
-    """Pipeline stage of a decoder tensor (Hugging Face names; optimizer moments ``adam_m.<name>`` follow it)."""
-    for prefix in ("adam_m.", "adam_v."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    if name.startswith("model.embed_tokens."):
-        return 0
-    if name.startswith("model.layers."):
-        layer = int(name.split(".")[2])
-        return next(s for s in range(num_stages) if layer in stage_layers(num_layers, num_stages, s))
-    return num_stages - 1
-
-
 def _objective_sens(out):
     """Sens of a last-stage output: 1 for the objective (the first output), 0 for the others (logging only)."""
     if isinstance(out, (tuple, list)):
@@ -310,5 +288,5 @@ def _objective_sens(out):
     return ops.ones_like(out)
 
 
-__all__ = ["Action", "DecoderStage", "PipelineRunner", "PipelineTrainer", "SCHEDULES", "build_schedule",
-           "decoder_stage_of", "gpipe", "one_f_one_b", "stage_layers"]
+__all__ = ["Action", "DecoderStage", "PipelineRunner", "PipelineTrainer", "SCHEDULES", "build_schedule", "gpipe",
+           "one_f_one_b"]

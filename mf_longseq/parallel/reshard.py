@@ -1,7 +1,7 @@
 """Move a checkpoint from one rank layout to another: merge the shards into full tensors, cut them again.
 
-A run's per-rank state is a dict ``name -> ndarray`` per global rank.  Ranks follow the ``Mesh`` order
-(rank = stage * dp*cp*mp + dp_id * cp*mp + cp_id * mp + mp_id).  Weights (and their optimizer moments) are
+A run's per-rank state is a dict ``name -> ndarray`` per global rank.  Ranks follow the ``RunPlan`` order
+(parallel/plan.py).  Weights (and their optimizer moments) are
 
 * replicated over dp and cp (any dp_id / cp_id holds the same values),
 * cut over mp as their ``ShardSpec`` says (``tensor_parallel.shard_array`` / ``merge_shards``),
@@ -14,40 +14,14 @@ cp4 or on one rank (``reshard``).
 """
 import json
 import os
-from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional
 
 import numpy as np
 
+from mf_longseq.parallel.plan import RunPlan, decoder_stage_of
 from mf_longseq.parallel.tensor_parallel import REPLICATED, ShardSpec, merge_shards, shard_array
 
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
-
-
-@dataclass(frozen=True)
-class RankLayout:
-    """Degrees of a run (the parts of a layout that decide which tensor lives where)."""
-
-    dp: int = 1
-    cp: int = 1
-    mp: int = 1
-    pp: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.cp * self.mp * self.pp
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "RankLayout":
-        return cls(dp=int(d.get("dp", 1)), cp=int(d.get("cp", 1)), mp=int(d.get("mp", 1)), pp=int(d.get("pp", 1)))
-
-    def rank(self, *, stage: int, dp_id: int, cp_id: int, mp_id: int) -> int:
-        return ((stage * self.dp + dp_id) * self.cp + cp_id) * self.mp + mp_id
-
-    def coords(self, rank: int) -> dict:
-        mp_id, rest = rank % self.mp, rank // self.mp
-        cp_id, rest = rest % self.cp, rest // self.cp
-        return {"stage": rest // self.dp, "dp_id": rest % self.dp, "cp_id": cp_id, "mp_id": mp_id}
 
 
 def spec_of(name: str, specs: Mapping[str, ShardSpec]) -> ShardSpec:
@@ -58,7 +32,7 @@ def spec_of(name: str, specs: Mapping[str, ShardSpec]) -> ShardSpec:
     return specs.get(name, ShardSpec(REPLICATED))
 
 
-def merge_rank_states(states: Mapping[int, Mapping[str, np.ndarray]], layout: RankLayout,
+def merge_rank_states(states: Mapping[int, Mapping[str, np.ndarray]], layout: RunPlan,
                       specs: Mapping[str, ShardSpec], *, check_replicas: bool = True,
                       rtol: float = 0.0) -> Dict[str, np.ndarray]:
     """Full tensors from the per-rank states of a run.
@@ -81,7 +55,7 @@ def merge_rank_states(states: Mapping[int, Mapping[str, np.ndarray]], layout: Ra
         raise ValueError(f"checkpoint of layout {layout} lacks rank files {missing}. Fix: copy every rank_<r> file")
     full = {}
     for stage in range(layout.pp):
-        heads = [states[layout.rank(stage=stage, dp_id=0, cp_id=0, mp_id=m)] for m in range(layout.mp)]
+        heads = [states[layout.rank_of(stage=stage, dp_id=0, cp_id=0, mp_id=m)] for m in range(layout.mp)]
         for name in heads[0]:
             spec = spec_of(name, specs)
             shards = [np.asarray(h[name]) for h in heads]
@@ -96,15 +70,15 @@ def _check_replicas(name, spec, states, layout, stage, shards, rtol):
         expect = shards[0] if spec.kind == REPLICATED else shards[m]
         for d in range(layout.dp):
             for c in range(layout.cp):
-                rank = layout.rank(stage=stage, dp_id=d, cp_id=c, mp_id=m)
+                rank = layout.rank_of(stage=stage, dp_id=d, cp_id=c, mp_id=m)
                 got = np.asarray(states[rank][name])
                 if got.shape != expect.shape or not np.allclose(got, expect, rtol=rtol, atol=0.0):
                     raise ValueError(f"checkpoint tensor {name!r}: rank {rank} differs from its replica on rank "
-                                     f"{layout.rank(stage=stage, dp_id=0, cp_id=0, mp_id=m)}. Fix: use a checkpoint "
-                                     "written by one consistent run (gradients synchronised over dp x cp)")
+                                     f"{layout.rank_of(stage=stage, dp_id=0, cp_id=0, mp_id=m)}. Fix: use a "
+                                     "checkpoint written by one consistent run (gradients synchronised over dp x cp)")
 
 
-def split_rank_state(full: Mapping[str, np.ndarray], specs: Mapping[str, ShardSpec], layout: RankLayout, rank: int,
+def split_rank_state(full: Mapping[str, np.ndarray], specs: Mapping[str, ShardSpec], layout: RunPlan, rank: int,
                      stage_of: Optional[Callable[[str, int], int]] = None) -> Dict[str, np.ndarray]:
     """The state one rank of ``layout`` holds: the tensors of its stage, cut for its mp index.
 
@@ -121,7 +95,7 @@ def split_rank_state(full: Mapping[str, np.ndarray], specs: Mapping[str, ShardSp
     return out
 
 
-def reshard(states: Mapping[int, Mapping[str, np.ndarray]], source: RankLayout, target: RankLayout,
+def reshard(states: Mapping[int, Mapping[str, np.ndarray]], source: RunPlan, target: RunPlan,
             specs: Mapping[str, ShardSpec], stage_of: Optional[Callable[[str, int], int]] = None,
             *, check_replicas: bool = True) -> Dict[int, Dict[str, np.ndarray]]:
     """Per-rank states of ``target`` from per-rank states written under ``source``."""
@@ -141,7 +115,7 @@ def read_rank_states(directory: str, meta: Mapping) -> Dict[int, Dict[str, np.nd
     return states
 
 
-def load_resharded(directory: str, *, target: RankLayout, rank: int,
+def load_resharded(directory: str, *, target: RunPlan, rank: int,
                    stage_of: Optional[Callable[[str, int], int]] = None) -> Dict[str, np.ndarray]:
     """The state rank ``rank`` of ``target`` needs, from a checkpoint written under any layout.
 
@@ -151,19 +125,18 @@ def load_resharded(directory: str, *, target: RankLayout, rank: int,
     """
     with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
-    source = RankLayout.from_dict(meta["layout"])
+    source = RunPlan.from_dict(meta["layout"])
     specs = {name: ShardSpec.from_dict(d) for name, d in (meta.get("shard_specs") or {}).items()}
     if (source.mp > 1 or target.mp > 1) and source.mp != target.mp and not specs:
         raise ValueError(f"checkpoint {directory}: written with model_parallel = {source.mp}, loading with "
                          f"{target.mp}, but its meta.json has no shard_specs. Fix: load it with model_parallel = "
                          f"{source.mp}")
     if stage_of is None and (source.pp > 1 or target.pp > 1):
-        from mf_longseq.parallel.pipeline import decoder_stage_of
         num_layers = int(meta["num_layers"])
         stage_of = lambda name, pp: decoder_stage_of(name, pp, num_layers)    # noqa: E731
     full = merge_rank_states(read_rank_states(directory, meta), source, specs)
     return split_rank_state(full, specs, target, rank, stage_of)
 
 
-__all__ = ["RankLayout", "spec_of", "merge_rank_states", "split_rank_state", "reshard", "read_rank_states",
+__all__ = ["spec_of", "merge_rank_states", "split_rank_state", "reshard", "read_rank_states",
            "load_resharded", "OPTIMIZER_PREFIXES"]

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from mindspore import Tensor, ops
 
-LAYOUTS = ("contiguous", "zigzag")
+from mf_longseq.parallel.plan import LAYOUTS
 
 
 def ring_part_positions(seq_len: int, ring_size: int, ring_index: int, layout: str) -> np.ndarray:

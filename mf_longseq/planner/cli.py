@@ -15,7 +15,8 @@ import sys
 from dataclasses import asdict, replace
 
 from mf_longseq.planner import comm
-from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
+from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import memory_per_device
 from mf_longseq.planner.recommend import Hardware, check, closest, recommend, step_traffic, ulysses_split
 from mf_longseq.planner.shapes import model_shape
@@ -54,7 +55,7 @@ def _settings(args) -> Settings:
 def _algo_rows(shape, best, settings):
     """The CP exchanges of every algorithm at the best layout's degrees: (label, bytes per layer fwd, per step)."""
     rows = []
-    for algo in comm.ALGOS:
+    for algo in CP_ALGOS:
         degrees = {"colossalai_cp": [1], "ulysses_cp": [best.cp],
                    "hybrid_cp": [u for u in range(2, best.cp) if best.cp % u == 0]}[algo]
         for u in degrees:
@@ -79,7 +80,7 @@ def report(args) -> dict:
     settings = _settings(args)
     hw = Hardware(memory=parse_size(args.device_memory), reserve=args.reserve, tflops=args.tflops,
                   devices_per_node=args.devices_per_node)
-    algos = [args.algo] if args.algo else list(comm.ALGOS)
+    algos = [args.algo] if args.algo else list(CP_ALGOS)
     ranked = recommend(shape, args.devices, settings, hw, algos, max_mp=args.max_mp)
     out = {"model": asdict(shape) | {"total_params": shape.total_params}, "settings": asdict(settings),
            "devices": args.devices, "usable_memory": hw.usable, "recommendations": [], "best": None,
@@ -155,7 +156,7 @@ def _run(args, stdout) -> int:
             raise ValueError(f"--emit-yaml {args.emit_yaml}: no layout fits, nothing to write. Fix: more devices or "
                              "more --device-memory")
         best = out["best"]
-        emit_yaml(args.emit_yaml, args.model, Layout(**best["layout"]), Settings(**best["settings"]),
+        emit_yaml(args.emit_yaml, args.model, RunPlan(**best["layout"]), Settings(**best["settings"]),
                   recompute=best["recompute"])
         out["emitted_yaml"] = args.emit_yaml
     if args.json:
@@ -180,7 +181,7 @@ def register(subparsers) -> None:
     p.add_argument("--micro-batch-num", type=int, default=1, help="micro-batches per step (at least pp)")
     p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 (default), fp16, fp32")
     p.add_argument("--param-dtype", default="fp32", help="weights and gradients: fp32 (default), bf16, fp16")
-    p.add_argument("--algo", choices=comm.ALGOS, help="consider only this CP algorithm")
+    p.add_argument("--algo", choices=CP_ALGOS, help="consider only this CP algorithm")
     p.add_argument("--allgather", action="store_true", help="Ulysses by the AllGather exchange "
                    "(parallel.enable_alltoall: False)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1, help="split over dp x cp: 0 nothing, "

@@ -26,8 +26,6 @@ from typing import Dict, Optional
 
 from mf_longseq.attention.head_split import HeadSplit
 
-ALGOS = ("colossalai_cp", "ulysses_cp", "hybrid_cp")
-
 
 @dataclass(frozen=True)
 class AttentionCall:
@@ -66,13 +64,6 @@ class AttentionCall:
     def kv_heads_exchanged(self) -> int:
         """kv heads the Ulysses ranks receive in all (K, plus the copies of kv heads two ranks need)."""
         return self.split.kv_heads_received if self.ulysses > 1 else self.kv_heads
-
-
-def ulysses_degree_for(algo: str, cp: int, ulysses_degree_in_cp: int) -> int:
-    """The Ulysses part of CP for an algorithm (``LongSeqConfig.ulysses_degree``)."""
-    if cp == 1 or algo == "colossalai_cp":
-        return 1
-    return cp if algo == "ulysses_cp" else ulysses_degree_in_cp
 
 
 def replicated_kv_bytes(call: AttentionCall) -> int:

@@ -1,32 +1,7 @@
-"""One candidate layout (degrees and algorithm) and the run settings the planner evaluates it under."""
+"""The run settings the planner evaluates a candidate plan (``parallel.plan.RunPlan``) under."""
 from dataclasses import dataclass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """dp x mp x cp x pp ranks; CP = ulysses x ring.  Names as in ``parallel_config``."""
-
-    dp: int = 1
-    mp: int = 1
-    cp: int = 1
-    pp: int = 1
-    algo: str = "colossalai_cp"
-    ulysses: int = 1
-
-    @property
-    def ring(self) -> int:
-        return self.cp // self.ulysses
-
-    @property
-    def devices(self) -> int:
-        return self.dp * self.mp * self.cp * self.pp
-
-    def label(self) -> str:
-        algo = self.algo if self.cp > 1 else "cp off"
-        inner = f" u{self.ulysses}xr{self.ring}" if self.algo == "hybrid_cp" and self.cp > 1 else ""
-        return f"dp{self.dp} mp{self.mp} cp{self.cp} pp{self.pp} {algo}{inner}"
 
 
 @dataclass(frozen=True)

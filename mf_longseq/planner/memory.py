@@ -45,7 +45,8 @@ from dataclasses import dataclass, fields
 from typing import List, Tuple
 
 from mf_longseq.attention.head_split import HeadSplit
-from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.shapes import ModelShape
 
 
@@ -77,7 +78,7 @@ def local_heads(heads: int, mp: int) -> int:
     return max(heads // mp, 1)
 
 
-def stage_params(shape: ModelShape, layout: Layout) -> int:
+def stage_params(shape: ModelShape, layout: RunPlan) -> int:
     """Parameters on one device of the largest pipeline stage."""
     t, h, d = layout.mp, shape.hidden, shape.head_dim
     nt, kt = local_heads(shape.heads, t), local_heads(shape.kv_heads, t)
@@ -96,7 +97,7 @@ def _most_kv(split: HeadSplit) -> int:
     return max(split.kv_count(j) for j in range(split.degree))
 
 
-def layer_activations(shape: ModelShape, layout: Layout, settings: Settings) -> int:
+def layer_activations(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
     """Bytes one decoder layer keeps for backward, per micro-batch (see the module docstring)."""
     e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
     h, d, f = shape.hidden, shape.head_dim, shape.ffn // layout.mp
@@ -112,7 +113,7 @@ def layer_activations(shape: ModelShape, layout: Layout, settings: Settings) -> 
     return norms + qkv + rope + attention + mlp
 
 
-def attention_buffers(shape: ModelShape, layout: Layout, settings: Settings) -> int:
+def attention_buffers(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
     """Transient bytes of one layer's attention backward, on top of what is kept."""
     e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
     d, u = shape.head_dim, layout.ulysses
@@ -131,7 +132,7 @@ def attention_buffers(shape: ModelShape, layout: Layout, settings: Settings) -> 
     return out
 
 
-def memory_per_device(shape: ModelShape, layout: Layout, settings: Settings) -> Memory:
+def memory_per_device(shape: ModelShape, layout: RunPlan, settings: Settings) -> Memory:
     """Every item of the per-device memory of ``layout`` (bytes, worst pipeline stage)."""
     params, group = stage_params(shape, layout), layout.dp * layout.cp
     split = lambda stage: group if settings.zero >= stage else 1                          # noqa: E731

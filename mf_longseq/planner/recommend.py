@@ -1,7 +1,7 @@
 """Enumerate every layout of N devices that ``LongSeqConfig`` accepts, keep those that fit the device memory,
 and rank them by an estimated step time.
 
-Rank order (``parallel/mesh.py``) is mp fastest, then CP (Ulysses inside ring), then dp, then pp; a group whose
+Rank order (``parallel/plan.py``) is mp fastest, then CP (Ulysses inside ring), then dp, then pp; a group whose
 ranks span more than ``devices_per_node`` consecutive ranks crosses nodes and gets the inter-node bandwidth.
 
 Time model (an estimate for ranking, not a measurement): compute = model FLOPs of the step on this device
@@ -17,7 +17,8 @@ from typing import Iterator, List, Optional, Sequence
 from mf_longseq.attention.head_split import HeadSplit
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.planner import comm
-from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
+from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import Memory, local_heads, memory_per_device, stage_params
 from mf_longseq.planner.shapes import ModelShape
 
@@ -43,7 +44,7 @@ class Hardware:
 class Candidate:
     """A layout that fits, with its memory, traffic and estimated step time."""
 
-    layout: Layout
+    layout: RunPlan
     settings: Settings
     memory: Memory
     recompute: bool
@@ -59,7 +60,7 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(devices: int, shape: ModelShape, algos: Sequence[str], max_mp: int = 8) -> Iterator[Layout]:
+def layouts(devices: int, shape: ModelShape, algos: Sequence[str], max_mp: int = 8) -> Iterator[RunPlan]:
     """Every (dp, mp, cp, pp, algo, ulysses) with dp x mp x cp x pp = devices (CP algorithms only when cp > 1)."""
     for mp in _divisors(devices):
         if mp > max_mp:
@@ -70,16 +71,16 @@ def layouts(devices: int, shape: ModelShape, algos: Sequence[str], max_mp: int =
                 if pp > shape.layers:
                     continue
                 if cp == 1:
-                    yield Layout(dp, mp, 1, pp, "colossalai_cp", 1)
+                    yield RunPlan(dp=dp, mp=mp, pp=pp)
                     continue
                 for algo in algos:
                     degrees = {"colossalai_cp": [1], "ulysses_cp": [cp],
                                "hybrid_cp": [u for u in _divisors(cp) if 1 < u < cp]}[algo]
                     for u in degrees:
-                        yield Layout(dp, mp, cp, pp, algo, u)
+                        yield RunPlan(dp=dp, mp=mp, cp=cp, pp=pp, algo=algo, ulysses=u)
 
 
-def check(layout: Layout, shape: ModelShape, settings: Settings) -> Optional[str]:
+def check(layout: RunPlan, shape: ModelShape, settings: Settings) -> Optional[str]:
     """None if ``LongSeqConfig`` accepts the layout, else its error message (the rules live there)."""
     try:
         LongSeqConfig(seq_length=settings.seq_len, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
@@ -96,14 +97,14 @@ def check(layout: Layout, shape: ModelShape, settings: Settings) -> Optional[str
     return None
 
 
-def ulysses_split(shape: ModelShape, layout: Layout) -> Optional[HeadSplit]:
+def ulysses_split(shape: ModelShape, layout: RunPlan) -> Optional[HeadSplit]:
     """How the layout's Ulysses ranks share one mp rank's heads (None without Ulysses)."""
     if layout.ulysses == 1:
         return None
     return HeadSplit(local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp), layout.ulysses)
 
 
-def step_traffic(shape: ModelShape, layout: Layout, settings: Settings) -> dict:
+def step_traffic(shape: ModelShape, layout: RunPlan, settings: Settings) -> dict:
     """Bytes one device sends in one step, by exchange (CP kinds from ``comm.attention_bytes``)."""
     micro = max(settings.micro_batch_num, layout.pp)
     layers = -(-shape.layers // layout.pp)
@@ -125,7 +126,7 @@ def _bandwidth(span: int, hw: Hardware) -> float:
     return (hw.intra_node_gbps if span <= hw.devices_per_node else hw.inter_node_gbps) * 1e9
 
 
-def step_seconds(shape: ModelShape, layout: Layout, settings: Settings, recompute: bool, hw: Hardware) -> float:
+def step_seconds(shape: ModelShape, layout: RunPlan, settings: Settings, recompute: bool, hw: Hardware) -> float:
     """Estimated seconds of one step (see the module docstring)."""
     micro = max(settings.micro_batch_num, layout.pp)
     tokens = settings.micro_batch * settings.seq_len * micro                     # per dp replica
@@ -143,7 +144,7 @@ def step_seconds(shape: ModelShape, layout: Layout, settings: Settings, recomput
     return compute + network + bubble
 
 
-def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = comm.ALGOS,
+def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = CP_ALGOS,
               max_mp: int = 8) -> List[Candidate]:
     """Layouts that fit ``hw.usable`` bytes, fastest first (recompute only where needed to fit)."""
     out = []
@@ -160,7 +161,7 @@ def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware,
     return sorted(out, key=lambda c: (c.step_seconds, c.memory_total))
 
 
-def closest(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = comm.ALGOS,
+def closest(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = CP_ALGOS,
             max_mp: int = 8) -> Optional[Candidate]:
     """The valid layout that needs the least memory (with recompute), whether it fits or not."""
     best = None

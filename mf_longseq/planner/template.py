@@ -6,14 +6,15 @@ The file is checked before it is written: ``LongSeqConfig.from_mindformers`` (ev
 import yaml
 
 from mf_longseq.config import LongSeqConfig
-from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.planner.layout import Settings
 
 _CLASSES = {"llama2": ("LlamaLongSeqConfig", "LlamaLongSeqForCausalLM"),
             "qwen": ("QwenLongSeqConfig", "QwenLongSeqForCausalLM"),
             "qwen1_5": ("Qwen2LongSeqConfig", "Qwen2LongSeqForCausalLM")}
 
 
-def template(model: str, layout: Layout, settings: Settings, recompute: bool) -> dict:
+def template(model: str, layout: RunPlan, settings: Settings, recompute: bool) -> dict:
     """The YAML tree of one run."""
     from mf_longseq.planner.shapes import _config_of
     config = _config_of(model)
@@ -36,7 +37,8 @@ def template(model: str, layout: Layout, settings: Settings, recompute: bool) ->
         "recompute_config": {"recompute": recompute},
         "runner_config": {"batch_size": settings.micro_batch},
         "model": {"model_config": model_config, "arch": {"type": arch_type}},
-        "long_seq": {"layout": "zigzag", "block_size": settings.block_size, "device_num": layout.devices},
+        "long_seq": {"layout": layout.seq_layout, "block_size": settings.block_size,
+                     "device_num": layout.world_size},
     }
 
 
@@ -44,13 +46,13 @@ _MODEL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_hea
                "rms_norm_eps", "theta", "qkv_has_bias", "tie_word_embeddings")
 
 
-def emit_yaml(path: str, model: str, layout: Layout, settings: Settings, recompute: bool) -> dict:
+def emit_yaml(path: str, model: str, layout: RunPlan, settings: Settings, recompute: bool) -> dict:
     """Write the template of ``layout`` to ``path`` after checking it; returns the tree."""
     from mf_longseq.models import model_config_from
     tree = template(model, layout, settings, recompute)
     LongSeqConfig.from_mindformers(tree)
     model_config_from(tree)
-    header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {layout.devices}: "
+    header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {layout.world_size}: "
               f"{layout.label()}{' with recompute' if recompute else ''}\n")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(header + yaml.safe_dump(tree, sort_keys=False))

@@ -18,10 +18,11 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional
 
 import numpy as np
+
+from mf_longseq.parallel.plan import RunPlan
 
 
 FORMAT = "mf_longseq.checkpoint/1"
@@ -37,41 +38,6 @@ def rank_file(directory: str, rank: int) -> str:
     return os.path.join(directory, f"rank_{rank}.ckpt")
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the run is split; recorded in the metadata and checked on resume."""
-
-    dp: int
-    cp: int
-    mp: int
-    pp: int
-    ulysses: int
-    layout: str
-    context_parallel_algo: str
-
-    @property
-    def ranks(self):
-        """The degrees alone, as ``reshard.RankLayout`` (rank order, coordinates, world size)."""
-        from mf_longseq.parallel.reshard import RankLayout
-        return RankLayout(dp=self.dp, cp=self.cp, mp=self.mp, pp=self.pp)
-
-    @property
-    def world_size(self) -> int:
-        return self.ranks.world_size
-
-    @classmethod
-    def of(cls, config) -> "Layout":
-        """Layout of a ``LongSeqConfig``."""
-        return cls(dp=config.data_parallel, cp=config.context_parallel, mp=config.model_parallel,
-                   pp=config.pipeline_stage, ulysses=config.ulysses_degree, layout=config.layout,
-                   context_parallel_algo=config.context_parallel_algo)
-
-    def as_dict(self) -> dict:
-        return {"dp": self.dp, "cp": self.cp, "mp": self.mp, "pp": self.pp, "ulysses": self.ulysses,
-                "ring": self.cp // self.ulysses, "layout": self.layout,
-                "context_parallel_algo": self.context_parallel_algo, "world_size": self.world_size}
-
-
 def save_rank(directory: str, rank: int, parameters) -> str:
     """Write this rank's Parameters (weights and optimizer state) to ``rank_<rank>.ckpt``; returns the path."""
     import mindspore as ms
@@ -83,7 +49,7 @@ def save_rank(directory: str, rank: int, parameters) -> str:
     return path
 
 
-def write_meta(directory: str, *, step: int, layout: Layout, config_tree: dict, data: dict, optimizer: dict,
+def write_meta(directory: str, *, step: int, layout: RunPlan, config_tree: dict, data: dict, optimizer: dict,
                losses: List[float], shard_specs: Mapping[str, dict], num_layers: Optional[int],
                extra: Optional[dict] = None) -> str:
     """Write ``config.yaml`` and then ``meta.json`` (which marks the step directory complete).
@@ -109,7 +75,7 @@ def write_meta(directory: str, *, step: int, layout: Layout, config_tree: dict, 
     return os.path.join(directory, META)
 
 
-def save(output_dir: str, *, step: int, rank: int, parameters, barrier: Callable[[], None], layout: Layout,
+def save(output_dir: str, *, step: int, rank: int, parameters, barrier: Callable[[], None], layout: RunPlan,
          config_tree: dict, data: dict, optimizer: dict, losses: List[float], shard_specs: Mapping[str, dict],
          num_layers: Optional[int]) -> str:
     """Every rank calls this at the same step: rank files, a barrier, then rank 0 writes the metadata."""
@@ -149,24 +115,23 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def same_split(meta: dict, layout: Layout) -> bool:
+def same_split(meta: dict, layout: RunPlan) -> bool:
     """True when the checkpoint was written with this run's model_parallel and pipeline_stage (no resharding)."""
     saved = meta["layout"]
     return (saved["mp"], saved["pp"]) == (layout.mp, layout.pp)
 
 
-def file_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> str:
+def file_for_rank(directory: str, meta: dict, rank: int, layout: RunPlan) -> str:
     """The rank file this rank loads when mp and pp are unchanged: its own under the same layout, else the file of
     the saved rank with the same pipeline stage and mp index at dp_id = cp_id = 0 (weights replicated over dp x cp).
     """
-    from mf_longseq.parallel.reshard import RankLayout
     assert same_split(meta, layout), "file_for_rank: another mp / pp needs state_for_rank (resharding)"
     saved = meta["layout"]
     if saved["world_size"] == layout.world_size and (saved["dp"], saved["cp"]) == (layout.dp, layout.cp):
         source = rank
     else:
-        c = layout.ranks.coords(rank)
-        source = RankLayout.from_dict(saved).rank(stage=c["stage"], dp_id=0, cp_id=0, mp_id=c["mp_id"])
+        c = layout.coords(rank)
+        source = RunPlan.from_dict(saved).rank_of(stage=c["stage"], dp_id=0, cp_id=0, mp_id=c["mp_id"])
     name = meta["rank_files"][str(source)]
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
@@ -174,7 +139,7 @@ def file_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> str:
     return path
 
 
-def state_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> Dict[str, np.ndarray]:
+def state_for_rank(directory: str, meta: dict, rank: int, layout: RunPlan) -> Dict[str, np.ndarray]:
     """Name -> array of everything rank ``rank`` of ``layout`` holds (weights and ``adam_m.`` / ``adam_v.`` moments).
 
     Same mp and pp: one rank file (``file_for_rank``).  Otherwise every rank file is merged into full tensors and
@@ -195,8 +160,7 @@ def state_for_rank(directory: str, meta: dict, rank: int, layout: Layout) -> Dic
                          f"{saved['pp']}; this run has {layout.mp}, {layout.pp}, and its {META} has no "
                          f"{' / '.join(lacking)} to reshard with. Fix: resume with parallel_config.model_parallel: "
                          f"{saved['mp']} and pipeline_stage: {saved['pp']}.")
-    target = layout.ranks
-    return load_resharded(directory, target=target, rank=rank)
+    return load_resharded(directory, target=layout, rank=rank)
 
 
 def assign(values: Mapping[str, np.ndarray], parameters, source: str) -> None:

@@ -187,7 +187,7 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: 
     opt = trainer.optimizer.settings
     num_layers = ((tree.get("model") or {}).get("model_config") or {}).get("num_layers")
     return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
-                     barrier=barrier(run.world_size), layout=ckpt.Layout.of(config), config_tree=tree, data=data,
+                     barrier=barrier(run.world_size), layout=config.plan, config_tree=tree, data=data,
                      optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
                                 "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
                                 "weight_decay": opt.weight_decay, "warmup_steps": opt.warmup_steps,
@@ -205,7 +205,7 @@ def resume(trainer: Trainer, run, config, path: str) -> int:
     """
     directory = ckpt.find_resume_dir(path)
     meta = ckpt.read_meta(directory)
-    layout = ckpt.Layout.of(config)
+    layout = config.plan
     load_trainer_state(trainer, ckpt.state_for_rank(directory, meta, run.rank, layout),
                        meta["optimizer"]["step_count"], source=directory)
     trainer.losses = list(meta["losses"])

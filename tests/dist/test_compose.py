@@ -20,7 +20,8 @@ import pytest
 
 import compose_worker as cw
 from mf_longseq.config import LongSeqConfig, check_world_size
-from mf_longseq.parallel.reshard import RankLayout, merge_rank_states
+from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.parallel.reshard import merge_rank_states
 from mf_longseq.parallel.tensor_parallel import ShardSpec
 
 WORKER = Path(__file__).with_name("compose_worker.py")
@@ -51,7 +52,7 @@ def reference():
 
 def merged_weights(out_dir, name):
     dp, mp, cp, pp, _, _ = cw.CASES[name]
-    layout = RankLayout(dp=dp, cp=cp, mp=mp, pp=pp)
+    layout = RunPlan(dp=dp, cp=cp, mp=mp, pp=pp)
     shards = [np.load(out_dir / name / f"rank{r}.npz") for r in range(cw.WORLD)]
     specs = {k: ShardSpec.from_dict(v) for k, v in json.loads(str(shards[0]["specs"])).items()}
     states = {r: {k[len("state/"):]: sh[k] for k in sh.files if k.startswith("state/")}

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import memory_per_device
 from mf_longseq.planner.shapes import model_shape
 
@@ -34,7 +35,7 @@ def test_memory_model_within_15_percent_of_measured_peak(msrun, tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
     msrun(WORKER, [path, tmp_path / "out"], workers=2, timeout=900)
-    predicted = memory_per_device(model_shape(str(path)), Layout(cp=2, algo="colossalai_cp"), Settings(
+    predicted = memory_per_device(model_shape(str(path)), RunPlan(cp=2, algo="colossalai_cp"), Settings(
         seq_len=SEQ, param_dtype="float32", grad_dtype="float32", compute_dtype="float32", zero=0, backend="cpu",
         block_size=BLOCK)).total(recompute=False)
     for rank in range(2):

@@ -11,8 +11,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mf_longseq.parallel import Mesh
-from mf_longseq.parallel.pipeline import (ACT, SCHEDULES, DecoderStage, PipelineRunner, build_schedule,
-                                          decoder_stage_of, stage_layers)
+from mf_longseq.parallel.pipeline import ACT, SCHEDULES, DecoderStage, PipelineRunner, build_schedule
+from mf_longseq.parallel.plan import decoder_stage_of, stage_layers
 
 
 def simulate(kind, num_stages, num_micro):

@@ -14,7 +14,8 @@ from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import CONFIG_CLASSES, count_parameters
 from mf_longseq.planner import cli as plan_cli
 from mf_longseq.planner.comm import AttentionCall, attention_bytes
-from mf_longseq.planner.layout import Layout, Settings
+from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import layer_activations, memory_per_device, stage_params
 from mf_longseq.planner.recommend import Hardware, layouts, recommend
 from mf_longseq.planner.shapes import available_models, model_shape
@@ -65,7 +66,7 @@ def test_shapes_come_from_the_model_presets(name):
     family, size = name.split("-")
     shape = model_shape(name)
     assert shape.total_params == count_parameters(CONFIG_CLASSES[family].from_preset(size))
-    assert stage_params(shape, Layout()) == shape.total_params
+    assert stage_params(shape, RunPlan()) == shape.total_params
 
 
 def test_unknown_model_names_the_choices():
@@ -76,11 +77,11 @@ def test_unknown_model_names_the_choices():
 
 def test_model_parallel_and_pipeline_split_the_weights():
     shape = model_shape("llama2-13b")
-    one = stage_params(shape, Layout())
-    mp8 = stage_params(shape, Layout(mp=8))
+    one = stage_params(shape, RunPlan())
+    mp8 = stage_params(shape, RunPlan(mp=8))
     layer_norms = 2 * shape.hidden * shape.layers + shape.norm_params
     assert mp8 == (one - layer_norms) // 8 + layer_norms                    # norms replicated, the rest split
-    pp2 = stage_params(shape, Layout(pp=2))
+    pp2 = stage_params(shape, RunPlan(pp=2))
     assert pp2 == shape.layers // 2 * shape.layer_params + max(shape.embedding_params,
                                                                 shape.head_params + shape.norm_params)
 
@@ -88,18 +89,18 @@ def test_model_parallel_and_pipeline_split_the_weights():
 def test_activations_shrink_linearly_with_cp_and_recompute_keeps_layer_inputs():
     shape = model_shape("llama2-7b")
     settings = Settings(seq_len=65536)
-    one = memory_per_device(shape, Layout(cp=1), settings)
-    four = memory_per_device(shape, Layout(cp=4), settings)
+    one = memory_per_device(shape, RunPlan(cp=1), settings)
+    four = memory_per_device(shape, RunPlan(cp=4), settings)
     assert four.activations * 4 == one.activations
-    assert layer_activations(shape, Layout(cp=4), settings) * 4 == layer_activations(shape, Layout(), settings)
+    assert layer_activations(shape, RunPlan(cp=4), settings) * 4 == layer_activations(shape, RunPlan(), settings)
     s = 65536 // 4
     assert four.activations_recompute == shape.layers * s * shape.hidden * 2 + layer_activations(
-        shape, Layout(cp=4), settings)
+        shape, RunPlan(cp=4), settings)
 
 
 def test_optimizer_sharding_and_mask():
     shape = model_shape("llama2-7b")
-    layout = Layout(dp=2, cp=4)
+    layout = RunPlan(dp=2, cp=4)
     base = Settings(seq_len=8192, zero=0)
     plain = memory_per_device(shape, layout, base)
     assert plain.optimizer == 8 * shape.total_params
@@ -119,7 +120,7 @@ def test_every_recommendation_is_valid_and_fits():
     assert ranked, "a 7B model at 32k on 16 x 64 GiB must fit somewhere"
     for cand in ranked:
         lay = cand.layout
-        assert lay.devices == 16 and cand.memory_total <= hw.usable
+        assert lay.world_size == 16 and cand.memory_total <= hw.usable
         LongSeqConfig(seq_length=32768, num_heads=shape.heads, num_kv_heads=shape.kv_heads, num_layers=shape.layers,
                       data_parallel=lay.dp, model_parallel=lay.mp, context_parallel=lay.cp, pipeline_stage=lay.pp,
                       micro_batch_num=cand.settings.micro_batch_num, context_parallel_algo=lay.algo,

@@ -6,7 +6,8 @@ reshard must give, on every target rank, exactly what cutting the full state for
 import numpy as np
 import pytest
 
-from mf_longseq.parallel.reshard import RankLayout, merge_rank_states, reshard, split_rank_state
+from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.parallel.reshard import merge_rank_states, reshard, split_rank_state
 from mf_longseq.parallel.tensor_parallel import REPLICATED, SPLIT, ShardSpec, merge_shards, shard_array
 
 HEADS, KV, HEAD_DIM, HIDDEN, FFN, VOCAB, LAYERS = 4, 2, 3, 12, 16, 32, 4
@@ -90,12 +91,12 @@ def test_units_that_do_not_divide_are_rejected():
 
 
 @pytest.mark.parametrize("source, target", [
-    (RankLayout(mp=2, cp=2), RankLayout(cp=4)),
-    (RankLayout(mp=2, cp=2), RankLayout()),
-    (RankLayout(cp=4), RankLayout(mp=2, cp=2)),
-    (RankLayout(mp=4), RankLayout(mp=2, pp=2)),             # mp 4 > 2 kv heads: replicas merge back
-    (RankLayout(pp=2, mp=2, dp=2), RankLayout(pp=4, cp=2)),
-    (RankLayout(pp=2, cp=2), RankLayout(mp=4, dp=2)),
+    (RunPlan(mp=2, cp=2), RunPlan(cp=4)),
+    (RunPlan(mp=2, cp=2), RunPlan()),
+    (RunPlan(cp=4), RunPlan(mp=2, cp=2)),
+    (RunPlan(mp=4), RunPlan(mp=2, pp=2)),             # mp 4 > 2 kv heads: replicas merge back
+    (RunPlan(pp=2, mp=2, dp=2), RunPlan(pp=4, cp=2)),
+    (RunPlan(pp=2, cp=2), RunPlan(mp=4, dp=2)),
 ])
 def test_reshard_equals_cutting_the_full_state(source, target):
     full = full_state()
@@ -105,25 +106,25 @@ def test_reshard_equals_cutting_the_full_state(source, target):
 
 def test_round_trip_mp2_cp2_to_cp4_to_one_rank():
     full = full_state(1)
-    a = states_of(full, RankLayout(mp=2, cp=2))
-    b = reshard(a, RankLayout(mp=2, cp=2), RankLayout(cp=4), SPECS, stage_of)
-    c = reshard(b, RankLayout(cp=4), RankLayout(), SPECS, stage_of)
+    a = states_of(full, RunPlan(mp=2, cp=2))
+    b = reshard(a, RunPlan(mp=2, cp=2), RunPlan(cp=4), SPECS, stage_of)
+    c = reshard(b, RunPlan(cp=4), RunPlan(), SPECS, stage_of)
     assert c[0].keys() == full.keys()
     for name in full:
         np.testing.assert_array_equal(c[0][name], full[name])
-    back = reshard(c, RankLayout(), RankLayout(mp=2, cp=2), SPECS, stage_of)
+    back = reshard(c, RunPlan(), RunPlan(mp=2, cp=2), SPECS, stage_of)
     assert_states_equal(back, a)
 
 
 def test_optimizer_moments_follow_their_weight():
     full = full_state(2)
-    state = states_of(full, RankLayout(mp=2))[1]
+    state = states_of(full, RunPlan(mp=2))[1]
     np.testing.assert_array_equal(state["adam_m.layers.0.q_proj.weight"],
                                   full["adam_m.layers.0.q_proj.weight"][2 * HEAD_DIM:])
 
 
 def test_diverged_replica_is_reported():
-    layout = RankLayout(mp=2, cp=2)
+    layout = RunPlan(mp=2, cp=2)
     states = states_of(full_state(), layout)
     states[3]["norm.weight"] = states[3]["norm.weight"] + 1.0               # cp_id 1, mp_id 1
     with pytest.raises(ValueError, match=r"checkpoint tensor 'norm.weight': rank 3 differs from its replica"):
@@ -131,7 +132,7 @@ def test_diverged_replica_is_reported():
 
 
 def test_missing_rank_is_reported():
-    layout = RankLayout(cp=2)
+    layout = RunPlan(cp=2)
     states = states_of(full_state(), layout)
     del states[1]
     with pytest.raises(ValueError, match=r"lacks rank files \[1\]"):

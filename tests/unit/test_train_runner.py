@@ -9,6 +9,7 @@ import pytest
 from mindspore import Parameter, Tensor, nn, ops
 
 from mf_longseq.parallel import Mesh
+from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.train import checkpoint as ckpt
 from mf_longseq.train.data import SyntheticTokens, batch_for_step
 from mf_longseq.train.job import JobOptions, run_job
@@ -149,12 +150,12 @@ def test_resume_errors(tmp_path):
             model_factory=bigram_factory)
     directory = ckpt.step_dir(str(tmp_path), 2)
     meta = ckpt.read_meta(directory)
-    pp2 = ckpt.Layout(dp=1, cp=2, mp=1, pp=2, ulysses=1, layout="zigzag", context_parallel_algo="colossalai_cp")
+    pp2 = RunPlan(dp=1, cp=2, mp=1, pp=2, ulysses=1, seq_layout="zigzag", algo="colossalai_cp")
     with pytest.raises(ValueError, match=r"written with model_parallel = 1, pipeline_stage = 1; this run has 1, 2, "
                                          r"and its meta.json has no num_layers to reshard with\. Fix: resume with "
                                          r"parallel_config.model_parallel: 1 and pipeline_stage: 1\."):
         ckpt.state_for_rank(directory, meta, 0, pp2)
-    cp2 = ckpt.Layout(dp=1, cp=2, mp=1, pp=1, ulysses=1, layout="zigzag", context_parallel_algo="colossalai_cp")
+    cp2 = RunPlan(dp=1, cp=2, mp=1, pp=1, ulysses=1, seq_layout="zigzag", algo="colossalai_cp")
     assert ckpt.file_for_rank(directory, meta, 1, cp2).endswith("rank_0.ckpt")    # replicated weights
     small = [Parameter(Tensor(np.zeros((2, 2), np.float32)), name="emb")]
     with pytest.raises(ValueError, match=r"emb has shape \(24, 8\) in .*, the model has \(2, 2\)"):
@@ -164,7 +165,7 @@ def test_resume_errors(tmp_path):
 
 
 def _layout(dp, cp, mp, pp):
-    return ckpt.Layout(dp=dp, cp=cp, mp=mp, pp=pp, ulysses=1, layout="zigzag", context_parallel_algo="colossalai_cp")
+    return RunPlan(dp=dp, cp=cp, mp=mp, pp=pp, ulysses=1, seq_layout="zigzag", algo="colossalai_cp")
 
 
 @pytest.mark.parametrize("saved, now, rank, source", [

@@ -212,10 +212,11 @@ def test_config_refuses_more_ulysses_ranks_than_heads_per_mp_rank():
 def test_planner_accepts_uneven_layouts_and_charges_the_busiest_rank(monkeypatch):
     """40 heads at Ulysses 16 is a valid plan; its attention FLOPs are the busiest rank's, 1.2x the mean."""
     rec = importlib.import_module("mf_longseq.planner.recommend")
-    from mf_longseq.planner.layout import Layout, Settings
+    from mf_longseq.parallel.plan import RunPlan
+    from mf_longseq.planner.layout import Settings
     from mf_longseq.planner.shapes import model_shape
     shape, settings, hw = model_shape("qwen-14b"), Settings(seq_len=262144), rec.Hardware()   # 40 heads, 40 kv
-    layout = Layout(cp=16, algo="ulysses_cp", ulysses=16)
+    layout = RunPlan(cp=16, algo="ulysses_cp", ulysses=16)
     assert rec.check(layout, shape, settings) is None
     assert rec.ulysses_split(shape, layout).imbalance == pytest.approx(1.2)
     charged = rec.step_seconds(shape, layout, settings, False, hw)
