@@ -10,9 +10,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
-from worker import case
+from asim_worker import batch, case
 
 B, N, K, D = 2, 8, 2, 128                  # GQA by default: 4 query heads per kv head
+FLASH = batch("flash")                          # one process: single calls and ring steps
 
 
 def _tensor(shape, dtype=ms.bfloat16):
@@ -71,52 +72,52 @@ def _docs(seq_len, ends):
 
 
 # ------------------------------------------------------------------------------------------------ single calls
-@case("flash", "causal_bnsd_mode2")
+@case(FLASH, "causal_bnsd_mode2")
 def causal():
     return run_kernel(_mask(4096), heads=8, kv_heads=8, expect=[("BNSD", 2, "compressed")])
 
 
-@case("flash", "not_causal_mode0_no_mask")
+@case(FLASH, "not_causal_mode0_no_mask")
 def not_causal():
     return run_kernel(_mask(4096, causal=False), expect=[("BNSD", 0, "none")])
 
 
-@case("flash", "gqa_8q_2kv")
+@case(FLASH, "gqa_8q_2kv")
 def gqa():
     return run_kernel(_mask(2048), heads=8, kv_heads=2, expect=[("BNSD", 2, "compressed")])
 
 
-@case("flash", "gqa_kv1_float16")
+@case(FLASH, "gqa_kv1_float16")
 def gqa_one_kv_head():
     return run_kernel(_mask(2048), heads=8, kv_heads=1, dtype=ms.float16, expect=[("BNSD", 2, "compressed")])
 
 
-@case("flash", "float32_inputs_compute_bf16")
+@case(FLASH, "float32_inputs_compute_bf16")
 def float32_inputs():
     return run_kernel(_mask(1024), dtype=ms.float32, expect=[("BNSD", 2, "compressed")])
 
 
-@case("flash", "suffix_queries_mode3")
+@case(FLASH, "suffix_queries_mode3")
 def suffix_queries():
     return run_kernel(_mask(1024, 4096), expect=[("BNSD", 3, "compressed")])
 
 
-@case("flash", "seq_not_multiple_of_2048")
+@case(FLASH, "seq_not_multiple_of_2048")
 def odd_length():
     return run_kernel(_mask(3000), expect=[("BNSD", 2, "compressed")])
 
 
-@case("flash", "seq_shorter_than_2048_mode3")
+@case(FLASH, "seq_shorter_than_2048_mode3")
 def short_suffix():
     return run_kernel(_mask(500, 1500), expect=[("BNSD", 3, "compressed")])
 
 
-@case("flash", "head_dim_64")
+@case(FLASH, "head_dim_64")
 def head_dim_64():
     return run_kernel(_mask(2048), dim=64, expect=[("BNSD", 2, "compressed")])
 
 
-@case("flash", "dense_mask_mode0")
+@case(FLASH, "dense_mask_mode0")
 def dense_mask():
     from mf_longseq.attention.mask import DenseMask, dense_attention_mask
     s = 2048
@@ -126,21 +127,21 @@ def dense_mask():
     return run_kernel(DenseMask(pos, pos, True, docs, docs, grid=grid), expect=[("BNSD", 0, "dense")])
 
 
-@case("flash", "packed_documents_tnd")
+@case(FLASH, "packed_documents_tnd")
 def packed():
     s = 4096
     docs = _docs(s, [300, 1000, 2900, 3000, s])
     return run_kernel(_mask(s, docs=docs), expect=[("TND", 3, "compressed")])
 
 
-@case("flash", "packed_documents_tnd_batch1_one_token_docs")
+@case(FLASH, "packed_documents_tnd_batch1_one_token_docs")
 def packed_tiny_docs():
     s = 2048
     ends = list(range(1, 9)) + [1024, s]                  # eight one-token documents, then two long ones
     return run_kernel(_mask(s, docs=_docs(s, ends)), batch=1, expect=[("TND", 3, "compressed")])
 
 
-@case("flash", "packed_documents_per_sample_ids")
+@case(FLASH, "packed_documents_per_sample_ids")
 def packed_per_sample():
     """(B, S) ids, samples different: context_parallel_attention groups samples (CP = 1, FlashKernel)."""
     from mf_longseq.attention.api import context_parallel_attention
@@ -160,7 +161,7 @@ def packed_per_sample():
     return {"grads": [list(g.shape) for g in grads]}
 
 
-@case("flash", "packed_documents_tnd_over_1024_segments")
+@case(FLASH, "packed_documents_tnd_over_1024_segments")
 def many_segments():
     """More than 1024 document pieces: the plan splits the TND calls (the op takes at most 1024 per call)."""
     s = 2600
@@ -172,7 +173,7 @@ def many_segments():
     return info
 
 
-@case("flash", "bad_argument_kv_heads")
+@case(FLASH, "bad_argument_kv_heads")
 def bad_argument():
     """kv heads that do not divide the query heads: MindSpore's Ascend infer must refuse (error text asserted
     by the test)."""
@@ -199,14 +200,14 @@ def ring_step_cases(cp: int, rank: int, layout: str, docs=None):
     return {"steps": steps}
 
 
-for _cp, _ranks in ((2, (0, 1)), (4, (0, 3)), (8, (0, 5))):
+for _cp in (2, 4, 8):
     for _layout in ("zigzag", "contiguous"):
-        for _rank in _ranks:
-            case("flash_ring", f"cp{_cp}_rank{_rank}_{_layout}")(
+        for _rank in range(_cp):
+            case(FLASH, f"ring_cp{_cp}_rank{_rank}_{_layout}")(
                 lambda cp=_cp, rank=_rank, layout=_layout: ring_step_cases(cp, rank, layout))
 
 
-@case("flash_ring", "cp4_rank1_zigzag_packed_documents")
+@case(FLASH, "cp4_rank1_zigzag_packed_documents")
 def ring_packed():
     docs = _docs(RING_SEQ, [1000, 5000, 5100, 12000, RING_SEQ])    # documents crossing chunk boundaries
     return ring_step_cases(4, 1, "zigzag", docs)

@@ -19,7 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
-from worker import case
+from asim_worker import batch, case
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "yaml_templates"
@@ -96,9 +96,10 @@ def train_step(family, which, dp, mp, cp, pp):
             "record": str(records[0])[:300]}
 
 
+MODEL_CP2, MODEL_2X2X2X1 = batch("cp2_rank0", rank_size=2), batch("model_2x2x2x1", rank_size=8)
 for _family in FAMILY_TEMPLATES:
-    case("model_cp2", f"{_family}_cp2")(lambda f=_family: train_step(f, 0, 1, 1, 2, 1))
-    case("model_2x2x2x1", f"{_family}_dp2_mp2_cp2_pp1")(lambda f=_family: train_step(f, 1, 2, 2, 2, 1))
+    case(MODEL_CP2, f"{_family}_cp2")(lambda f=_family: train_step(f, 0, 1, 1, 2, 1))
+    case(MODEL_2X2X2X1, f"{_family}_dp2_mp2_cp2_pp1")(lambda f=_family: train_step(f, 1, 2, 2, 2, 1))
 
 
 # ------------------------------------------------------------------------------------------------ templates
@@ -153,7 +154,8 @@ def template_layer(relative):
 
 def _register_templates():
     for relative in template_files():
-        case(f"templates_w{world_size_of(relative)}", relative)(lambda r=relative: template_layer(r))
+        world = world_size_of(relative)
+        case(batch(f"templates_w{world}", rank_size=world, level=0), relative)(lambda r=relative: template_layer(r))
 
 
 _register_templates()

@@ -1,4 +1,4 @@
-"""One batch of Ascend-simulation cases in this (fresh) process: ``python worker.py BATCH``.
+"""One batch of Ascend-simulation cases in this (fresh) process: ``python asim_worker.py BATCH``.
 
 The parent (``conftest.py``) starts it with the fake CANN's environment (``env.sh``: library path, hccl stub,
 MS_SIMULATION_LEVEL, RANK_SIZE, RANK_ID).  The worker sets ``ms.set_device("Ascend")`` and PyNative
@@ -23,12 +23,21 @@ sys.path.insert(0, str(HERE.parents[1]))          # the repository (mf_longseq) 
 
 PREFIX = "ASIM_RESULT "
 CASES = {}                                        # batch -> {case name: function}
+ENVS = {}                                         # batch -> (RANK_SIZE, RANK_ID, MS_SIMULATION_LEVEL)
 
 
-def case(batch: str, name: str):
-    """Register ``fn() -> info dict`` as case ``name`` of ``batch`` (raise to fail)."""
+def batch(name: str, rank_size: int = 1, rank_id: int = 0, level: int = 1) -> str:
+    """Declare batch ``name``: its process runs with RANK_SIZE / RANK_ID / MS_SIMULATION_LEVEL as given."""
+    ENVS[name] = (rank_size, rank_id, level)
+    return name
+
+
+def case(batch_name: str, name: str):
+    """Register ``fn() -> info dict`` as case ``name`` of ``batch_name`` (declared with ``batch``; raise to fail)."""
+    assert batch_name in ENVS, f"declare batch {batch_name!r} first"
+
     def register(fn):
-        CASES.setdefault(batch, {})[name] = fn
+        CASES.setdefault(batch_name, {})[name] = fn
         return fn
     return register
 
@@ -39,9 +48,11 @@ def _load_cases() -> None:
     import cases_model   # noqa: F401
 
 
-def batch_names(batch: str):
+def all_cases(module=None):
+    """[(batch, case name)] of every case (of case module ``module`` only, e.g. "cases_comm"), in run order."""
     _load_cases()
-    return list(CASES[batch])
+    return [(b, name) for b, cases in CASES.items() for name, fn in cases.items()
+            if module is None or fn.__module__ == module]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -74,5 +85,5 @@ def run_batch(batch: str, only=None) -> int:
 
 
 if __name__ == "__main__":
-    import worker                                 # the cases register into the importable module, not __main__
-    sys.exit(worker.run_batch(sys.argv[1], set(sys.argv[2:])))
+    import asim_worker                            # the cases register into the importable module, not __main__
+    sys.exit(asim_worker.run_batch(sys.argv[1], set(sys.argv[2:])))
