@@ -32,16 +32,20 @@ def find_tool():
 
 
 def skip_reason():
-    tool = find_tool()
+    """Why the tier cannot run here, or None.  With ``$MF_LONGSEQ_ASCEND_SIM`` set (CI sets it when ../shared
+    has the tool) a tool that is missing or cannot be built fails the tier instead of skipping it."""
+    tool, reason = find_tool(), None
     if tool is None:
-        return ("ascend-sim tool not found (looked in $MF_LONGSEQ_ASCEND_SIM and shared/tools/ascend-sim beside "
-                "the clone): the Ascend simulation tier needs that test-only fake CANN runtime")
-    missing = [exe for exe in ("gcc", "g++", "nm", "bash") if shutil.which(exe) is None]
-    if missing:
-        return f"ascend-sim needs {', '.join(missing)} to build"
-    if not sys.platform.startswith("linux"):
-        return "ascend-sim builds on Linux x86-64 only"
-    return None
+        reason = ("ascend-sim tool not found (looked in $MF_LONGSEQ_ASCEND_SIM and shared/tools/ascend-sim beside "
+                  "the clone): the Ascend simulation tier needs that test-only fake CANN runtime")
+    elif not sys.platform.startswith("linux"):
+        reason = "ascend-sim builds on Linux x86-64 only"
+    else:
+        missing = [exe for exe in ("gcc", "g++", "nm", "bash") if shutil.which(exe) is None]
+        reason = f"ascend-sim needs {', '.join(missing)} to build" if missing else None
+    if reason and os.environ.get("MF_LONGSEQ_ASCEND_SIM"):
+        pytest.fail(f"MF_LONGSEQ_ASCEND_SIM={os.environ['MF_LONGSEQ_ASCEND_SIM']}: {reason}")
+    return reason
 
 
 class Simulation:
