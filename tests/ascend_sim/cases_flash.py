@@ -184,13 +184,13 @@ def bad_argument():
 RING_SEQ = 16384
 
 
-def ring_step_cases(cp: int, rank: int, layout: str, docs=None):
+def ring_step_cases(cp: int, rank: int, layout: str, docs=None, seq_len=RING_SEQ, dense=None):
     """Forward + backward of every ring-step mask of ring rank ``rank`` of CP = ``cp`` (steps with work only)."""
     from mf_longseq.attention.api import ring_masks
     from mf_longseq.parallel.mesh import Mesh
     mesh = Mesh(cp=cp, rank=rank)
     steps = []
-    for j, mask in enumerate(ring_masks(RING_SEQ, mesh, layout, True, docs)):
+    for j, mask in enumerate(ring_masks(seq_len, mesh, layout, True, docs, dense)):
         if not mask.visible_pairs():
             steps.append({"source": j, "skipped": True})
             continue
@@ -211,3 +211,19 @@ for _cp in (2, 4, 8):
 def ring_packed():
     docs = _docs(RING_SEQ, [1000, 5000, 5100, 12000, RING_SEQ])    # documents crossing chunk boundaries
     return ring_step_cases(4, 1, "zigzag", docs)
+
+
+@case(FLASH, "ring_cp4_rank1_zigzag_seq_not_multiple_of_2048")
+def ring_odd_length():
+    return ring_step_cases(4, 1, "zigzag", seq_len=12008)               # zigzag chunks of 1501 tokens
+
+
+@case(FLASH, "ring_cp4_rank1_zigzag_dense_mask")
+def ring_dense():
+    """use_attn_mask_compression off: every ring step reads its tile of MindFormers' (S, S) mask."""
+    from mf_longseq.attention.mask import dense_attention_mask
+    seq_len = 4096
+    docs = _docs(seq_len, [1000, 2500, seq_len])
+    info = ring_step_cases(4, 1, "zigzag", docs, seq_len, dense_attention_mask(1, seq_len, docs))
+    assert any(("BNSD", 0, "dense") in s.get("kinds", []) for s in info["steps"]), info
+    return info

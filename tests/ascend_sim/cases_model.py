@@ -63,13 +63,19 @@ def _host_sums_as_if_every_rank_equal():
     Trainer._sum = summed
 
 
-def train_step(family, which, dp, mp, cp, pp):
-    """One ``run_job`` step on this rank; checks the kernel, the dtypes that reach HCCL and the step record."""
+def train_step(family, which, dp, mp, cp, pp, packed=False):
+    """One ``run_job`` step on this rank; checks the kernel, the dtypes that reach HCCL and the step record.
+
+    ``packed``: MindFormers' packed documents (``create_compressed_eod_mask``, EOD = the template's eos id):
+    the attention must then have run TND calls."""
     from cases_comm import Recorder
     from mf_longseq.attention.flash import FlashKernel
     from mf_longseq.train import context as run_context
     from mf_longseq.train import job
     tree = _tiny_tree(FAMILY_TEMPLATES[family][which], dp, mp, cp, pp)
+    if packed:
+        tree["train_dataset"]["data_loader"]["config"] = {"create_compressed_eod_mask": True, "eod": 2}
+        tree["model"]["model_config"]["eos_token_id"] = 2
     built = []
 
     def factory(tree, mesh):
@@ -90,6 +96,8 @@ def train_step(family, which, dp, mp, cp, pp):
                      tree["parallel"]["enable_alltoall"] else ("AllGather",)}[algo]
     for op in attention_ops:
         assert moved[(op, "BFloat16")] > 0, f"{algo}: no bf16 {op} reached HCCL: {dict(moved)}"
+    layouts = {c.layout for _, plan in kernel._plans.values() for c in plan}
+    assert ("TND" in layouts) == packed, f"packed = {packed}: FlashAttentionScore layouts {layouts}"
     if mp > 1:
         assert moved[("AllReduce", "BFloat16")] > 0, f"mp = {mp}: no bf16 AllReduce: {dict(moved)}"
     return {"collectives": {f"{k[0]} {k[1]}": v for k, v in sorted(moved.items())}, "algo": algo,
@@ -100,6 +108,7 @@ MODEL_CP2, MODEL_2X2X2X1 = batch("cp2_rank0", rank_size=2), batch("model_2x2x2x1
 for _family in FAMILY_TEMPLATES:
     case(MODEL_CP2, f"{_family}_cp2")(lambda f=_family: train_step(f, 0, 1, 1, 2, 1))
     case(MODEL_2X2X2X1, f"{_family}_dp2_mp2_cp2_pp1")(lambda f=_family: train_step(f, 1, 2, 2, 2, 1))
+case(MODEL_CP2, "llama2_cp2_packed_documents")(lambda: train_step("llama2", 0, 1, 1, 2, 1, packed=True))
 
 
 # ------------------------------------------------------------------------------------------------ templates
