@@ -1,9 +1,13 @@
 """First run on an Ascend NPU: FlashKernel and every CP algorithm against the blockwise kernel, errors reported.
 
+    python -m mf_longseq.tools.ascend_selfcheck --launch [--devices 8] [--dry-run]   # what the script runs
     python -m mf_longseq.tools.ascend_selfcheck --output-dir DIR [--seq-len 8192]    # every rank (msrun)
     python -m mf_longseq.tools.ascend_selfcheck --report DIR                         # the table, exit status
 
-``scripts/ascend_selfcheck.sh`` runs both.  What is compared (see docs/design.md, "Ascend: what is checked
+``--launch`` (``scripts/ascend_selfcheck.sh``) prints and runs the msrun command of the other two: every rank
+runs the checks, then the report.  With ``--dry-run`` it prints the command and runs rank 0's checks in this
+process instead: under the test-only fake CANN (MS_SIMULATION_LEVEL, RANK_SIZE from its env.sh) all of them,
+otherwise the kernel checks only.  What is compared (see docs/design.md, "Ascend: what is checked
 where"): values the CPU tests and the simulation tier cannot check, i.e. FlashAttentionScore's masks and
 statistics, the ``_attention_in`` stand-in FlashAttentionScoreGrad receives, lse merging of bf16 partial
 results, and the order in which HCCL delivers the exchanges.
@@ -37,6 +41,10 @@ FIELDS = ("out", "lse", "dq", "dk", "dv")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="ascend_selfcheck", description=__doc__.split("\n")[0])
+    parser.add_argument("--launch", action="store_true", help="run every rank under msrun, then the report")
+    parser.add_argument("--devices", type=int, default=8, help="--launch: NPUs used as one CP group (default 8)")
+    parser.add_argument("--port", type=int, default=8129, help="--launch: msrun master port")
+    parser.add_argument("--dry-run", action="store_true", help="--launch: print the command, run rank 0 here")
     parser.add_argument("--output-dir", help="write this rank's results to DIR/selfcheck_rank<r>.json")
     parser.add_argument("--report", metavar="DIR", help="print the table of DIR's results; exit 1 on a failure")
     parser.add_argument("--seq-len", type=int, default=8192, help="tokens of the whole sequence (default 8192)")
@@ -50,7 +58,37 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.report is None and args.seq_len % 64:
         parser.error(f"--seq-len {args.seq_len}: must be a multiple of 64 (zigzag chunks of up to 8 x 2 ranks)")
+    if args.devices < 1:
+        parser.error(f"--devices {args.devices}: must be a positive integer, e.g. --devices 8")
     return args
+
+
+def launch(args) -> int:
+    """Print and run the msrun command of every rank's checks, then the report (``--dry-run``: see above)."""
+    import subprocess
+    out_dir = args.output_dir or os.path.join("output", "ascend_selfcheck")
+    check = [sys.executable, "-m", "mf_longseq.tools.ascend_selfcheck", "--seq-len", str(args.seq_len),
+             "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
+             "--batch", str(args.batch), "--tolerance", str(args.tolerance), "--device", args.device,
+             "--output-dir", out_dir]
+    cmd = check if args.devices == 1 else [
+        "msrun", "--worker_num", str(args.devices), "--local_worker_num", str(args.devices), "--master_port",
+        str(args.port), "--log_dir", os.path.join(out_dir, "msrun_log"), "--join", "True"] + check[1:]
+    print("+ " + " ".join(cmd), flush=True)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if args.dry_run:
+        if not simulated():
+            check.append("--kernel-only")
+            env["RANK_SIZE"] = "1"
+        what = f"simulated device, RANK_SIZE={env.get('RANK_SIZE', '1')}" if simulated() else "kernel checks only"
+        print(f"dry run: rank 0 in this process ({what})", flush=True)
+        return subprocess.run(check, env=env, check=False).returncode
+    for old in glob.glob(os.path.join(out_dir, "selfcheck_rank*.json")):
+        os.remove(old)
+    status = subprocess.run(cmd, env=env, check=False).returncode
+    if status:
+        print(f"ascend_selfcheck: the checks exited with {status}; logs in {out_dir}", file=sys.stderr)
+    return report(out_dir) or status
 
 
 def simulated() -> bool:
@@ -222,6 +260,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.launch:
+        return launch(args)
     import mindspore as ms
     ms.set_context(mode=ms.PYNATIVE_MODE, pynative_synchronize=True)
     ms.set_device(args.device)

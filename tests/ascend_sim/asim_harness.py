@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class Simulation:
     def _run(self, name: str) -> dict:
         rank_size, rank_id, level = worker.ENVS[name]
         cwd = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=self.work))
+        start = time.time()
         cmd = [sys.executable, str(HERE / "asim_worker.py"), name]
         try:
             proc = subprocess.run(cmd, cwd=cwd, env=self.env(rank_size, rank_id, level), capture_output=True,
@@ -90,13 +92,16 @@ class Simulation:
         except subprocess.TimeoutExpired as exc:
             out, err, status = exc.stdout or "", exc.stderr or "", f"timeout after {BATCH_TIMEOUT} s"
             out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err))
-        results = {}
+        results, cpu = {}, None
         for line in out.splitlines():
+            if line.startswith("ASIM_CPU "):
+                cpu = float(line.split()[1])
             if line.startswith(worker.PREFIX):
                 record = json.loads(line[len(worker.PREFIX):])
                 results[record["case"]] = record
         tail = "\n".join(ln for ln in err.splitlines() if "[WARNING]" not in ln)[-3000:]
-        results["__process__"] = {"status": status, "stderr_tail": tail}
+        results["__process__"] = {"status": status, "stderr_tail": tail, "seconds": round(time.time() - start, 1),
+                                  "cpu": cpu}
         return results
 
     def result(self, batch_name: str, case_name: str) -> dict:
@@ -107,6 +112,11 @@ class Simulation:
             pytest.fail(f"batch {batch_name}: the worker ended ({proc['status']}) before case {case_name}; "
                         f"stderr:\n{proc['stderr_tail']}")
         return results[case_name]
+
+    def timings(self):
+        """{batch: (wall seconds, CPU seconds of the worker)} of the batches that finished."""
+        return {name: (f.result()["__process__"]["seconds"], f.result()["__process__"]["cpu"])
+                for name, f in self._futures.items() if f.done() and not f.cancelled() and f.exception() is None}
 
     def close(self):
         self._pool.shutdown(wait=True, cancel_futures=True)

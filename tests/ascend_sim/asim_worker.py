@@ -81,6 +81,8 @@ def run_batch(batch: str, only=None) -> int:
             record["traceback"] = traceback.format_exc()[-4000:]
         record["seconds"] = round(time.time() - start, 2)
         print(PREFIX + json.dumps(record, default=str), flush=True)
+    cpu = os.times()
+    print(f"ASIM_CPU {cpu.user + cpu.system:.1f}", flush=True)
     return 0
 
 

@@ -38,5 +38,15 @@ def sim(request, tmp_path_factory):
     simulation.start(wanted)
     yield simulation
     simulation.close()
+    TIMINGS.update(simulation.timings())
+
+
+TIMINGS = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_line("ascend_sim batches (wall s / worker CPU s): " + ", ".join(
+            f"{name} {wall}/{cpu}" for name, (wall, cpu) in TIMINGS.items()))
 
 
