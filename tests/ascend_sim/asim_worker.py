@@ -10,8 +10,10 @@ one of its batch: each builds its own inputs, kernel and mesh; a failing case do
 Numbers computed under the simulation are meaningless: cases check shapes, dtypes, which ops ran with which
 arguments, and MindSpore's own errors - never values.
 """
+import gc
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -79,7 +81,9 @@ def run_batch(batch: str, only=None) -> int:
             record["ok"] = False
             record["error"] = _one_line(exc)
             record["traceback"] = traceback.format_exc()[-4000:]
+        gc.collect()                              # free the case's cells and tensors before the next case
         record["seconds"] = round(time.time() - start, 2)
+        record["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         print(PREFIX + json.dumps(record, default=str), flush=True)
     cpu = os.times()
     print(f"ASIM_CPU {cpu.user + cpu.system:.1f}", flush=True)

@@ -12,6 +12,7 @@ heads, FFN width, sequence length and parallel degrees (so its per-rank shapes),
 """
 import copy
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -137,7 +138,9 @@ def template_layer(relative):
     mesh = Mesh.from_config(long_seq, rank=rank).create_groups()
     one_layer = copy.deepcopy(model_config)
     one_layer.num_layers = 1
+    started = time.time()
     layer = DecoderLayer(one_layer, long_seq, mesh)
+    built = time.time() - started
     dtype = MS_DTYPES[model_config.compute_dtype]
     s_loc = model_config.seq_length // mesh.cp
     cos, sin = rope_tables(global_positions(model_config.seq_length, mesh, long_seq.layout), model_config.head_dim,
@@ -158,7 +161,8 @@ def template_layer(relative):
     attn = layer.self_attn
     return {"mesh": repr(mesh), "x": list(x.shape), "heads": attn.num_heads, "kv_heads": attn.kv_heads,
             "head_dim": attn.head_dim, "algo": long_seq.context_parallel_algo, "kernel": type(attn.core.kernel).__name__,
-            "params": int(sum(np.prod(p.shape) for p in weights))}
+            "params": int(sum(np.prod(p.shape) for p in weights)), "build_s": round(built, 2),
+            "run_s": round(time.time() - started - built, 2)}
 
 
 def _register_templates():
