@@ -159,8 +159,10 @@ def template_layer(relative):
         assert g.shape == p.shape, (p.name, g.shape, p.shape)
     dx.asnumpy()
     attn = layer.self_attn
+    assert type(attn.core.kernel).__name__ == "FlashKernel", type(attn.core.kernel)      # the Ascend branch
+    assert attn.num_heads * mesh.mp == model_config.num_heads, (attn.num_heads, mesh.mp)
     return {"mesh": repr(mesh), "x": list(x.shape), "heads": attn.num_heads, "kv_heads": attn.kv_heads,
-            "head_dim": attn.head_dim, "algo": long_seq.context_parallel_algo, "kernel": type(attn.core.kernel).__name__,
+            "head_dim": attn.head_dim, "algo": long_seq.context_parallel_algo,
             "params": int(sum(np.prod(p.shape) for p in weights)), "build_s": round(built, 2),
             "run_s": round(time.time() - started - built, 2)}
 

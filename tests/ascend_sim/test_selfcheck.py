@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import mindspore as ms
-import pytest
 
 from asim_harness import ROOT
 from mf_longseq.tools import ascend_selfcheck as selfcheck
