@@ -29,7 +29,9 @@ B, H, KV, D = 1, 8, 4, 128
 SEQ = 8192
 
 PRIMITIVES = ("AllGather", "AlltoAll", "AllReduce", "ReduceScatter", "Send", "Receive")
-# mint.distributed.isend / irecv stay unpatched: P2POp checks them by identity (batch_isend_irecv records them).
+# mint.distributed.isend / irecv are patched in the package and in its ``distributed`` module together (P2POp
+# checks them by identity against the module's names); inside batch_isend_irecv they are recorded by the batch.
+P2P_FUNCTIONS = ("isend", "irecv")
 FUNCTIONS = {"mindspore.mint.distributed": ("all_gather_into_tensor", "all_to_all_single", "all_to_all", "send",
                                            "recv", "all_reduce", "reduce_scatter_tensor"),
              "mindspore.communication.comm_func": ("all_gather_into_tensor", "all_to_all_single_with_output_shape",
@@ -57,6 +59,11 @@ class Recorder:
         for name in PRIMITIVES:
             self._patch(ops, name, self._primitive(name, getattr(ops, name)))
         self._patch(dist, "batch_isend_irecv", self._batch(dist.batch_isend_irecv))
+        module = importlib.import_module("mindspore.mint.distributed.distributed")
+        for name in P2P_FUNCTIONS:
+            wrapped = self._p2p(name, getattr(dist, name))
+            self._patch(dist, name, wrapped)
+            self._patch(module, name, wrapped)
         for module, names in FUNCTIONS.items():
             mod = importlib.import_module(module)
             for name in names:
@@ -94,6 +101,14 @@ class Recorder:
                 self.calls.append({"op": kind, "peer": op.peer, "group": op.group, **_desc(op.tensor)})
             return original(p2p_ops)
         return batch
+
+    def _p2p(self, name, original):
+        @functools.wraps(original)
+        def call(tensor, *args, **kwargs):
+            peer = kwargs.get("dst", kwargs.get("src", args[0] if args else None))
+            self.calls.append({"op": name, "peer": peer, "group": kwargs.get("group"), **_desc(tensor)})
+            return original(tensor, *args, **kwargs)
+        return call
 
     def _function(self, label, original):
         @functools.wraps(original)
