@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 
 import asim_worker as worker  # noqa: E402  (the case registry; importing it does no device work)
 
-BATCH_TIMEOUT = 600          # seconds per batch process
+BATCH_TIMEOUT = 1800         # seconds per batch process (a hang; a loaded 2-core CI box took 480 s for "flash")
 PARALLEL_BATCHES = 2
 
 

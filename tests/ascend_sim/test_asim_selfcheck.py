@@ -17,7 +17,7 @@ def test_dry_run_runs_every_check_on_the_simulation(sim, tmp_path):
     env = sim.env(rank_size=4, rank_id=0, level=1)
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--devices", "4", "--seq-len", "2048", "--python",
                            sys.executable, "--output-dir", str(out_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
     tail = "\n".join(ln for ln in proc.stderr.splitlines() if "[WARNING]" not in ln)[-3000:]
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{tail}"
     assert f"+ msrun --worker_num 4 --local_worker_num 4" in proc.stdout, proc.stdout
