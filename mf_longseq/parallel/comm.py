@@ -66,9 +66,10 @@ def _nbytes(x) -> int:
     return x.size * x.itemsize
 
 
-def _allreduce_sum(x, group_name: str):
+def _allreduce_sum(x, group_name: str, upcast: bool = True):
     # AllReduce of bf16 is not available on every backend's CPU kernels: move fp32, hand back the input dtype.
-    if x.dtype == ms.bfloat16:
+    # Native backends (HCCL) reduce bf16 as is (upcast=False): fp32 would double the bytes of every mp all-reduce.
+    if upcast and x.dtype == ms.bfloat16:
         return ops.AllReduce(group=group_name)(x.astype(ms.float32)).astype(x.dtype)
     return ops.AllReduce(group=group_name)(x)
 
@@ -80,7 +81,7 @@ def all_reduce(x, group):
         return x
     n = group.size
     group.stats.add("all_reduce", _nbytes(x) * 2 * (n - 1) // n, _nbytes(x))
-    return _allreduce_sum(x, group.name)
+    return _allreduce_sum(x, group.name, upcast=is_emulated(group))
 
 
 def _pair_transfer(x, group, peer: int, sending: bool):
