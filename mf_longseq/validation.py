@@ -210,7 +210,7 @@ def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[
 def _recompute_refusals(tree: Mapping) -> List[ConfigError]:
     from mf_longseq.models.build import check_recompute
     try:
-        check_recompute(_node(tree, "recompute_config.recompute", False))
+        check_recompute((_node(tree, "recompute_config") or {}).get("recompute", False))   # null refused, as build
     except ConfigError as err:
         return [err]
     return []
