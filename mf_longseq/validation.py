@@ -18,6 +18,7 @@ Every refusal is a ``ConfigError`` naming the key, the value and the fix; an unr
 ``UnreadableConfig`` (a ``ConfigError`` that ``mf-longseq validate`` reports with exit status 2).
 """
 import difflib
+import functools
 import inspect
 import math
 import os
@@ -151,6 +152,7 @@ def check_model(tree: Mapping, long_seq: LongSeqConfig):
     return model, model_class, warnings
 
 
+@functools.lru_cache(maxsize=1)
 def _known_model_keys():
     """(keys mf_longseq reads, keys only MindFormers' LlamaConfig reads) of ``model.model_config``."""
     from mindformers.models.configuration_utils import PretrainedConfig
@@ -284,6 +286,12 @@ def check_mindformers(tree: Mapping) -> None:
         if key in parallel and (not _is_int(parallel[key]) or not 1 <= parallel[key] <= MAX_COUNT):
             raise ConfigError(f"parallel_config.{key}", parallel[key], "must be a positive integer",
                               f"set parallel_config.{key} to 1 or more")
+    if parallel and parallel.get("pipeline_stage") is None:      # build_parallel_config compares it with 1
+        raise ConfigError("parallel_config.pipeline_stage", None, "is required by MindFormers' build_parallel_config "
+                          "when parallel_config is given", "write parallel_config.pipeline_stage: 1")
+    if "mem_coeff" in parallel and not (_is_number(parallel["mem_coeff"]) and parallel["mem_coeff"] >= 0):
+        raise ConfigError("parallel_config.mem_coeff", parallel["mem_coeff"], "must be a finite non-negative number",
+                          "write parallel_config.mem_coeff: 0.1 (MindFormers' default) or remove it")
     recompute = _mindformers("recompute_config", TransformerRecomputeConfig, _node(tree, "recompute_config") or {})
     swap = _mindformers("swap_config", TransformerSwapConfig, _node(tree, "swap_config") or {})
     if _node(tree, "parallel_config.pipeline_stage", 1) != 1:
