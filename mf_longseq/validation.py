@@ -9,7 +9,7 @@ on MindFormers' builder route the same rules run inside the classes it builds (`
 3. the model: the registered ``model.model_config.type`` / ``model.arch.type`` classes, every key of
    ``model.model_config`` (aliases resolved once, unknown keys refused with a did-you-mean), the shape rules, and
    the vocabulary / FFN width against ``model_parallel``;
-4. the run keys (``run_key_refusals``: batch size, epochs, seed, steps, data, recompute, optimizer and
+4. the run keys (``run_key_refusals``: batch size, epochs, seed, steps, recompute, optimizer and
    schedule types registered in MindFormers, packing);
 5. MindFormers' own config classes on the file (``TransformerRecomputeConfig``, ``TransformerSwapConfig``,
    ``TransformerOpParallelConfig``, as ``build_parallel_config`` calls them), so what passes here passes there.
@@ -21,7 +21,6 @@ import difflib
 import functools
 import inspect
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
@@ -101,15 +100,14 @@ def _read_yaml(path: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- entry point
-def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None,
-              data: Optional[str] = None) -> RunCheck:
+def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None) -> RunCheck:
     """Check everything a run reads from ``source`` (YAML path, dict or MindFormerConfig); no device work.
 
     Args:
         source: the configuration.
         devices: ranks the run will get (checked as ``long_seq.device_num``).
-        steps: ``--steps`` of ``mf-longseq train`` (positive), when known.
-        data: ``--data`` of ``mf-longseq train`` (an existing file), when known.
+        steps: ``--steps`` of ``mf-longseq train`` (positive), when known.  (``--data`` is checked where it is
+            read, ``train.data.read_token_file``.)
 
     Returns:
         A ``RunCheck``.
@@ -126,7 +124,7 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
                               f"write {path}: followed by indented keys")
     long_seq = LongSeqConfig.from_mindformers(tree, **({} if devices is None else {"device_num": devices}))
     model, model_class, warnings = check_model(tree, long_seq)
-    refusals = run_key_refusals(tree, long_seq, steps=steps, data=data)
+    refusals = run_key_refusals(tree, long_seq, steps=steps)
     if refusals:
         raise refusals[0]
     check_mindformers(tree)
@@ -186,8 +184,7 @@ def _check_model_keys(section: Mapping) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------- run keys
-def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[int] = None,
-                     data: Optional[str] = None) -> List[ConfigError]:
+def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[int] = None) -> List[ConfigError]:
     """Every run key the run cannot honour, as ConfigErrors (empty: all fine).
 
     This is the one place where refusals of run keys are collected: add new sources of refusals here.
@@ -199,9 +196,6 @@ def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[
         refusals.append(ConfigError("seed", seed, "must be an integer in [0, 2**32)", "set seed: 0"))
     if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_COUNT):
         refusals.append(ConfigError("--steps", steps, "must be a positive integer", "pass --steps 1 or more"))
-    if data is not None and not os.path.isfile(data):
-        refusals.append(ConfigError("--data", data, "is not a file", "pass the path of a token file "
-                                    "(.npy, .bin or .mindrecord)"))
     refusals += _recompute_refusals(tree)
     refusals += _registered_types(tree)
     refusals += _optimizer_refusals(tree)
@@ -353,9 +347,10 @@ def _as_config_error(err: ValueError, default_key: str) -> ConfigError:
     if isinstance(err, ConfigError):
         return err
     found = _MESSAGE.match(str(err))
-    if not found:
-        return ConfigError(default_key, None, str(err), "see the message")
-    return ConfigError(found["key"], found["value"], found["problem"], found["fix"] or "see the message")
+    out = ConfigError(default_key, None, str(err), "see the message") if not found else \
+        ConfigError(found["key"], found["value"], found["problem"], found["fix"] or "see the message")
+    out.args = (str(err),)                                    # the message stays word for word
+    return out
 
 
 __all__ = ["check_run", "check_model", "check_mindformers", "run_key_refusals", "load_tree", "RunCheck",

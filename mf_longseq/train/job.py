@@ -116,7 +116,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     import mindspore as ms
     from mf_longseq.validation import check_run
     tree = load_tree(opts.config)
-    config = check_run(tree, steps=opts.steps, data=opts.data).long_seq     # every rule, before any device work
+    config = check_run(tree, steps=opts.steps).long_seq     # every rule, before any device work
     packing = PackingSettings.from_mindformers(tree)                      # None: samples are not packed
     if packing is not None:
         packing.check_pipeline_stage(config.pipeline_stage)              # before any device work
