@@ -359,6 +359,13 @@ def check_world_size(config: "LongSeqConfig", world_size: int) -> None:
               f"product is {world_size}")
 
 
+def section_fields(section: str) -> dict:
+    """``{LongSeqConfig field: key}`` of the fields read from one section, e.g. ``section_fields("long_seq")`` ->
+    ``{"device_num": "device_num", "layout": "layout", "block_size": "block_size"}``."""
+    return {name: path[len(section) + 1:] for name, path in _KEY_PATHS.items()
+            if path.rpartition(".")[0] == section}
+
+
 def key_path(field_name: str) -> str:
     """The YAML key path of a LongSeqConfig field, e.g. ``parallel_config.context_parallel``."""
     return _KEY_PATHS[field_name]

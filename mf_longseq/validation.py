@@ -15,7 +15,7 @@ on MindFormers' builder route the same rules run inside the classes it builds (`
    ``TransformerOpParallelConfig``, as ``build_parallel_config`` calls them), so what passes here passes there.
 
 Every refusal is a ``ConfigError`` naming the key, the value and the fix; an unreadable file is an
-``UnreadableConfig`` (a ``ConfigError`` that ``mf-longseq validate`` reports with exit status 2).
+``InputError`` (a ``ConfigError`` that ``mf-longseq validate`` reports with exit status 2).
 """
 import difflib
 import functools
@@ -35,8 +35,9 @@ _PARALLEL_BOOLS = ("use_seq_parallel", "vocab_emb_dp")
 _PARALLEL_INTS = ("expert_parallel", "seq_split_num", "gradient_aggregation_group")
 
 
-class UnreadableConfig(ConfigError):
-    """The configuration file cannot be read (missing, a directory, no permission): an I/O error, not a rule."""
+class InputError(ConfigError):
+    """Not a broken rule: the file cannot be read (missing, a directory, no permission) or the command line is
+    malformed (``--set``).  ``mf-longseq validate`` exits 2 on it (1 on a refusal)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def load_tree(source: Any) -> dict:
     """The configuration as a dict: a YAML path is read once (``base_config`` merged by ``MindFormerConfig``).
 
     Raises:
-        UnreadableConfig: the path cannot be read (missing, a directory, no permission).
+        InputError: the path cannot be read (missing, a directory, no permission).
         ConfigError: not valid YAML, or not a mapping of sections (a file holding only ``other.yaml`` is a string,
             never another path).
     """
@@ -88,7 +89,7 @@ def _read_yaml(path: str) -> Any:
         with open(path, encoding="utf-8") as handle:
             tree = yaml.safe_load(handle)
     except OSError as err:
-        raise UnreadableConfig("CONFIG", path, f"cannot be read ({err.strerror or err})",
+        raise InputError("CONFIG", path, f"cannot be read ({err.strerror or err})",
                                "pass the path of a MindFormers YAML file") from None
     except UnicodeDecodeError:
         raise ConfigError("CONFIG", path, "is not UTF-8 text", "save the YAML as UTF-8") from None
@@ -113,7 +114,7 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
         A ``RunCheck``.
 
     Raises:
-        ConfigError: the first broken rule (``UnreadableConfig`` when the file cannot be read).
+        ConfigError: the first broken rule (``InputError`` when the file cannot be read).
     """
     tree = load_tree(source)
     _check_sections(tree)
@@ -354,4 +355,4 @@ def _as_config_error(err: ValueError, default_key: str) -> ConfigError:
 
 
 __all__ = ["check_run", "check_model", "check_mindformers", "run_key_refusals", "load_tree", "RunCheck",
-           "UnreadableConfig"]
+           "InputError"]

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 from mindformers.models.configuration_utils import PretrainedConfig
 
 from mf_longseq.config import (DEFAULT_NUM_LAYERS, MAX_COUNT, MODEL_KEY_ALIASES, ConfigError, _divisors,
-                               canonical_model_keys)
+                               canonical_model_keys, section_fields)
 
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("llama2", "qwen", "qwen1_5")
@@ -188,25 +188,21 @@ class LongSeqModelConfig(PretrainedConfig):
                   f"set a width between 1 and {MAX_COUNT}")
 
     def long_seq_values(self) -> Dict[str, Any]:
-        """LongSeqConfig fields this model config knows (shape, Ascend kernel flags, parallel_config if set).
+        """LongSeqConfig fields this model config knows (shape, Ascend kernel flags, parallel_config if set), read
+        through the one key map of ``mf_longseq.config`` (``section_fields``).
 
         MindFormers' trainer sets ``parallel_config`` on the model config before building the network, so a model
         built by MindFormers' builder still sees the context-parallel degrees.
         """
-        values = {"seq_length": self.seq_length, "num_heads": self.num_heads, "num_kv_heads": self.n_kv_heads,
-                  "num_layers": self.num_layers, "use_flash_attention": bool(self.use_flash_attention),
-                  "use_attn_mask_compression": bool(self.use_attn_mask_compression)}
+        values = {name: getattr(self, key) for name, key in section_fields("model.model_config").items()}
         parallel = _as_plain_dict(getattr(self, "parallel_config", None))
-        for key, name in (("data_parallel", "data_parallel"), ("model_parallel", "model_parallel"),
-                          ("context_parallel", "context_parallel"), ("pipeline_stage", "pipeline_stage"),
-                          ("micro_batch_num", "micro_batch_num"), ("context_parallel_algo", "context_parallel_algo"),
-                          ("ulysses_degree_in_cp", "ulysses_degree_in_cp"), ("use_seq_parallel", "use_seq_parallel")):
+        for name, key in section_fields("parallel_config").items():
             if parallel.get(key) is not None:
                 value = parallel[key]
                 values[name] = getattr(value, "value", value)       # enums (ContextParallelAlgo) -> their string
-        for key in ("layout", "block_size"):
+        for name, key in section_fields("long_seq").items():
             if key in self.long_seq:
-                values[key] = self.long_seq[key]
+                values[name] = self.long_seq[key]
         return values
 
 

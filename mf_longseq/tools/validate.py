@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 from mf_longseq.config import ConfigError, key_path
+from mf_longseq.validation import InputError
 
 
 @dataclass
@@ -67,7 +68,7 @@ def parse_override(text: str):
     import yaml
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
-        raise ConfigError("--set", text, "is not KEY.PATH=VALUE", "write e.g. --set parallel_config.context_parallel=4")
+        raise InputError("--set", text, "is not KEY.PATH=VALUE", "write e.g. --set parallel_config.context_parallel=4")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -79,10 +80,10 @@ def _apply(tree: Any, parts: Sequence[str], value: Any) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict):
-            raise ConfigError(".".join(parts[:i]), node, "is not a section", "check the --set key path")
+            raise InputError(".".join(parts[:i]), node, "is not a section", "check the --set key path")
         node = node.setdefault(part, {})
     if not isinstance(node, dict):
-        raise ConfigError(".".join(parts[:-1]), node, "is not a section", "check the --set key path")
+        raise InputError(".".join(parts[:-1]), node, "is not a section", "check the --set key path")
     node[parts[-1]] = value
 
 

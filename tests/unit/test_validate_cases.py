@@ -15,7 +15,7 @@ from mf_longseq.config import ConfigError
 from mf_longseq.models import build_model, parameter_shapes
 from mf_longseq.parallel import Mesh
 from mf_longseq.tools import validate as V
-from mf_longseq.validation import UnreadableConfig, check_run
+from mf_longseq.validation import InputError, check_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "yaml_templates" / "tiny" / "llama2_tiny_s256_cp1_colossalai_cp.yaml"
@@ -95,7 +95,7 @@ def test_cli_exit_status_and_strict_json_for_every_kind_of_bad_file(tmp_path):
     assert "cannot be read" in report["error"]["problem"]
     proc = cli("other.yaml", cwd=tmp_path)
     assert proc.returncode == 0 and "other.yaml: OK" in proc.stdout
-    with pytest.raises(UnreadableConfig):
+    with pytest.raises(InputError):
         check_run(str(tmp_path / "output"))
 
 
