@@ -98,7 +98,7 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
     Returns:
         A ``Report``.
     """
-    from mf_longseq.validation import UnreadableConfig, check_run, load_tree
+    from mf_longseq.validation import check_run, load_tree
     name = source if isinstance(source, str) else "<dict>"
     collect = _Collect()
     config_logger = logging.getLogger("mf_longseq")
@@ -109,7 +109,7 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
             _apply(tree, *parse_override(text))
         check = check_run(tree, devices=devices)
     except ConfigError as err:
-        io_error = isinstance(err, UnreadableConfig) or err.key == "--set"
+        io_error = isinstance(err, InputError)
         return Report(name, False, error=_error_dict(err), warnings=collect.messages, io_error=io_error)
     finally:
         config_logger.removeHandler(collect)
