@@ -43,8 +43,52 @@ def _fail(key: str, value: Any, problem: str, fix: str) -> None:
     raise ConfigError(key, value, problem, fix)
 
 
+# Largest count any setting may hold: MindSpore shapes and token ids are int32 on device.
+MAX_COUNT = 2 ** 31 - 1
+# Divisor lists in messages stop here, so a message takes bounded time whatever number the user wrote.
+_DIVISOR_SCAN = 4096
+
+
 def _divisors(n: int) -> list:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of ``n`` in increasing order: all of them when n <= 4096, else those <= 4096 and n itself."""
+    small = [d for d in range(1, min(n, _DIVISOR_SCAN) + 1) if n % d == 0]
+    return small if n <= _DIVISOR_SCAN else small + [n]
+
+
+# Spellings of a model.model_config key: the canonical (MindFormers LLaMA) name, then the names that mean the
+# same (Hugging Face / MindFormers mcore).  Resolved once, by ``canonical_model_keys``.
+MODEL_KEY_ALIASES = {
+    "num_heads": ("num_attention_heads",),
+    "n_kv_heads": ("num_key_value_heads",),
+    "num_layers": ("num_hidden_layers",),
+    "theta": ("rope_theta",),
+}
+# Decoder layers a model config builds when model.model_config.num_layers is absent (LongSeqModelConfig's default).
+DEFAULT_NUM_LAYERS = 32
+
+
+def canonical_model_keys(section: Mapping) -> dict:
+    """A copy of a ``model.model_config`` section with every alias renamed to its canonical key.
+
+    A key written under two spellings must hold the same value (None counts as absent).
+
+    Raises:
+        ConfigError: two spellings of one key disagree (names the alias key and both values).
+    """
+    out = dict(section)
+    for name, others in MODEL_KEY_ALIASES.items():
+        for other in others:
+            if other not in out:
+                continue
+            value = out.pop(other)
+            if value is None:
+                continue
+            mine = out.get(name)
+            if mine is not None and not (type(mine) is type(value) and mine == value):
+                _fail(f"model.model_config.{other}", value, f"is another spelling of model.model_config.{name}, "
+                      f"which is {mine!r}", f"keep only model.model_config.{name} (or make both equal)")
+            out[name] = value
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +101,8 @@ class LongSeqConfig:
     """model.model_config.num_heads: query heads."""
     num_kv_heads: Optional[int] = None
     """model.model_config.n_kv_heads: key/value heads (GQA); None means num_heads."""
-    num_layers: int = 1
-    """model.model_config.num_layers: decoder layers (checked against pipeline_stage)."""
+    num_layers: int = DEFAULT_NUM_LAYERS
+    """model.model_config.num_layers: decoder layers (checked against pipeline_stage); default: the model's."""
     data_parallel: int = 1
     """parallel_config.data_parallel: model replicas, each training on its own samples."""
     model_parallel: int = 1
@@ -91,11 +135,6 @@ class LongSeqConfig:
     """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
 
     def __post_init__(self):
-        algo = self.context_parallel_algo
-        if isinstance(algo, str) and algo in LEGACY_ALGO_SPELLINGS:
-            logger.warning("parallel_config.context_parallel_algo = %r is the old spelling; using %r.",
-                           algo, LEGACY_ALGO_SPELLINGS[algo])
-            object.__setattr__(self, "context_parallel_algo", LEGACY_ALGO_SPELLINGS[algo])
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         self._check_types()
@@ -134,22 +173,29 @@ class LongSeqConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(_KEY_PATHS[name], value, "must be a positive integer", f"set {_KEY_PATHS[name]} to 1 or more")
+            if value > MAX_COUNT:
+                _fail(_KEY_PATHS[name], value, f"is larger than {MAX_COUNT} (MindSpore shapes and ids are int32)",
+                      f"set {_KEY_PATHS[name]} to at most {MAX_COUNT}")
         num = self.device_num
-        if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        if num is not None and (isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_COUNT):
             _fail(_KEY_PATHS["device_num"], num, "must be a positive integer", "set it to the number of devices "
                   "or remove it (default: the product of the parallel degrees)")
         for name in ("use_seq_parallel", "use_flash_attention", "use_attn_mask_compression", "enable_alltoall"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
-        if self.context_parallel_algo not in CP_ALGOS:
+        if isinstance(self.context_parallel_algo, str) and self.context_parallel_algo in LEGACY_ALGO_SPELLINGS:
+            _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo,
+                  "is the old spelling, which MindFormers 1.9 refuses ('hybird_cp' is not a valid ContextParallelAlgo)",
+                  f"write parallel_config.context_parallel_algo: {LEGACY_ALGO_SPELLINGS[self.context_parallel_algo]}")
+        if not isinstance(self.context_parallel_algo, str) or self.context_parallel_algo not in CP_ALGOS:
             close = difflib.get_close_matches(str(self.context_parallel_algo), CP_ALGOS, n=1, cutoff=0.8)
             hint = f"did you mean {close[0]!r}? " if close else ""
             _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo, "unknown algorithm",
                   f"{hint}use one of {', '.join(CP_ALGOS)}")
-        if self.layout not in LAYOUTS:
+        if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
             _fail(_KEY_PATHS["layout"], self.layout, "unknown sequence layout", f"use one of {', '.join(LAYOUTS)}")
-        if self.device_target not in DEVICE_TARGETS:
+        if not isinstance(self.device_target, str) or self.device_target not in DEVICE_TARGETS:
             _fail(_KEY_PATHS["device_target"], self.device_target, "unknown device target",
                   f"use one of {', '.join(DEVICE_TARGETS)}")
 
@@ -233,14 +279,14 @@ class LongSeqConfig:
                 close = difflib.get_close_matches(str(key), LONG_SEQ_KEYS, n=1)
                 hint = f"did you mean long_seq.{close[0]}?" if close else f"known keys: {', '.join(LONG_SEQ_KEYS)}"
                 _fail(f"long_seq.{key}", own[key], "unknown key", hint)
+        model_section = canonical_model_keys(model_config_section(tree))
         values = {}
         for name, path in _KEY_PATHS.items():
-            found, value = _lookup(tree, path)
+            section, _, key = path.rpartition(".")
+            found, value = (key in model_section, model_section.get(key)) if section == "model.model_config" \
+                else _lookup(tree, path)
             if found and value is not None:
                 values[name] = value
-        model_cfg = (tree.get("model") or {}).get("model_config") or {}
-        if "num_kv_heads" not in values and model_cfg.get("num_key_value_heads"):
-            values["num_kv_heads"] = model_cfg["num_key_value_heads"]
         values.update(overrides)
         missing = [n for n in ("seq_length", "num_heads") if n not in values]
         if missing:
@@ -313,19 +359,35 @@ def check_world_size(config: "LongSeqConfig", world_size: int) -> None:
               f"product is {world_size}")
 
 
+def section_fields(section: str) -> dict:
+    """``{LongSeqConfig field: key}`` of the fields read from one section, e.g. ``section_fields("long_seq")`` ->
+    ``{"device_num": "device_num", "layout": "layout", "block_size": "block_size"}``."""
+    return {name: path[len(section) + 1:] for name, path in _KEY_PATHS.items()
+            if path.rpartition(".")[0] == section}
+
+
 def key_path(field_name: str) -> str:
     """The YAML key path of a LongSeqConfig field, e.g. ``parallel_config.context_parallel``."""
     return _KEY_PATHS[field_name]
 
 
 def _as_dict(config: Any) -> Mapping:
+    """The config as a mapping: a YAML path is read once (its content is never taken as another path)."""
     if isinstance(config, str):
         import yaml
         with open(config, encoding="utf-8") as handle:
-            return yaml.safe_load(handle) or {}
+            tree = yaml.safe_load(handle)
+        return {} if tree is None else tree       # not a mapping: _check_sections reports it
     if hasattr(config, "to_dict"):
         return config.to_dict()
     return config                                 # not a mapping: _check_sections reports it
+
+
+def model_config_section(tree: Mapping) -> Mapping:
+    """``tree["model"]["model_config"]`` as written (empty when absent; sections are checked by _check_sections)."""
+    model = tree.get("model") if isinstance(tree, Mapping) else None
+    section = model.get("model_config") if isinstance(model, Mapping) else None
+    return section if isinstance(section, Mapping) else {}
 
 
 def _lookup(tree: Mapping, path: str):

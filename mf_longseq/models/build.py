@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mf_longseq.config import LongSeqConfig, _as_dict
+from mf_longseq.config import ConfigError, LongSeqConfig, _as_dict, model_config_section
 from mf_longseq.models.decoder import LongSeqForCausalLM
 from mf_longseq.models.llama2 import LlamaLongSeqConfig, LlamaLongSeqForCausalLM
 from mf_longseq.models.model_config import LongSeqModelConfig
@@ -26,27 +26,42 @@ MODEL_CLASSES = {"llama2": LlamaLongSeqForCausalLM, "qwen": QwenLongSeqForCausal
 def _registered(kind, name: str, key: str, base: type) -> type:
     ours = ", ".join(sorted(c.__name__ for c in (CONFIG_CLASSES if base is LongSeqModelConfig
                                                   else MODEL_CLASSES).values()))
-    if not MindFormerRegister.is_exist(kind, name):
-        raise ValueError(f"{key} = {name!r}: not registered in MindFormers. Fix: use one of {ours} "
-                         "(import mf_longseq.models first).")
+    if not isinstance(name, str) or not MindFormerRegister.is_exist(kind, name):
+        raise ConfigError(key, name, "not registered in MindFormers", f"use one of {ours} (import mf_longseq.models "
+                          "first)")
     cls = MindFormerRegister.get_cls(kind, name)
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(f"{key} = {name!r}: a MindFormers class, not one of mf_longseq's, so it has no "
-                         f"context-parallel attention. Fix: use one of {ours}.")
+        raise ConfigError(key, name, "a MindFormers class, not one of mf_longseq's, so it has no context-parallel "
+                          "attention", f"use one of {ours}")
     return cls
 
 
 def model_config_from(tree: Any) -> LongSeqModelConfig:
     """The ``model.model_config`` section of a MindFormers config (YAML path, dict, MindFormerConfig) as our config."""
-    tree = _as_dict(tree)
-    section = dict(((tree.get("model") or {}).get("model_config")) or {})
+    section = dict(model_config_section(_as_dict(tree)))
     if not section:
-        raise ValueError("model.model_config: missing. Fix: add a model: {model_config: {type: "
-                         "LlamaLongSeqConfig, ...}, arch: {type: LlamaLongSeqForCausalLM}} section.")
+        raise ConfigError("model.model_config", None, "missing", "add a model: {model_config: {type: "
+                          "LlamaLongSeqConfig, ...}, arch: {type: LlamaLongSeqForCausalLM}} section")
     section.pop("auto_register", None)
     name = section.pop("type", "LlamaLongSeqConfig")
     config_cls = _registered(MindFormerModuleType.CONFIG, name, "model.model_config.type", LongSeqModelConfig)
+    strange = [k for k in section if not isinstance(k, str)]
+    if strange:
+        raise ConfigError(f"model.model_config.{strange[0]}", section[strange[0]], "a key must be a name",
+                          "write the key as text")
     return config_cls(**section)
+
+
+def model_class_from(tree: Any, model_config: LongSeqModelConfig) -> type:
+    """The registered ``*ForCausalLM`` class ``model.arch.type`` names (default: the family's class)."""
+    model = _as_dict(tree).get("model")
+    arch = model.get("arch") if isinstance(model, dict) else None
+    if arch is not None and not isinstance(arch, dict):
+        raise ConfigError("model.arch", arch, "must be a section (a mapping of keys)",
+                          "write model.arch: {type: LlamaLongSeqForCausalLM}")
+    if arch and "type" in arch:
+        return _registered(MindFormerModuleType.MODELS, arch["type"], "model.arch.type", LongSeqForCausalLM)
+    return MODEL_CLASSES[model_config.family]
 
 
 def build_model(config: Any, *, mesh=None, long_seq_config: Optional[LongSeqConfig] = None) -> LongSeqForCausalLM:
@@ -70,11 +85,7 @@ def build_model(config: Any, *, mesh=None, long_seq_config: Optional[LongSeqConf
         return MODEL_CLASSES[config.family](config, mesh=mesh, long_seq_config=long_seq_config)
     tree = _as_dict(config)
     model_config = model_config_from(tree)
-    arch = dict(((tree.get("model") or {}).get("arch")) or {})
-    if "type" in arch:
-        model_cls = _registered(MindFormerModuleType.MODELS, arch["type"], "model.arch.type", LongSeqForCausalLM)
-    else:
-        model_cls = MODEL_CLASSES[model_config.family]
+    model_cls = model_class_from(tree, model_config)
     long_seq = long_seq_config or LongSeqConfig.from_mindformers(tree)
     model = model_cls(model_config, mesh=mesh, long_seq_config=long_seq)
     apply_recompute(model, (tree.get("recompute_config") or {}).get("recompute", False))
@@ -84,12 +95,17 @@ def build_model(config: Any, *, mesh=None, long_seq_config: Optional[LongSeqConf
 def apply_recompute(model: LongSeqForCausalLM, recompute) -> None:
     """``recompute_config.recompute: True``: every decoder layer keeps only its input for backward and recomputes
     the rest (``Cell.recompute``, which MindSpore also runs in PyNative mode)."""
-    if not isinstance(recompute, bool):
-        raise ValueError(f"recompute_config.recompute = {recompute!r}: mf_longseq takes True or False (no per-stage "
-                         "list). Fix: write recompute_config.recompute: True or False.")
+    check_recompute(recompute)
     if recompute:
         for layer in model.model.layers:
             layer.recompute()
 
 
-__all__ = ["build_model", "model_config_from", "apply_recompute", "CONFIG_CLASSES", "MODEL_CLASSES"]
+def check_recompute(recompute) -> None:
+    """``recompute_config.recompute`` must be True or False (ConfigError otherwise)."""
+    if not isinstance(recompute, bool):
+        raise ConfigError("recompute_config.recompute", recompute, "mf_longseq takes True or False (no per-stage "
+                          "list)", "write recompute_config.recompute: True or False")
+
+
+__all__ = ["build_model", "model_config_from", "model_class_from", "apply_recompute", "check_recompute", "CONFIG_CLASSES", "MODEL_CLASSES"]

@@ -39,7 +39,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mf_longseq.attention.layer import ContextParallelAttention
 from mf_longseq.config import LongSeqConfig
-from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
+from mf_longseq.models.model_config import LongSeqModelConfig, check_model_parallel, parameter_shapes
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.sharding import global_positions, shard_sequence
 from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
@@ -383,10 +383,7 @@ def _check_supported(config: LongSeqModelConfig, long_seq: LongSeqConfig) -> Non
         if ours != theirs:
             raise ValueError(f"model.model_config.{key} = {ours!r} but the parallel settings were built with "
                              f"{theirs!r}. Fix: build LongSeqConfig from the same YAML as the model config.")
-    if config.vocab_size % long_seq.model_parallel or config.ffn_hidden_size % long_seq.model_parallel:
-        raise ValueError(f"parallel_config.model_parallel = {long_seq.model_parallel}: must divide "
-                         f"model.model_config.vocab_size = {config.vocab_size} and the FFN width "
-                         f"{config.ffn_hidden_size}. Fix: pad the vocabulary / choose a model_parallel dividing both.")
+    check_model_parallel(config, long_seq.model_parallel)
 
 
 def _check_mesh(mesh: Mesh, long_seq: LongSeqConfig) -> None:

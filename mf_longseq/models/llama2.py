@@ -3,6 +3,7 @@
 Sizes are the published Hugging Face ``config.json`` shapes of meta-llama/Llama-2-{7b,13b,70b}-hf
 (70B: 8 kv heads, FFN 28672).  ``tiny`` is a CPU test size.
 """
+from mf_longseq.config import canonical_model_keys
 from mf_longseq.models.decoder import LongSeqForCausalLM, register_classes
 from mf_longseq.models.model_config import LongSeqModelConfig, preset_values
 
@@ -20,7 +21,7 @@ class LlamaLongSeqConfig(LongSeqModelConfig):
     def __init__(self, **kwargs):
         defaults = dict(vocab_size=32000, rms_norm_eps=1e-5, theta=10000.0, qkv_has_bias=False,
                         tie_word_embeddings=False, family="llama2")
-        super().__init__(**{**defaults, **kwargs})
+        super().__init__(**{**defaults, **canonical_model_keys(kwargs)})
 
     @classmethod
     def from_preset(cls, size: str, **overrides) -> "LlamaLongSeqConfig":

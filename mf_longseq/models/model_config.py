@@ -8,17 +8,46 @@ width is ``intermediate_size`` when given, else MindFormers' LLaMA rule (``multi
 ``parameter_shapes(config)`` lists every weight with its shape without allocating anything; the parameter
 counts, the checkpoint converter and the tests all use it.
 """
+import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
 from mindformers.models.configuration_utils import PretrainedConfig
 
+from mf_longseq.config import (DEFAULT_NUM_LAYERS, MAX_COUNT, MODEL_KEY_ALIASES, ConfigError, _divisors,
+                               canonical_model_keys, section_fields)
+
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("llama2", "qwen", "qwen1_5")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# Value rules of every key LongSeqModelConfig reads (checked before any conversion, so bad input is a ConfigError
+# naming the key, never a TypeError or OverflowError from float() / int()).
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "seq_length", "multiple_of")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "theta")
+_BOOLS = ("qkv_has_bias", "tie_word_embeddings", "use_flash_attention", "use_attn_mask_compression",
+          "use_eod_reset")
 
 
 def _fail(key: str, value: Any, problem: str, fix: str):
-    raise ValueError(f"model.model_config.{key} = {value!r}: {problem}. Fix: {fix}.")
+    raise ConfigError(f"model.model_config.{key}", value, problem, fix)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(key: str, value, *, positive: bool) -> float:
+    """``value`` as a finite float (YAML 1.1 reads ``1e-5`` as a string, so numeric strings are accepted)."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except (ValueError, OverflowError):
+        number = None
+    if number is None or not math.isfinite(number) or number < 0 or (positive and number == 0):
+        sign = "positive" if positive else "non-negative"
+        _fail(key, value, f"must be a finite {sign} number", f"set {key} to a {sign} number, e.g. 1.0e-5 or 10000.0")
+    return number
 
 
 def llama_ffn_size(hidden_size: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -35,14 +64,14 @@ class LongSeqModelConfig(PretrainedConfig):
     Args:
         vocab_size: vocabulary size (rows of the embedding and of the LM head).
         hidden_size: model width H.
-        num_layers: decoder layers.
-        num_heads: query heads N; head_dim = hidden_size / num_heads.
-        n_kv_heads: key/value heads K (GQA); None means num_heads.
+        num_layers: decoder layers (alias ``num_hidden_layers``).
+        num_heads: query heads N; head_dim = hidden_size / num_heads (alias ``num_attention_heads``).
+        n_kv_heads: key/value heads K (GQA); None means num_heads (alias ``num_key_value_heads``).
         intermediate_size: FFN width (gate/up output); None: computed from ``multiple_of`` and
             ``ffn_dim_multiplier`` as MindFormers' LLaMA does.
         multiple_of, ffn_dim_multiplier: LLaMA FFN rounding (used only when ``intermediate_size`` is None).
         rms_norm_eps: RMSNorm epsilon.
-        theta: RoPE base.
+        theta: RoPE base (alias ``rope_theta``).
         qkv_has_bias: bias on the q/k/v projections (Qwen v1 and Qwen1.5).
         tie_word_embeddings: the LM head reuses the embedding table.
         seq_length: tokens per sample (the whole sequence, before context parallelism splits it).
@@ -57,11 +86,17 @@ class LongSeqModelConfig(PretrainedConfig):
         long_seq: optional dict of the plugin's own knobs (``layout``, ``block_size``) when the model is built by
             MindFormers' builder from ``model.model_config`` alone.
         family: llama2, qwen or qwen1_5 (set by the family classes).
+
+    Aliases (``MODEL_KEY_ALIASES`` in ``mf_longseq.config``) are resolved by the family classes before this
+    constructor runs; two spellings with different values are refused.
+
+    Raises:
+        ConfigError: a value of the wrong type or range, or a broken shape rule (names the key and the fix).
     """
 
     model_type = "mf_longseq"
 
-    def __init__(self, vocab_size: int = 32000, hidden_size: int = 4096, num_layers: int = 32,
+    def __init__(self, vocab_size: int = 32000, hidden_size: int = 4096, num_layers: int = DEFAULT_NUM_LAYERS,
                  num_heads: int = 32, n_kv_heads: Optional[int] = None, intermediate_size: Optional[int] = None,
                  multiple_of: int = 256, ffn_dim_multiplier: Optional[float] = None, rms_norm_eps: float = 1e-5,
                  theta: float = 10000.0, qkv_has_bias: bool = False, tie_word_embeddings: bool = False,
@@ -69,20 +104,28 @@ class LongSeqModelConfig(PretrainedConfig):
                  initializer_range: float = 0.02, init_seed: int = 1234, use_flash_attention: bool = True,
                  use_attn_mask_compression: bool = False, use_eod_reset: bool = False,
                  long_seq: Optional[dict] = None, family: str = "llama2", **kwargs):
+        aliases = [k for others in MODEL_KEY_ALIASES.values() for k in others if k in kwargs]
+        if aliases:
+            _fail(aliases[0], kwargs[aliases[0]], "is an alias that LongSeqModelConfig does not resolve itself",
+                  "build the config with a family class (LlamaLongSeqConfig, ...) or use the canonical key")
+        derived = [k for k in kwargs if isinstance(getattr(type(self), str(k), None), property)]
+        if derived:
+            _fail(derived[0], kwargs[derived[0]], "is computed from the other keys and cannot be set",
+                  "remove it (head_dim = hidden_size / num_heads; the FFN width is intermediate_size)")
         super().__init__(**kwargs)
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
         self.n_kv_heads = num_heads if n_kv_heads is None else n_kv_heads
         self.intermediate_size, self.multiple_of, self.ffn_dim_multiplier = (intermediate_size, multiple_of,
                                                                               ffn_dim_multiplier)
-        self.rms_norm_eps, self.theta = float(rms_norm_eps), float(theta)
-        self.qkv_has_bias, self.tie_word_embeddings = bool(qkv_has_bias), bool(tie_word_embeddings)
+        self.rms_norm_eps, self.theta = rms_norm_eps, theta
+        self.qkv_has_bias, self.tie_word_embeddings = qkv_has_bias, tie_word_embeddings
         self.seq_length = seq_length
-        self.compute_dtype, self.param_init_type = _dtype_name(compute_dtype), _dtype_name(param_init_type)
-        self.initializer_range, self.init_seed = float(initializer_range), int(init_seed)
+        self.compute_dtype, self.param_init_type = compute_dtype, param_init_type
+        self.initializer_range, self.init_seed = initializer_range, init_seed
         self.use_flash_attention, self.use_attn_mask_compression = use_flash_attention, use_attn_mask_compression
         self.use_eod_reset = use_eod_reset
-        self.long_seq = dict(long_seq or {})
+        self.long_seq = long_seq
         self.family = family
         self.validate()
 
@@ -98,12 +141,39 @@ class LongSeqModelConfig(PretrainedConfig):
             return int(self.intermediate_size)
         return llama_ffn_size(self.hidden_size, self.multiple_of, self.ffn_dim_multiplier)
 
-    def validate(self) -> None:
-        """Check the shape; raise ValueError naming the key, the value and a fix."""
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "seq_length"):
+    def check_values(self) -> None:
+        """Type and range of every key, then the normalised values (floats, dtype names, a dict ``long_seq``)."""
+        for key in _POSITIVE_INTS:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(key, value, "must be a positive integer", f"set {key} to 1 or more")
+            if not _is_int(value) or not 1 <= value <= MAX_COUNT:
+                _fail(key, value, f"must be a positive integer (at most {MAX_COUNT})", f"set {key} to 1 or more")
+        for key in ("intermediate_size",):
+            value = getattr(self, key)
+            if value is not None and (not _is_int(value) or not 1 <= value <= MAX_COUNT):
+                _fail(key, value, f"must be a positive integer (at most {MAX_COUNT})",
+                      f"set {key} to the FFN width, or remove it to use MindFormers' LLaMA rule")
+        for key in _POSITIVE_NUMBERS:
+            setattr(self, key, _number(key, getattr(self, key), positive=True))
+        if self.ffn_dim_multiplier is not None:
+            self.ffn_dim_multiplier = _number("ffn_dim_multiplier", self.ffn_dim_multiplier, positive=True)
+        self.initializer_range = _number("initializer_range", self.initializer_range, positive=False)
+        if not _is_int(self.init_seed) or not 0 <= self.init_seed < 2 ** 32:
+            _fail("init_seed", self.init_seed, "must be an integer in [0, 2**32)", "set init_seed to e.g. 1234")
+        for key in _BOOLS:
+            if not isinstance(getattr(self, key), bool):
+                _fail(key, getattr(self, key), "must be True or False", f"write {key}: True or False")
+        self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
+        self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
+        if self.long_seq is not None and not isinstance(self.long_seq, Mapping):
+            _fail("long_seq", self.long_seq, "must be a mapping of the plugin's keys", "write long_seq: {layout: "
+                  "zigzag} or remove it")
+        self.long_seq = dict(self.long_seq or {})
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
+            _fail("family", self.family, "unknown model family", f"use one of {', '.join(FAMILIES)}")
+
+    def validate(self) -> None:
+        """Check every value and the shape rules; raise ConfigError naming the key, the value and a fix."""
+        self.check_values()
         if self.hidden_size % self.num_heads:
             _fail("hidden_size", self.hidden_size, f"must be divisible by num_heads = {self.num_heads}",
                   "choose hidden_size = num_heads x head_dim")
@@ -112,45 +182,49 @@ class LongSeqModelConfig(PretrainedConfig):
                   "rotates pairs of dimensions", "choose hidden_size / num_heads even")
         if self.num_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide num_heads = {self.num_heads}",
-                  f"use one of {[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}")
-        if self.ffn_hidden_size < 1:
-            _fail("intermediate_size", self.intermediate_size, "gives an empty FFN", "set a positive width")
-        if not isinstance(self.use_eod_reset, bool):
-            _fail("use_eod_reset", self.use_eod_reset, "must be True or False",
-                  "set use_eod_reset: True (RoPE positions restart per packed document) or False")
-        if self.family not in FAMILIES:
-            _fail("family", self.family, "unknown model family", f"use one of {', '.join(FAMILIES)}")
+                  f"use one of {_divisors(self.num_heads)}")
+        if not 1 <= self.ffn_hidden_size <= MAX_COUNT:
+            _fail("intermediate_size", self.intermediate_size, f"gives an FFN width of {self.ffn_hidden_size}",
+                  f"set a width between 1 and {MAX_COUNT}")
 
     def long_seq_values(self) -> Dict[str, Any]:
-        """LongSeqConfig fields this model config knows (shape, Ascend kernel flags, parallel_config if set).
+        """LongSeqConfig fields this model config knows (shape, Ascend kernel flags, parallel_config if set), read
+        through the one key map of ``mf_longseq.config`` (``section_fields``).
 
         MindFormers' trainer sets ``parallel_config`` on the model config before building the network, so a model
         built by MindFormers' builder still sees the context-parallel degrees.
         """
-        values = {"seq_length": self.seq_length, "num_heads": self.num_heads, "num_kv_heads": self.n_kv_heads,
-                  "num_layers": self.num_layers, "use_flash_attention": bool(self.use_flash_attention),
-                  "use_attn_mask_compression": bool(self.use_attn_mask_compression)}
+        values = {name: getattr(self, key) for name, key in section_fields("model.model_config").items()}
         parallel = _as_plain_dict(getattr(self, "parallel_config", None))
-        for key, name in (("data_parallel", "data_parallel"), ("model_parallel", "model_parallel"),
-                          ("context_parallel", "context_parallel"), ("pipeline_stage", "pipeline_stage"),
-                          ("micro_batch_num", "micro_batch_num"), ("context_parallel_algo", "context_parallel_algo"),
-                          ("ulysses_degree_in_cp", "ulysses_degree_in_cp"), ("use_seq_parallel", "use_seq_parallel")):
+        for name, key in section_fields("parallel_config").items():
             if parallel.get(key) is not None:
                 value = parallel[key]
                 values[name] = getattr(value, "value", value)       # enums (ContextParallelAlgo) -> their string
-        for key in ("layout", "block_size"):
+        for name, key in section_fields("long_seq").items():
             if key in self.long_seq:
-                values[key] = self.long_seq[key]
+                values[name] = self.long_seq[key]
         return values
 
 
-def _dtype_name(value) -> str:
+def check_model_parallel(config: LongSeqModelConfig, model_parallel: int) -> None:
+    """The vocabulary and the FFN width split evenly over ``model_parallel`` ranks (tensor-parallel layers).
+
+    Raises:
+        ConfigError: on ``parallel_config.model_parallel``.
+    """
+    if config.vocab_size % model_parallel or config.ffn_hidden_size % model_parallel:
+        raise ConfigError("parallel_config.model_parallel", model_parallel,
+                          f"must divide model.model_config.vocab_size = {config.vocab_size} and the FFN width "
+                          f"{config.ffn_hidden_size}", "pad the vocabulary / choose a model_parallel dividing both")
+
+
+def _dtype_name(key: str, value) -> str:
     """'float32' / 'bfloat16' / 'float16' from a string or a MindSpore dtype."""
-    name = str(value).lower().replace("mindspore.", "")
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    name = aliases.get(name, name)
+    name = str(value).lower().replace("mindspore.", "") if isinstance(value, str) or hasattr(value, "dtype") \
+        or type(value).__module__.startswith("mindspore") else None
+    name = _DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
-        _fail("compute_dtype", value, "unsupported dtype", f"use one of {', '.join(DTYPES)}")
+        _fail(key, value, "unsupported dtype", f"use one of {', '.join(DTYPES)}")
     return name
 
 
@@ -213,4 +287,4 @@ def count_parameters(config: LongSeqModelConfig) -> int:
 
 
 __all__ = ["LongSeqModelConfig", "preset_values", "parameter_shapes", "count_parameters", "llama_ffn_size",
-           "DTYPES", "FAMILIES"]
+           "check_model_parallel", "DTYPES", "FAMILIES"]

@@ -8,6 +8,7 @@ Qwen v1's ``intermediate_size`` counts *both* SwiGLU halves: its Hugging Face ML
 
 Sizes are the published ``config.json`` shapes of Qwen/Qwen-{7B,14B,72B}.  ``tiny`` is a CPU test size.
 """
+from mf_longseq.config import canonical_model_keys
 from mf_longseq.models.decoder import LongSeqForCausalLM, register_classes
 from mf_longseq.models.model_config import LongSeqModelConfig, _fail, preset_values
 
@@ -26,14 +27,15 @@ class QwenLongSeqConfig(LongSeqModelConfig):
     def __init__(self, **kwargs):
         defaults = dict(vocab_size=151936, intermediate_size=22016, rms_norm_eps=1e-6, theta=10000.0,
                         qkv_has_bias=True, tie_word_embeddings=False, family="qwen")
-        super().__init__(**{**defaults, **kwargs})
+        super().__init__(**{**defaults, **canonical_model_keys(kwargs)})
 
     @property
     def ffn_hidden_size(self) -> int:
         return int(self.intermediate_size) // 2
 
     def validate(self) -> None:
-        if self.intermediate_size is None or int(self.intermediate_size) % 2:
+        self.check_values()
+        if self.intermediate_size is None or self.intermediate_size % 2:
             _fail("intermediate_size", self.intermediate_size, "Qwen v1 counts both SwiGLU halves, so it must be "
                   "an even number", "set intermediate_size to twice the FFN width (Qwen-7B: 22016)")
         super().validate()

@@ -4,6 +4,7 @@ embeddings (for these sizes), vocab 151936 (7B) / 152064 (14B, 72B).
 Sizes are the published Hugging Face ``config.json`` shapes of Qwen/Qwen1.5-{7B,14B,72B}.  ``tiny`` is a CPU
 test size.
 """
+from mf_longseq.config import canonical_model_keys
 from mf_longseq.models.decoder import LongSeqForCausalLM, register_classes
 from mf_longseq.models.model_config import LongSeqModelConfig, preset_values
 
@@ -24,7 +25,7 @@ class Qwen2LongSeqConfig(LongSeqModelConfig):
     def __init__(self, **kwargs):
         defaults = dict(vocab_size=151936, rms_norm_eps=1e-6, theta=1000000.0, qkv_has_bias=True,
                         tie_word_embeddings=False, family="qwen1_5")
-        super().__init__(**{**defaults, **kwargs})
+        super().__init__(**{**defaults, **canonical_model_keys(kwargs)})
 
     @classmethod
     def from_preset(cls, size: str, **overrides) -> "Qwen2LongSeqConfig":

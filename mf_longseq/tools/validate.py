@@ -1,25 +1,30 @@
-"""``mf-longseq validate CONFIG``: check a MindFormers YAML against every rule of the plugin, without devices.
+"""``mf-longseq validate CONFIG``: check a MindFormers YAML against every rule a run reads, without devices.
 
-The rules live in ``mf_longseq.config`` (``LongSeqConfig``) and nowhere else: this module reads the file, applies
-``--set`` overrides and ``--devices``, builds the config, and reports the outcome::
+The rules live in ``mf_longseq.validation.check_run`` (the same check ``mf-longseq train`` and the launchers run)
+and in the classes it builds; this module reads the file, applies ``--set`` overrides and ``--devices``, and
+reports the outcome::
 
     mf-longseq validate yaml_templates/llama2/7b_32k_cp4_colossalai_cp.yaml
     mf-longseq validate run.yaml --devices 64 --set parallel_config.context_parallel=8 --json
 
-Exit status 0 when the configuration is valid, 1 when it is not (or cannot be read).  The human report names the
-broken key, its value and the fix; ``--json`` prints the same as one JSON object for tools::
+Exit status: 0 when every configuration is valid, 1 when one is not (a refusal naming key, value and fix), 2 on
+a usage or I/O error (a file that cannot be read, a malformed ``--set``).  ``--json`` prints the same as one
+strict JSON object per file (non-finite numbers are written as strings)::
 
-    {"config": ..., "valid": false,
+    {"config": ..., "valid": false, "io_error": false,
      "error": {"key": ..., "value": ..., "problem": ..., "fix": ..., "message": ...},
-     "warnings": [...], "notes": [...], "settings": {key path: value}, "derived": {...}}
+     "warnings": [...], "notes": [...], "settings": {key path: value}, "derived": {...}, "model": {...}}
 """
-import copy
+import contextlib
 import json
 import logging
+import math
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
-from mf_longseq.config import ConfigError, LongSeqConfig, key_path
+from mf_longseq.config import ConfigError, key_path
+from mf_longseq.validation import InputError
 
 
 @dataclass
@@ -29,11 +34,13 @@ class Report:
     Attributes:
         config: the file (or "<dict>") that was checked.
         valid: True when every rule holds.
+        io_error: True when the file could not be read or a ``--set`` is malformed (exit status 2).
         error: the broken rule (key, value, problem, fix, message), or None.
-        warnings: warnings the config logged while reading (e.g. the old spelling ``hybird_cp``).
+        warnings: keys MindFormers reads but mf_longseq ignores, and warnings logged while reading.
         notes: advice that does not make the run fail (``LongSeqConfig.notes()``).
         settings: every setting by YAML key path (valid configs only).
         derived: Ulysses degree, ring degree and world size (valid configs only).
+        model: the model the run builds: classes and shape (valid configs only).
     """
 
     config: str
@@ -43,6 +50,8 @@ class Report:
     notes: List[str] = field(default_factory=list)
     settings: Dict[str, Any] = field(default_factory=dict)
     derived: Dict[str, int] = field(default_factory=dict)
+    model: Dict[str, Any] = field(default_factory=dict)
+    io_error: bool = False
 
 
 class _Collect(logging.Handler):
@@ -54,28 +63,12 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _load(source) -> Any:
-    if not isinstance(source, str):
-        return copy.deepcopy(source)
-    import yaml
-    try:
-        with open(source, encoding="utf-8") as handle:
-            return yaml.safe_load(handle) or {}
-    except OSError as err:
-        raise ConfigError("CONFIG", source, f"cannot be read ({err.strerror})",
-                          "pass the path of a MindFormers YAML file") from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError("CONFIG", source, f"is not valid YAML{line}", "fix the YAML syntax") from None
-
-
 def parse_override(text: str):
     """``'parallel_config.context_parallel=4'`` -> (["parallel_config", "context_parallel"], 4)."""
     import yaml
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
-        raise ConfigError("--set", text, "is not KEY.PATH=VALUE", "write e.g. --set parallel_config.context_parallel=4")
+        raise InputError("--set", text, "is not KEY.PATH=VALUE", "write e.g. --set parallel_config.context_parallel=4")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -87,15 +80,15 @@ def _apply(tree: Any, parts: Sequence[str], value: Any) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict):
-            raise ConfigError(".".join(parts[:i]), node, "is not a section", "check the --set key path")
+            raise InputError(".".join(parts[:i]), node, "is not a section", "check the --set key path")
         node = node.setdefault(part, {})
     if not isinstance(node, dict):
-        raise ConfigError(".".join(parts[:-1]), node, "is not a section", "check the --set key path")
+        raise InputError(".".join(parts[:-1]), node, "is not a section", "check the --set key path")
     node[parts[-1]] = value
 
 
 def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] = ()) -> Report:
-    """Check ``source`` (YAML path, dict or MindFormerConfig) with ``LongSeqConfig``; never raises for bad input.
+    """Check ``source`` (YAML path, dict or MindFormerConfig) with ``check_run``; never raises for bad input.
 
     Args:
         source: the configuration.
@@ -105,37 +98,53 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
     Returns:
         A ``Report``.
     """
+    from mf_longseq.validation import check_run, load_tree
     name = source if isinstance(source, str) else "<dict>"
     collect = _Collect()
-    config_logger = logging.getLogger("mf_longseq.config")
+    config_logger = logging.getLogger("mf_longseq")
     config_logger.addHandler(collect)
     try:
-        tree = _load(source)
-        if hasattr(tree, "to_dict"):
-            tree = tree.to_dict()
+        tree = load_tree(source)
         for text in overrides:
-            if not isinstance(tree, dict):
-                break                          # from_mindformers reports a tree that is not a mapping
             _apply(tree, *parse_override(text))
-        extra = {} if devices is None else {"device_num": devices}
-        config = LongSeqConfig.from_mindformers(tree, **extra)
+        check = check_run(tree, devices=devices)
     except ConfigError as err:
-        return Report(name, False, error=_error_dict(err), warnings=collect.messages)
-    except ValueError as err:                  # a rule raised without ConfigError: keep its message
-        return Report(name, False, error={"key": None, "value": None, "problem": str(err), "fix": None,
-                                          "message": str(err)}, warnings=collect.messages)
+        io_error = isinstance(err, InputError)
+        return Report(name, False, error=_error_dict(err), warnings=collect.messages, io_error=io_error)
     finally:
         config_logger.removeHandler(collect)
+    config = check.long_seq
     settings = {key_path(f.name): getattr(config, f.name) for f in fields(config)}
     derived = {"ulysses_degree": config.ulysses_degree, "ring_degree": config.ring_degree,
                "world_size": config.world_size}
-    return Report(name, True, warnings=collect.messages, notes=list(config.notes()), settings=settings,
-                  derived=derived)
+    return Report(name, True, warnings=[*check.warnings, *collect.messages], notes=list(config.notes()),
+                  settings=settings, derived=derived, model=_model_summary(check))
+
+
+def _model_summary(check) -> Dict[str, Any]:
+    m = check.model
+    return {"config_class": type(m).__name__, "model_class": check.model_class.__name__, "family": m.family,
+            "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.num_heads,
+            "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "ffn_hidden_size": m.ffn_hidden_size,
+            "vocab_size": m.vocab_size, "compute_dtype": m.compute_dtype}
 
 
 def _error_dict(err: ConfigError) -> Dict[str, Any]:
     value = err.value if isinstance(err.value, (int, float, str, bool, type(None))) else repr(err.value)
     return {"key": err.key, "value": value, "problem": err.problem, "fix": err.fix, "message": str(err)}
+
+
+def _strict(node):
+    """A copy that strict JSON parsers accept: nan / inf as strings, anything unknown as its repr."""
+    if isinstance(node, dict):
+        return {str(k): _strict(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_strict(v) for v in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return repr(node)
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    return repr(node)
 
 
 def format_report(report: Report) -> str:
@@ -153,19 +162,33 @@ def format_report(report: Report) -> str:
         lines.append(f"  devices: {d['world_size']} = data_parallel {s['parallel_config.data_parallel']} x "
                      f"model_parallel {s['parallel_config.model_parallel']} x context_parallel {cp} x "
                      f"pipeline_stage {s['parallel_config.pipeline_stage']}")
+        m = report.model
+        lines.append(f"  model: {m['model_class']} ({m['config_class']}), {m['num_layers']} layers, hidden "
+                     f"{m['hidden_size']}, heads {m['num_heads']} (kv {m['n_kv_heads']}, head_dim {m['head_dim']}), "
+                     f"FFN {m['ffn_hidden_size']}, vocab {m['vocab_size']}, {m['compute_dtype']}")
+    if report.io_error:
+        lines[0] = f"{report.config}: ERROR"
     lines += [f"  warning: {w}" for w in report.warnings]
     lines += [f"  note: {n}" for n in report.notes]
     return "\n".join(lines)
 
 
+def exit_status(reports: Sequence[Report]) -> int:
+    """0 all valid, 2 any usage / I/O error, else 1 (some configuration refused)."""
+    if any(r.io_error for r in reports):
+        return 2
+    return 0 if all(r.valid for r in reports) else 1
+
+
 def run(args) -> int:
-    reports = [validate(path, devices=args.devices, overrides=args.set or ()) for path in args.config]
+    with contextlib.redirect_stdout(sys.stderr):          # MindFormers' logs never reach the --json stdout
+        reports = [validate(path, devices=args.devices, overrides=args.set or ()) for path in args.config]
     if args.json:
-        payload = [asdict(r) for r in reports]
-        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, default=repr))
+        payload = [_strict(asdict(r)) for r in reports]
+        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, allow_nan=False))
     else:
         print("\n".join(format_report(r) for r in reports))
-    return 0 if all(r.valid for r in reports) else 1
+    return exit_status(reports)
 
 
 def register(subparsers) -> None:
@@ -174,7 +197,9 @@ def register(subparsers) -> None:
         "validate", help="check a MindFormers YAML against every rule of the plugin (no devices needed)",
         description="Check CONFIG without devices: device_num product, algorithm names, heads vs "
                     "model_parallel x Ulysses degree, sequence length vs CP layout, flash attention on Ascend, "
-                    "use_seq_parallel, pipeline limits, unknown keys. Exit 0 if valid, 1 if not.")
+                    "use_seq_parallel, pipeline limits, unknown keys, model shapes and classes, run keys, "
+                    "MindFormers' own parallel config classes. Exit 0 if valid, 1 if not, 2 on a usage or I/O "
+                    "error.")
     parser.add_argument("config", nargs="+", help="MindFormers YAML file(s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file (for tools)")
     parser.add_argument("--devices", type=int, default=None,

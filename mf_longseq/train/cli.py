@@ -75,6 +75,8 @@ def run_train(args) -> int:
         args.output_dir = run_dir_of(args.resume) if args.resume else DEFAULT_OUTPUT
     if args.workers > 1 and not under_msrun():
         from mf_longseq.train.launch import launch
+        from mf_longseq.validation import check_run
+        check_run(args.config, steps=args.steps, devices=args.workers)     # refused here, before msrun starts
         started = time.time()
         code = launch(_worker_args(args), workers=args.workers, run_dir=args.output_dir, port=args.port,
                       timeout=args.timeout)

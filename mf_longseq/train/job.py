@@ -114,9 +114,9 @@ def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch
 def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, stream=None):
     """Run the job on this rank (under msrun: every rank runs it). Returns the rank's list of StepRecords."""
     import mindspore as ms
-    from mf_longseq.config import LongSeqConfig
+    from mf_longseq.validation import check_run
     tree = load_tree(opts.config)
-    config = LongSeqConfig.from_mindformers(tree)
+    config = check_run(tree, steps=opts.steps).long_seq     # every rule, before any device work
     packing = PackingSettings.from_mindformers(tree)                      # None: samples are not packed
     if packing is not None:
         packing.check_pipeline_stage(config.pipeline_stage)              # before any device work

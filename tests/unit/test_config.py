@@ -1,6 +1,4 @@
 """LongSeqConfig: every rule raises a ValueError naming the key, the value and the fix."""
-import logging
-
 import pytest
 
 from mf_longseq.config import LongSeqConfig
@@ -30,11 +28,13 @@ def test_frozen():
         make().context_parallel = 2
 
 
-def test_legacy_hybird_spelling_warns_and_normalises(caplog):
-    with caplog.at_level(logging.WARNING):
-        cfg = make(context_parallel=4, context_parallel_algo="hybird_cp", ulysses_degree_in_cp=2)
-    assert cfg.context_parallel_algo == "hybrid_cp"
-    assert "old spelling" in caplog.text
+def test_legacy_hybird_spelling_is_refused_as_mindformers_does():
+    """MindFormers 1.9 refuses 'hybird_cp' (not a valid ContextParallelAlgo), so the same YAML would die under its
+    Trainer: refused here by name, with the right spelling as the fix."""
+    with pytest.raises(ValueError, match=r"^parallel_config\.context_parallel_algo = 'hybird_cp': is the old "
+                                         r"spelling, which MindFormers 1\.9 refuses .*Fix: write "
+                                         r"parallel_config\.context_parallel_algo: hybrid_cp\.$"):
+        make(context_parallel=4, context_parallel_algo="hybird_cp", ulysses_degree_in_cp=2)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -195,7 +195,7 @@ def test_dry_run_prints_every_node_command_and_starts_nothing(fake):
 
 
 def test_dry_run_validates_the_config_for_the_device_count(fake):
-    data = {"parallel_config": {"data_parallel": 2, "context_parallel": 4},
+    data = {"parallel_config": {"data_parallel": 2, "context_parallel": 4, "pipeline_stage": 1},   # MF requires it
             "model": {"model_config": {"seq_length": 4096, "num_heads": 8}}}
     (fake.tmp / "run.yaml").write_text(yaml.safe_dump(data))
     ok = fake(["--dry-run", "--device", "CPU", "--worker-num", "8", "--", "train.py", "--config", "run.yaml"])
@@ -287,7 +287,8 @@ def test_timeout_ends_a_launch_that_never_finishes(fake):
 def test_model_scripts_find_their_template_at_run_time(fake, family):
     templates = fake.tmp / "templates" / family
     templates.mkdir(parents=True)
-    data = {"parallel_config": {"data_parallel": 1, "context_parallel": 8, "context_parallel_algo": "colossalai_cp"},
+    data = {"parallel_config": {"data_parallel": 1, "context_parallel": 8, "context_parallel_algo": "colossalai_cp",
+                                "pipeline_stage": 1},                   # MindFormers' build_parallel_config reads it
             "model": {"model_config": {"seq_length": 32768, "num_heads": 32}}}
     (templates / "7b_32k_cp8_colossalai_cp.yaml").write_text(yaml.safe_dump(data))
     env = {"MF_LONGSEQ_TEMPLATES": str(fake.tmp / "templates")}

@@ -3,13 +3,14 @@ property test: thousands of random configs never give a traceback, only a valid 
 import argparse
 import json
 import re
+from dataclasses import fields
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mf_longseq.config import ConfigError, LongSeqConfig
+from mf_longseq.config import ConfigError, LongSeqConfig, key_path
 from mf_longseq.tools import validate as V
 
 GOOD = {
@@ -88,7 +89,7 @@ def test_set_overrides_and_unreadable_files(tmp_path, capsys):
     code, out = run_cli([path, "--set", "parallel_config.context_parallel=3"], capsys)
     assert code == 1 and "parallel_config.ulysses_degree_in_cp = 2: must divide parallel_config.context_parallel = 3" in out
     code, out = run_cli([str(tmp_path / "missing.yaml")], capsys)
-    assert code == 1 and "cannot be read" in out and "Fix: pass the path of a MindFormers YAML file" in out
+    assert code == 2 and "cannot be read" in out                  # an I/O error, not a refusal (issue 11) and "Fix: pass the path of a MindFormers YAML file" in out
     (tmp_path / "broken.yaml").write_text("model: [1, 2\n")
     code, out = run_cli([str(tmp_path / "broken.yaml")], capsys)
     assert code == 1 and "is not valid YAML" in out
@@ -96,9 +97,10 @@ def test_set_overrides_and_unreadable_files(tmp_path, capsys):
         V.parse_override("nokey")
 
 
-def test_legacy_spelling_is_a_warning_in_the_report():
+def test_legacy_spelling_is_refused_in_the_report():
     report = V.validate(tree(parallel_config__context_parallel_algo="hybird_cp"))
-    assert report.valid and any("old spelling" in w for w in report.warnings)
+    assert not report.valid and report.error["key"] == "parallel_config.context_parallel_algo"
+    assert "old spelling" in report.error["problem"] and report.error["fix"].endswith("hybrid_cp")
 
 
 # ----------------------------------------------------------------------------------------------- each rule
@@ -261,6 +263,12 @@ def test_random_configs_are_valid_or_a_clear_error(data):
     event("valid")
     _oracle_holds(cfg)
     report = V.validate(data)
+    if not report.valid:                     # validate checks more than the parallel rules (issue 11): the model,
+        event("parallel rules hold, model or MindFormers refused")   # run keys and MindFormers' own classes
+        assert report.error["key"] not in {key_path(f.name) for f in fields(LongSeqConfig)} \
+            or "MindFormers" in report.error["problem"]
+        assert report.error["message"].startswith(f"{report.error['key']} = ") and report.error["fix"]
+        return
     assert report.valid and report.settings["parallel_config.context_parallel"] == cfg.context_parallel
 
 
