@@ -1,19 +1,22 @@
 """Ring attention overlap on CPU: one ring step (forward + backward, CP = 2, msrun) against its compute alone and
 its transfers alone, and the bytes in flight.
 
-    python benchmarks/ring_overlap.py                         # S = 4096 and 8192, 2 ranks, 1 thread per rank
+    python benchmarks/ring_overlap.py                         # S = 2048 and 4096, 2 ranks, 1 thread per rank
     python benchmarks/ring_overlap.py --seq 8192 --threads 1 --steps 7 --warmup 2
 
-Per rank and S, each after ``--warmup`` untimed runs, the median of ``--steps`` timed runs (every run starts
-after a world all-reduce, ends when its results are on the host):
+Per rank and S, after ``--warmup`` untimed rounds, the median of ``--steps`` timed rounds; a round runs each
+of the four below once, in turn (so a change of host load hits all four), each starting after a world
+all-reduce and ending when its results are on the host:
 
 * ring: ``context_parallel_attention`` forward + backward (the ring starts the next K/V, and in backward the
   dK/dV, transfer before computing the current block, then waits),
+* ring_serial: the same, but every transfer is finished (its result on the host) before the block's compute
+  is issued: no overlap,
 * compute: the same kernel calls on this rank's blocks, no transfer,
 * transfer: the same ring shifts (R-1 K/V forward, R-1 K/V + R dK/dV backward), no compute.
 
-overlap = (compute + transfer - ring) / min(compute, transfer): 0 when the ring costs the sum of its parts, 1
-when the shorter part is hidden entirely.  ``peak_in_flight`` is the largest number of logical bytes started and
+saved = 1 - ring / ring_serial (the time the overlap saves); overlap = (ring_serial - ring) / min(compute,
+transfer): the fraction of the shorter part hidden (0: none, 1: all).  ``peak_in_flight`` is the largest number of logical bytes started and
 not yet waited for (``CommStats``); ``step_bytes`` all logical bytes of one step.  Prints a table (the slowest
 rank per S) and writes benchmarks/results/ring_overlap.csv.  Thread counts are set explicitly (MindSpore's
 runtime_num_threads and OMP_NUM_THREADS); timings on a shared host are noisy: compare columns of one run only.
@@ -36,15 +39,28 @@ CP = 2
 
 
 # --------------------------------------------------------------------------------------------------- worker side
-def _median_seconds(fn, warmup: int, steps: int, barrier) -> float:
-    times = []
+def _medians(fns: dict, warmup: int, steps: int, barrier) -> dict:
+    """Median seconds of each function, run in turn per round (rounds after ``warmup``)."""
+    times = {name: [] for name in fns}
     for i in range(warmup + steps):
-        barrier()
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            barrier()
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _serial_shifts():
+    """A ring_shift_start whose transfer is finished on the host before it returns (no overlap)."""
+    from mf_longseq.parallel import comm
+
+    def start(x, group, offset: int = 1):
+        received = comm.ring_shift_start(x, group, offset).wait()
+        received.asnumpy()
+        return comm.Pending(lambda: received)
+    return start
 
 
 def measure(seq_len: int, args, mesh) -> dict:
@@ -52,6 +68,7 @@ def measure(seq_len: int, args, mesh) -> dict:
     from mindspore import Tensor, ops
     from mf_longseq.attention import BlockwiseKernel, context_parallel_attention, ring_masks
     from mf_longseq.attention.kernel import default_scale
+    from mf_longseq.attention import ring as ring_module
     from mf_longseq.parallel.comm import all_reduce_world, ring_shift
     group, local = mesh.group("ring"), seq_len // CP
     rng = np.random.default_rng(mesh.rank)
@@ -88,9 +105,18 @@ def measure(seq_len: int, args, mesh) -> dict:
         moved = [ring_shift(kv, group) for _ in range(2 * (CP - 1))] + [ring_shift(dkv, group) for _ in range(CP)]
         [m.asnumpy() for m in moved]
 
+    overlapped, serial = ring_module.ring_shift_start, _serial_shifts()
+
+    def ring_serial():
+        ring_module.ring_shift_start = serial
+        try:
+            ring()
+        finally:
+            ring_module.ring_shift_start = overlapped
+
+    fns = {"compute": compute, "transfer": transfer, "ring": ring, "ring_serial": ring_serial}
     row = {"seq_len": seq_len, "rank": mesh.rank, "threads": args.threads}
-    for name, fn in (("compute", compute), ("transfer", transfer), ("ring", ring)):
-        row[f"{name}_s"] = _median_seconds(fn, args.warmup, args.steps, barrier)
+    row.update({f"{name}_s": seconds for name, seconds in _medians(fns, args.warmup, args.steps, barrier).items()})
     mesh.stats.reset()
     ring()
     row["peak_in_flight"] = mesh.stats.peak_in_flight_bytes
@@ -136,10 +162,11 @@ def report(rows):
     table = []
     for s in sorted({r["seq_len"] for r in rows}):
         slowest = max((r for r in rows if r["seq_len"] == s), key=lambda r: r["ring_s"])
-        c, t, ring = slowest["compute_s"], slowest["transfer_s"], slowest["ring_s"]
+        c, t, ring, serial = (slowest[f"{k}_s"] for k in ("compute", "transfer", "ring", "ring_serial"))
         table.append({"seq_len": s, "cp": CP, "threads": slowest["threads"], "compute_ms": round(c * 1e3, 1),
                       "transfer_ms": round(t * 1e3, 1), "ring_ms": round(ring * 1e3, 1),
-                      "sum_ms": round((c + t) * 1e3, 1), "overlap": round((c + t - ring) / min(c, t), 3),
+                      "ring_serial_ms": round(serial * 1e3, 1), "saved": round(1 - ring / serial, 3),
+                      "overlap": round((serial - ring) / min(c, t), 3),
                       "peak_in_flight_mib": round(slowest["peak_in_flight"] / 2**20, 3),
                       "step_mib": round(slowest["step_bytes"] / 2**20, 3)})
     return table
@@ -147,7 +174,7 @@ def report(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--threads", type=int, default=1, help="CPU kernel threads per rank")
     parser.add_argument("--steps", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=2)
