@@ -22,7 +22,6 @@ rank per S) and writes benchmarks/results/ring_overlap.csv.  Thread counts are s
 runtime_num_threads and OMP_NUM_THREADS); timings on a shared host are noisy: compare columns of one run only.
 """
 import argparse
-import csv
 import json
 import os
 import socket
@@ -186,18 +185,8 @@ def main():
     args = parser.parse_args()
     if args.as_worker:
         return worker_main(args)
-    table = report(launch(args, tempfile.mkdtemp(prefix="mfls_overlap_")))
-    cols = list(table[0])
-    print(" | ".join(cols))
-    for row in table:
-        print(" | ".join(str(row[c]) for c in cols))
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    with open(out / "ring_overlap.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(table)
-    print(f"wrote {out / 'ring_overlap.csv'}")
+    from results_table import write_table
+    print(f"wrote {write_table(report(launch(args, tempfile.mkdtemp(prefix='mfls_overlap_'))), 'ring_overlap')}")
     return None
 
 

@@ -23,7 +23,6 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mf_longseq.attention.mask import FULL, AttentionMask
-from mf_longseq.attention.merge import merge  # noqa: F401  (re-exported: the kernel contract's merge)
 
 NEG_INF = float("-inf")
 
