@@ -11,7 +11,6 @@ Efficiency counts only unmasked FLOPs: 12 * D * heads * visible (query, key) pai
 backward 4), against the batched-matmul rate measured on this machine, now.
 """
 import argparse
-import csv
 import json
 import os
 import socket
@@ -191,18 +190,10 @@ def main():
     table = report(rows, rates, args)
     print(f"batched matmul (measured now): tile {rates['tile_qk']:.1f} GFLOP/s, "
           f"2048-square {rates['square_2048']:.1f} GFLOP/s")
-    cols = list(table[0])
-    print(" | ".join(cols))
-    for row in table:
-        print(" | ".join(str(row[c]) for c in cols))
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    with open(out / "attention.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(table)
+    from results_table import write_table
+    path = write_table(table, "attention")
     fit_memory_exponent(table)
-    print(f"wrote {out / 'attention.csv'}")
+    print(f"wrote {path}")
 
 
 def fit_memory_exponent(table):

@@ -14,7 +14,7 @@ from mindspore import Tensor, ops
 
 from mf_longseq.attention.hybrid import hybrid_attention
 from mf_longseq.attention.kernel import BlockwiseKernel, LocalAttention, default_scale
-from mf_longseq.attention.mask import AttentionMask, DenseMask
+from mf_longseq.attention.mask import AttentionMask, DenseMask, same_sample_mask
 from mf_longseq.attention.ring import RingAttention
 from mf_longseq.attention.ulysses import ulysses_attention
 from mf_longseq.parallel.plan import CP_ALGOS, LEGACY_ALGO_SPELLINGS
@@ -39,8 +39,9 @@ def ring_masks(seq_len: int, mesh, layout: str, causal: bool, segment_ids: Optio
                dense_mask: Optional[np.ndarray] = None):
     """Visibility of this ring rank's part to every ring rank's part (index j: keys of ring rank j).
 
-    ``segment_ids`` (S,): document id per token.  ``dense_mask`` (S, S) or (B, 1, S, S) uint8, 1 = masked
-    (use_attn_mask_compression off): tiles are then read from it (``DenseMask``) instead of computed.
+    One mask for every sample of the call: ``segment_ids`` (S,) document id per token; ``dense_mask`` (S, S) or
+    (1, 1, S, S) uint8, 1 = masked (use_attn_mask_compression off): tiles are then read from it (``DenseMask``)
+    instead of computed.  Per-sample inputs are split by ``context_parallel_attention`` first.
     """
     parts = [ring_part_positions(seq_len, mesh.ring, j, layout) for j in range(mesh.ring)]
     mine = parts[mesh.coords()["ring_id"]]
@@ -50,33 +51,58 @@ def ring_masks(seq_len: int, mesh, layout: str, causal: bool, segment_ids: Optio
     return [AttentionMask(mine, part, causal, docs(mine), docs(part)) for part in parts]
 
 
-def _by_sample_groups(q, k, v, segment_ids, dense_mask, run):
-    """Run ``run(q, k, v, ids (S,), dense)`` once per group of samples sharing their (S,) segment ids.
+def _per_sample(batch: int, seq_len: int, segment_ids, dense_mask):
+    """The (ids, dense) of every sample: ids (S,) or None, dense (1, 1, S, S) / (S, S) or None.
 
-    (B, S) ids: samples with equal rows run together; the outputs go back in batch order (differentiable).
-    A (B, 1, S, S) dense mask gives each group the mask of its first sample.
+    Raises:
+        ValueError: a batch dimension that is neither 1 nor ``batch``, or a dense mask not (S, S).
     """
     ids = None if segment_ids is None else np.asarray(segment_ids)
-    if ids is None or ids.ndim == 1:
-        return run(q, k, v, ids, dense_mask)
-    if ids.ndim != 2 or ids.shape[0] != q.shape[0]:
-        raise ValueError(f"segment_ids shape {ids.shape}: expected (S,) or (B, S) with B = {q.shape[0]}. Fix: "
+    if ids is not None and not (ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] in (1, batch))):
+        raise ValueError(f"segment_ids shape {ids.shape}: expected (S,) or (B, S) with B = {batch}. Fix: "
                          "pass one row of document ids per sample (train.packing.segment_ids_from_actual_seq_len).")
-    rows, inverse = np.unique(ids, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    dense = None if dense_mask is None else np.asarray(dense_mask)
+    if dense is not None and not ((dense.ndim == 2 or (dense.ndim == 4 and dense.shape[:2] in ((1, 1), (batch, 1))))
+                                  and dense.shape[-2:] == (seq_len, seq_len)):
+        raise ValueError(f"dense_mask shape {dense.shape}: expected (S, S) or (B, 1, S, S) with B = {batch}, "
+                         f"S = {seq_len}. Fix: pass the uint8 mask of the whole sequence (1 = masked), one per "
+                         "sample or one shared by the batch.")
+    id_of = (lambda b: None) if ids is None else ((lambda b: ids) if ids.ndim == 1 else
+                                                  (lambda b: ids[b if ids.shape[0] > 1 else 0]))
+    dense_of = (lambda b: dense) if dense is None or dense.ndim == 2 or dense.shape[0] == 1 else \
+        (lambda b: dense[b:b + 1])
+    return [(id_of(b), dense_of(b)) for b in range(batch)]
 
-    def dense_of(sample: int):
-        return dense_mask[sample:sample + 1] if dense_mask is not None and dense_mask.ndim == 4 else dense_mask
-    if len(rows) == 1:
-        return run(q, k, v, rows[0], dense_of(0))
+
+def _sample_groups(samples):
+    """Group indices of samples with equal (ids, dense): [(members, (ids, dense))] in first-member order."""
+    groups = []
+    for b, (ids, dense) in enumerate(samples):
+        for members, (g_ids, g_dense) in groups:
+            same_ids = (ids is None and g_ids is None) or (ids is not None and g_ids is not None and
+                                                           np.array_equal(ids, g_ids))
+            if same_ids and (dense is g_dense or same_sample_mask(dense, g_dense)):
+                members.append(b)
+                break
+        else:
+            groups.append(([b], (ids, dense)))
+    return groups
+
+
+def _by_sample_groups(q, k, v, seq_len: int, segment_ids, dense_mask, run):
+    """Run ``run(q, k, v, ids (S,) or None, dense (S, S)-like or None)`` once per group of samples that share
+    their document ids and dense mask; outputs go back in batch order (differentiable).  Exact per sample.
+    """
+    samples = _per_sample(q.shape[0], seq_len, segment_ids, dense_mask)
+    groups = _sample_groups(samples)
+    if len(groups) == 1:
+        return run(q, k, v, *groups[0][1])
     outs, order = [], []
-    for group, row in enumerate(rows):
-        members = np.flatnonzero(inverse == group)
-        take = Tensor(members.astype(np.int64))
-        outs.append(run(ops.gather(q, take, 0), ops.gather(k, take, 0), ops.gather(v, take, 0), row,
-                        dense_of(int(members[0]))))
-        order.append(members)
-    return ops.gather(ops.cat(outs, axis=0), Tensor(np.argsort(np.concatenate(order))), 0)   # batch order
+    for members, (ids, dense) in groups:
+        take = Tensor(np.asarray(members, np.int64))
+        outs.append(run(ops.gather(q, take, 0), ops.gather(k, take, 0), ops.gather(v, take, 0), ids, dense))
+        order.extend(members)
+    return ops.gather(ops.cat(outs, axis=0), Tensor(np.argsort(np.asarray(order))), 0)   # batch order
 
 
 def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", causal: bool = True,
@@ -96,15 +122,20 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
         kernel: local kernel (default ``BlockwiseKernel()``; ``select_kernel`` picks FlashAttention on Ascend).
         use_alltoall: Ulysses exchange: AlltoAll (True) or the AllGather-based one (False).
         segment_ids: global document id of every token (packed sequences): (S,) shared by the batch, or
-            (B, S) per sample (samples with equal rows run together); None for one document.
-        dense_mask: uint8 (S, S) or (B, 1, S, S), 1 = masked: the uncompressed MindFormers mask; visibility is
-            then read from it.  None (default, use_attn_mask_compression) builds nothing S x S.
+            (B, S) per sample; None for one document.
+        dense_mask: uint8 (S, S) or (1, 1, S, S) shared by the batch, or (B, 1, S, S) per sample, 1 = masked:
+            the uncompressed MindFormers mask; visibility is then read from it.  None (default,
+            use_attn_mask_compression) builds nothing S x S.
+
+    Per-sample inputs stay per sample: samples with equal ids and equal dense masks run together, every other
+    sample runs with its own.
 
     Returns:
         (B, S/CP, N, D) in q's dtype: this rank's part of the output, in ``layout``.
 
     Raises:
-        ValueError: unknown algorithm, algorithm not matching the mesh, heads not divisible by the Ulysses degree.
+        ValueError: unknown algorithm, algorithm not matching the mesh, heads not divisible by the Ulysses degree,
+            segment_ids or dense_mask of a shape other than the above.
     """
     algo = _check_algo(algo, mesh)
     kernel = kernel or BlockwiseKernel()
@@ -113,7 +144,7 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
     def run(q, k, v, ids, dense):
         return _attention(q, k, v, mesh, kernel, scale, use_alltoall,
                           ring_masks(q.shape[1] * mesh.cp, mesh, layout, causal, ids, dense))
-    return _by_sample_groups(q, k, v, segment_ids, dense_mask, run)
+    return _by_sample_groups(q, k, v, q.shape[1] * mesh.cp, segment_ids, dense_mask, run)
 
 
 def _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks):

@@ -23,7 +23,7 @@ from mindspore import Tensor, ops
 
 from mf_longseq.attention.flash_args import (MAX_TND_SEGMENTS, FlashArgs, FlashCall, documented_keep,
                                              flash_arguments, plan_flash_calls)
-from mf_longseq.attention.kernel import merge
+from mf_longseq.attention.merge import merge
 from mf_longseq.attention.mask import AttentionMask, compressed_causal_mask
 
 HALF_TYPES = (ms.float16, ms.bfloat16)

@@ -161,15 +161,35 @@ def _consecutive(pos: np.ndarray) -> bool:
     return len(pos) > 0 and int(pos[-1]) - int(pos[0]) + 1 == len(pos) and bool(np.all(np.diff(pos) == 1))
 
 
+def same_sample_mask(a: np.ndarray, b: np.ndarray, rows: int = COMPRESSED_MASK_SIZE) -> bool:
+    """a == b for two (.., S, S) masks of one sample, compared in row chunks (no S x S temporary)."""
+    a, b = a.reshape(a.shape[-2:]), b.reshape(b.shape[-2:])
+    return a.shape == b.shape and all(np.array_equal(a[r:r + rows], b[r:r + rows]) for r in range(0, len(a), rows))
+
+
 @dataclass(frozen=True)
 class DenseMask(AttentionMask):
     """An ``AttentionMask`` whose visibility is read from a dense uint8 mask (1 = masked) at global positions.
 
     This is the use_attn_mask_compression = False path: the S x S array exists and every tile is sliced out
-    of it.  ``grid`` is (S, S) or (B, 1, S, S) (sample 0 is used: the kernel's mask is shared by the batch).
+    of it.  ``grid`` is (S, S), or (B, 1, S, S) whose B samples are one mask: one kernel call serves samples
+    with one mask (``context_parallel_attention`` splits a per-sample (B, 1, S, S) mask by sample).
+
+    Raises:
+        ValueError: ``grid`` is missing, of another shape, or holds samples with different masks.
     """
 
     grid: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        grid = self.grid
+        if grid is None or not (grid.ndim == 2 or (grid.ndim == 4 and grid.shape[1] == 1)):
+            raise ValueError(f"DenseMask grid shape {None if grid is None else grid.shape}: expected (S, S) or "
+                             "(B, 1, S, S). Fix: pass the uint8 mask of the whole sequence (1 = masked).")
+        if grid.ndim == 4 and any(not same_sample_mask(grid[0], grid[b]) for b in range(1, grid.shape[0])):
+            raise ValueError(f"DenseMask grid {grid.shape}: its samples have different masks and one kernel call "
+                             "would use sample 0's for all. Fix: split the batch by mask (context_parallel_attention "
+                             "does) and pass each group its (S, S) mask.")
 
     def _grid(self) -> np.ndarray:
         return self.grid[0, 0] if self.grid.ndim == 4 else self.grid

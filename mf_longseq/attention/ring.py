@@ -10,6 +10,10 @@ Backward (FlashAttention-2 style, nothing stored but q, k, v, out, lse): the K/V
 and with them a float32 buffer of their dK/dV, to which every rank adds its contribution; after R shifts the
 buffer is back at its owner.  Per-rank memory stays O(S/R): q, one K/V block in flight, its dK/dV buffer.
 
+Overlap (as ring-flash-attention and TransformerEngine do): each step starts the transfer of the next K/V block
+(``ring_shift_start``), computes the current block, then waits.  In backward the dK/dV buffer of step t travels
+while the kernel computes the block gradients of step t+1; the buffer is waited for only to add them.
+
 Shapes: q (B, N, S_loc, D), k and v (B, K, S_loc, D); kv travel stacked as (2, B, K, S_loc, D).
 """
 from typing import Sequence
@@ -17,9 +21,9 @@ from typing import Sequence
 import mindspore as ms
 from mindspore import nn, ops
 
-from mf_longseq.attention.kernel import merge
+from mf_longseq.attention.merge import merge
 from mf_longseq.attention.mask import AttentionMask
-from mf_longseq.parallel.comm import ring_shift
+from mf_longseq.parallel.comm import ring_shift_start
 
 
 def _has_work(mask: AttentionMask, block_size: int) -> bool:
@@ -42,6 +46,10 @@ class RingAttention(nn.Cell):
     def _source(self, step: int) -> int:
         return (self.group.index - step) % self.group.size
 
+    def _start_next(self, kv, step: int):
+        """Start the transfer of the K/V block the next step needs (None at the last step)."""
+        return ring_shift_start(kv, self.group) if step + 1 < self.group.size else None
+
     def construct(self, q, k, v):
         b, n, s_loc, d = q.shape
         out = ops.zeros((b, n, s_loc, d), ms.float32)
@@ -49,11 +57,11 @@ class RingAttention(nn.Cell):
         kv = ops.stack([k, v])                                                   # (2, B, K, S_loc, D)
         for step in range(self.group.size):
             src = self._source(step)
-            incoming = ring_shift(kv, self.group) if step + 1 < self.group.size else None
-            if self.work[src]:
+            incoming = self._start_next(kv, step)                                # transfer of step + 1 ...
+            if self.work[src]:                                                   # ... overlaps this block
                 block_out, block_lse = self.kernel.forward(q, kv[0], kv[1], self.masks[src], self.scale)
                 out, lse = merge(out, lse, block_out.astype(ms.float32), block_lse)
-            kv = incoming
+            kv = incoming.wait() if incoming is not None else None
         return out.astype(q.dtype), lse
 
     def bprop(self, q, k, v, out, dout):
@@ -63,14 +71,19 @@ class RingAttention(nn.Cell):
         dq = ops.zeros(q.shape, ms.float32)
         kv = ops.stack([k, v])
         dkv = ops.zeros(kv.shape, ms.float32)                                    # travels with kv
+        dkv_moving = None                                                        # dK/dV in flight from step - 1
         for step in range(self.group.size):
             src = self._source(step)
-            incoming = ring_shift(kv, self.group) if step + 1 < self.group.size else None
-            if self.work[src]:
-                dq_b, dk_b, dv_b = self.kernel.backward(q, kv[0], kv[1], d_out, lse, delta, self.masks[src],
-                                                        self.scale)
-                dq = dq + dq_b
-                dkv = dkv + ops.stack([dk_b, dv_b])
-            dkv = ring_shift(dkv, self.group)                                    # after R shifts: back home
-            kv = incoming
+            incoming = self._start_next(kv, step)
+            grads = None
+            if self.work[src]:                                                   # overlaps both transfers
+                grads = self.kernel.backward(q, kv[0], kv[1], d_out, lse, delta, self.masks[src], self.scale)
+            if dkv_moving is not None:
+                dkv = dkv_moving.wait()                                          # block src's buffer arrives
+            if grads is not None:
+                dq = dq + grads[0]
+                dkv = dkv + ops.stack([grads[1], grads[2]])
+            dkv_moving = ring_shift_start(dkv, self.group)                       # after R shifts: back home
+            kv = incoming.wait() if incoming is not None else None
+        dkv = dkv_moving.wait()
         return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)

@@ -11,11 +11,19 @@ outside the world group, so every exchange is built from AllReduce there:
 
 The decision native-or-emulated is made here, from ``group.device_target``, and nowhere else.
 
+Started exchanges: ``ring_shift_start`` returns a ``Pending`` at once; its ``wait()`` returns the received tensor.
+Between the two the caller computes (the ring starts the next K/V block, computes the current one, then waits).
+Native: the isend/irecv works of ``batch_isend_irecv``, waited in ``wait()``.  Emulated: the AllReduces are issued
+at start; PyNative dispatches ops asynchronously, so the host returns at once and ops queued after them (the
+caller's compute) are issued without waiting; ``wait()`` hands back the result tensor (reading it waits).
+``ring_shift`` is start-then-wait.
+
 Raw functions (``ring_shift``, ``all_gather``, ``all_to_all``, ``all_reduce``) are not differentiable; the
-Cells at the bottom (``AllToAll``, ``AllGather``, ``RingShift``) are, each with its backward stated next to it.
+Cells at the bottom (``AllToAll``, ``AllGather``) are, each with its backward stated next to it.
 
 Every call counts bytes into ``group.stats``: ``logical`` is what the native primitive sends from this rank,
 ``wire`` is the size of the buffers this rank really hands to collectives (equal to logical on native backends).
+``in_flight_bytes`` / ``peak_in_flight_bytes``: logical bytes of started exchanges not yet waited for.
 """
 import logging
 import math
@@ -37,6 +45,8 @@ class CommStats:
     calls: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
     logical_bytes: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
     wire_bytes: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    in_flight_bytes: int = 0
+    peak_in_flight_bytes: int = 0
 
     def add(self, kind: str, logical: int, wire: int) -> None:
         self.calls[kind] += 1
@@ -47,6 +57,14 @@ class CommStats:
         self.calls.clear()
         self.logical_bytes.clear()
         self.wire_bytes.clear()
+        self.in_flight_bytes = self.peak_in_flight_bytes = 0
+
+    def started(self, nbytes: int) -> None:
+        self.in_flight_bytes += int(nbytes)
+        self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
+
+    def finished(self, nbytes: int) -> None:
+        self.in_flight_bytes -= int(nbytes)
 
     def total(self, which: str = "logical") -> int:
         table = self.logical_bytes if which == "logical" else self.wire_bytes
@@ -84,6 +102,35 @@ def all_reduce(x, group):
     return _allreduce_sum(x, group.name, upcast=is_emulated(group))
 
 
+def all_reduce_world(x):
+    """Sum of ``x`` over every process of the launch (the world group), on every rank; no mesh needed."""
+    from mindspore.communication import GlobalComm
+    return _allreduce_sum(x, GlobalComm.WORLD_COMM_GROUP)
+
+
+class Pending:
+    """A started exchange: ``wait()`` (once) finishes it and returns its result.
+
+    Args:
+        finish: called by ``wait()``; returns the received tensor.
+        stats, nbytes: the group's ``CommStats`` and the logical bytes in flight until ``wait()``.
+    """
+
+    def __init__(self, finish, stats=None, nbytes: int = 0):
+        self._finish, self._stats, self._nbytes = finish, stats, nbytes
+        if stats is not None:
+            stats.started(nbytes)
+
+    def wait(self):
+        """The received tensor. Raises RuntimeError when called a second time."""
+        if self._finish is None:
+            raise RuntimeError("Pending.wait() called twice: an exchange is finished once")
+        finish, self._finish = self._finish, None
+        if self._stats is not None:
+            self._stats.finished(self._nbytes)
+        return finish()
+
+
 def _pair_transfer(x, group, peer: int, sending: bool):
     """One point-to-point transfer between this rank and ``peer`` (group indices), built on AllReduce."""
     payload = x if sending else ops.zeros_like(x)
@@ -109,6 +156,7 @@ def _shift_emulated(x, group, offset: int):
 
 
 def _shift_native(x, group, offset: int):
+    """Post isend to index+offset and irecv from index-offset; returns the finishing function."""
     import mindspore.mint.distributed as dist
     n, me = group.size, group.index
     received = ops.zeros_like(x)
@@ -116,18 +164,33 @@ def _shift_native(x, group, offset: int):
         dist.P2POp(dist.isend, x, group.ranks[(me + offset) % n], group=group.name),
         dist.P2POp(dist.irecv, received, group.ranks[(me - offset) % n], group=group.name),
     ])
-    for handle in work:
-        handle.wait()
-    return received
+
+    def finish():
+        for handle in work:
+            handle.wait()
+        return received
+    return finish
+
+
+def ring_shift_start(x, group, offset: int = 1) -> Pending:
+    """Start sending ``x`` to group index ``index + offset``; ``wait()`` returns what ``index - offset`` sent.
+
+    Every rank of the group starts its shifts in the same order (the emulation's collectives pair up in that
+    order).  Do not change ``x`` in place before ``wait()``.
+    """
+    if group.size == 1 or offset % group.size == 0:
+        return Pending(lambda: x)
+    emulated = is_emulated(group)
+    group.stats.add("ring_shift", _nbytes(x), 2 * _nbytes(x) if emulated else _nbytes(x))
+    if emulated:
+        received = _shift_emulated(x, group, offset)
+        return Pending(lambda: received, group.stats, _nbytes(x))
+    return Pending(_shift_native(x, group, offset), group.stats, _nbytes(x))
 
 
 def ring_shift(x, group, offset: int = 1):
     """Send ``x`` to group index ``index + offset`` and return what index ``index - offset`` sent."""
-    if group.size == 1 or offset % group.size == 0:
-        return x
-    emulated = is_emulated(group)
-    group.stats.add("ring_shift", _nbytes(x), 2 * _nbytes(x) if emulated else _nbytes(x))
-    return _shift_emulated(x, group, offset) if emulated else _shift_native(x, group, offset)
+    return ring_shift_start(x, group, offset).wait()
 
 
 def send_recv(send, group, peer: int, recv_shape=None, recv_dtype=None):
@@ -270,34 +333,6 @@ class AllGather(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (reduce_scatter(dout, self.group, self.dim),)
-
-
-class RingShift(nn.Cell):
-    """Differentiable ring shift by ``offset``. Backward: the shift by ``-offset``."""
-
-    def __init__(self, group, offset: int = 1):
-        super().__init__()
-        self.group, self.offset = group, offset
-
-    def construct(self, x):
-        return ring_shift(x, self.group, self.offset)
-
-    def bprop(self, x, out, dout):
-        return (ring_shift(dout, self.group, -self.offset),)
-
-
-class AllReduce(nn.Cell):
-    """Differentiable sum over the group. Backward: the sum of the incoming gradients (an all-reduce)."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-
-    def construct(self, x):
-        return all_reduce(x, self.group)
-
-    def bprop(self, x, out, dout):
-        return (all_reduce(dout, self.group),)
 
 
 # =================================================================================================== variable size

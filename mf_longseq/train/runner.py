@@ -131,16 +131,14 @@ class Trainer:
 
 
 def world_gather(values: List[float], rank: int, world_size: int) -> List[float]:
-    """Per-rank values gathered on every rank (a world AllReduce of a vector with this rank's slot filled)."""
+    """Per-rank values gathered on every rank (a world all-reduce of a vector with this rank's slot filled)."""
     if world_size == 1:
         return list(values)
     import mindspore as ms
-    from mindspore import ops
-    from mindspore.communication import GlobalComm
+    from mf_longseq.parallel.comm import all_reduce_world
     vec = np.zeros(world_size, np.float32)
     vec[rank] = values[0]
-    out = ops.AllReduce(group=GlobalComm.WORLD_COMM_GROUP)(ms.Tensor(vec))
-    return [float(x) for x in out.asnumpy()]
+    return [float(x) for x in all_reduce_world(ms.Tensor(vec)).asnumpy()]
 
 
 def barrier(world_size: int) -> Callable[[], None]:

@@ -19,7 +19,7 @@ from oracle import causal_allowed, reference_attention
 from mf_longseq.attention.api import ring_masks
 from mf_longseq.attention.flash import FlashKernel
 from mf_longseq.attention.flash_args import documented_keep, flash_arguments, plan_flash_calls
-from mf_longseq.attention.kernel import merge
+from mf_longseq.attention.merge import merge
 from mf_longseq.attention.mask import (MAX_TOKENS, AttentionMask, DenseMask, compressed_causal_mask,
                                        dense_attention_mask)
 from mf_longseq.parallel import Mesh

@@ -4,7 +4,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mf_longseq.attention.kernel import BlockwiseKernel, LocalAttention, default_scale, merge
+from mf_longseq.attention.kernel import BlockwiseKernel, LocalAttention, default_scale
+from mf_longseq.attention.merge import merge
 from mf_longseq.attention.mask import AttentionMask
 from mf_longseq.parallel import positions_for
 from oracle import causal_allowed, reference_attention
