@@ -246,7 +246,8 @@ class LongSeqForCausalLM(PreTrainedModel):
       Returns loss_sum (float32 scalar, differentiable): sum over this rank's tokens of cross entropy x mask,
       and token_count (float32 scalar, no gradient): sum of loss_mask on this rank.
     * MindFormers' pretraining column (``Trainer.train``): ``(input_ids)``, whole samples (B, S + 1);
-    * MindFormers' packed columns: ``(input_ids, labels, loss_mask, position_ids, actual_seq_len)``, whole (B, S).
+    * MindFormers' packed columns: ``(input_ids, labels, loss_mask, position_ids, actual_seq_len)``, whole (B, S),
+      by position or by name (MindFormers' DataOrderWrapperCell passes the dataset's column names).
       These two return one float32 scalar, the global mean loss over dp x cp, equal on every rank
       (``models/mf_inputs.py``: shift, pad mask, this rank's cut, gradient share).
     """
@@ -369,10 +370,12 @@ class LongSeqForCausalLM(PreTrainedModel):
                                               vocab_start=self.mp_group.index * logits.shape[-1])
         return (ce * mask).sum(), ops.stop_gradient(mask.sum())
 
-    def construct(self, input_ids, labels=None, loss_mask=None, *rest):
-        if labels is None or len(rest) == 2:                          # MindFormers' columns (see the class doc)
-            return self.mindformers_loss(input_ids, labels, loss_mask, *rest)
-        actual_seq_len = rest[0] if rest else None
+    def construct(self, input_ids, labels=None, loss_mask=None, *rest, position_ids=None, actual_seq_len=None):
+        if len(rest) == 2:                                            # MindFormers' 5 columns, by position
+            position_ids, actual_seq_len = rest
+        if labels is None or position_ids is not None:                # MindFormers' columns (see the class doc)
+            return self.mindformers_loss(input_ids, labels, loss_mask, position_ids, actual_seq_len)
+        actual_seq_len = rest[0] if rest else actual_seq_len
         segment_ids, cos, sin = self._inputs(input_ids, actual_seq_len)
         return self.head_loss(self.model(input_ids, cos, sin, segment_ids), labels, loss_mask)
 
