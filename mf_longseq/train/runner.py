@@ -190,8 +190,8 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: 
                      barrier=barrier(run.world_size), layout=ckpt.Layout.of(config), config_tree=tree, data=data,
                      optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
                                 "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
-                                "weight_decay": opt.weight_decay, "warmup_steps": opt.warmup_steps,
-                                "decay": opt.decay, "total_steps": opt.total_steps},
+                                "weight_decay": opt.weight_decay, "lr_schedule": opt.lr_schedule,
+                                "total_steps": opt.total_steps},
                      losses=trainer.losses,
                      shard_specs={name: spec.to_dict() for name, spec in shard_specs(trainer.model).items()},
                      num_layers=num_layers)
