@@ -5,7 +5,8 @@ One step::
     loss, grads = value_and_grad(network)(*columns)     loss: global mean over dp x cp, same on every rank;
                                                          grads: this rank's share (models/mf_inputs.py)
     grads       = all_reduce(grads, dp x cp)             one flat collective; the sum is the global gradient
-    grads, norm = ClipGradNorm(max_grad_norm)(grads)     MindFormers' clipping, when use_clip_grad
+    grads, norm = clip_grads(grads, max_grad_norm)       MindFormers' ClipGradNorm formula with the whole
+                                                         model's norm (train/clip.py), when use_clip_grad
     optimizer(grads)                                     MindFormers' optimizer and LR schedule
 
 Why not MindSpore's / MindFormers' wrappers: ``nn.TrainOneStepCell`` rejects the keyword arguments MindFormers
@@ -20,18 +21,19 @@ The mesh is the network's own (``network.mesh``, set when the model was built): 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
-from mindformers.core.clip_grad import ClipGradNorm
 
 from mf_longseq.config import ConfigError
 from mf_longseq.parallel.comm import all_reduce
 from mf_longseq.parallel.mesh import Mesh
+from mf_longseq.parallel.tensor_parallel import shard_specs
+from mf_longseq.train.clip import clip_grads
 
 
-def network_mesh(network) -> Mesh:
-    """The ``Mesh`` of the plugin model inside ``network`` (MindFormers may wrap it in tool cells)."""
+def plugin_model(network):
+    """The plugin model inside ``network`` (MindFormers may wrap it in tool cells): the cell with a ``Mesh``."""
     for _, cell in network.cells_and_names():
         if isinstance(getattr(cell, "mesh", None), Mesh):
-            return cell.mesh
+            return cell
     raise ConfigError("model.arch.type", type(network).__name__, "LongSeqTrainOneStepCell trains mf_longseq's models "
                       "(it needs their mesh)", "use LlamaLongSeqForCausalLM, QwenLongSeqForCausalLM or "
                       "Qwen2LongSeqForCausalLM")
@@ -56,7 +58,8 @@ class LongSeqTrainOneStepCell(nn.Cell):
     Args:
         network: the plugin's model (columns in, global mean loss out).
         optimizer: a MindSpore / MindFormers optimizer over the network's trainable parameters.
-        use_clip_grad: clip the summed gradients to ``max_grad_norm`` (MindFormers' ``ClipGradNorm``).
+        use_clip_grad: clip the summed gradients to ``max_grad_norm`` (MindFormers' ``ClipGradNorm`` formula,
+            the whole model's norm on any layout: ``train/clip.py``).
         max_grad_norm: clipping threshold (L2 norm over all gradients).
         scale_sense: None or 1 only (see ``_refuse_unsupported``).
         **mindformers_args: the other arguments MindFormers' trainer passes (parallel_config, lr_scheduler,
@@ -76,9 +79,12 @@ class LongSeqTrainOneStepCell(nn.Cell):
         _refuse_unsupported(scale_sense, calculate_per_token_loss, use_skip_data_by_global_norm)
         self.network, self.optimizer = network, optimizer
         self.weights = optimizer.parameters
-        self.group = network_mesh(network).group("dp_cp")
+        model = plugin_model(network)
+        self.mesh, self.sharded = model.mesh, shard_specs(model)
+        self.group = self.mesh.group("dp_cp")
         self.grad_fn = ms.value_and_grad(network, None, self.weights)
-        self.clip = ClipGradNorm(max_norm=float(max_grad_norm)) if use_clip_grad else None
+        self.max_grad_norm = float(max_grad_norm) if use_clip_grad else None
+        self.names = [p.name for p in self.weights]
         self.sizes = [int(np.prod(p.shape)) for p in self.weights]
 
     def sum_gradients(self, grads):
@@ -95,10 +101,10 @@ class LongSeqTrainOneStepCell(nn.Cell):
     def construct(self, *inputs):
         loss, grads = self.grad_fn(*inputs)
         grads = self.sum_gradients(grads)
-        if self.clip is not None:
-            grads, _ = self.clip(grads)
+        if self.max_grad_norm is not None:
+            grads, _ = clip_grads(grads, self.names, self.mesh, self.max_grad_norm, self.sharded)
         self.optimizer(grads)
         return loss, Tensor(False), Tensor(np.float32(1.0))
 
 
-__all__ = ["LongSeqTrainOneStepCell", "network_mesh"]
+__all__ = ["LongSeqTrainOneStepCell", "plugin_model"]

@@ -30,6 +30,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
+from mf_longseq.config import ConfigError
+
 OPTIMIZER_TYPES = (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay")
 _SCHEDULES = {}     # frozen schedule items -> built MindFormers schedule (one build per distinct section)
 
@@ -38,7 +40,7 @@ def build_schedule(section: Mapping):
     """MindFormers' LR schedule of an ``lr_schedule`` section (``build_lr``).
 
     Raises:
-        ValueError: ``lr_schedule.type`` not registered in MindFormers, or arguments it rejects (key named).
+        ConfigError: ``lr_schedule.type`` not registered in MindFormers, or arguments it rejects (key named).
     """
     from mindformers.core.lr import build_lr
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
@@ -46,15 +48,15 @@ def build_schedule(section: Mapping):
     name = section.get("type")
     if not MindFormerRegister.is_exist(MindFormerModuleType.LR, name):
         known = sorted(MindFormerRegister.registry.get(MindFormerModuleType.LR, {}))
-        raise ValueError(f"lr_schedule.type = {name!r}: not a MindFormers learning-rate schedule. "
-                         f"Fix: use one of {', '.join(known)}.")
+        raise ConfigError("lr_schedule.type", name, "not a MindFormers learning-rate schedule",
+                          f"use one of {', '.join(known)}")
     key = tuple(sorted((k, repr(v)) for k, v in section.items()))
     if key not in _SCHEDULES:
         try:
             _SCHEDULES[key] = build_lr(section)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"lr_schedule = {section!r}: MindFormers' {name} rejects it ({err}). "
-                             f"Fix: give {name} the arguments it takes.") from err
+            raise ConfigError("lr_schedule", section, f"MindFormers' {name} rejects it ({err})",
+                              f"give {name} the arguments it takes") from err
     return _SCHEDULES[key]
 
 
@@ -75,12 +77,12 @@ class OptimSettings:
         opt = dict(tree.get("optimizer") or {})
         sched = dict(tree.get("lr_schedule") or {})
         if opt.get("type") not in OPTIMIZER_TYPES:
-            raise ValueError(f"optimizer.type = {opt.get('type')!r}: the mf_longseq runner implements AdamW only. "
-                             "Fix: set optimizer.type: AdamW.")
+            raise ConfigError("optimizer.type", opt.get("type"), "the mf_longseq runner implements AdamW only",
+                              "set optimizer.type: AdamW")
         betas = tuple(float(b) for b in opt.get("betas", cls.betas))
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"optimizer.betas = {opt.get('betas')!r}: need two numbers in [0, 1). "
-                             "Fix: e.g. betas: [0.9, 0.95].")
+            raise ConfigError("optimizer.betas", opt.get("betas"), "need two numbers in [0, 1)",
+                              "e.g. betas: [0.9, 0.95]")
         lr = float(sched.get("learning_rate", opt.get("learning_rate", cls.learning_rate)))
         total = int(sched.get("total_steps") or 0)
         total = total if total > 0 else steps
