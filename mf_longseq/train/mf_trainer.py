@@ -38,7 +38,6 @@ def plain_tree(config) -> dict:
 
 def route_refusals(tree: dict, long_seq: LongSeqConfig) -> list:
     """ConfigErrors for settings MindFormers' Trainer route cannot run with the plugin (empty: runnable)."""
-    import mindspore as ms
     from mf_longseq.train.context import resolve_parallel_mode
     out = []
     parallel = tree.get("parallel") or {}
@@ -47,9 +46,10 @@ def route_refusals(tree: dict, long_seq: LongSeqConfig) -> list:
         out.append(ConfigError("parallel_config.pipeline_stage", long_seq.pipeline_stage,
                                "MindFormers' Trainer route runs dp x cp x mp; pipeline stages run in the plugin's "
                                "own loop", "run this YAML with `mf-longseq train`, or set pipeline_stage: 1"))
-    if ms.get_context("mode") != ms.PYNATIVE_MODE:
-        out.append(ConfigError("context.mode", (tree.get("context") or {}).get("mode"), "the plugin's attention "
-                               "runs host-side schedules in PyNative mode", "set context.mode: 1 (PYNATIVE_MODE)"))
+    context_mode = (tree.get("context") or {}).get("mode", 0)            # MindFormers' default: graph mode
+    if context_mode not in (1, "PYNATIVE_MODE"):
+        out.append(ConfigError("context.mode", context_mode, "the plugin's attention runs host-side schedules in "
+                               "PyNative mode", "set context.mode: 1 (PYNATIVE_MODE)"))
     if mode not in ("stand_alone", "data_parallel"):
         out.append(ConfigError("parallel.parallel_mode", parallel.get("parallel_mode"), "MindSpore's automatic "
                                "sharding would split the plugin's explicitly split layers again",

@@ -87,7 +87,10 @@ class OptimSettings:
         total = int(sched.get("total_steps") or 0)
         total = total if total > 0 else steps
         schedule = None
-        if sched:
+        if "type" not in sched and set(sched) - {"learning_rate", "total_steps"}:
+            raise ConfigError("lr_schedule.type", None, f"lr_schedule sets {sorted(sched)} but names no schedule",
+                              "add type: (e.g. CosineWithWarmUpLR), or keep only learning_rate for a constant rate")
+        if "type" in sched:
             schedule = {**sched, "learning_rate": lr, "total_steps": total}
             build_schedule(schedule)
         return cls(learning_rate=lr, betas=betas, eps=float(opt.get("eps", cls.eps)),
