@@ -29,6 +29,7 @@ class RouteCase:
     template: str                      # file name in yaml_templates/tiny
     dp: int = 1
     cp: int = 1
+    mp: int = 1
     algo: str = "colossalai_cp"
     batch_size: int = 1
     packed: bool = False
@@ -37,7 +38,7 @@ class RouteCase:
 
     @property
     def world(self) -> int:
-        return self.dp * self.cp
+        return self.dp * self.cp * self.mp
 
 
 def write_tokens(path, tokens: np.ndarray) -> str:
@@ -88,6 +89,7 @@ def route_config(case: RouteCase, data_path: str, output_dir: str):
     cfg.long_seq.block_size, cfg.long_seq.device_num = 16, case.world
     pc = cfg.parallel_config
     pc.data_parallel, pc.context_parallel, pc.context_parallel_algo = case.dp, case.cp, case.algo
+    pc.model_parallel = case.mp
     for dotted, value in case.overrides.items():
         node = cfg
         *parents, last = dotted.split(".")

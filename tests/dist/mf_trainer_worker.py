@@ -25,6 +25,7 @@ CASES = [
               data="tokens3"),
     RouteCase("qwen_cp2_packed", "qwen_tiny_s256_cp2_colossalai_cp.yaml", cp=2, packed=True, data="packed3"),
     RouteCase("llama2_dp2_cp2", "llama2_tiny_s256_cp2_colossalai_cp.yaml", dp=2, cp=2, data="tokens6"),
+    RouteCase("llama2_cp2_mp2", "llama2_tiny_s256_cp2_colossalai_cp.yaml", cp=2, mp=2, data="tokens3"),
 ]
 BY_NAME = {c.name: c for c in CASES}
 
