@@ -136,3 +136,20 @@ def test_mf_longseq_train_reads_dataset_dir(tmp_path):
     assert f"data dataset_dir {path}," in stream.getvalue()
     synthetic = run_job(JobOptions(config={**tree, "train_dataset": {}}, steps=1), stream=io.StringIO())
     assert records[0].loss != synthetic[0].loss
+
+
+def test_clipping_uses_the_whole_models_norm_and_mindformers_formula():
+    """One rank: the norm is the L2 norm of every gradient; the factor is MindFormers' ClipGradNorm's."""
+    from mindformers.core.clip_grad import ClipGradNorm
+    from mf_longseq.parallel import Mesh
+    from mf_longseq.train.clip import clip_grads
+    rng = np.random.default_rng(5)
+    grads = [ms.Tensor(rng.standard_normal(s).astype(np.float32)) for s in ((3, 4), (4,), (2, 2))]
+    want = np.sqrt(sum(float(np.square(g.asnumpy().astype(np.float64)).sum()) for g in grads))
+    for max_norm in (0.5, 100.0):
+        clipped, norm = clip_grads(grads, ["a", "b", "c"], Mesh(rank=0), max_norm)
+        assert norm == pytest.approx(want, rel=1e-6)
+        theirs, their_norm = ClipGradNorm(max_norm=max_norm)(tuple(grads))
+        assert float(their_norm.asnumpy()) == pytest.approx(want, rel=1e-6)
+        for a, b in zip(clipped, theirs):
+            np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-6, atol=1e-7)
