@@ -1,8 +1,9 @@
 """MindFormers' own route trains the plugin's models: ``MindFormerConfig`` -> ``build_context`` ->
 ``Trainer(config).train()`` on the shipped tiny templates, 3 steps on small MindRecords made here.
 
-* CP = 2 ring (LLaMA2), CP = 2 Ulysses (Qwen1.5) on 2 msrun ranks and dp 2 x cp 2 (LLaMA2) on 4 ranks: every rank
-  logs the loss sequence of one rank training on the same samples (CP = 1; batch 2 for dp 2), within 1e-5.
+* CP = 2 ring (LLaMA2), CP = 2 Ulysses (Qwen1.5) on 2 msrun ranks, dp 2 x cp 2 and cp 2 x mp 2 (LLaMA2) on 4
+  ranks: every rank logs the loss sequence of one rank training on the same samples (CP = 1; batch 2 for dp 2),
+  within 1e-5.
 * The same configs through ``mf-longseq train`` give the same loss sequence.
 * Packed samples (MindFormers' 5 columns) under CP = 2 (Qwen): the first loss equals the documents run one at a
   time, and the sequence equals CP = 1.
@@ -51,7 +52,7 @@ def results(msrun, tmp_path_factory):
     _run_alone(["llama2_cp1", "llama2_cp1_b2", "qwen1_5_cp1", "qwen_cp1_packed", "documents_alone:qwen_cp1_packed",
                 "mf_longseq_train:llama2_cp1", "mf_longseq_train:llama2_cp1_b2"], out, data)
     msrun(WORKER, [out, data, "llama2_cp2_ring,qwen1_5_cp2_ulysses,qwen_cp2_packed"], workers=2, timeout=1500)
-    msrun(WORKER, [out, data, "llama2_dp2_cp2"], workers=4, timeout=1500)
+    msrun(WORKER, [out, data, "llama2_dp2_cp2,llama2_cp2_mp2"], workers=4, timeout=2400)
     return out
 
 
@@ -67,7 +68,7 @@ def _close(got, ref):
 
 @pytest.mark.parametrize("case, reference", [("llama2_cp2_ring", "llama2_cp1"), ("qwen1_5_cp2_ulysses", "qwen1_5_cp1"),
                                              ("qwen_cp2_packed", "qwen_cp1_packed"),
-                                             ("llama2_dp2_cp2", "llama2_cp1_b2")])
+                                             ("llama2_dp2_cp2", "llama2_cp1_b2"), ("llama2_cp2_mp2", "llama2_cp1")])
 def test_cp_through_mindformers_trainer_equals_one_rank(results, case, reference):
     world = next(c.world for c in CASES if c.name == case)
     ref = _losses(results, reference)[0]
