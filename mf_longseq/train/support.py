@@ -19,9 +19,9 @@ and the model builder):
     callbacks: MFLossMonitor (the per-step line); CheckpointMonitor.save_checkpoint_steps (= --save-every)
 
 Refused, each with its fix: gradient_accumulation_steps > 1, sink_mode, epochs other than 1 (--steps decides),
-any runner_wrapper.scale_sense but 1, other runner_wrapper keys, use_clip_grad with pipeline stages (the global
-norm is taken over stages too: allowed), calculate_per_token_loss, other callbacks and CheckpointMonitor keys, a
-missing dataset_dir, other data loaders or input columns, an optimizer other than AdamW, an unknown lr_schedule.
+any runner_wrapper.scale_sense but 1, other runner_wrapper keys, calculate_per_token_loss, other callbacks and
+CheckpointMonitor keys, a missing dataset_dir, other data loaders or input columns, an optimizer other than
+AdamW, an unknown lr_schedule type (or lr_schedule keys without a type).
 """
 import os
 from typing import Any, List
