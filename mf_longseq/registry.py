@@ -16,11 +16,22 @@ def _register(cls, module_type):
 
 _register(ContextParallelAttention, MindFormerModuleType.MODULES)
 
+# MindFormers' Trainer route (run_mindformer.py): the trainer that keeps the CP layout, the dataset sharded over dp
+# only, the runner wrapper that sums gradients over dp x cp (train/mf_trainer.py, mf_dataset.py, mf_wrapper.py).
+from mf_longseq.train.mf_dataset import LongSeqCausalLanguageModelDataset  # noqa: E402
+from mf_longseq.train.mf_trainer import LongSeqTrainer  # noqa: E402
+from mf_longseq.train.mf_wrapper import LongSeqTrainOneStepCell  # noqa: E402
+
+_register(LongSeqTrainer, MindFormerModuleType.TRAINER)
+_register(LongSeqCausalLanguageModelDataset, MindFormerModuleType.DATASET)
+_register(LongSeqTrainOneStepCell, MindFormerModuleType.WRAPPER)
+
 # Model families: importing mf_longseq.models registers the config (CONFIG) and model (MODELS) classes.  The names
 # imported here also make this file the target of MindFormers' auto_register route, without importing mf_longseq
 # first (mf_longseq must be installed or on PYTHONPATH):
 #     python run_mindformer.py --register_path <path of the mf_longseq package> --config run.yaml
 #     model.model_config.auto_register: registry.LlamaLongSeqConfig
 #     model.arch.auto_register: registry.LlamaLongSeqForCausalLM
+#     trainer.auto_register: registry.LongSeqTrainer          (and the dataset task / runner_wrapper likewise)
 from mf_longseq.models import (LlamaLongSeqConfig, LlamaLongSeqForCausalLM, Qwen2LongSeqConfig,  # noqa: E402,F401
                                Qwen2LongSeqForCausalLM, QwenLongSeqConfig, QwenLongSeqForCausalLM)

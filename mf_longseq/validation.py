@@ -201,7 +201,14 @@ def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[
     refusals += _registered_types(tree)
     refusals += _optimizer_refusals(tree)
     refusals += _packing_refusals(tree, long_seq)
+    refusals += _train_refusals(tree)
     return refusals
+
+
+def _train_refusals(tree: Mapping) -> List[ConfigError]:
+    """MindFormers keys ``mf-longseq train`` cannot honour (``train/support.py`` keeps the one list)."""
+    from mf_longseq.train.support import refusals
+    return refusals(dict(tree))
 
 
 def _recompute_refusals(tree: Mapping) -> List[ConfigError]:

@@ -8,5 +8,7 @@
 # Multi-node, on node R of M (8 NPUs each):
 #   bash scripts/launch_llama2.sh --size 72b --cp 8 --algo hybrid_cp --local-worker-num 8 \
 #        --master-addr <node-0 ip> --node-rank R
+# MindFormers' own entry point on every rank (recommended): add --mindformers <MindFormers checkout>
+#   [--train-dataset-dir <MindRecord>]; without it each rank runs 'mf-longseq train'.
 # See scripts/lib/launch_template.sh and scripts/msrun_launcher.sh --help.
 exec bash "$(dirname "${BASH_SOURCE[0]}")/lib/launch_template.sh" llama2 "$@"

@@ -17,6 +17,9 @@ sys.path.insert(0, str(TESTS / "dist"))         # cases.py, check.py
 _RUN_DIR = tempfile.mkdtemp(prefix="mf_longseq_tests_")
 os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(_RUN_DIR, "mindformers_output"))
 os.environ.setdefault("GLOG_v", "2")
+# The templates' auto_register entries resolve against REGISTER_PATH, as run_mindformer.py --register_path sets it.
+os.environ.setdefault("REGISTER_PATH", str(ROOT / "mf_longseq"))
+os.environ.setdefault("OM_MODULES_CACHE", os.path.join(_RUN_DIR, "om_modules"))   # auto_register's module copies
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -91,6 +91,7 @@ def _model_config(family: str, size: str, seq_len: int, dtypes) -> list:
     cfg = CONFIG_CLASSES[family].from_preset(size, seq_length=seq_len)
     bos, eos, pad = TOKEN_IDS[family] if size != "tiny" else (1, 2, 0)
     lines = [f"    type: {CLASSES[family][0]}",
+             f"    auto_register: registry.{CLASSES[family][0]}",
              f"    seq_length: {seq_len}",
              f"    vocab_size: {cfg.vocab_size}",
              f"    hidden_size: {cfg.hidden_size}",
@@ -112,7 +113,8 @@ def _model_config(family: str, size: str, seq_len: int, dtypes) -> list:
     return lines
 
 
-def _common_head(title: str, devices_line: str, run_line: str, seed_lr) -> str:
+def _common_head(title: str, devices_line: str, run_line: str, seed_lr, *, devices: int, workers: int,
+                 clip: bool) -> str:
     lr, lr_end, warmup, schedule = seed_lr
     return f"""# {title}
 # {devices_line}
@@ -122,11 +124,19 @@ output_dir: './output'
 load_checkpoint: ''
 resume_training: False
 run_mode: 'train'
-use_parallel: True
+use_parallel: {devices > 1}                 # True when msrun starts more than one rank
 
+# The plugin's classes, found through run_mindformer.py --register_path <dir of the installed mf_longseq package>
 trainer:
-  type: CausalLanguageModelingTrainer
+  type: LongSeqTrainer              # keeps parallel_config's CP degrees (MindFormers' trainer resets them)
+  auto_register: registry.LongSeqTrainer
   model_name: '{title.split(',')[0].lower().replace(' ', '_')}'
+
+runner_wrapper:
+  type: LongSeqTrainOneStepCell     # sums gradients over dp x cp; see docs (Ascend: MFTrainOneStepCell when mp = 1)
+  auto_register: registry.LongSeqTrainOneStepCell
+  use_clip_grad: {clip}
+  max_grad_norm: 1.0
 
 runner_config:
   epochs: 1
@@ -150,10 +160,11 @@ lr_schedule:
 train_dataset: &train_dataset
   data_loader:
     type: MindDataset
-    dataset_dir: ""
+    dataset_dir: ""                 # a .mindrecord file or a directory of them, column input_ids of seq_length + 1
+                                    # tokens (run_mindformer.py --train_dataset_dir; mf-longseq train reads it too)
     shuffle: True
   input_columns: ["input_ids"]
-  num_parallel_workers: 8
+  num_parallel_workers: {workers}
   python_multiprocessing: False
   drop_remainder: True
   batch_size: 1
@@ -161,7 +172,8 @@ train_dataset: &train_dataset
   numa_enable: False
   prefetch_size: 1
 train_dataset_task:
-  type: CausalLanguageModelDataset
+  type: LongSeqCausalLanguageModelDataset   # shards samples over data_parallel only (CP ranks share a sample)
+  auto_register: registry.LongSeqCausalLanguageModelDataset
   dataset_config: *train_dataset
 """
 
@@ -208,7 +220,8 @@ def ascend_template(row) -> tuple:
     devices_line = (f"Ascend 910B: {devices} devices = data_parallel {dp} x model_parallel {mp} x context_parallel "
                     f"{cp} x pipeline_stage {pp}" + (f" ({devices // 8} nodes of 8)" if devices > 8 else " (1 node)"))
     run_line = f"Run: bash scripts/launch_{family}.sh --template yaml_templates/{name}"
-    text = _common_head(title, devices_line, run_line, ("1.e-4", "1.e-5", 100, "CosineWithWarmUpLR"))
+    text = _common_head(title, devices_line, run_line, ("1.e-4", "1.e-5", 100, "CosineWithWarmUpLR"),
+                        devices=devices, workers=8, clip=True)
     text += _parallel(dp, mp, pp, cp, algo, u, mbn, alltoall=algo != "colossalai_cp", optimizer_shard=True,
                       recompute=True)
     text += """
@@ -228,6 +241,7 @@ model:
     use_attn_mask_compression: True
   arch:
     type: {arch}
+    auto_register: registry.{arch}
 
 long_seq:
   layout: zigzag
@@ -243,12 +257,17 @@ def tiny_template(row) -> tuple:
     inner = f" (Ulysses {u} x ring {cp // u})" if algo == "hybrid_cp" else ""
     title = f"{CLASSES[family][2]} tiny, {seq} tokens, context parallel {cp} {algo}{inner}, CPU"
     devices_line = f"CPU: {cp} ranks = context_parallel {cp} (msrun CPU workers; tests and the demo)"
-    run_line = f"Run: mf-longseq train --config yaml_templates/{name}" + (f" --workers {cp}" if cp > 1 else "")
-    text = _common_head(title, devices_line, run_line, ("1.e-2", "0.0", 2, "ConstantWarmUpLR"))
+    launch = f"msrun --worker_num {cp} --local_worker_num {cp} --join True " if cp > 1 else ""
+    run_line = (f"Run: {launch}python <MindFormers>/run_mindformer.py --config yaml_templates/{name} --register_path "
+                "<mf_longseq package dir> --train_dataset_dir <MindRecord>\n# or:  mf-longseq train --config "
+                f"yaml_templates/{name}" + (f" --workers {cp}" if cp > 1 else ""))
+    text = _common_head(title, devices_line, run_line, ("1.e-2", "0.0", 2, "ConstantWarmUpLR"),
+                        devices=cp, workers=1, clip=True)
     text += _parallel(1, 1, 1, cp, algo, u, 1, alltoall=False, optimizer_shard=False, recompute=False)
     text += """
 context:
   mode: 1                           # PyNative
+  pynative_synchronize: True        # ops in issue order: the CPU exchanges are blocking collectives
   device_target: "CPU"
   runtime_num_threads: 1
 
@@ -261,6 +280,7 @@ model:
     use_attn_mask_compression: True
   arch:
     type: {arch}
+    auto_register: registry.{arch}
 
 long_seq:
   layout: zigzag

@@ -39,7 +39,10 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mf_longseq.attention.layer import ContextParallelAttention
 from mf_longseq.config import LongSeqConfig
-from mf_longseq.models.model_config import LongSeqModelConfig, check_model_parallel, parameter_shapes
+from mf_longseq.models import mf_inputs
+from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
+from mf_longseq.models.settings import (_check_mesh, _check_supported, _long_seq_from_model_config,  # noqa: F401
+                                        default_mesh, running_world_size)
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.sharding import global_positions, shard_sequence
 from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
@@ -236,13 +239,19 @@ class LongSeqForCausalLM(PreTrainedModel):
         long_seq_config: the parallel settings (``LongSeqConfig.from_mindformers(yaml)``); default: built from
             ``config`` (its shape, ``config.parallel_config`` as MindFormers' trainer sets it, ``config.long_seq``).
 
-    Inputs of ``construct``: input_ids, labels (B, S/CP) int, loss_mask (B, S/CP) float, this rank's shards in
-    ``long_seq_config.layout`` (labels already shifted globally; see the module docstring); optional
-    actual_seq_len (B, L) int (Tensor or ndarray), the *global* cumulative document ends of each packed sample
-    in MindFormers' format, the same on every CP rank (None: every sample is one document).
+    ``construct`` takes three forms:
 
-    Outputs: loss_sum (float32 scalar, differentiable): sum over this rank's tokens of cross entropy x mask;
-    token_count (float32 scalar, no gradient): sum of loss_mask on this rank.
+    * shards (``mf-longseq train``): ``(input_ids, labels, loss_mask[, actual_seq_len])``: input_ids, labels
+      (B, S/CP) int, loss_mask (B, S/CP) float, this rank's shards in ``long_seq_config.layout`` (labels already
+      shifted globally; see the module docstring); optional actual_seq_len (B, L) int (Tensor or ndarray), the
+      *global* cumulative document ends of each packed sample, the same on every CP rank (None: one document).
+      Returns loss_sum (float32 scalar, differentiable): sum over this rank's tokens of cross entropy x mask,
+      and token_count (float32 scalar, no gradient): sum of loss_mask on this rank.
+    * MindFormers' pretraining column (``Trainer.train``): ``(input_ids)``, whole samples (B, S + 1);
+    * MindFormers' packed columns: ``(input_ids, labels, loss_mask, position_ids, actual_seq_len)``, whole (B, S),
+      by position or by name (MindFormers' DataOrderWrapperCell passes the dataset's column names).
+      These two return one float32 scalar, the global mean loss over dp x cp, equal on every rank
+      (``models/mf_inputs.py``: shift, pad mask, this rank's cut, gradient share).
     """
 
     config_class = LongSeqModelConfig
@@ -251,7 +260,7 @@ class LongSeqForCausalLM(PreTrainedModel):
     def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None,
                  long_seq_config: Optional[LongSeqConfig] = None, **kwargs):
         super().__init__(config)
-        self.long_seq = long_seq_config or _long_seq_from_model_config(config)
+        self.long_seq = long_seq_config or _long_seq_from_model_config(config, checked=mesh is None)
         _check_supported(config, self.long_seq)
         self.mesh = mesh if mesh is not None else default_mesh(self.long_seq)
         _check_mesh(self.mesh, self.long_seq)
@@ -262,6 +271,7 @@ class LongSeqForCausalLM(PreTrainedModel):
             config.hidden_size, config.vocab_size, group=self.mp_group, has_bias=False,
             param_dtype=MS_DTYPES[config.param_init_type], compute_dtype=self.compute_dtype)
         self.head_copy = CopyToMP(self.mp_group)
+        self.global_loss = mf_inputs.GlobalMeanLoss(self.mesh.group("dp_cp"))
         self.head_matmul = MatMulNT(self.compute_dtype)
         self._rope_cache = {}
         self.init_weights_from_seed(config.init_seed)
@@ -362,43 +372,24 @@ class LongSeqForCausalLM(PreTrainedModel):
                                               vocab_start=self.mp_group.index * logits.shape[-1])
         return (ce * mask).sum(), ops.stop_gradient(mask.sum())
 
-    def construct(self, input_ids, labels, loss_mask, actual_seq_len=None):
+    def construct(self, input_ids, labels=None, loss_mask=None, *rest, position_ids=None, actual_seq_len=None):
+        if len(rest) == 2:                                            # MindFormers' 5 columns, by position
+            position_ids, actual_seq_len = rest
+        if labels is None or position_ids is not None:                # MindFormers' columns (see the class doc)
+            return self.mindformers_loss(input_ids, labels, loss_mask, position_ids, actual_seq_len)
+        actual_seq_len = rest[0] if rest else actual_seq_len
         segment_ids, cos, sin = self._inputs(input_ids, actual_seq_len)
         return self.head_loss(self.model(input_ids, cos, sin, segment_ids), labels, loss_mask)
 
-
-def _long_seq_from_model_config(config: LongSeqModelConfig) -> LongSeqConfig:
-    values = config.long_seq_values()
-    target = ms.get_context("device_target")
-    values.setdefault("device_target", target if target in ("CPU", "Ascend", "GPU") else "CPU")
-    # MindFormers applies the YAML's parallel: section (enable_alltoall) to MindSpore before building the network
-    values.setdefault("enable_alltoall", bool(ms.get_auto_parallel_context("enable_alltoall")))
-    return LongSeqConfig(**values)
-
-
-def _check_supported(config: LongSeqModelConfig, long_seq: LongSeqConfig) -> None:
-    for key, ours, theirs in (("num_heads", config.num_heads, long_seq.num_heads),
-                              ("n_kv_heads", config.n_kv_heads, long_seq.num_kv_heads),
-                              ("seq_length", config.seq_length, long_seq.seq_length)):
-        if ours != theirs:
-            raise ValueError(f"model.model_config.{key} = {ours!r} but the parallel settings were built with "
-                             f"{theirs!r}. Fix: build LongSeqConfig from the same YAML as the model config.")
-    check_model_parallel(config, long_seq.model_parallel)
-
-
-def _check_mesh(mesh: Mesh, long_seq: LongSeqConfig) -> None:
-    if (mesh.cp, mesh.ulysses, mesh.mp, mesh.pp) != (long_seq.context_parallel, long_seq.ulysses_degree,
-                                                     long_seq.model_parallel, long_seq.pipeline_stage):
-        raise ValueError(f"mesh {mesh} does not match parallel_config.context_parallel = "
-                         f"{long_seq.context_parallel} with Ulysses degree {long_seq.ulysses_degree}, model_parallel "
-                         f"= {long_seq.model_parallel}, pipeline_stage = {long_seq.pipeline_stage}. "
-                         "Fix: build the mesh with Mesh.from_config(long_seq_config).")
-
-
-def default_mesh(long_seq: LongSeqConfig) -> Mesh:
-    """``Mesh.from_config``; communication groups created when it spans more than one rank."""
-    mesh = Mesh.from_config(long_seq)
-    return mesh.create_groups() if mesh.world_size > 1 else mesh
+    def mindformers_loss(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
+        """Global mean loss (float32 scalar, same on every rank) of MindFormers' whole-sequence columns."""
+        del position_ids                                  # derived from actual_seq_len (mf_inputs docstring)
+        whole = mf_inputs.whole_batch(self.config.seq_length, getattr(self.config, "pad_token_id", None),
+                                      input_ids, labels, loss_mask)
+        ids, labels, mask = mf_inputs.local_inputs(self.mesh, self.long_seq.layout, *whole)   # (B, S/CP) each
+        count = mf_inputs.global_count(mask, self.global_loss.group)
+        loss_sum, _ = self.construct(ids, labels, mask, *(() if actual_seq_len is None else (actual_seq_len,)))
+        return self.global_loss(loss_sum, ms.Tensor(np.float32(count)))
 
 
 def register_classes(*classes) -> None:

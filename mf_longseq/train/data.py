@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from mf_longseq.models.mf_inputs import loss_mask_from_labels
+
 DATA_SUFFIXES = (".npy", ".bin", ".mindrecord")
 
 
@@ -215,7 +217,4 @@ def batch_for_step(source, step: int, *, batch_size: int, dp: int = 1, dp_id: in
     first = (step * dp + dp_id) * batch_size
     tokens = np.stack([source.sample(first + b) for b in range(batch_size)])   # (B, S + 1)
     labels = tokens[:, 1:].astype(np.int32)                                    # (B, S)
-    mask = np.ones(labels.shape, np.float32)
-    if pad_token_id is not None:
-        mask[labels == pad_token_id] = 0.0
-    return Batch(tokens[:, :-1].astype(np.int32), labels, mask)
+    return Batch(tokens[:, :-1].astype(np.int32), labels, loss_mask_from_labels(labels, pad_token_id))

@@ -3,8 +3,10 @@
     records = run_job(JobOptions(config="x.yaml", steps=20, output_dir="out", save_every=5))
 
 Run keys read from the YAML (MindFormers' places): ``seed``, ``runner_config.batch_size`` (sequences per dp rank),
-``model.model_config.vocab_size`` / ``pad_token_id``, ``optimizer``, ``lr_schedule``, ``parallel``; the rest
-through ``LongSeqConfig`` and the model builder.
+``model.model_config.vocab_size`` / ``pad_token_id``, ``optimizer``, ``lr_schedule``, ``runner_wrapper``
+(clipping), ``train_dataset`` (``dataset_dir``), ``callbacks``, ``parallel``; the rest through ``LongSeqConfig``
+and the model builder.  ``train/support.py`` lists what is honoured; any other MindFormers key it finds is
+refused there, before device work.
 
 The layout is dp x pp x cp x mp (``parallel_config``): the model is built on the rank's mesh (tensor-parallel
 layers under mp), and with pipeline_stage > 1 each rank trains its stage (``build_trainer``).  ``--resume`` may
@@ -12,13 +14,14 @@ name a checkpoint written under another layout (``runner.resume`` reshards it).
 """
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from mf_longseq.train import checkpoint as ckpt
 from mf_longseq.train import context as run_context
+from mf_longseq.train import support
 from mf_longseq.train.data import open_source
 from mf_longseq.train.monitor import Monitor
 from mf_longseq.train.optim import AdamW, OptimSettings
@@ -97,18 +100,34 @@ def build_default_model(tree: dict, mesh):
 
 
 def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch_size: int,
-                  pad_token_id: Optional[int], packing: Optional[PackingSettings] = None) -> Trainer:
+                  pad_token_id: Optional[int], packing: Optional[PackingSettings] = None,
+                  max_grad_norm: Optional[float] = None) -> Trainer:
     """The trainer of this rank: ``Trainer`` (dp x cp x mp), or with ``parallel_config.pipeline_stage`` > 1 the
     ``PipelineTrainer`` of this rank's stage (``parallel_config.micro_batch_num`` micro-batches, 1F1B schedule).
     ``packing``: packed documents (``train_dataset.data_loader.config.create_compressed_eod_mask``), pp = 1 only
     (``run_job`` refuses packing with pipeline stages before any device work; ``Trainer`` checks it too)."""
     if config.pipeline_stage > 1:
         from mf_longseq.parallel.pipeline import PipelineTrainer
-        return PipelineTrainer(model=model, mesh=mesh, settings=settings, source=source, batch_size=batch_size,
-                               layout=config.layout, micro_batch_num=config.micro_batch_num, schedule="1f1b",
-                               pad_token_id=pad_token_id)
-    return Trainer(model=model, mesh=mesh, optimizer=AdamW(model.trainable_params(), settings), source=source,
-                   batch_size=batch_size, layout=config.layout, pad_token_id=pad_token_id, packing=packing)
+        trainer = PipelineTrainer(model=model, mesh=mesh, settings=settings, source=source, batch_size=batch_size,
+                                  layout=config.layout, micro_batch_num=config.micro_batch_num, schedule="1f1b",
+                                  pad_token_id=pad_token_id)
+    else:
+        trainer = Trainer(model=model, mesh=mesh, optimizer=AdamW(model.trainable_params(), settings),
+                          source=source, batch_size=batch_size, layout=config.layout, pad_token_id=pad_token_id,
+                          packing=packing)
+    trainer.max_grad_norm = max_grad_norm
+    return trainer
+
+
+def open_job_source(opts: "JobOptions", tree: dict, mesh, *, vocab: int, seq_length: int, seed: int, packing,
+                    batch_size: int):
+    """--data when given, else ``train_dataset.data_loader.dataset_dir`` (MindFormers' builder), else synthetic."""
+    directory = ((tree.get("train_dataset") or {}).get("data_loader") or {}).get("dataset_dir")
+    if opts.data is None and directory:
+        from mf_longseq.train.mf_data import DatasetDirTokens
+        return DatasetDirTokens(tree, dp_id=mesh.coords()["dp_id"], dp=mesh.dp, batch_size=batch_size)
+    return open_source(opts.data, vocab_size=vocab, seq_length=seq_length, seed=seed, dtype=opts.data_dtype,
+                       eod_token_id=packing.eod_token_id if packing else None)
 
 
 def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, stream=None):
@@ -116,7 +135,8 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     import mindspore as ms
     from mf_longseq.validation import check_run
     tree = load_tree(opts.config)
-    config = check_run(tree, steps=opts.steps).long_seq     # every rule, before any device work
+    checked = check_run(tree, steps=opts.steps)               # every rule, before any device work
+    config = checked.long_seq
     packing = PackingSettings.from_mindformers(tree)                      # None: samples are not packed
     if packing is not None:
         packing.check_pipeline_stage(config.pipeline_stage)              # before any device work
@@ -126,19 +146,22 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     np.random.seed(seed)
     model = model_factory(tree, run.mesh)
     settings = OptimSettings.from_mindformers(tree, opts.steps)
-    vocab = _positive(tree, "model.model_config.vocab_size", 0)
-    source = open_source(opts.data, vocab_size=vocab, seq_length=config.seq_length, seed=seed,
-                         dtype=opts.data_dtype, eod_token_id=packing.eod_token_id if packing else None)
+    vocab = checked.model.vocab_size                         # what the model builds (class default if unset)
+    batch_size = _positive(tree, "runner_config.batch_size", 1)
+    source = open_job_source(opts, tree, run.mesh, vocab=vocab, seq_length=config.seq_length, seed=seed,
+                             packing=packing, batch_size=batch_size)
     trainer = build_trainer(model=model, mesh=run.mesh, config=config, settings=settings, source=source,
-                            batch_size=_positive(tree, "runner_config.batch_size", 1),
-                            pad_token_id=model_config_value(tree, "pad_token_id") if opts.data else None,
-                            packing=packing)
+                            batch_size=batch_size, packing=packing, max_grad_norm=support.max_grad_norm(tree),
+                            pad_token_id=model_config_value(tree, "pad_token_id") if source.kind != "synthetic"
+                            else None)
     trainer.broadcast_weights()
     start = resume(trainer, run, config, opts.resume) if opts.resume else 0
     if start >= opts.steps:
         raise ValueError(f"--steps {opts.steps}: the checkpoint is already at step {start}. "
                          f"Fix: pass --steps larger than {start}.")
     output_dir = opts.output_dir or (ckpt.run_dir_of(opts.resume) if opts.resume else None)
+    if not opts.save_every and support.checkpoint_period(tree):
+        opts = replace(opts, save_every=support.checkpoint_period(tree))   # CheckpointMonitor.save_checkpoint_steps
     if opts.save_every and not output_dir:
         raise ValueError("--save-every needs --output-dir. Fix: pass --output-dir DIR.")
     if output_dir and run.rank == 0:
@@ -147,7 +170,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     monitor = Monitor(run.rank, opts.steps, output_dir, stream=stream, start_step=start)
     monitor.say(f"mf-longseq train: {run.mesh}, algo {config.context_parallel_algo}, layout {config.layout}, "
                 f"seq_length {config.seq_length}, batch {trainer.batch_size} per dp rank, data "
-                f"{source.describe()['kind']}, steps {start + 1}..{opts.steps}")
+                f"{_data_line(source.describe())}, steps {start + 1}..{opts.steps}")
     data_state = {**source.describe(), "batch_size": trainer.batch_size}
 
     def save(step):
@@ -155,6 +178,11 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
 
     loop = LoopSettings(end_step=opts.steps, start_step=start, save_every=opts.save_every, output_dir=output_dir)
     return train_loop(trainer, run, loop, monitor=monitor, save=save if opts.save_every else None)
+
+
+def _data_line(described: dict) -> str:
+    """The run header's data: ``synthetic``, or the kind and the absolute path it reads."""
+    return f"{described['kind']} {described['path']}" if "path" in described else described["kind"]
 
 
 def _write_yaml(tree: dict, path: str) -> None:

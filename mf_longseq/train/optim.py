@@ -6,66 +6,103 @@ The update, per parameter p with gradient g at step t = 1, 2, ... (Loshchilov & 
     p = p * (1 - lr * wd)                (only for weights with ndim >= 2: not norms, not biases)
     p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-Element-wise ops only, in a fixed order, so the run is deterministic; a checkpoint stores the moments next to
-the weights as ``adam_m.<param>`` / ``adam_v.<param>``.
+This is exactly MindFormers' ``AdamW`` (``mindformers.core.optim.AdamW``, with the no-decay groups of
+``get_optimizer_grouped_parameters``: 1-D weights and biases); ``tests/unit/test_train_optim.py`` checks the two
+agree.  It is kept because it does two things MindFormers' optimizer cannot here: it updates all parameters as
+one flat float32 buffer (a handful of element-wise ops per step in PyNative, where MindFormers' hyper_map
+dispatches a dozen ops per parameter), and its moments are per-parameter checkpoint entries
+(``adam_m.<param>`` / ``adam_v.<param>``) that ``train/checkpoint.py`` reshards across layouts.
+
+The learning rate is MindFormers' own: the ``lr_schedule`` section is built by MindFormers' ``build_lr``
+(any registered schedule: ``CosineWithWarmUpLR``, ``ConstantWarmUpLR``, ``LinearWithWarmUpLR``...) and evaluated
+at the 0-based update number, as MindFormers' optimizer evaluates it at ``global_step``.  ``total_steps: -1`` (or
+absent) means the run's ``--steps``, as MindFormers uses epochs x dataset size.
 
 Settings come from MindFormers' sections::
 
     optimizer:    {type: AdamW, betas: [0.9, 0.95], eps: 1.e-8, weight_decay: 0.1, learning_rate: ...}
-    lr_schedule:  {type: CosineWithWarmUpLR | ConstantWarmUpLR | ..., learning_rate, warmup_steps | warmup_ratio,
-                   lr_end, total_steps}
+    lr_schedule:  {type: <a MindFormers LR schedule>, learning_rate, warmup_steps | warmup_ratio, ...}
 """
-import math
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
+from mf_longseq.config import ConfigError
+
+OPTIMIZER_TYPES = (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay")
+_SCHEDULES = {}     # frozen schedule items -> built MindFormers schedule (one build per distinct section)
+
+
+def build_schedule(section: Mapping):
+    """MindFormers' LR schedule of an ``lr_schedule`` section (``build_lr``).
+
+    Raises:
+        ConfigError: ``lr_schedule.type`` not registered in MindFormers, or arguments it rejects (key named).
+    """
+    from mindformers.core.lr import build_lr
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    section = dict(section)
+    name = section.get("type")
+    if not MindFormerRegister.is_exist(MindFormerModuleType.LR, name):
+        known = sorted(MindFormerRegister.registry.get(MindFormerModuleType.LR, {}))
+        raise ConfigError("lr_schedule.type", name, "not a MindFormers learning-rate schedule",
+                          f"use one of {', '.join(known)}")
+    key = tuple(sorted((k, repr(v)) for k, v in section.items()))
+    if key not in _SCHEDULES:
+        try:
+            _SCHEDULES[key] = build_lr(section)
+        except (TypeError, ValueError) as err:
+            raise ConfigError("lr_schedule", section, f"MindFormers' {name} rejects it ({err})",
+                              f"give {name} the arguments it takes") from err
+    return _SCHEDULES[key]
+
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """Hyper-parameters of AdamW and of the schedule (linear warm-up, then constant or cosine decay)."""
+    """Hyper-parameters of AdamW and the MindFormers ``lr_schedule`` section (None: constant learning_rate)."""
 
     learning_rate: float = 1e-3
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    decay: str = "constant"          # "constant" or "cosine"
-    lr_end: float = 0.0
-    total_steps: int = 0             # cosine horizon; 0 means the run's --steps
+    lr_schedule: Optional[dict] = field(default=None, compare=True)
+    total_steps: int = 0             # the schedule's horizon; 0 means the run's --steps
 
     @classmethod
     def from_mindformers(cls, tree: Mapping, steps: int) -> "OptimSettings":
-        """Read ``optimizer`` and ``lr_schedule``; missing keys keep the defaults above."""
+        """Read ``optimizer`` and ``lr_schedule``; the schedule is built once here (errors before device work)."""
         opt = dict(tree.get("optimizer") or {})
         sched = dict(tree.get("lr_schedule") or {})
-        if opt.get("type") not in (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay"):
-            raise ValueError(f"optimizer.type = {opt.get('type')!r}: the mf_longseq runner implements AdamW only. "
-                             "Fix: set optimizer.type: AdamW.")
+        if opt.get("type") not in OPTIMIZER_TYPES:
+            raise ConfigError("optimizer.type", opt.get("type"), "the mf_longseq runner implements AdamW only",
+                              "set optimizer.type: AdamW")
+        betas = tuple(float(b) for b in opt.get("betas", cls.betas))
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError("optimizer.betas", opt.get("betas"), "need two numbers in [0, 1)",
+                              "e.g. betas: [0.9, 0.95]")
         lr = float(sched.get("learning_rate", opt.get("learning_rate", cls.learning_rate)))
         total = int(sched.get("total_steps") or 0)
         total = total if total > 0 else steps
-        warmup = int(sched.get("warmup_steps") or 0) or int(float(sched.get("warmup_ratio") or 0.0) * total)
-        decay = "cosine" if "cosine" in str(sched.get("type", "")).lower() else "constant"
-        betas = tuple(float(b) for b in opt.get("betas", cls.betas))
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"optimizer.betas = {opt.get('betas')!r}: need two numbers in [0, 1). "
-                             "Fix: e.g. betas: [0.9, 0.95].")
+        schedule = None
+        if "type" not in sched and set(sched) - {"learning_rate", "total_steps"}:
+            raise ConfigError("lr_schedule.type", None, f"lr_schedule sets {sorted(sched)} but names no schedule",
+                              "add type: (e.g. CosineWithWarmUpLR), or keep only learning_rate for a constant rate")
+        if "type" in sched:
+            schedule = {**sched, "learning_rate": lr, "total_steps": total}
+            build_schedule(schedule)
         return cls(learning_rate=lr, betas=betas, eps=float(opt.get("eps", cls.eps)),
-                   weight_decay=float(opt.get("weight_decay", cls.weight_decay)), warmup_steps=warmup,
-                   decay=decay, lr_end=float(sched.get("lr_end", 0.0) or 0.0), total_steps=total)
+                   weight_decay=float(opt.get("weight_decay", cls.weight_decay)), lr_schedule=schedule,
+                   total_steps=total)
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of update number ``step`` (0-based)."""
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        if self.decay != "cosine" or self.total_steps <= self.warmup_steps:
+        """Learning rate of update number ``step`` (0-based): MindFormers' schedule at global_step = step."""
+        if not self.lr_schedule:
             return self.learning_rate
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.lr_end + 0.5 * (self.learning_rate - self.lr_end) * (1.0 + math.cos(math.pi * progress))
+        value = build_schedule(self.lr_schedule)(Tensor(np.array(step, np.int32)))
+        return float(np.asarray(value.asnumpy()).reshape(-1)[0])
 
 
 class AdamW:

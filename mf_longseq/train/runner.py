@@ -8,6 +8,7 @@ One step on a rank of a dp x cp mesh (weights replicated over dp x cp)::
     loss_sum   = model(ids, labels, mask)[0]                   sum of CE * mask over this rank's tokens
     grads      = d(loss_sum / count) / d(weights)              this rank's share of the global-mean objective
     grads      = all_reduce(grads, dp_cp)                      sum over ranks = gradient of the global mean
+    grads      = clip(grads, max_grad_norm)                    runner_wrapper.use_clip_grad (train/clip.py)
     AdamW step; logged loss = all_reduce(loss_sum) / count
 
 Packed documents (``packing`` set): ``actual_seq_len`` (B, L) is computed from the whole sequences of the batch,
@@ -65,6 +66,7 @@ class Trainer:
         self.params = list(optimizer.params)
         self.group = mesh.group("dp_cp")
         self.grad_fn = ms.value_and_grad(self._objective, None, self.params, has_aux=True)
+        self.max_grad_norm: Optional[float] = None          # runner_wrapper.max_grad_norm when use_clip_grad
         self.losses: List[float] = []
 
     def _objective(self, input_ids, labels, loss_mask, inv_count, *actual_seq_len):
@@ -95,9 +97,20 @@ class Trainer:
         return [ms.Tensor(np.ascontiguousarray(x)) for x in shards] + packed
 
     def sync_gradients(self, grads):
-        """The gradients summed over dp x cp, as one flat float32 buffer (one collective per step)."""
+        """The gradients summed over dp x cp, as one flat float32 buffer (one collective per step), clipped to
+        ``max_grad_norm`` by the whole model's norm when it is set (``train/clip.py``)."""
         from mf_longseq.parallel.comm import all_reduce
-        return all_reduce(self.optimizer.flatten(grads), self.group)           # (sum of sizes,)
+        flat = all_reduce(self.optimizer.flatten(grads), self.group)           # (sum of sizes,)
+        if self.max_grad_norm is None:
+            return flat
+        from mf_longseq.parallel.tensor_parallel import shard_specs
+        from mf_longseq.train.clip import clip_coefficient, global_grad_norm
+        pieces, start = [], 0
+        for n in self.optimizer.sizes:
+            pieces.append(flat[start:start + n])
+            start += n
+        norm = global_grad_norm(pieces, [p.name for p in self.params], self.mesh, shard_specs(self.model))
+        return flat * float(clip_coefficient(norm, self.max_grad_norm))
 
     def step(self, step: int) -> StepResult:
         """Run update number ``step`` (0-based): forward, backward, gradient sum, AdamW."""
@@ -188,8 +201,8 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: 
                      barrier=barrier(run.world_size), layout=config.plan, config_tree=tree, data=data,
                      optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
                                 "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
-                                "weight_decay": opt.weight_decay, "warmup_steps": opt.warmup_steps,
-                                "decay": opt.decay, "total_steps": opt.total_steps},
+                                "weight_decay": opt.weight_decay, "lr_schedule": opt.lr_schedule,
+                                "total_steps": opt.total_steps},
                      losses=trainer.losses,
                      shard_specs={name: spec.to_dict() for name, spec in shard_specs(trainer.model).items()},
                      num_layers=num_layers)

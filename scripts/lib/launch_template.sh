@@ -9,12 +9,20 @@
 # The device count is the template's data_parallel x model_parallel x context_parallel x pipeline_stage
 # (msrun_launcher.sh --worker-num auto); 8 workers per node unless --local-worker-num says otherwise.  Every
 # other flag goes to scripts/msrun_launcher.sh: --local-worker-num, --master-addr, --node-rank, --master-port,
-# --log-dir, --dry-run, --device CPU, ...  --steps N is passed to 'mf-longseq train'.
+# --log-dir, --dry-run, --device CPU, ...
+#
+# What each rank runs:
+#   --mindformers DIR      MindFormers' own entry point, DIR/run_mindformer.py --config TEMPLATE --register_path
+#                          <this repo's mf_longseq package> --use_parallel True (the template's trainer, dataset,
+#                          runner wrapper and model are the plugin's, found through auto_register);
+#                          --train-dataset-dir PATH is passed on as --train_dataset_dir (MindRecord).
+#   (default)              'mf-longseq train --config TEMPLATE'; --steps N is passed to it, and
+#                          --train-dataset-dir PATH as --data PATH.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROOT="$(dirname "$HERE")"
 FAMILY="$1"; shift
-SIZE="*"; SEQ="*"; CP="*"; ALGO="*"; TEMPLATE=""; TRAIN_ARGS=(); PASS=()
+SIZE="*"; SEQ="*"; CP="*"; ALGO="*"; TEMPLATE=""; TRAIN_ARGS=(); PASS=(); MINDFORMERS=""; DATASET=""
 need() { if [ $# -lt 2 ]; then echo "launch_$FAMILY: error: $1 needs a value." >&2; exit 2; fi; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -24,6 +32,8 @@ while [ $# -gt 0 ]; do
     --algo) need "$@"; ALGO="$2"; shift 2 ;;
     --template) need "$@"; TEMPLATE="$2"; shift 2 ;;
     --steps) need "$@"; TRAIN_ARGS+=(--steps "$2"); shift 2 ;;
+    --mindformers) need "$@"; MINDFORMERS="$2"; shift 2 ;;
+    --train-dataset-dir) need "$@"; DATASET="$2"; shift 2 ;;
     *) PASS+=("$1"); shift ;;
   esac
 done
@@ -47,5 +57,22 @@ if [ ! -f "$TEMPLATE" ]; then
   exit 1
 fi
 echo "launch_$FAMILY: template $TEMPLATE"
-exec bash "$HERE/msrun_launcher.sh" --worker-num auto --config "$TEMPLATE" "${PASS[@]}" \
-  -- python -m mf_longseq.cli train --config "$TEMPLATE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+if [ -n "$MINDFORMERS" ]; then
+  if [ ! -f "$MINDFORMERS/run_mindformer.py" ]; then
+    echo "launch_$FAMILY: error: --mindformers $MINDFORMERS has no run_mindformer.py. Fix: give the root of your" \
+         "MindFormers checkout (the directory holding run_mindformer.py)." >&2
+    exit 2
+  fi
+  if [ ${#TRAIN_ARGS[@]} -gt 0 ]; then
+    echo "launch_$FAMILY: error: --steps is a 'mf-longseq train' flag. Fix: with --mindformers set" \
+         "runner_config.epochs / the dataset size in the template, or drop --mindformers." >&2
+    exit 2
+  fi
+  REGISTER="${MF_LONGSEQ_REGISTER_PATH:-$ROOT/mf_longseq}"
+  RUN=(python "$MINDFORMERS/run_mindformer.py" --config "$TEMPLATE" --register_path "$REGISTER" --use_parallel True)
+  if [ -n "$DATASET" ]; then RUN+=(--train_dataset_dir "$DATASET"); fi
+else
+  RUN=(python -m mf_longseq.cli train --config "$TEMPLATE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
+  if [ -n "$DATASET" ]; then RUN+=(--data "$DATASET"); fi
+fi
+exec bash "$HERE/msrun_launcher.sh" --worker-num auto --config "$TEMPLATE" "${PASS[@]}" -- "${RUN[@]}"

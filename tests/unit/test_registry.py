@@ -7,7 +7,9 @@ import mf_longseq
 from mindformers.tools.register import MindFormerModuleType as T, MindFormerRegister as R
 names = {"ContextParallelAttention": T.MODULES, "LlamaLongSeqForCausalLM": T.MODELS,
          "Qwen2LongSeqForCausalLM": T.MODELS, "QwenLongSeqForCausalLM": T.MODELS,
-         "LlamaLongSeqConfig": T.CONFIG, "Qwen2LongSeqConfig": T.CONFIG, "QwenLongSeqConfig": T.CONFIG}
+         "LlamaLongSeqConfig": T.CONFIG, "Qwen2LongSeqConfig": T.CONFIG, "QwenLongSeqConfig": T.CONFIG,
+         "LongSeqTrainer": T.TRAINER, "LongSeqCausalLanguageModelDataset": T.DATASET,
+         "LongSeqTrainOneStepCell": T.WRAPPER}
 missing = [n for n, t in names.items() if not R.is_exist(t, n)]
 print("MISSING", missing)
 """

@@ -304,3 +304,24 @@ def test_model_scripts_find_their_template_at_run_time(fake, family):
     missing = run("--size", "13b", "--dry-run")
     assert missing.returncode == 1 and "0 templates match" in missing.stderr
     assert "7b_32k_cp8_colossalai_cp.yaml" in missing.stderr             # the available ones are listed
+
+
+def test_model_script_runs_run_mindformer_with_the_plugin_registered(fake):
+    """--mindformers DIR: every rank runs DIR/run_mindformer.py with --register_path at the plugin, dry-run prints it."""
+    checkout = fake.tmp / "mindformers_checkout"
+    checkout.mkdir()
+    (checkout / "run_mindformer.py").write_text("# stand-in\n")
+    template = ROOT / "yaml_templates" / "llama2" / "7b_32k_cp2_colossalai_cp.yaml"
+    base = dict(os.environ, PATH=f"{fake.tmp / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    run = lambda *a: subprocess.run(["bash", str(ROOT / "scripts" / "launch_llama2.sh"), *a], cwd=fake.tmp, env=base,
+                                    capture_output=True, text=True)
+    ok = run("--template", str(template), "--mindformers", str(checkout), "--train-dataset-dir", "/data/wiki.mindrecord",
+             "--dry-run", "--device", "CPU")
+    assert ok.returncode == 0, ok.stderr
+    (line,) = [ln for ln in ok.stdout.splitlines() if ln.startswith("msrun ")]
+    assert line.endswith(f"python {checkout / 'run_mindformer.py'} --config {template} --register_path "
+                         f"{ROOT / 'mf_longseq'} --use_parallel True --train_dataset_dir /data/wiki.mindrecord"), line
+    no_entry = run("--template", str(template), "--mindformers", str(fake.tmp), "--dry-run")
+    assert no_entry.returncode == 2 and "has no run_mindformer.py" in no_entry.stderr
+    steps = run("--template", str(template), "--mindformers", str(checkout), "--steps", "3", "--dry-run")
+    assert steps.returncode == 2 and "--steps is a 'mf-longseq train' flag" in steps.stderr

@@ -1,5 +1,5 @@
-"""AdamW against a NumPy AdamW written from the formula; learning-rate schedule; reading MindFormers sections."""
-import math
+"""AdamW against a NumPy AdamW written from the formula and against MindFormers' AdamW; the learning rate is
+MindFormers' registered schedule; reading MindFormers sections."""
 
 import numpy as np
 import pytest
@@ -23,7 +23,9 @@ def numpy_adamw(p, grads, s: OptimSettings):
 
 def test_adamw_matches_numpy_formula():
     rng = np.random.default_rng(0)
-    s = OptimSettings(learning_rate=0.05, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, warmup_steps=2)
+    s = OptimSettings(learning_rate=0.05, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1,
+                      lr_schedule={"type": "LinearWithWarmUpLR", "learning_rate": 0.05, "warmup_steps": 2,
+                                   "total_steps": 4})
     w0, b0 = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
     w, b = Parameter(Tensor(w0), name="w"), Parameter(Tensor(b0), name="b")
     opt = AdamW([w, b], s)
@@ -37,13 +39,37 @@ def test_adamw_matches_numpy_formula():
     assert [p.name for p in opt.state_parameters()] == ["adam_m.w", "adam_m.b", "adam_v.w", "adam_v.b"]
 
 
-def test_schedule_warmup_then_cosine():
-    s = OptimSettings(learning_rate=1.0, warmup_steps=4, decay="cosine", lr_end=0.1, total_steps=14)
-    assert [s.lr_at(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert s.lr_at(4) == pytest.approx(1.0)
-    assert s.lr_at(9) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
-    assert s.lr_at(14) == pytest.approx(0.1) and s.lr_at(100) == pytest.approx(0.1)
+def test_schedule_is_mindformers_own():
+    from mindformers.core.lr import CosineWithWarmUpLR
+    section = {"type": "CosineWithWarmUpLR", "learning_rate": 1.0, "warmup_steps": 4, "lr_end": 0.1,
+               "total_steps": 14}
+    s = OptimSettings(learning_rate=1.0, lr_schedule=section, total_steps=14)
+    theirs = CosineWithWarmUpLR(learning_rate=1.0, warmup_steps=4, lr_end=0.1, total_steps=14)
+    for step in range(20):
+        assert s.lr_at(step) == pytest.approx(float(theirs(Tensor(np.array(step, np.int32))).asnumpy()), rel=1e-6)
+    assert s.lr_at(2) < s.lr_at(4) and s.lr_at(14) == pytest.approx(0.1, rel=1e-5)
     assert OptimSettings(learning_rate=0.3).lr_at(50) == 0.3
+
+
+def test_adamw_equals_mindformers_adamw():
+    """Same weights, gradients and schedule: our flat AdamW and MindFormers' AdamW (with its no-decay groups)."""
+    from mindformers.core.optim import AdamW as MFAdamW
+    rng = np.random.default_rng(1)
+    w0, b0 = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    ours = [Parameter(Tensor(w0), name="w"), Parameter(Tensor(b0), name="b")]
+    theirs = [Parameter(Tensor(w0), name="w2"), Parameter(Tensor(b0), name="b2")]
+    section = {"type": "ConstantWarmUpLR", "learning_rate": 0.01, "warmup_steps": 2, "total_steps": 5}
+    s = OptimSettings(learning_rate=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, lr_schedule=section)
+    opt = AdamW(ours, s)
+    from mf_longseq.train.optim import build_schedule
+    mf = MFAdamW([{"params": [theirs[0]], "weight_decay": 0.1}, {"params": [theirs[1]], "weight_decay": 0.0}],
+                 learning_rate=build_schedule(section), betas=(0.9, 0.95), eps=1e-8)
+    for _ in range(4):
+        g = [Tensor(rng.standard_normal((3, 4)).astype(np.float32)), Tensor(rng.standard_normal(4).astype(np.float32))]
+        opt.step(g)
+        mf(tuple(g))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_read_from_mindformers_sections():
@@ -52,7 +78,8 @@ def test_read_from_mindformers_sections():
                             "lr_end": 1e-6, "total_steps": -1}}
     s = OptimSettings.from_mindformers(tree, steps=50)
     assert (s.learning_rate, s.betas, s.eps, s.weight_decay) == (2e-4, (0.9, 0.99), 1e-7, 0.01)
-    assert (s.warmup_steps, s.decay, s.total_steps, s.lr_end) == (5, "cosine", 50, 1e-6)
+    assert s.total_steps == 50 and s.lr_schedule["total_steps"] == 50
+    assert s.lr_at(0) < s.lr_at(5) == pytest.approx(2e-4, rel=1e-4)      # warmup_ratio 0.1 of 50: 5 steps
     assert OptimSettings.from_mindformers({}, steps=3) == OptimSettings(total_steps=3)
 
 
@@ -60,6 +87,8 @@ def test_read_from_mindformers_sections():
     ({"optimizer": {"type": "SGD"}}, r"optimizer\.type = 'SGD': the mf_longseq runner implements AdamW only\. "
                                      r"Fix: set optimizer\.type: AdamW"),
     ({"optimizer": {"betas": [0.9]}}, r"optimizer\.betas = \[0\.9\]: need two numbers in \[0, 1\)"),
+    ({"lr_schedule": {"type": "Nonsense", "learning_rate": 0.1}},
+     r"lr_schedule\.type = 'Nonsense': not a MindFormers learning-rate schedule\. Fix: use one of .*CosineWithWarmUpLR"),
 ])
 def test_optimizer_errors(tree, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,99 @@
+"""MindFormers' dataset columns -> this rank's model inputs, and the global mean loss MindFormers' Trainer logs.
+
+MindFormers' ``Model.train`` calls ``network(*columns)`` with whole (unsharded) sequences of this dp rank, in
+the dataset's column order, and expects one scalar loss.  Two formats are accepted (shapes: B samples, S =
+``seq_length`` tokens, L = ``eod_pad_length`` document ends):
+
+* pretraining (``CausalLanguageModelDataset``, ``input_columns: [input_ids]``): ``input_ids`` (B, S + 1).  The
+  model shifts: ids = tokens[:, :-1], labels = tokens[:, 1:]; the loss mask is 0 where the label is
+  ``pad_token_id`` (the rule of ``mf-longseq train``, ``train/data.py``: a padded position is never a target.
+  MindFormers' own LlamaForCausalLM masks where the *input* token is the pad; both agree on unpadded data).
+* packed (MindFormers' GPT dataset with ``create_compressed_eod_mask``): ``input_ids, labels, loss_mask,
+  position_ids, actual_seq_len``: (B, S) x 4 and (B, L), already shifted.  ``position_ids`` is not used: the
+  model derives the same per-document positions from ``actual_seq_len`` (``use_eod_reset``) or runs global
+  positions (``use_eod_reset: False``).
+
+Each rank then keeps its ``shard_sequence`` cut (B, S/CP) of ids, labels and mask.  The loss returned is
+``sum over dp x cp of (CE * mask)`` / ``sum over dp x cp of mask``, the same number on every rank (what
+MFLossMonitor prints; it equals the one-rank loss of the dp x B samples), and its gradient on each rank is this
+rank's share ``d(local CE sum) / global count``: summing the gradients over dp x cp (the plugin's runner
+wrapper does, ``train/mf_wrapper.py``) gives exactly the gradient of the global mean.
+"""
+from typing import Optional
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from mf_longseq.parallel.comm import all_reduce
+from mf_longseq.parallel.sharding import shard_sequence
+
+
+def loss_mask_from_labels(labels: np.ndarray, pad_token_id: Optional[int]) -> np.ndarray:
+    """(B, S) float32: 1 where the label counts, 0 where it is ``pad_token_id`` (None: every label counts)."""
+    mask = np.ones(np.shape(labels), np.float32)
+    if pad_token_id is not None:
+        mask[np.asarray(labels) == pad_token_id] = 0.0
+    return mask
+
+
+def _host(x) -> np.ndarray:
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def whole_batch(seq_length: int, pad_token_id: Optional[int], input_ids, labels=None, loss_mask=None):
+    """MindFormers' columns -> whole-sequence (ids, labels, mask) NumPy arrays, each (B, S).
+
+    Raises:
+        ValueError: a pretraining column that is not (B, seq_length + 1), or packed columns not (B, seq_length).
+    """
+    tokens = _host(input_ids)
+    if labels is None:
+        if tokens.ndim != 2 or tokens.shape[1] != seq_length + 1:
+            raise ValueError(f"input_ids of shape {tokens.shape}: MindFormers' pretraining column must be (batch, "
+                             f"model.model_config.seq_length + 1 = {seq_length + 1}). Fix: write samples of "
+                             f"{seq_length + 1} tokens, or set seq_length to the sample length - 1.")
+        ids, labels = tokens[:, :-1], tokens[:, 1:]
+        return ids, labels, loss_mask_from_labels(labels, pad_token_id)
+    labels, mask = _host(labels), _host(loss_mask).astype(np.float32)
+    if tokens.shape[-1] != seq_length or labels.shape != tokens.shape or mask.shape != tokens.shape:
+        raise ValueError(f"packed columns input_ids {tokens.shape}, labels {labels.shape}, loss_mask {mask.shape}: "
+                         f"each must be (batch, model.model_config.seq_length = {seq_length}). Fix: build the "
+                         "dataset with this seq_length.")
+    return tokens, labels, mask * loss_mask_from_labels(labels, pad_token_id)
+
+
+def local_inputs(mesh, layout: str, ids: np.ndarray, labels: np.ndarray, mask: np.ndarray):
+    """This rank's (B, S/CP) shards of whole-sequence (B, S) arrays, as Tensors: ids, labels (int32), mask."""
+    return [Tensor(np.ascontiguousarray(shard_sequence(np.asarray(x), mesh, layout, seq_dim=1)).astype(dtype))
+            for x, dtype in ((ids, np.int32), (labels, np.int32), (mask, np.float32))]
+
+
+def global_count(mask_local: Tensor, group) -> float:
+    """Sum of the loss mask over the group (dp x cp), a host float; ValueError when every label is masked."""
+    count = float(all_reduce(Tensor(np.array([mask_local.asnumpy().sum(dtype=np.float64)], np.float32)),
+                             group).asnumpy()[0])
+    if count <= 0:
+        raise ValueError("every label of the batch is masked (loss_mask, or labels equal to "
+                         "model.model_config.pad_token_id). Fix: check the data and pad_token_id.")
+    return count
+
+
+class GlobalMeanLoss(nn.Cell):
+    """(local CE sum, global token count) -> global mean loss, the same on every rank of ``group``.
+
+    Forward: all_reduce(loss_sum, group) / count.  Backward: dout / count to the local sum only (the other
+    ranks' terms are theirs to differentiate; the wrapper sums the gradients over the group).
+    """
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def construct(self, loss_sum, count):
+        return all_reduce(loss_sum, self.group) / count
+
+    def bprop(self, loss_sum, count, out, dout):
+        return dout / count, ops.zeros_like(count)
+
+
+__all__ = ["loss_mask_from_labels", "whole_batch", "local_inputs", "global_count", "GlobalMeanLoss"]

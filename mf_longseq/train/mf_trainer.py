@@ -1,0 +1,129 @@
+"""``LongSeqTrainer``: MindFormers' causal-LM trainer, keeping the YAML's parallel degrees for the plugin.
+
+MindFormers' ``Trainer(config).train()`` (what ``run_mindformer.py`` runs) calls ``set_config``, which in
+stand_alone / data_parallel mode resets ``parallel_config`` (data/model/context parallel, pipeline stages) to 1
+before the dataset and the network are built.  The plugin runs its own collectives in exactly those modes, so
+this trainer reads the degrees from the config *before* that reset (``set_config``), checks them against the
+ranks that run, and hands them on explicitly:
+
+* the network: ``create_network`` builds the YAML's ``model`` with ``mf_longseq.models.build_model`` on this
+  rank's ``Mesh`` (no layer reads global state);
+* the dataset: ``create_train_dataset`` gives the registered ``LongSeqCausalLanguageModelDataset`` the dp shard
+  of this rank (``dp_shard = (dp_id, dp)``), so the CP / MP ranks of one dp group read the same samples;
+* the runner wrapper (``LongSeqTrainOneStepCell``) finds the mesh on the network and sums gradients over dp x cp.
+
+Refused before any device work (the message names key, value and fix): ``parallel_config.pipeline_stage`` > 1
+(``mf-longseq train`` runs pipeline stages); ``context.mode`` 0 (graph mode: the plugin's attention is PyNative);
+``parallel.parallel_mode`` semi_auto / auto (MindSpore's own sharding would split our explicitly-split layers
+again); a foreign ``train_dataset_task.type`` when CP or MP > 1 (it would shard over every rank); a wrapper other
+than ``LongSeqTrainOneStepCell`` with model_parallel > 1, or with more than one rank unless
+``parallel.parallel_mode`` is data_parallel with ``gradients_mean: False`` (then MindSpore's world gradient sum
+is the dp x cp sum: ``MFTrainOneStepCell`` on Ascend, with loss scaling).
+"""
+from typing import Optional
+
+from mindformers.trainer.causal_language_modeling.causal_language_modeling import CausalLanguageModelingTrainer
+
+from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size
+
+OUR_DATASET = "LongSeqCausalLanguageModelDataset"
+OUR_WRAPPER = "LongSeqTrainOneStepCell"
+
+
+def plain_tree(config) -> dict:
+    """A MindFormers config (MindFormerConfig with parallel_config / recompute_config objects) as plain dicts."""
+    from mf_longseq.train.job import load_tree
+    return load_tree(config)
+
+
+def route_refusals(tree: dict, long_seq: LongSeqConfig) -> list:
+    """ConfigErrors for settings MindFormers' Trainer route cannot run with the plugin (empty: runnable)."""
+    from mf_longseq.train.context import resolve_parallel_mode
+    out = []
+    parallel = tree.get("parallel") or {}
+    mode = resolve_parallel_mode(parallel.get("parallel_mode", "stand_alone"))
+    if long_seq.pipeline_stage > 1:
+        out.append(ConfigError("parallel_config.pipeline_stage", long_seq.pipeline_stage,
+                               "MindFormers' Trainer route runs dp x cp x mp; pipeline stages run in the plugin's "
+                               "own loop", "run this YAML with `mf-longseq train`, or set pipeline_stage: 1"))
+    context_mode = (tree.get("context") or {}).get("mode", 0)            # MindFormers' default: graph mode
+    if context_mode not in (1, "PYNATIVE_MODE"):
+        out.append(ConfigError("context.mode", context_mode, "the plugin's attention runs host-side schedules in "
+                               "PyNative mode", "set context.mode: 1 (PYNATIVE_MODE)"))
+    if mode not in ("stand_alone", "data_parallel"):
+        out.append(ConfigError("parallel.parallel_mode", parallel.get("parallel_mode"), "MindSpore's automatic "
+                               "sharding would split the plugin's explicitly split layers again",
+                               "set parallel.parallel_mode: 0 (data_parallel) or STAND_ALONE"))
+    out += _wrapper_refusals(tree, long_seq, mode, parallel)
+    dataset = ((tree.get("train_dataset_task") or {}).get("type"))
+    if (long_seq.context_parallel > 1 or long_seq.model_parallel > 1) and dataset != OUR_DATASET:
+        out.append(ConfigError("train_dataset_task.type", dataset, "it shards samples over every rank, so the CP/MP "
+                               "ranks of one sequence would read different samples", f"set type: {OUR_DATASET}"))
+    return out
+
+
+def _wrapper_refusals(tree: dict, long_seq: LongSeqConfig, mode: str, parallel: dict) -> list:
+    wrapper = (tree.get("runner_wrapper") or {}).get("type")
+    if wrapper == OUR_WRAPPER or long_seq.world_size == 1:
+        return []
+    if long_seq.model_parallel > 1:
+        return [ConfigError("runner_wrapper.type", wrapper, "with model_parallel > 1 only the plugin's wrapper sums "
+                            "gradients over dp x cp alone (not over the model-parallel shards)",
+                            f"set runner_wrapper.type: {OUR_WRAPPER}")]
+    if mode != "data_parallel" or parallel.get("gradients_mean", False):
+        return [ConfigError("runner_wrapper.type", wrapper, "MindSpore's wrappers sum the gradients over the ranks "
+                            "only with parallel.parallel_mode: 0 and gradients_mean: False",
+                            f"set those, or runner_wrapper.type: {OUR_WRAPPER}")]
+    return []
+
+
+class LongSeqTrainer(CausalLanguageModelingTrainer):
+    """``trainer.type: LongSeqTrainer``: MindFormers' causal-LM trainer that keeps the plugin's parallel layout.
+
+    Attributes (set by ``set_config``): ``long_seq`` (``LongSeqConfig`` of the YAML as written), ``mesh`` (this
+    rank's ``Mesh``, communication groups created), ``tree`` (the config as plain dicts, before the reset).
+
+    Raises:
+        ConfigError: from ``set_config``, before any dataset, network or device work (module docstring).
+    """
+
+    long_seq: Optional[LongSeqConfig] = None
+    mesh = None
+    tree: Optional[dict] = None
+
+    def set_config(self, config=None, is_full_config: bool = False):
+        if config is not None and self.long_seq is None:
+            self._take_layout(config)
+        return super().set_config(config, is_full_config)
+
+    def _take_layout(self, config) -> None:
+        from mf_longseq.models.settings import default_mesh, running_world_size
+        tree = plain_tree(config)
+        long_seq = LongSeqConfig.from_mindformers(tree)
+        errors = route_refusals(tree, long_seq)
+        if errors:
+            raise errors[0]
+        check_world_size(long_seq, running_world_size())
+        self.tree, self.long_seq = tree, long_seq
+        self.mesh = default_mesh(long_seq)
+
+    def create_network(self, default_args: Optional[dict] = None):
+        """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``)."""
+        from mf_longseq.models import build_model
+        if (default_args or {}).get("calculate_per_token_loss"):
+            raise ConfigError("calculate_per_token_loss", True, "the plugin's models return the global mean loss",
+                              "set calculate_per_token_loss: False")
+        network = build_model(self.tree, mesh=self.mesh, long_seq_config=self.long_seq)
+        self.real_model = network
+        return network
+
+    def create_train_dataset(self, default_args: Optional[dict] = None):
+        """The train dataset, sharded over dp only (``LongSeqCausalLanguageModelDataset``'s ``dp_shard``)."""
+        if self.mesh is None or self.config.train_dataset_task.type != OUR_DATASET:
+            return super().create_train_dataset(default_args)
+        args = dict(default_args or {})
+        args["dp_shard"] = (self.mesh.coords()["dp_id"], self.mesh.dp)
+        return super().create_train_dataset(args)
+
+
+__all__ = ["LongSeqTrainer", "route_refusals", "plain_tree", "OUR_DATASET", "OUR_WRAPPER"]

@@ -1,0 +1,110 @@
+"""``LongSeqTrainOneStepCell``: the runner wrapper of MindFormers' Trainer for the plugin's models (CPU and Ascend).
+
+One step::
+
+    loss, grads = value_and_grad(network)(*columns)     loss: global mean over dp x cp, same on every rank;
+                                                         grads: this rank's share (models/mf_inputs.py)
+    grads       = all_reduce(grads, dp x cp)             one flat collective; the sum is the global gradient
+    grads, norm = clip_grads(grads, max_grad_norm)       MindFormers' ClipGradNorm formula with the whole
+                                                         model's norm (train/clip.py), when use_clip_grad
+    optimizer(grads)                                     MindFormers' optimizer and LR schedule
+
+Why not MindSpore's / MindFormers' wrappers: ``nn.TrainOneStepCell`` rejects the keyword arguments MindFormers
+passes (``calculate_per_token_loss`` ...); ``MFTrainOneStepCell`` checks overflow with ``NPUGetFloatStatusV2``,
+which has no CPU kernel, and its gradient reducer sums over the *world*, which is the dp x cp sum only when
+model_parallel = 1 and ``parallel.parallel_mode`` is data_parallel with ``gradients_mean: False``.  Use
+``MFTrainOneStepCell`` on Ascend for dynamic loss scaling (float16) in that case; this wrapper everywhere else.
+
+The mesh is the network's own (``network.mesh``, set when the model was built): the gradient group is
+``mesh.group("dp_cp")``; model-parallel shards are not summed.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mf_longseq.config import ConfigError
+from mf_longseq.parallel.comm import all_reduce
+from mf_longseq.parallel.mesh import Mesh
+from mf_longseq.parallel.tensor_parallel import shard_specs
+from mf_longseq.train.clip import clip_grads
+
+
+def plugin_model(network):
+    """The plugin model inside ``network`` (MindFormers may wrap it in tool cells): the cell with a ``Mesh``."""
+    for _, cell in network.cells_and_names():
+        if isinstance(getattr(cell, "mesh", None), Mesh):
+            return cell
+    raise ConfigError("model.arch.type", type(network).__name__, "LongSeqTrainOneStepCell trains mf_longseq's models "
+                      "(it needs their mesh)", "use LlamaLongSeqForCausalLM, QwenLongSeqForCausalLM or "
+                      "Qwen2LongSeqForCausalLM")
+
+
+def _refuse_unsupported(scale_sense, calculate_per_token_loss, use_skip_data_by_global_norm) -> None:
+    if scale_sense is not None and not (isinstance(scale_sense, (int, float)) and float(scale_sense) == 1.0):
+        raise ConfigError("runner_wrapper.scale_sense", scale_sense, "loss scaling needs overflow detection, which "
+                          "LongSeqTrainOneStepCell does not do (bfloat16 and float32 need no loss scale)",
+                          "remove scale_sense, or on Ascend with model_parallel 1 use MFTrainOneStepCell")
+    if calculate_per_token_loss:
+        raise ConfigError("calculate_per_token_loss", True, "the plugin's models return the global mean loss",
+                          "set calculate_per_token_loss: False")
+    if use_skip_data_by_global_norm:
+        raise ConfigError("use_skip_data_by_global_norm", True, "LongSeqTrainOneStepCell never skips a step",
+                          "set use_skip_data_by_global_norm: False")
+
+
+class LongSeqTrainOneStepCell(nn.Cell):
+    """``runner_wrapper.type: LongSeqTrainOneStepCell``.
+
+    Args:
+        network: the plugin's model (columns in, global mean loss out).
+        optimizer: a MindSpore / MindFormers optimizer over the network's trainable parameters.
+        use_clip_grad: clip the summed gradients to ``max_grad_norm`` (MindFormers' ``ClipGradNorm`` formula,
+            the whole model's norm on any layout: ``train/clip.py``).
+        max_grad_norm: clipping threshold (L2 norm over all gradients).
+        scale_sense: None or 1 only (see ``_refuse_unsupported``).
+        **mindformers_args: the other arguments MindFormers' trainer passes (parallel_config, lr_scheduler,
+            print_separate_loss ...): not used; ``calculate_per_token_loss`` and ``use_skip_data_by_global_norm``
+            must be False.
+
+    Outputs of ``construct``: (loss, overflow False, scale 1.0), the form MFLossMonitor reads.
+
+    Raises:
+        ConfigError: an unsupported key (named), or a network that is not one of the plugin's.
+    """
+
+    def __init__(self, network, optimizer, use_clip_grad: bool = False, max_grad_norm: float = 1.0,
+                 scale_sense=None, calculate_per_token_loss: bool = False,
+                 use_skip_data_by_global_norm: bool = False, **mindformers_args):
+        super().__init__(auto_prefix=False)
+        _refuse_unsupported(scale_sense, calculate_per_token_loss, use_skip_data_by_global_norm)
+        self.network, self.optimizer = network, optimizer
+        self.weights = optimizer.parameters
+        model = plugin_model(network)
+        self.mesh, self.sharded = model.mesh, shard_specs(model)
+        self.group = self.mesh.group("dp_cp")
+        self.grad_fn = ms.value_and_grad(network, None, self.weights)
+        self.max_grad_norm = float(max_grad_norm) if use_clip_grad else None
+        self.names = [p.name for p in self.weights]
+        self.sizes = [int(np.prod(p.shape)) for p in self.weights]
+
+    def sum_gradients(self, grads):
+        """Gradients summed over dp x cp in one flat float32 collective, split back in parameter order."""
+        if self.group.size == 1:
+            return tuple(grads)
+        flat = all_reduce(ops.cat([g.astype(ms.float32).reshape(-1) for g in grads]), self.group)
+        out, start = [], 0
+        for g, n in zip(grads, self.sizes):
+            out.append(flat[start:start + n].reshape(g.shape).astype(g.dtype))
+            start += n
+        return tuple(out)
+
+    def construct(self, *inputs):
+        loss, grads = self.grad_fn(*inputs)
+        grads = self.sum_gradients(grads)
+        if self.max_grad_norm is not None:
+            grads, _ = clip_grads(grads, self.names, self.mesh, self.max_grad_norm, self.sharded)
+        self.optimizer(grads)
+        return loss, Tensor(False), Tensor(np.float32(1.0))
+
+
+__all__ = ["LongSeqTrainOneStepCell", "plugin_model"]

@@ -1,0 +1,147 @@
+"""Which MindFormers keys ``mf-longseq train`` honours, and the ones it refuses (before any device work).
+
+One list, read by ``run_job`` (the first refusal stops the run) and by ``mf-longseq validate``::
+
+    errors = refusals(tree)          # [ConfigError(key, value, problem, fix), ...]; [] means runnable
+
+Honoured (besides ``parallel_config``, ``model``, ``long_seq``, ``parallel``, ``context``, read by LongSeqConfig
+and the model builder):
+
+    seed                                        weights and synthetic data (--seed overrides)
+    runner_config.batch_size                    samples per dp rank per step
+    optimizer.{type: AdamW, betas, eps, weight_decay, learning_rate}     train/optim.py (= MindFormers' AdamW)
+    lr_schedule.*                               MindFormers' registered schedule (build_lr); total_steps -1: --steps
+    runner_wrapper.{use_clip_grad, max_grad_norm}                        train/clip.py (MindFormers' formula)
+    train_dataset.data_loader.{type: MindDataset, dataset_dir, shuffle}  read through MindFormers' dataset builder
+                                                                         (train/mf_data.py); --data overrides it
+    train_dataset_task.type                     LongSeqCausalLanguageModelDataset or CausalLanguageModelDataset
+    train_dataset.data_loader.create_compressed_eod_mask (+ eod, eod_pad_length, eod_mask_loss)   train/packing.py
+    callbacks: MFLossMonitor (the per-step line); CheckpointMonitor.save_checkpoint_steps (= --save-every)
+
+Refused, each with its fix: gradient_accumulation_steps > 1, sink_mode, epochs other than 1 (--steps decides),
+any runner_wrapper.scale_sense but 1, other runner_wrapper keys, calculate_per_token_loss, other callbacks and
+CheckpointMonitor keys, a missing dataset_dir, other data loaders or input columns, an optimizer other than
+AdamW, an unknown lr_schedule type (or lr_schedule keys without a type).
+"""
+import os
+from typing import Any, List
+
+from mf_longseq.config import ConfigError
+
+WRAPPER_KEYS = ("type", "auto_register", "use_clip_grad", "max_grad_norm", "scale_sense")
+CHECKPOINT_KEYS = ("type", "save_checkpoint_steps")
+DATASET_TYPES = (None, "LongSeqCausalLanguageModelDataset", "CausalLanguageModelDataset")
+
+
+def _get(tree: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return default if node is None else node
+
+
+def _runner(tree: dict) -> List[ConfigError]:
+    out = []
+    accumulation = _get(tree, "runner_config.gradient_accumulation_steps", 1)
+    if accumulation != 1:
+        out.append(ConfigError("runner_config.gradient_accumulation_steps", accumulation, "mf-longseq train applies "
+                               "one update per batch", "set it to 1 and multiply runner_config.batch_size instead "
+                               "(the same gradient: the loss is the mean over every token of the step)"))
+    if _get(tree, "runner_config.sink_mode", False):
+        out.append(ConfigError("runner_config.sink_mode", True, "mf-longseq train runs PyNative steps (no data "
+                               "sinking)", "set sink_mode: False"))
+    epochs = _get(tree, "runner_config.epochs", 1)
+    if epochs != 1:
+        out.append(ConfigError("runner_config.epochs", epochs, "mf-longseq train runs --steps updates (the data "
+                               "repeats as needed)", "set epochs: 1 and pass --steps"))
+    if tree.get("calculate_per_token_loss"):
+        out.append(ConfigError("calculate_per_token_loss", True, "the plugin's loss is the global mean",
+                               "set calculate_per_token_loss: False"))
+    return out
+
+
+def _wrapper(tree: dict) -> List[ConfigError]:
+    wrapper = tree.get("runner_wrapper") or {}
+    out = [ConfigError(f"runner_wrapper.{key}", wrapper[key], "mf-longseq train does not use it",
+                       f"remove it (honoured: {', '.join(WRAPPER_KEYS)})") for key in wrapper if key not in WRAPPER_KEYS]
+    scale = wrapper.get("scale_sense")
+    if scale is not None and not (isinstance(scale, (int, float)) and float(scale) == 1.0):
+        out.append(ConfigError("runner_wrapper.scale_sense", scale, "mf-longseq train does no loss scaling "
+                               "(float32 / bfloat16 need none)", "remove scale_sense"))
+    norm = wrapper.get("max_grad_norm", 1.0)
+    if wrapper.get("use_clip_grad") and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm <= 0):
+        out.append(ConfigError("runner_wrapper.max_grad_norm", norm, "must be a positive number",
+                               "e.g. max_grad_norm: 1.0"))
+    return out
+
+
+def _callbacks(tree: dict) -> List[ConfigError]:
+    out = []
+    for i, callback in enumerate(tree.get("callbacks") or []):
+        kind = (callback or {}).get("type")
+        if kind == "MFLossMonitor":
+            continue
+        if kind != "CheckpointMonitor":
+            out.append(ConfigError(f"callbacks[{i}].type", kind, "mf-longseq train runs only MFLossMonitor's "
+                                   "per-step line and CheckpointMonitor's period", "remove the callback"))
+            continue
+        out += [ConfigError(f"callbacks[{i}].{key}", callback[key], "mf-longseq train writes its own checkpoints "
+                            "(train/checkpoint.py)", "remove it (honoured: save_checkpoint_steps, as --save-every)")
+                for key in callback if key not in CHECKPOINT_KEYS]
+    return out
+
+
+def _dataset(tree: dict) -> List[ConfigError]:
+    out = []
+    loader = _get(tree, "train_dataset.data_loader", {}) or {}
+    directory = loader.get("dataset_dir") or ""
+    if not directory:
+        return out
+    if loader.get("type", "MindDataset") != "MindDataset":
+        out.append(ConfigError("train_dataset.data_loader.type", loader.get("type"), "mf-longseq train reads "
+                               "MindRecord files", "set type: MindDataset"))
+    if not os.path.exists(directory):
+        out.append(ConfigError("train_dataset.data_loader.dataset_dir", directory, "no such file or directory",
+                               "give an existing .mindrecord file or a directory of them"))
+    columns = list(_get(tree, "train_dataset.input_columns", ["input_ids"]))
+    if columns != ["input_ids"]:
+        out.append(ConfigError("train_dataset.input_columns", columns, "mf-longseq train reads the input_ids column "
+                               "(packing comes from create_compressed_eod_mask)", "set input_columns: [input_ids]"))
+    kind = _get(tree, "train_dataset_task.type")
+    if kind not in DATASET_TYPES:
+        out.append(ConfigError("train_dataset_task.type", kind, "mf-longseq train builds MindFormers' causal-LM "
+                               "dataset", f"use one of {', '.join(t for t in DATASET_TYPES if t)}"))
+    return out
+
+
+def _optimizer(tree: dict) -> List[ConfigError]:
+    from mf_longseq.train.optim import OptimSettings
+    try:
+        OptimSettings.from_mindformers(tree, steps=1)
+    except ConfigError as err:
+        return [err]
+    return []
+
+
+def refusals(tree: dict) -> List[ConfigError]:
+    """Every MindFormers key of ``tree`` (a plain dict) that ``mf-longseq train`` cannot honour; [] when none."""
+    return _runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _optimizer(tree)
+
+
+def checkpoint_period(tree: dict) -> int:
+    """CheckpointMonitor's ``save_checkpoint_steps`` (0: no CheckpointMonitor or no period)."""
+    for callback in tree.get("callbacks") or []:
+        if (callback or {}).get("type") == "CheckpointMonitor":
+            return int(callback.get("save_checkpoint_steps") or 0)
+    return 0
+
+
+def max_grad_norm(tree: dict):
+    """``runner_wrapper.max_grad_norm`` when ``use_clip_grad`` is True, else None."""
+    wrapper = tree.get("runner_wrapper") or {}
+    return float(wrapper.get("max_grad_norm", 1.0)) if wrapper.get("use_clip_grad") else None
+
+
+__all__ = ["refusals", "checkpoint_period", "max_grad_norm"]
