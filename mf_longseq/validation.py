@@ -30,7 +30,7 @@ from mf_longseq.config import (MAX_COUNT, MODEL_KEY_ALIASES, PARALLEL_CONFIG_KEY
 
 # Sections a run reads besides those LongSeqConfig reads (config._SECTIONS): each must be a mapping when present.
 RUN_SECTIONS = ("runner_config", "optimizer", "lr_schedule", "recompute_config", "swap_config", "train_dataset",
-                "train_dataset.data_loader", "model.arch")
+                "train_dataset.data_loader", "train_dataset_task", "runner_wrapper", "model.arch")
 _PARALLEL_BOOLS = ("use_seq_parallel", "vocab_emb_dp")
 _PARALLEL_INTS = ("expert_parallel", "seq_split_num", "gradient_aggregation_group")
 
@@ -201,7 +201,8 @@ def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[
     refusals += _registered_types(tree)
     refusals += _optimizer_refusals(tree)
     refusals += _packing_refusals(tree, long_seq)
-    refusals += _train_refusals(tree)
+    if not refusals:           # the list below reads sections whose types the checks above have passed
+        refusals += _train_refusals(tree)
     return refusals
 
 

@@ -26,10 +26,14 @@ MODEL_CLASSES = {"llama2": LlamaLongSeqForCausalLM, "qwen": QwenLongSeqForCausal
 def _registered(kind, name: str, key: str, base: type) -> type:
     ours = ", ".join(sorted(c.__name__ for c in (CONFIG_CLASSES if base is LongSeqModelConfig
                                                   else MODEL_CLASSES).values()))
-    if not isinstance(name, str) or not MindFormerRegister.is_exist(kind, name):
+    try:
+        cls = MindFormerRegister.get_cls(kind, name) if isinstance(name, str) and name and \
+            MindFormerRegister.is_exist(kind, name) else None
+    except ValueError:                              # MindFormers' own lookup refuses some names outright
+        cls = None
+    if cls is None:
         raise ConfigError(key, name, "not registered in MindFormers", f"use one of {ours} (import mf_longseq.models "
                           "first)")
-    cls = MindFormerRegister.get_cls(kind, name)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(key, name, "a MindFormers class, not one of mf_longseq's, so it has no context-parallel "
                           "attention", f"use one of {ours}")

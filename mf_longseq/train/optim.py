@@ -74,8 +74,8 @@ class OptimSettings:
     @classmethod
     def from_mindformers(cls, tree: Mapping, steps: int) -> "OptimSettings":
         """Read ``optimizer`` and ``lr_schedule``; the schedule is built once here (errors before device work)."""
-        opt = dict(tree.get("optimizer") or {})
-        sched = dict(tree.get("lr_schedule") or {})
+        opt = {k: v for k, v in dict(tree.get("optimizer") or {}).items() if v is not None}   # null: the default
+        sched = {k: v for k, v in dict(tree.get("lr_schedule") or {}).items() if v is not None}
         if opt.get("type") not in OPTIMIZER_TYPES:
             raise ConfigError("optimizer.type", opt.get("type"), "the mf_longseq runner implements AdamW only",
                               "set optimizer.type: AdamW")

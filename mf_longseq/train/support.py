@@ -78,9 +78,17 @@ def _wrapper(tree: dict) -> List[ConfigError]:
 
 
 def _callbacks(tree: dict) -> List[ConfigError]:
+    callbacks = tree.get("callbacks") or []
+    if not isinstance(callbacks, list):
+        return [ConfigError("callbacks", callbacks, "must be a list of {type: ...} entries",
+                            "write callbacks: [{type: MFLossMonitor}]")]
     out = []
-    for i, callback in enumerate(tree.get("callbacks") or []):
-        kind = (callback or {}).get("type")
+    for i, callback in enumerate(callbacks):
+        if not isinstance(callback, dict):
+            out.append(ConfigError(f"callbacks[{i}]", callback, "must be a mapping with a type",
+                                   "write e.g. {type: MFLossMonitor}"))
+            continue
+        kind = callback.get("type")
         if kind == "MFLossMonitor":
             continue
         if kind != "CheckpointMonitor":
@@ -90,13 +98,23 @@ def _callbacks(tree: dict) -> List[ConfigError]:
         out += [ConfigError(f"callbacks[{i}].{key}", callback[key], "mf-longseq train writes its own checkpoints "
                             "(train/checkpoint.py)", "remove it (honoured: save_checkpoint_steps, as --save-every)")
                 for key in callback if key not in CHECKPOINT_KEYS]
+        period = callback.get("save_checkpoint_steps", 0)
+        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+            out.append(ConfigError(f"callbacks[{i}].save_checkpoint_steps", period, "must be a whole number >= 0",
+                                   "e.g. save_checkpoint_steps: 100"))
     return out
 
 
 def _dataset(tree: dict) -> List[ConfigError]:
     out = []
     loader = _get(tree, "train_dataset.data_loader", {}) or {}
+    if not isinstance(loader, dict):
+        return [ConfigError("train_dataset.data_loader", loader, "must be a mapping",
+                            "write data_loader: {type: MindDataset, dataset_dir: ...}")]
     directory = loader.get("dataset_dir") or ""
+    if not isinstance(directory, str):
+        return [ConfigError("train_dataset.data_loader.dataset_dir", directory, "must be a path",
+                            "give a .mindrecord file or a directory of them")]
     if not directory:
         return out
     if loader.get("type", "MindDataset") != "MindDataset":
@@ -105,7 +123,7 @@ def _dataset(tree: dict) -> List[ConfigError]:
     if not os.path.exists(directory):
         out.append(ConfigError("train_dataset.data_loader.dataset_dir", directory, "no such file or directory",
                                "give an existing .mindrecord file or a directory of them"))
-    columns = list(_get(tree, "train_dataset.input_columns", ["input_ids"]))
+    columns = _get(tree, "train_dataset.input_columns", ["input_ids"])
     if columns != ["input_ids"]:
         out.append(ConfigError("train_dataset.input_columns", columns, "mf-longseq train reads the input_ids column "
                                "(packing comes from create_compressed_eod_mask)", "set input_columns: [input_ids]"))
@@ -131,9 +149,9 @@ def refusals(tree: dict) -> List[ConfigError]:
 
 
 def checkpoint_period(tree: dict) -> int:
-    """CheckpointMonitor's ``save_checkpoint_steps`` (0: no CheckpointMonitor or no period)."""
+    """CheckpointMonitor's ``save_checkpoint_steps`` (0: no CheckpointMonitor or no period); after ``refusals``."""
     for callback in tree.get("callbacks") or []:
-        if (callback or {}).get("type") == "CheckpointMonitor":
+        if callback.get("type") == "CheckpointMonitor":
             return int(callback.get("save_checkpoint_steps") or 0)
     return 0
 
