@@ -172,14 +172,36 @@ void ParallelFor(int threads, int64_t count, Fn fn) {
   for (auto &th : pool) th.join();
 }
 
+// Max of x[0..n): 16 independent lanes so the compiler vectorises it without reassociation flags.
+inline float RowMax(const float *x, int64_t n) {
+  float lane[16];
+  std::fill_n(lane, 16, kNegInf);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int l = 0; l < 16; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+  }
+  for (; j < n; ++j) lane[0] = x[j] > lane[0] ? x[j] : lane[0];
+  float mx = lane[0];
+  for (int l = 1; l < 16; ++l) mx = lane[l] > mx ? lane[l] : mx;
+  return mx;
+}
+
+// Keys of tile kt that a causal query tile can see end at position qt.hi: tiles hold consecutive positions, so
+// the tile is cut after key kt.start + (qt.hi - kt.lo).  Returns the (possibly shortened) tile.
+Tile CausalCut(const Problem &p, const Tile &qt, Tile kt) {
+  if (p.causal && kt.hi > qt.hi) {
+    kt.end = kt.start + (qt.hi - kt.lo) + 1;
+    kt.hi = qt.hi;
+  }
+  return kt;
+}
+
 // One online-softmax step of a tile (Algorithm 1, lines 8-10): s (R, Tk) scores in base 2 -> probabilities;
 // m, l running row max and sum; acc rows rescaled.
 void SoftmaxStep(int64_t rows, int64_t tk, int64_t d, float *s, float *m, float *l, float *acc) {
   for (int64_t r = 0; r < rows; ++r) {
     float *row = s + r * tk;
-    float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < tk; ++j) mx = std::max(mx, row[j]);
+    const float mx = RowMax(row, tk);
     const float m_new = std::max(m[r], mx);
     if (m_new == kNegInf) {                                          // nothing visible yet: p = 0
       std::memset(row, 0, sizeof(float) * tk);
@@ -208,9 +230,10 @@ void ForwardItem(const Problem &p, const float *q, const float *k, const float *
   std::fill_n(w.m.begin(), rows, kNegInf);
   std::fill_n(w.l.begin(), rows, 0.0f);
   std::fill_n(w.acc.begin(), rows * d, 0.0f);
-  for (const Tile &kt : p.k_tiles) {
-    const Kind kind = Classify(p, qt, kt);
+  for (const Tile &whole : p.k_tiles) {
+    const Kind kind = Classify(p, qt, whole);
     if (kind == kSkip) continue;
+    const Tile kt = CausalCut(p, qt, whole);
     const int64_t tk = kt.end - kt.start;
     dnnl_sgemm('N', 'T', rows, tk, d, 1.0f, w.q.data(), d, kb + kt.start * d, d, 0.0f, w.s.data(), tk);
     if (kind == kPartial) ApplyMask(p, qt, kt, w.s.data());
@@ -246,9 +269,10 @@ void BackwardItem(const Problem &p, const Grads &g, int64_t b, int64_t h, const 
     w.delta[r] = g.delta[at];
   }
   std::fill_n(w.acc.begin(), rows * d, 0.0f);
-  for (const Tile &kt : p.k_tiles) {
-    const Kind kind = Classify(p, qt, kt);
+  for (const Tile &whole : p.k_tiles) {
+    const Kind kind = Classify(p, qt, whole);
     if (kind == kSkip) continue;
+    const Tile kt = CausalCut(p, qt, whole);
     const int64_t tk = kt.end - kt.start;
     float *s = w.s.data(), *ds = w.ds.data();
     dnnl_sgemm('N', 'T', rows, tk, d, 1.0f, w.q.data(), d, kb + kt.start * d, d, 0.0f, s, tk);
