@@ -9,7 +9,11 @@ implementation) runs in a fresh process with the thread count set explicitly (Mi
 torch.set_num_threads, OMP_NUM_THREADS): one warm-up step, then the median of ``--steps`` steps.  Memory is the
 steady-state extra peak: VmHWM over the warm-up and all steps (``train.monitor.peak_rss_mib``) minus the RSS
 once the inputs exist.  GFLOP/s counts unmasked FLOPs only: 12 * D * N * visible (query, key) pairs per step
-(forward 2 matmuls, backward 4).  Prints a table and writes benchmarks/results/kernel.csv.
+(forward 2 matmuls, backward 4).  ``*_cpu_s`` is the process CPU time of a step (all threads): on a shared,
+oversubscribed machine the wall-time ratio carries the load, the CPU-time ratio the work.  PyNative executes ops
+on a backend thread while the Python thread busy-waits for them (AsyncRQueue::Wait): one core spinning next to
+the kernel's threads; ``--launch-blocking`` (``ms.runtime.launch_blocking()``) runs ops on the Python thread and
+removes it.  Prints a table and writes benchmarks/results/kernel.csv.
 """
 import argparse
 import csv
@@ -44,6 +48,8 @@ def _mindspore_step(args, arrays):
     from mf_longseq.attention.mask import AttentionMask
     ms.set_device("CPU")
     ms.set_context(runtime_num_threads=args.threads)
+    if args.launch_blocking:
+        ms.runtime.launch_blocking()                           # ops run on the Python thread: no spinning wait
     q, k, v, dout = (Tensor(a) for a in arrays)
     pos = np.arange(args.seq)
     kernel = FusedCpuKernel() if args.impl == "fused_cpu" else BlockwiseKernel(args.block)
@@ -78,14 +84,16 @@ def worker(args):
     baseline = rss_mib()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")                                        # VmHWM := current RSS
-    times = []
+    times, cpu = [], []
     for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     print("RESULT " + json.dumps({"impl": args.impl, "seq_len": args.seq, "kv_heads": args.kv,
                                   "seconds": statistics.median(times), "all_seconds": times,
+                                  "cpu_seconds": statistics.median(cpu),
                                   "extra_peak_mib": peak_rss_mib() - baseline}), flush=True)
 
 
@@ -97,6 +105,7 @@ def run_one(args, impl, seq, kv):
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--seq", str(seq), "--kv", str(kv),
            "--threads", str(args.threads), "--steps", str(steps), "--warmup", str(args.warmup),
            "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--block", str(args.block)]
+    cmd += ["--launch-blocking"] if args.launch_blocking else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=args.workdir)
     rows = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
     if proc.returncode != 0 or not rows:
@@ -116,11 +125,13 @@ def table_rows(results, args):
         for impl in IMPLS:
             r = by.get(impl)
             row[f"{impl}_s"] = round(r["seconds"], 3) if r else ""
+            row[f"{impl}_cpu_s"] = round(r["cpu_seconds"], 3) if r else ""
             row[f"{impl}_gflops"] = round(flops / r["seconds"] / 1e9, 1) if r else ""
             row[f"{impl}_mib"] = round(r["extra_peak_mib"], 1) if r else ""
         fused, torch_ = by.get("fused_cpu"), by.get("torch_sdpa")
         if fused and torch_:
             row["time_fused_over_torch"] = round(fused["seconds"] / torch_["seconds"], 3)
+            row["cpu_fused_over_torch"] = round(fused["cpu_seconds"] / torch_["cpu_seconds"], 3)
             row["mem_fused_over_torch"] = round(fused["extra_peak_mib"] / max(torch_["extra_peak_mib"], 1.0), 3)
         if fused and by.get("blockwise"):
             row["speedup_over_blockwise"] = round(by["blockwise"]["seconds"] / fused["seconds"], 2)
@@ -149,6 +160,9 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--blockwise-max-seq", type=int, default=16384, help="skip the slow reference above this S")
+    parser.add_argument("--launch-blocking", action="store_true",
+                        help="MindSpore runs ops synchronously (ms.runtime.launch_blocking()): PyNative's async "
+                             "queue otherwise keeps the Python thread spinning while a kernel runs")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block", type=int, default=2048, help="blockwise kernel tile")

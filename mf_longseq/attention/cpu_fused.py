@@ -28,6 +28,11 @@ from mf_longseq.attention.mask import AttentionMask, DenseMask
 _F32, _I32 = DataType.F32_Default, DataType.I32_Default
 
 
+def _f32(x):
+    """x as float32 (no copy when it already is)."""
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)
+
+
 def _custom(lib, func: str, inputs, outputs, out_shape, out_dtype):
     """An AOT CPU custom op of ``lib:func``; ``inputs``/``outputs``: (name, DataType) in parameter order."""
     reg = CustomRegOp()
@@ -89,13 +94,12 @@ class FusedCpuKernel:
         if isinstance(mask, DenseMask):
             return self.reference.forward(q, k, v, mask, scale)
         args = self._mask_args(mask, scale, self._rows_per_head(q, k))
-        out, lse = self._fwd(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), *args)
-        return out.astype(q.dtype), lse
+        out, lse = self._fwd(_f32(q), _f32(k), _f32(v), *args)
+        return (out if q.dtype == ms.float32 else out.astype(q.dtype)), lse
 
     def backward(self, q, k, v, dout, lse, delta, mask: AttentionMask, scale: float):
         """Gradients given the *final* lse and delta = rowsum(dout * out) - dlse; float32 (dq, dk, dv)."""
         if isinstance(mask, DenseMask):
             return self.reference.backward(q, k, v, dout, lse, delta, mask, scale)
         args = self._mask_args(mask, scale, self._rows_per_head(q, k))
-        f32 = lambda x: x.astype(ms.float32)                     # noqa: E731
-        return self._bwd(f32(q), f32(k), f32(v), f32(dout), f32(lse), f32(delta), *args)
+        return self._bwd(_f32(q), _f32(k), _f32(v), _f32(dout), _f32(lse), _f32(delta), *args)

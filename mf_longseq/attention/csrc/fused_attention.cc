@@ -155,20 +155,17 @@ struct Scratch {
   }
 };
 
-// Runs fn(worker, item) for item in [0, count) on p.threads threads, items handed out in order.
+// Runs fn(worker, item) for item in [0, count) on `threads` new threads, items handed out in order.  The
+// calling thread (MindSpore's kernel thread) only waits: oneDNN calls made on it run through the thread pool
+// MindSpore attached to it (measured: 2-3x the CPU time of the same calls on a plain thread).
 template <typename Fn>
 void ParallelFor(int threads, int64_t count, Fn fn) {
   std::atomic<int64_t> next{0};
   auto body = [&](int worker) {
     for (int64_t i = next++; i < count; i = next++) fn(worker, i);
   };
-  if (threads <= 1 || count <= 1) {
-    body(0);
-    return;
-  }
   std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w) pool.emplace_back(body, w);
-  body(0);
+  for (int w = 0; w < std::max(1, threads); ++w) pool.emplace_back(body, w);
   for (auto &th : pool) th.join();
 }
 
