@@ -17,7 +17,6 @@ where wall time mostly shows the load.  GFLOP/s counts unmasked FLOPs:
 Prints a table and writes benchmarks/results/attention.csv.
 """
 import argparse
-import csv
 import json
 import os
 import socket
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_table import write_table
 
 HERE = Path(__file__).resolve().parent
 ALGOS = {1: ["local"], 2: ["colossalai_cp", "ulysses_cp"], 4: ["colossalai_cp", "ulysses_cp", "hybrid_cp"]}
@@ -171,18 +172,7 @@ def main():
                     rows += launch(args, cp, seq, kv, algo, workdir)
                     print(f"  S={seq} kv={kv} CP={cp} {algo}: {max(r['seconds'] for r in rows[-cp:]):.2f} s",
                           flush=True)
-    table = report(rows, args)
-    cols = list(table[0])
-    print(" | ".join(cols))
-    for row in table:
-        print(" | ".join(str(row[c]) for c in cols))
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    with open(out / "attention.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(table)
-    print(f"wrote {out / 'attention.csv'}")
+    write_table(report(rows, args), "attention.csv")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the kernel's threads; ``--launch-blocking`` (``ms.runtime.launch_blocking()``) r
 removes it.  Prints a table and writes benchmarks/results/kernel.csv.
 """
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_table import write_table
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ("fused_cpu", "blockwise", "torch_sdpa")
@@ -184,19 +185,9 @@ def main():
                 print(f"  {impl:10s} S={seq:6d} kv={kv}: {results[-1]['seconds']:.2f} s, "
                       f"+{results[-1]['extra_peak_mib']:.0f} MiB", flush=True)
     rows = table_rows(results, args)
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row.get(c, "")) for c in cols))
+    write_table(rows, "kernel.csv")
     for (impl, kv), slope in growth_exponents(rows).items():
         print(f"memory growth exponent {impl} kv={kv}: {slope:.2f}")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    with open(out / "kernel.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out / 'kernel.csv'}")
 
 
 if __name__ == "__main__":

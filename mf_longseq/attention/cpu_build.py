@@ -70,12 +70,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MF_LONGSEQ_CACHE") or Path.home() / ".cache" / "mf_longseq")
 
 
+_FOUND = {}                # (source, cache dir, $CXX) -> library already located by this process
+
+
 def library_path() -> Path:
     """The cached kernel library, built now if this machine has none yet for this source and compiler.
 
     Raises:
         FusedKernelUnavailable: no compiler, no oneDNN, or the compilation failed (its output is included).
     """
+    where = (str(SOURCE), str(cache_dir()), os.environ.get("CXX"))
+    if where not in _FOUND or not _FOUND[where].is_file():
+        _FOUND[where] = _build()
+    return _FOUND[where]
+
+
+def _build() -> Path:
+    """Compile SOURCE into the cache unless the library for its key is there; returns its path."""
     compiler, dnnl = find_compiler(), dnnl_library()
     try:
         banner = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout

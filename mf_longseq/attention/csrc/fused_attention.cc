@@ -193,6 +193,19 @@ Tile CausalCut(const Problem &p, const Tile &qt, Tile kt) {
   return kt;
 }
 
+// Scores (base 2) of the packed query rows q_rows (G*T, D) against key tile `whole` of kb (Sk, D), into s
+// (G*T, Tk) with masked entries -inf; *kt is the key tile used (cut at the causal diagonal).  False when SKIP.
+bool Scores(const Problem &p, const Tile &qt, const Tile &whole, const float *q_rows, const float *kb, float *s,
+            Tile *kt) {
+  const Kind kind = Classify(p, qt, whole);
+  if (kind == kSkip) return false;
+  *kt = CausalCut(p, qt, whole);
+  const int64_t rows = p.g * (qt.end - qt.start), tk = kt->end - kt->start;
+  dnnl_sgemm('N', 'T', rows, tk, p.d, 1.0f, q_rows, p.d, kb + kt->start * p.d, p.d, 0.0f, s, tk);
+  if (kind == kPartial) ApplyMask(p, qt, *kt, s);
+  return true;
+}
+
 // One online-softmax step of a tile (Algorithm 1, lines 8-10): s (R, Tk) scores in base 2 -> probabilities;
 // m, l running row max and sum; acc rows rescaled.
 void SoftmaxStep(int64_t rows, int64_t tk, int64_t d, float *s, float *m, float *l, float *acc) {
@@ -228,12 +241,9 @@ void ForwardItem(const Problem &p, const float *q, const float *k, const float *
   std::fill_n(w.l.begin(), rows, 0.0f);
   std::fill_n(w.acc.begin(), rows * d, 0.0f);
   for (const Tile &whole : p.k_tiles) {
-    const Kind kind = Classify(p, qt, whole);
-    if (kind == kSkip) continue;
-    const Tile kt = CausalCut(p, qt, whole);
+    Tile kt;
+    if (!Scores(p, qt, whole, w.q.data(), kb, w.s.data(), &kt)) continue;
     const int64_t tk = kt.end - kt.start;
-    dnnl_sgemm('N', 'T', rows, tk, d, 1.0f, w.q.data(), d, kb + kt.start * d, d, 0.0f, w.s.data(), tk);
-    if (kind == kPartial) ApplyMask(p, qt, kt, w.s.data());
     SoftmaxStep(rows, tk, d, w.s.data(), w.m.data(), w.l.data(), w.acc.data());
     dnnl_sgemm('N', 'N', rows, d, tk, 1.0f, w.s.data(), tk, vb + kt.start * d, d, 1.0f, w.acc.data(), d);
   }
@@ -267,13 +277,10 @@ void BackwardItem(const Problem &p, const Grads &g, int64_t b, int64_t h, const 
   }
   std::fill_n(w.acc.begin(), rows * d, 0.0f);
   for (const Tile &whole : p.k_tiles) {
-    const Kind kind = Classify(p, qt, whole);
-    if (kind == kSkip) continue;
-    const Tile kt = CausalCut(p, qt, whole);
-    const int64_t tk = kt.end - kt.start;
+    Tile kt;
     float *s = w.s.data(), *ds = w.ds.data();
-    dnnl_sgemm('N', 'T', rows, tk, d, 1.0f, w.q.data(), d, kb + kt.start * d, d, 0.0f, s, tk);
-    if (kind == kPartial) ApplyMask(p, qt, kt, s);
+    if (!Scores(p, qt, whole, w.q.data(), kb, s, &kt)) continue;
+    const int64_t tk = kt.end - kt.start;
     dnnl_sgemm('N', 'T', rows, tk, d, 1.0f, w.dout.data(), d, vb + kt.start * d, d, 0.0f, ds, tk);
     for (int64_t r = 0; r < rows; ++r) {
       float *sr = s + r * tk, *dr = ds + r * tk;
