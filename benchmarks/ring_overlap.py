@@ -185,8 +185,8 @@ def main():
     args = parser.parse_args()
     if args.as_worker:
         return worker_main(args)
-    from results_table import write_table
-    print(f"wrote {write_table(report(launch(args, tempfile.mkdtemp(prefix='mfls_overlap_'))), 'ring_overlap')}")
+    from bench_table import write_table
+    write_table(report(launch(args, tempfile.mkdtemp(prefix='mfls_overlap_'))), "ring_overlap.csv")
     return None
 
 

@@ -13,7 +13,8 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from mf_longseq.attention.hybrid import hybrid_attention
-from mf_longseq.attention.kernel import BlockwiseKernel, LocalAttention, default_scale
+from mf_longseq.attention.kernel import LocalAttention, default_scale
+from mf_longseq.attention.select import select_kernel
 from mf_longseq.attention.mask import AttentionMask, DenseMask, same_sample_mask
 from mf_longseq.attention.ring import RingAttention
 from mf_longseq.attention.ulysses import ulysses_attention
@@ -119,7 +120,8 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
         causal: causal mask from global positions.
         layout: ``zigzag`` or ``contiguous``; the same layout comes out.
         scale: softmax scale, default 1/sqrt(D).
-        kernel: local kernel (default ``BlockwiseKernel()``; ``select_kernel`` picks FlashAttention on Ascend).
+        kernel: local kernel (default ``select_kernel(mesh.device_target)``: FlashAttention on Ascend, the fused
+            C++ kernel on CPU).
         use_alltoall: Ulysses exchange: AlltoAll (True) or the AllGather-based one (False).
         segment_ids: global document id of every token (packed sequences): (S,) shared by the batch, or
             (B, S) per sample; None for one document.
@@ -138,7 +140,7 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
             segment_ids or dense_mask of a shape other than the above.
     """
     algo = _check_algo(algo, mesh)
-    kernel = kernel or BlockwiseKernel()
+    kernel = kernel or select_kernel(mesh.device_target)
     scale = default_scale(q.shape[-1]) if scale is None else scale
 
     def run(q, k, v, ids, dense):

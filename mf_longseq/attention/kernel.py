@@ -6,11 +6,13 @@ key tokens of this call, D head dim, R = G * tile rows (a tile's queries of all 
     q (B, N, S_q, D), k and v (B, K, S_k, D)  ->  out (B, N, S_q, D) in q's dtype, lse (B, N, S_q) float32
 
 ``lse`` is the natural-log sum of exp(scores) over the visible keys (-inf where a query sees none) so partial
-results merge exactly (``merge``).  Two kernels share this contract:
+results merge exactly (``merge``).  Three kernels share this contract:
 
-* ``BlockwiseKernel`` (CPU, GPU): tiles of ``block_size``; online softmax in float32 (FlashAttention-2); tiles
-  that ``AttentionMask`` marks SKIP cost nothing, FULL tiles use no mask; GQA by stacking a kv head's G query
-  heads as rows of one matmul, never repeating K/V.  Backward recomputes each tile from (q, k, v, lse).
+* ``BlockwiseKernel`` (the reference; GPU, and CPU without a C++ compiler): tiles of ``block_size``; online
+  softmax in float32 (FlashAttention-2); tiles that ``AttentionMask`` marks SKIP cost nothing, FULL tiles use no
+  mask; GQA by stacking a kv head's G query heads as rows of one matmul, never repeating K/V.  Backward recomputes each tile from (q, k, v, lse).
+* ``FusedCpuKernel`` (CPU, ``cpu_fused.py``): the same algorithm in C++ as a MindSpore AOT custom operator,
+  tile GEMMs through oneDNN, PARTIAL masks computed in the kernel from positions; the CPU default.
 * ``FlashKernel`` (Ascend): FlashAttentionScore / FlashAttentionScoreGrad, arguments from ``flash.py``.
 
 No S x S tensor exists in either direction: the largest temporary is (B, K, R, tile_k).
@@ -168,14 +170,6 @@ class BlockwiseKernel:
         if cursor < s_k:
             pieces.append(ops.zeros((b, kv_heads, s_k - cursor, d), ms.float32))
         return ops.cat(pieces, axis=2) if len(pieces) > 1 else pieces[0]
-
-
-def select_kernel(device_target: str = "CPU", block_size: int = 2048, use_flash_attention: bool = True):
-    """The kernel for a backend: FlashAttentionScore on Ascend (when flash attention is on), blockwise elsewhere."""
-    if device_target == "Ascend" and use_flash_attention:
-        from mf_longseq.attention.flash import FlashKernel
-        return FlashKernel()
-    return BlockwiseKernel(block_size)
 
 
 def default_scale(head_dim: int) -> float:

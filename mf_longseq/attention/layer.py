@@ -22,7 +22,7 @@ import numpy as np
 from mindspore import nn
 
 from mf_longseq.attention.api import context_parallel_attention
-from mf_longseq.attention.kernel import select_kernel
+from mf_longseq.attention.select import select_kernel
 from mf_longseq.attention.mask import dense_attention_mask
 
 _DENSE_CACHE = {}         # one entry: the dense mask of the current step, shared by every layer

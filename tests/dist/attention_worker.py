@@ -16,7 +16,7 @@ from worker_main import join_launch, run_cases  # noqa: E402
 def run_case(case, rank, out_dir):
     import mindspore as ms
     from mindspore import Tensor
-    from mf_longseq.attention import BlockwiseKernel, context_parallel_attention
+    from mf_longseq.attention import context_parallel_attention, select_kernel
     from mf_longseq.parallel import Mesh, global_positions, shard_sequence
 
     mesh = Mesh(dp=case.dp, cp=case.cp, ulysses=case.ulysses, rank=rank).create_groups()
@@ -27,7 +27,7 @@ def run_case(case, rank, out_dir):
             for name, shape in (("q", (b, s, n, d)), ("k", (b, s, kv, d)), ("v", (b, s, kv, d)),
                                 ("dout", (b, s, n, d)))}
     local = {name: Tensor(shard_sequence(x, mesh, case.layout, seq_dim=1)) for name, x in full.items()}
-    kernel = BlockwiseKernel(case.block)
+    kernel = select_kernel("CPU", case.block)          # the CPU default: the fused kernel
 
     def loss(q, k, v):
         out = context_parallel_attention(q, k, v, mesh=mesh, algo=case.algo, causal=case.causal,

@@ -147,14 +147,14 @@ def inputs(case: PackedCase, dp_id: int):
 def run_case(case: PackedCase, rank: int, out_dir: str) -> None:
     import mindspore as ms
     from mindspore import Tensor
-    from mf_longseq.attention import BlockwiseKernel, context_parallel_attention
+    from mf_longseq.attention import context_parallel_attention, select_kernel
     from mf_longseq.parallel import Mesh, global_positions, shard_sequence
 
     mesh = Mesh(dp=case.dp, cp=case.cp, ulysses=case.ulysses, rank=rank).create_groups()
     dp_id = mesh.coords()["dp_id"]
     local = {name: Tensor(shard_sequence(x, mesh, case.layout, seq_dim=1))
              for name, x in inputs(case, dp_id).items()}
-    ids, kernel = segment_ids(case), BlockwiseKernel(case.block)
+    ids, kernel = segment_ids(case), select_kernel("CPU", case.block)     # CPU default: fused kernel
 
     def loss(q, k, v):
         out = context_parallel_attention(q, k, v, mesh=mesh, algo=case.algo, causal=True, layout=case.layout,

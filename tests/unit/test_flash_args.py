@@ -227,7 +227,7 @@ def test_mindspore_primitives_accept_the_built_arguments():
     """MindSpore 2.9's FlashAttentionScore / FlashAttentionScoreGrad constructors take every argument set
     (building a primitive needs no device) and keep the values; select_kernel picks FlashKernel on Ascend."""
     from mf_longseq.attention.flash import AscendPrimitives
-    from mf_longseq.attention.kernel import select_kernel
+    from mf_longseq.attention.select import select_kernel
     prims = AscendPrimitives()
     pos, zz = np.arange(32), np.r_[0:8, 24:32]
     doc = docs_from_ends([3, 30, 32], 32)

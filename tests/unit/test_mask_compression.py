@@ -16,6 +16,7 @@ from mindspore import Tensor
 from oracle import causal_allowed, reference_attention
 import mf_longseq.attention.layer as layer_mod
 from mf_longseq.attention.api import ring_masks
+from mf_longseq.attention.cpu_fused import FusedCpuKernel
 from mf_longseq.attention.layer import ContextParallelAttention, release_dense_mask
 from mf_longseq.attention.mask import (COMPRESSED_MASK_SIZE, AttentionMask, DenseMask, compressed_causal_mask,
                                        dense_attention_mask)
@@ -58,7 +59,7 @@ def test_dense_tiles_equal_position_tiles(layout):
 
 
 class MaskSpy:
-    """Records which mask classes reach the kernel and whether a dense mask is built."""
+    """Records which mask classes reach the kernel (blockwise or fused) and whether a dense mask is built."""
 
     def __init__(self, monkeypatch):
         self.dense_calls, self.kinds = [], set()
@@ -74,6 +75,12 @@ class MaskSpy:
             self.kinds.add(type(mask).__name__)
             return original(mask, block)
         monkeypatch.setattr(AttentionMask, "plan", plan)
+        mask_args = FusedCpuKernel._mask_args                 # the fused CPU kernel takes masks here (no plan)
+
+        def fused(kernel, mask, *args):
+            self.kinds.add(type(mask).__name__)
+            return mask_args(kernel, mask, *args)
+        monkeypatch.setattr(FusedCpuKernel, "_mask_args", fused)
 
 
 def run_layer(seq_len, compression, segment_ids=None, block=16, b=2, n=4, kv=2, d=8, seed=0):
