@@ -399,6 +399,13 @@ def _lookup(tree: Mapping, path: str):
     return True, node
 
 
+def node_at(tree: Mapping, path: str, default: Any = None) -> Any:
+    """The value at the dotted key ``path`` of a YAML tree (``"runner_config.batch_size"``); ``default`` when a
+    part is missing, is not a mapping, or the value is null."""
+    found, node = _lookup(tree, path)
+    return default if not found or node is None else node
+
+
 # Keys MindFormers 1.9 accepts under parallel_config (TransformerOpParallelConfig's arguments): any other key
 # fails there at build time, so it is reported here first, with a did-you-mean.
 PARALLEL_CONFIG_KEYS = ("data_parallel", "model_parallel", "context_parallel", "expert_parallel", "pipeline_stage",

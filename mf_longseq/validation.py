@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
 
 from mf_longseq.config import (MAX_COUNT, MODEL_KEY_ALIASES, PARALLEL_CONFIG_KEYS, ConfigError, LongSeqConfig,
-                               _check_sections, canonical_model_keys, model_config_section)
+                               _check_sections, canonical_model_keys, model_config_section, node_at)
 
 # Sections a run reads besides those LongSeqConfig reads (config._SECTIONS): each must be a mapping when present.
 RUN_SECTIONS = ("runner_config", "optimizer", "lr_schedule", "recompute_config", "swap_config", "train_dataset",
@@ -119,7 +119,7 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
     tree = load_tree(source)
     _check_sections(tree)
     for path in RUN_SECTIONS:
-        node = _node(tree, path)
+        node = node_at(tree, path)
         if node is not None and not isinstance(node, Mapping):
             raise ConfigError(path, node, "must be a section (a mapping of keys)",
                               f"write {path}: followed by indented keys")
@@ -192,7 +192,7 @@ def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[
     """
     refusals: List[ConfigError] = []
     refusals += _positive_ints(tree, ("runner_config.batch_size", "runner_config.epochs"))
-    seed = _node(tree, "seed")
+    seed = node_at(tree, "seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 32):
         refusals.append(ConfigError("seed", seed, "must be an integer in [0, 2**32)", "set seed: 0"))
     if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_COUNT):
@@ -215,7 +215,7 @@ def _train_refusals(tree: Mapping) -> List[ConfigError]:
 def _recompute_refusals(tree: Mapping) -> List[ConfigError]:
     from mf_longseq.models.build import check_recompute
     try:
-        check_recompute((_node(tree, "recompute_config") or {}).get("recompute", False))   # null refused, as build
+        check_recompute((node_at(tree, "recompute_config") or {}).get("recompute", False))   # null refused, as build
     except ConfigError as err:
         return [err]
     return []
@@ -227,7 +227,7 @@ def _registered_types(tree: Mapping) -> List[ConfigError]:
     out = []
     for path, kind in (("optimizer.type", MindFormerModuleType.OPTIMIZER), ("lr_schedule.type", MindFormerModuleType.LR),
                        ("train_dataset.data_loader.type", MindFormerModuleType.DATASET_LOADER)):
-        name = _node(tree, path)
+        name = node_at(tree, path)
         if name is None:
             continue
         if not isinstance(name, str) or not MindFormerRegister.is_exist(kind, name):
@@ -243,17 +243,17 @@ def _optimizer_refusals(tree: Mapping) -> List[ConfigError]:
     out = []
     for path in ("optimizer.learning_rate", "optimizer.eps", "optimizer.weight_decay", "lr_schedule.learning_rate",
                  "lr_schedule.lr_end", "lr_schedule.warmup_ratio"):
-        value = _node(tree, path)
+        value = node_at(tree, path)
         if value is not None and not (_is_number(value) and value >= 0):
             out.append(ConfigError(path, value, "must be a finite non-negative number", f"set {path} to e.g. 1.e-4"))
-    ratio = _node(tree, "lr_schedule.warmup_ratio")
+    ratio = node_at(tree, "lr_schedule.warmup_ratio")
     if _is_number(ratio) and ratio > 1:
         out.append(ConfigError("lr_schedule.warmup_ratio", ratio, "must be in [0, 1]", "set a fraction of the run"))
     for path, low in (("lr_schedule.warmup_steps", 0), ("lr_schedule.total_steps", -1)):
-        value = _node(tree, path)
+        value = node_at(tree, path)
         if value is not None and (not _is_int(value) or not low <= value <= MAX_COUNT):
             out.append(ConfigError(path, value, f"must be an integer >= {low}", f"set {path} to {max(low, 0)} or more"))
-    betas = _node(tree, "optimizer.betas")
+    betas = node_at(tree, "optimizer.betas")
     if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2
                                   and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         out.append(ConfigError("optimizer.betas", betas, "need two numbers in [0, 1)", "write betas: [0.9, 0.95]"))
@@ -280,7 +280,7 @@ def check_mindformers(tree: Mapping) -> None:
     """
     from mindformers.modules.transformer.transformer import (TransformerOpParallelConfig,
                                                              TransformerRecomputeConfig, TransformerSwapConfig)
-    parallel = dict(_node(tree, "parallel_config") or {})
+    parallel = dict(node_at(tree, "parallel_config") or {})
     for key in _PARALLEL_BOOLS:
         if key in parallel and not isinstance(parallel[key], bool):
             raise ConfigError(f"parallel_config.{key}", parallel[key], "must be True or False",
@@ -295,9 +295,9 @@ def check_mindformers(tree: Mapping) -> None:
     if "mem_coeff" in parallel and not (_is_number(parallel["mem_coeff"]) and parallel["mem_coeff"] >= 0):
         raise ConfigError("parallel_config.mem_coeff", parallel["mem_coeff"], "must be a finite non-negative number",
                           "write parallel_config.mem_coeff: 0.1 (MindFormers' default) or remove it")
-    recompute = _mindformers("recompute_config", TransformerRecomputeConfig, _node(tree, "recompute_config") or {})
-    swap = _mindformers("swap_config", TransformerSwapConfig, _node(tree, "swap_config") or {})
-    if _node(tree, "parallel_config.pipeline_stage", 1) != 1:
+    recompute = _mindformers("recompute_config", TransformerRecomputeConfig, node_at(tree, "recompute_config") or {})
+    swap = _mindformers("swap_config", TransformerSwapConfig, node_at(tree, "swap_config") or {})
+    if node_at(tree, "parallel_config.pipeline_stage", 1) != 1:
         parallel["vocab_emb_dp"] = False                      # as build_parallel_config does
     _mindformers("parallel_config", lambda **kw: TransformerOpParallelConfig(recompute=recompute, swap=swap, **kw),
                  parallel)
@@ -320,15 +320,6 @@ def _mindformers(section: str, build, values: Mapping):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _node(tree: Mapping, path: str, default=None):
-    node: Any = tree
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return default if node is None else node
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -340,7 +331,7 @@ def _is_number(value) -> bool:
 def _positive_ints(tree: Mapping, paths: Sequence[str]) -> List[ConfigError]:
     out = []
     for path in paths:
-        value = _node(tree, path)
+        value = node_at(tree, path)
         if value is not None and (not _is_int(value) or not 1 <= value <= MAX_COUNT):
             out.append(ConfigError(path, value, f"must be a positive integer (at most {MAX_COUNT})",
                                    f"set {path}: 1 or more"))

@@ -26,33 +26,24 @@ AdamW, an unknown lr_schedule type (or lr_schedule keys without a type).
 import os
 from typing import Any, List
 
-from mf_longseq.config import ConfigError
+from mf_longseq.config import ConfigError, node_at
 
 WRAPPER_KEYS = ("type", "auto_register", "use_clip_grad", "max_grad_norm", "scale_sense")
 CHECKPOINT_KEYS = ("type", "save_checkpoint_steps")
 DATASET_TYPES = (None, "LongSeqCausalLanguageModelDataset", "CausalLanguageModelDataset")
 
 
-def _get(tree: dict, dotted: str, default: Any = None) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return default if node is None else node
-
-
 def _runner(tree: dict) -> List[ConfigError]:
     out = []
-    accumulation = _get(tree, "runner_config.gradient_accumulation_steps", 1)
+    accumulation = node_at(tree, "runner_config.gradient_accumulation_steps", 1)
     if accumulation != 1:
         out.append(ConfigError("runner_config.gradient_accumulation_steps", accumulation, "mf-longseq train applies "
                                "one update per batch", "set it to 1 and multiply runner_config.batch_size instead "
                                "(the same gradient: the loss is the mean over every token of the step)"))
-    if _get(tree, "runner_config.sink_mode", False):
+    if node_at(tree, "runner_config.sink_mode", False):
         out.append(ConfigError("runner_config.sink_mode", True, "mf-longseq train runs PyNative steps (no data "
                                "sinking)", "set sink_mode: False"))
-    epochs = _get(tree, "runner_config.epochs", 1)
+    epochs = node_at(tree, "runner_config.epochs", 1)
     if epochs != 1:
         out.append(ConfigError("runner_config.epochs", epochs, "mf-longseq train runs --steps updates (the data "
                                "repeats as needed)", "set epochs: 1 and pass --steps"))
@@ -107,7 +98,7 @@ def _callbacks(tree: dict) -> List[ConfigError]:
 
 def _dataset(tree: dict) -> List[ConfigError]:
     out = []
-    loader = _get(tree, "train_dataset.data_loader", {}) or {}
+    loader = node_at(tree, "train_dataset.data_loader", {}) or {}
     if not isinstance(loader, dict):
         return [ConfigError("train_dataset.data_loader", loader, "must be a mapping",
                             "write data_loader: {type: MindDataset, dataset_dir: ...}")]
@@ -123,11 +114,11 @@ def _dataset(tree: dict) -> List[ConfigError]:
     if not os.path.exists(directory):
         out.append(ConfigError("train_dataset.data_loader.dataset_dir", directory, "no such file or directory",
                                "give an existing .mindrecord file or a directory of them"))
-    columns = _get(tree, "train_dataset.input_columns", ["input_ids"])
+    columns = node_at(tree, "train_dataset.input_columns", ["input_ids"])
     if columns != ["input_ids"]:
         out.append(ConfigError("train_dataset.input_columns", columns, "mf-longseq train reads the input_ids column "
                                "(packing comes from create_compressed_eod_mask)", "set input_columns: [input_ids]"))
-    kind = _get(tree, "train_dataset_task.type")
+    kind = node_at(tree, "train_dataset_task.type")
     if kind not in DATASET_TYPES:
         out.append(ConfigError("train_dataset_task.type", kind, "mf-longseq train builds MindFormers' causal-LM "
                                "dataset", f"use one of {', '.join(t for t in DATASET_TYPES if t)}"))
