@@ -24,7 +24,7 @@ CheckpointMonitor keys, a missing dataset_dir, other data loaders or input colum
 AdamW, an unknown lr_schedule type (or lr_schedule keys without a type).
 """
 import os
-from typing import Any, List
+from typing import List
 
 from mf_longseq.config import ConfigError, node_at
 
