@@ -43,25 +43,6 @@ def _host_count_as_if_every_rank_equal():
     mf_inputs.global_count = counted
 
 
-def _step_recorder():
-    from mindspore.train import Callback
-
-    class StepRecorder(Callback):
-        """What one step handed to the callbacks: the wrapper and its outputs' shapes / dtypes."""
-
-        def __init__(self):
-            super().__init__()
-            self.steps = []
-
-        def on_train_step_end(self, run_context):
-            params = run_context.original_args()
-            outputs = params.net_outputs
-            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-            self.steps.append({"wrapper": params.train_network,
-                               "outputs": [(tuple(o.shape), str(o.dtype)) for o in outputs if hasattr(o, "shape")]})
-    return StepRecorder()
-
-
 def mf_route_step():
     """One step of the Trainer route with ``MFTrainOneStepCell`` on this rank (see the module docstring)."""
     from collections import Counter
@@ -72,7 +53,7 @@ def mf_route_step():
     from cases_comm import Recorder
     from mf_longseq.attention.flash import FlashKernel
     from mf_longseq.train.mf_wrapper import plugin_model
-    from mf_route import SEQ, VOCAB, RouteCase, route_config, write_tokens
+    from mf_route import SEQ, VOCAB, RouteCase, loss_recorder, route_config, write_tokens
     work = Path.cwd()
     data = write_tokens(work / "tokens.mindrecord",
                         np.random.default_rng(0).integers(3, VOCAB, (1, SEQ + 1)))
@@ -83,11 +64,12 @@ def mf_route_step():
     os.environ.setdefault("REGISTER_PATH", str(Path(__file__).resolve().parents[2] / "mf_longseq"))
     build_context(cfg)
     assert ms.get_context("device_target") == "Ascend", ms.get_context("device_target")
-    recorder = _step_recorder()
+    recorder = loss_recorder()
     with Recorder() as rec:
         Trainer(cfg, callbacks=[recorder]).train()
-    assert len(recorder.steps) == 1, f"{len(recorder.steps)} steps ran, 1 expected"
-    wrapper, outputs = recorder.steps[0]["wrapper"], recorder.steps[0]["outputs"]
+    assert len(recorder.losses) == 1, f"{len(recorder.losses)} steps ran, 1 expected"
+    wrapper, outputs = recorder.last.train_network, recorder.last.net_outputs
+    outputs = [(tuple(o.shape), str(o.dtype)) for o in outputs if hasattr(o, "shape")]
     assert type(wrapper) is MFTrainOneStepCell, type(wrapper)
     assert isinstance(wrapper.loss_scaling_manager, DynamicLossScaleUpdateCell), wrapper.loss_scaling_manager
     assert wrapper.use_clip_grad and wrapper.reducer_flag, (wrapper.use_clip_grad, wrapper.reducer_flag)
