@@ -100,16 +100,18 @@ def route_config(case: RouteCase, data_path: str, output_dir: str):
 
 
 def loss_recorder():
-    """A MindSpore Callback collecting the loss MindFormers' wrapper returns at every step (``.losses``)."""
+    """A MindSpore Callback collecting the loss MindFormers' wrapper returns at every step (``.losses``); ``.last``:
+    the last step's callback parameters (``train_network``: the wrapper, ``net_outputs``: what it returned)."""
     from mindspore.train import Callback
     from mindformers.core.callback.callback import _get_loss_output
 
     class Recorder(Callback):
         def __init__(self):
             super().__init__()
-            self.losses = []
+            self.losses, self.last = [], None
 
         def on_train_step_end(self, run_context):
+            self.last = run_context.original_args()
             self.losses.append(float(_get_loss_output(run_context.original_args().net_outputs)[0]))
 
     return Recorder()

@@ -48,6 +48,7 @@ def _load_cases() -> None:
     import cases_flash   # noqa: F401  (registers)
     import cases_comm    # noqa: F401
     import cases_model   # noqa: F401
+    import cases_mf_route  # noqa: F401
 
 
 def all_cases(module=None):

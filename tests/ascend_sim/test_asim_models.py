@@ -1,7 +1,6 @@
-"""One training step per model family, and one decoder layer per template (cases in ``cases_model.py``).
-
-Not here yet: one step of MindFormers' own Trainer route with ``MFTrainOneStepCell`` (loss scaling, clipping)
-on rank 0 of cp = 2; that route is being built in another branch (issue 10) and is added at its merge.
+"""One training step per model family, and one decoder layer per template (cases in ``cases_model.py``); one
+step of MindFormers' own Trainer route with ``MFTrainOneStepCell`` (loss scaling, clipping) on rank 0 of cp = 2
+(``cases_mf_route.py``).
 """
 import pytest
 
@@ -12,6 +11,11 @@ from cases_model import template_files
 
 @pytest.mark.parametrize("sim_case", cases_of("cases_model", lambda b, name: not b.startswith("templates_")))
 def test_training_step(sim, sim_case):
+    check_case(sim, sim_case)
+
+
+@pytest.mark.parametrize("sim_case", cases_of("cases_mf_route"))
+def test_mindformers_trainer_route_step(sim, sim_case):
     check_case(sim, sim_case)
 
 
