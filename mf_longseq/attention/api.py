@@ -126,7 +126,8 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
         segment_ids: global document id of every token (packed sequences): (S,) shared by the batch, or
             (B, S) per sample; None for one document.
         dense_mask: uint8 (S, S) or (1, 1, S, S) shared by the batch, or (B, 1, S, S) per sample, 1 = masked:
-            the uncompressed MindFormers mask; visibility is then read from it.  None (default,
+            the uncompressed MindFormers mask; a key is visible where it is 0 AND ``causal`` and
+            ``segment_ids`` allow it.  None (default,
             use_attn_mask_compression) builds nothing S x S.
 
     Per-sample inputs stay per sample: samples with equal ids and equal dense masks run together, every other

@@ -195,10 +195,15 @@ class DenseMask(AttentionMask):
         return self.grid[0, 0] if self.grid.ndim == 4 else self.grid
 
     def allowed(self, qs: int, qe: int, ks: int, ke: int) -> np.ndarray:
+        """Visible where the grid says 0 AND the causal / document rules of ``AttentionMask`` allow it."""
         q, k = self.q_pos[qs:qe], self.k_pos[ks:ke]
-        if _consecutive(q) and _consecutive(k):                                   # a tile: a view, no copy
-            return self._grid()[q[0]:q[-1] + 1, k[0]:k[-1] + 1] == 0              # (qe-qs, ke-ks)
-        return self._grid()[np.ix_(q, k)] == 0
+        if _consecutive(q) and _consecutive(k):                                   # a tile: slice a view
+            ok = self._grid()[q[0]:q[-1] + 1, k[0]:k[-1] + 1] == 0                # (qe-qs, ke-ks)
+        else:
+            ok = self._grid()[np.ix_(q, k)] == 0
+        if self.causal or self.has_docs:
+            ok &= AttentionMask.allowed(self, qs, qe, ks, ke)
+        return ok
 
     def classify(self, qs: int, qe: int, ks: int, ke: int) -> str:
         ok = self.allowed(qs, qe, ks, ke)

@@ -50,3 +50,29 @@ def test_per_sample_inputs_of_the_wrong_batch_are_refused():
         context_parallel_attention(q, k, k, mesh=Mesh(rank=0), dense_mask=dense_attention_mask(2, S))
     with pytest.raises(ValueError, match=r"segment_ids shape \(2, 32\): expected \(S,\) or \(B, S\) with B = 3"):
         context_parallel_attention(q, k, k, mesh=Mesh(rank=0), segment_ids=np.zeros((2, S), np.int64))
+
+
+def test_dense_mask_is_combined_with_causal_and_documents():
+    """A dense mask never overrides ``causal`` or the document ids: a key is visible only where all allow it."""
+    from per_sample_case import documents
+    pos, ids = np.arange(S), documents(S, 2)[1]
+    zeros = np.zeros((S, S), np.uint8)
+    truth = (pos[None, :] <= pos[:, None]) & (ids[None, :] == ids[:, None])
+    assert np.array_equal(DenseMask(pos, pos, True, ids, ids, grid=zeros).dense(), truth)
+    assert DenseMask(pos, pos, False, grid=zeros).dense().all()
+
+
+def test_dense_mask_with_causal_and_segment_ids_equals_them_alone():
+    """Through the public API: an all-visible dense mask plus causal + segment ids gives the output of causal +
+    segment ids (the path the float64 oracle tests above check)."""
+    from mindspore import Tensor
+    from mf_longseq.attention import context_parallel_attention
+    from per_sample_case import documents
+    rng = np.random.default_rng(3)
+    q = Tensor(rng.standard_normal((1, S, 4, 8)).astype(np.float32))
+    k = Tensor(rng.standard_normal((1, S, 2, 8)).astype(np.float32))
+    ids, mesh = documents(S, 2)[1], Mesh(rank=0)
+    plain = context_parallel_attention(q, k, k, mesh=mesh, causal=True, segment_ids=ids).asnumpy()
+    dense = context_parallel_attention(q, k, k, mesh=mesh, causal=True, segment_ids=ids,
+                                       dense_mask=np.zeros((S, S), np.uint8)).asnumpy()
+    assert np.abs(plain - dense).max() <= TOL          # two kernels (fused; blockwise for dense): float32 rounding
