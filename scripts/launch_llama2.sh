@@ -6,7 +6,7 @@
 #
 # Single node (8 NPUs):  bash scripts/launch_llama2.sh --size 7b --cp 8 --algo colossalai_cp
 # Multi-node, on node R of M (8 NPUs each):
-#   bash scripts/launch_llama2.sh --size 72b --cp 8 --algo hybrid_cp --local-worker-num 8 \
+#   bash scripts/launch_llama2.sh --size 70b --cp 8 --algo hybrid_cp --local-worker-num 8 \
 #        --master-addr <node-0 ip> --node-rank R
 # MindFormers' own entry point on every rank (recommended): add --mindformers <MindFormers checkout>
 #   [--train-dataset-dir <MindRecord>]; without it each rank runs 'mf-longseq train'.

@@ -40,6 +40,21 @@ def _host(x) -> np.ndarray:
     return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
+def check_pretraining_rows(shape, seq_length: int, where: str = "input_ids") -> None:
+    """Refuse a pretraining ``input_ids`` batch whose shape is not (batch, seq_length + 1).
+
+    ``where`` names the data in the message (e.g. ``"train_dataset.data_loader.dataset_dir X: input_ids"``).
+
+    Raises:
+        ValueError: naming ``where``, the shape, the length needed and the fix.
+    """
+    shape = tuple(shape)
+    if len(shape) != 2 or shape[1] != seq_length + 1:
+        raise ValueError(f"{where} of shape {shape}: MindFormers' pretraining column must be (batch, "
+                         f"model.model_config.seq_length + 1 = {seq_length + 1}). Fix: write samples of "
+                         f"{seq_length + 1} tokens, or set seq_length to the sample length - 1.")
+
+
 def whole_batch(seq_length: int, pad_token_id: Optional[int], input_ids, labels=None, loss_mask=None):
     """MindFormers' columns -> whole-sequence (ids, labels, mask) NumPy arrays, each (B, S).
 
@@ -48,10 +63,7 @@ def whole_batch(seq_length: int, pad_token_id: Optional[int], input_ids, labels=
     """
     tokens = _host(input_ids)
     if labels is None:
-        if tokens.ndim != 2 or tokens.shape[1] != seq_length + 1:
-            raise ValueError(f"input_ids of shape {tokens.shape}: MindFormers' pretraining column must be (batch, "
-                             f"model.model_config.seq_length + 1 = {seq_length + 1}). Fix: write samples of "
-                             f"{seq_length + 1} tokens, or set seq_length to the sample length - 1.")
+        check_pretraining_rows(tokens.shape, seq_length)
         ids, labels = tokens[:, :-1], tokens[:, 1:]
         return ids, labels, loss_mask_from_labels(labels, pad_token_id)
     labels, mask = _host(labels), _host(loss_mask).astype(np.float32)
@@ -96,4 +108,5 @@ class GlobalMeanLoss(nn.Cell):
         return dout / count, ops.zeros_like(count)
 
 
-__all__ = ["loss_mask_from_labels", "whole_batch", "local_inputs", "global_count", "GlobalMeanLoss"]
+__all__ = ["loss_mask_from_labels", "check_pretraining_rows", "whole_batch", "local_inputs", "global_count",
+           "GlobalMeanLoss"]

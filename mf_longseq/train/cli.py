@@ -1,7 +1,7 @@
 """The ``train`` and ``demo`` verbs of ``mf-longseq``.
 
-    mf-longseq train --config X.yaml [--steps N] [--workers N] [--data F] [--save-every N] [--output-dir D]
-                     [--resume D]
+    mf-longseq train --config X.yaml [--steps N] [--workers N] [--data F | --dataset-dir D] [--save-every N]
+                     [--output-dir D] [--resume D]
     mf-longseq demo  [--steps 20] [--seq-len 8192] [--workers 2] [--output-dir D] [--dry-run]
 
 ``train`` runs on this process (one rank, or one of several when started by msrun); ``--workers N`` (N > 1)
@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     _common(train)
     train.add_argument("--steps", type=int, default=10, help="the run ends after this update number (default 10)")
     train.add_argument("--data", help="token file: .npy, .bin (raw ints) or .mindrecord (default: synthetic)")
+    train.add_argument("--dataset-dir", help="MindRecord file or directory: overrides the YAML's train_dataset."
+                       "data_loader.dataset_dir (read by MindFormers' dataset builder, as run_mindformer.py does)")
     train.add_argument("--data-dtype", help="integer type of a .bin file (default uint16, int32 if vocab > 65536)")
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end")
     train.add_argument("--resume", help="continue from a run's output dir or one of its checkpoints/step_NNNNNN")
@@ -52,7 +54,8 @@ def _abs(path):
 def _worker_args(args) -> list:
     """The same ``train`` command for the workers, with absolute paths (workers run in the output dir)."""
     out = ["train", "--config", _abs(args.config), "--steps", str(args.steps), "--output-dir", _abs(args.output_dir)]
-    for flag, value in (("--data", _abs(args.data)), ("--data-dtype", args.data_dtype),
+    for flag, value in (("--data", _abs(args.data)), ("--dataset-dir", _abs(args.dataset_dir)),
+                        ("--data-dtype", args.data_dtype),
                         ("--resume", _abs(args.resume)), ("--seed", args.seed)):
         if value is not None:
             out += [flag, str(value)]
@@ -73,10 +76,15 @@ def run_train(args) -> int:
     if args.output_dir is None:
         from mf_longseq.train.checkpoint import run_dir_of
         args.output_dir = run_dir_of(args.resume) if args.resume else DEFAULT_OUTPUT
+    if args.data and args.dataset_dir:
+        raise ValueError(f"--data {args.data} and --dataset-dir {args.dataset_dir}: two data sources. Fix: pass "
+                         "one of them.")
     if args.workers > 1 and not under_msrun():
+        from mf_longseq.train.job import load_tree, with_dataset_dir
         from mf_longseq.train.launch import launch
         from mf_longseq.validation import check_run
-        check_run(args.config, steps=args.steps, devices=args.workers)     # refused here, before msrun starts
+        config = with_dataset_dir(load_tree(args.config), args.dataset_dir) if args.dataset_dir else args.config
+        check_run(config, steps=args.steps, devices=args.workers)          # refused here, before msrun starts
         started = time.time()
         code = launch(_worker_args(args), workers=args.workers, run_dir=args.output_dir, port=args.port,
                       timeout=args.timeout)
@@ -84,7 +92,8 @@ def run_train(args) -> int:
             print_summary(args.output_dir, time.time() - started)
         return code
     from mf_longseq.train.job import JobOptions, run_job
-    run_job(JobOptions(config=args.config, steps=args.steps, data=args.data, data_dtype=args.data_dtype,
+    run_job(JobOptions(config=args.config, steps=args.steps, data=args.data, dataset_dir=args.dataset_dir,
+                       data_dtype=args.data_dtype,
                        save_every=args.save_every, output_dir=args.output_dir, resume=args.resume, seed=args.seed))
     return 0
 
@@ -111,7 +120,8 @@ def run_demo(args) -> int:
     output_dir = args.output_dir or os.path.join("output", "mf_longseq_demo")
     tree = demo_tree(seq_length=args.seq_len, context_parallel=args.workers)
     config = write_demo_config(tree, output_dir)
-    train_args = argparse.Namespace(config=config, steps=args.steps, data=None, data_dtype=None, save_every=0,
+    train_args = argparse.Namespace(config=config, steps=args.steps, data=None, dataset_dir=None, data_dtype=None,
+                                    save_every=0,
                                     output_dir=output_dir, resume=None, seed=None, workers=args.workers,
                                     port=args.port, timeout=args.timeout)
     if args.dry_run:

@@ -38,6 +38,7 @@ class JobOptions:
     config: Any                              # YAML path, dict or MindFormerConfig
     steps: int = 10                          # the run ends after update number `steps` (also when resuming)
     data: Optional[str] = None               # token file; None = synthetic tokens
+    dataset_dir: Optional[str] = None        # overrides train_dataset.data_loader.dataset_dir (MindRecord)
     data_dtype: Optional[str] = None         # dtype of a raw .bin file
     save_every: int = 0                      # checkpoint period in steps (0: no checkpoints)
     output_dir: Optional[str] = None
@@ -78,6 +79,15 @@ def _plain(node):
     if hasattr(node, "to_dict"):
         return _plain(node.to_dict())
     return _plain(vars(node)) if hasattr(node, "__dict__") else str(node)
+
+
+def with_dataset_dir(tree: dict, dataset_dir: Optional[str]) -> dict:
+    """``tree`` with ``train_dataset.data_loader.dataset_dir`` set to ``dataset_dir`` (unchanged when None)."""
+    if dataset_dir is None:
+        return tree
+    dataset = dict(tree.get("train_dataset") or {})
+    dataset["data_loader"] = {**(dataset.get("data_loader") or {"type": "MindDataset"}), "dataset_dir": dataset_dir}
+    return {**tree, "train_dataset": dataset}
 
 
 def model_config_value(tree: dict, key: str, default=None):
@@ -125,7 +135,8 @@ def open_job_source(opts: "JobOptions", tree: dict, mesh, *, vocab: int, seq_len
     directory = ((tree.get("train_dataset") or {}).get("data_loader") or {}).get("dataset_dir")
     if opts.data is None and directory:
         from mf_longseq.train.mf_data import DatasetDirTokens
-        return DatasetDirTokens(tree, dp_id=mesh.coords()["dp_id"], dp=mesh.dp, batch_size=batch_size)
+        return DatasetDirTokens(tree, dp_id=mesh.coords()["dp_id"], dp=mesh.dp, batch_size=batch_size,
+                                seq_length=seq_length)
     return open_source(opts.data, vocab_size=vocab, seq_length=seq_length, seed=seed, dtype=opts.data_dtype,
                        eod_token_id=packing.eod_token_id if packing else None)
 
@@ -134,7 +145,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     """Run the job on this rank (under msrun: every rank runs it). Returns the rank's list of StepRecords."""
     import mindspore as ms
     from mf_longseq.validation import check_run
-    tree = load_tree(opts.config)
+    tree = with_dataset_dir(load_tree(opts.config), opts.dataset_dir)      # --dataset-dir overrides the YAML
     checked = check_run(tree, steps=opts.steps)               # every rule, before any device work
     config = checked.long_seq
     packing = PackingSettings.from_mindformers(tree)                      # None: samples are not packed

@@ -13,7 +13,8 @@ and the model builder):
     lr_schedule.*                               MindFormers' registered schedule (build_lr); total_steps -1: --steps
     runner_wrapper.{use_clip_grad, max_grad_norm}                        train/clip.py (MindFormers' formula)
     train_dataset.data_loader.{type: MindDataset, dataset_dir, shuffle}  read through MindFormers' dataset builder
-                                                                         (train/mf_data.py); --data overrides it
+                                                                         (train/mf_data.py); --dataset-dir sets
+                                                                         it, --data replaces it
     train_dataset_task.type                     LongSeqCausalLanguageModelDataset or CausalLanguageModelDataset
     train_dataset.data_loader.create_compressed_eod_mask (+ eod, eod_pad_length, eod_mask_loss)   train/packing.py
     callbacks: MFLossMonitor (the per-step line); CheckpointMonitor.save_checkpoint_steps (= --save-every)

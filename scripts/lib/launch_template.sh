@@ -17,12 +17,49 @@
 #                          runner wrapper and model are the plugin's, found through auto_register);
 #                          --train-dataset-dir PATH is passed on as --train_dataset_dir (MindRecord).
 #   (default)              'mf-longseq train --config TEMPLATE'; --steps N is passed to it, and
-#                          --train-dataset-dir PATH as --data PATH.
+#                          --train-dataset-dir PATH as --dataset-dir PATH (the template's dataset_dir, read by
+#                          MindFormers' dataset builder with the template's shuffle, as on the other route).
+# --help prints the usage and exits 0.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROOT="$(dirname "$HERE")"
 FAMILY="$1"; shift
 SIZE="*"; SEQ="*"; CP="*"; ALGO="*"; TEMPLATE=""; TRAIN_ARGS=(); PASS=(); MINDFORMERS=""; DATASET=""
+usage() {
+  cat <<EOF
+usage: bash scripts/launch_$FAMILY.sh [--size SIZE] [--seq-len LEN] [--cp N] [--algo ALGO] [--template YAML]
+                                  [--steps N] [--mindformers DIR] [--train-dataset-dir PATH] [launcher flags]
+
+Picks one template yaml_templates/$FAMILY/<size>_<seqlen>_cp<N>_<algo>.yaml (or --template YAML) and starts
+its data_parallel x model_parallel x context_parallel x pipeline_stage ranks with scripts/msrun_launcher.sh.
+
+  --size, --seq-len, --cp, --algo   narrow the template match (each defaults to any)
+  --template YAML                   use this YAML instead of matching
+  --steps N                         default route only: the run ends after update N (default 10)
+  --mindformers DIR                 run DIR/run_mindformer.py (a MindFormers source checkout; the pip wheel has
+                                    no run_mindformer.py) with the plugin registered; the number of steps is
+                                    the template's runner_config.epochs x the dataset's batches
+  --train-dataset-dir PATH          a .mindrecord file or a directory of them (column input_ids, rows of
+                                    seq_length + 1 tokens): --train_dataset_dir on the MindFormers route,
+                                    --dataset-dir on the default route (both set
+                                    train_dataset.data_loader.dataset_dir)
+  -h, --help                        this text
+Every other flag goes to scripts/msrun_launcher.sh (--local-worker-num, --master-addr, --node-rank,
+--master-port, --log-dir, --dry-run, --device CPU, ...; see scripts/msrun_launcher.sh --help).
+
+Routes (what every rank runs):
+  default        python -m mf_longseq.cli train --config TEMPLATE [--steps N] [--dataset-dir PATH]
+  --mindformers  python DIR/run_mindformer.py --config TEMPLATE --register_path <mf_longseq> --use_parallel True
+                 [--train_dataset_dir PATH]
+
+Examples:
+  bash scripts/launch_$FAMILY.sh --template yaml_templates/$FAMILY/FILE.yaml --dry-run
+  bash scripts/launch_$FAMILY.sh --size 7b --seq-len 32k --cp 4 --algo colossalai_cp --steps 100 \\
+       --train-dataset-dir /data/wiki.mindrecord
+  bash scripts/launch_$FAMILY.sh --size 7b --seq-len 32k --cp 4 --algo colossalai_cp \\
+       --mindformers ~/mindformers --train-dataset-dir /data/wiki.mindrecord
+EOF
+}
 need() { if [ $# -lt 2 ]; then echo "launch_$FAMILY: error: $1 needs a value." >&2; exit 2; fi; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,6 +71,7 @@ while [ $# -gt 0 ]; do
     --steps) need "$@"; TRAIN_ARGS+=(--steps "$2"); shift 2 ;;
     --mindformers) need "$@"; MINDFORMERS="$2"; shift 2 ;;
     --train-dataset-dir) need "$@"; DATASET="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
     *) PASS+=("$1"); shift ;;
   esac
 done
@@ -73,6 +111,6 @@ if [ -n "$MINDFORMERS" ]; then
   if [ -n "$DATASET" ]; then RUN+=(--train_dataset_dir "$DATASET"); fi
 else
   RUN=(python -m mf_longseq.cli train --config "$TEMPLATE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
-  if [ -n "$DATASET" ]; then RUN+=(--data "$DATASET"); fi
+  if [ -n "$DATASET" ]; then RUN+=(--dataset-dir "$DATASET"); fi
 fi
 exec bash "$HERE/msrun_launcher.sh" --worker-num auto --config "$TEMPLATE" "${PASS[@]}" -- "${RUN[@]}"

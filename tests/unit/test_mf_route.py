@@ -153,3 +153,21 @@ def test_clipping_uses_the_whole_models_norm_and_mindformers_formula():
         assert float(their_norm.asnumpy()) == pytest.approx(want, rel=1e-6)
         for a, b in zip(clipped, theirs):
             np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_mf_longseq_train_refuses_dataset_dir_rows_of_seq_length(tmp_path):
+    """The trial's case: rows of seq_length (256) tokens under the tiny template, refused naming dataset_dir with
+    the Trainer route's check (seq_length + 1 = 257), before any step."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests"))
+    from mf_route import write_tokens
+    from mf_longseq.train.job import JobOptions, run_job
+    path = write_tokens(tmp_path / "d.mindrecord", np.random.default_rng(0).integers(1, 256, (2, 256)))
+    tree = load_tree(_cfg(TINY_CP1))
+    tree["train_dataset"]["data_loader"].update(dataset_dir=path)
+    stream = io.StringIO()
+    with pytest.raises(ValueError, match=rf"train_dataset.data_loader.dataset_dir {path}: input_ids of shape "
+                                         r"\(1, 256\): MindFormers' pretraining column must be \(batch, "
+                                         r"model.model_config.seq_length \+ 1 = 257\). Fix: write samples of 257"):
+        run_job(JobOptions(config=tree, steps=1), stream=stream)
+    assert "step 1" not in stream.getvalue()

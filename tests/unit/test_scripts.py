@@ -325,3 +325,27 @@ def test_model_script_runs_run_mindformer_with_the_plugin_registered(fake):
     assert no_entry.returncode == 2 and "has no run_mindformer.py" in no_entry.stderr
     steps = run("--template", str(template), "--mindformers", str(checkout), "--steps", "3", "--dry-run")
     assert steps.returncode == 2 and "--steps is a 'mf-longseq train' flag" in steps.stderr
+
+
+def test_model_script_default_route_hands_the_dataset_dir_to_mf_longseq_train(fake):
+    """Without --mindformers, --train-dataset-dir DIR becomes 'mf-longseq train --dataset-dir DIR' (the YAML's
+    dataset_dir, as on the MindFormers route), and --dry-run shows it."""
+    template = ROOT / "yaml_templates" / "llama2" / "7b_32k_cp2_colossalai_cp.yaml"
+    base = dict(os.environ, PATH=f"{fake.tmp / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    ok = subprocess.run(["bash", str(ROOT / "scripts" / "launch_llama2.sh"), "--template", str(template), "--steps",
+                         "3", "--train-dataset-dir", "/data/wiki", "--dry-run", "--device", "CPU"], cwd=fake.tmp,
+                        env=base, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    (line,) = [ln for ln in ok.stdout.splitlines() if ln.startswith("msrun ")]
+    assert line.endswith(f"python -m mf_longseq.cli train --config {template} --steps 3 --dataset-dir /data/wiki")
+
+
+@pytest.mark.parametrize("family", ["llama2", "qwen", "qwen1_5"])
+def test_model_scripts_help_prints_usage_and_exits_0(family):
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / f"launch_{family}.sh"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: bash scripts/launch_{family}.sh") and "templates match" not in proc.stderr
+    for flag in ("--size", "--template", "--steps", "--mindformers", "--train-dataset-dir", "--dry-run", "Examples:"):
+        assert flag in proc.stdout, flag
+    assert "--dataset-dir PATH" in proc.stdout and "--train_dataset_dir PATH" in proc.stdout    # the two routes

@@ -140,3 +140,50 @@ def test_packing_with_pipeline_stages_is_refused_before_device_work(tmp_path, ca
     assert code != 0
     assert "create_compressed_eod_mask = True with parallel_config.pipeline_stage = 2" in out + err
     assert "Fix:" in out + err
+
+
+def _tiny_template_config(tmp_path, seq_length=32):
+    """The shipped tiny LLaMA2 template (dataset_dir empty, shuffle on), at a short seq_length."""
+    tree = yaml.safe_load((ROOT / "yaml_templates" / "tiny" / "llama2_tiny_s256_cp1_colossalai_cp.yaml").read_text())
+    tree["model"]["model_config"]["seq_length"] = seq_length
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_train_dataset_dir_flag_sets_the_yamls_dataset_dir(tmp_path, capsys):
+    """--dataset-dir DIR (a directory, as launch_*.sh --train-dataset-dir passes it) is read as dataset_dir."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from mf_route import write_tokens
+    (tmp_path / "data").mkdir()
+    write_tokens(tmp_path / "data" / "d.mindrecord", np.random.default_rng(0).integers(1, 256, (2, 33)))
+    config = _tiny_template_config(tmp_path)
+    code, out, err = main(["train", "--config", config, "--steps", "1", "--dataset-dir", tmp_path / "data",
+                           "--output-dir", tmp_path / "run"], capsys)
+    assert code == 0, err[-3000:]
+    assert f"data dataset_dir {tmp_path / 'data'}," in out
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["train_dataset"]["data_loader"]["dataset_dir"] == str(tmp_path / "data")
+    code, _, err = main(["train", "--config", config, "--data", "x.npy", "--dataset-dir", tmp_path / "data"], capsys)
+    assert code == 1 and "two data sources. Fix: pass one of them." in err
+
+
+def test_train_refuses_dataset_dir_rows_of_seq_length_and_a_missing_input_ids_column(tmp_path, capsys):
+    """Rows of seq_length tokens (not seq_length + 1), or no input_ids column: refused by key, one line."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from mindspore.mindrecord import FileWriter
+    from mf_route import write_tokens
+    config = _tiny_template_config(tmp_path)
+    short = write_tokens(tmp_path / "short.mindrecord", np.random.default_rng(0).integers(1, 256, (2, 32)))
+    code, _, err = main(["train", "--config", config, "--steps", "1", "--dataset-dir", short], capsys)
+    assert code == 1 and "raise ValueError" not in err
+    assert (f"train_dataset.data_loader.dataset_dir {short}: input_ids of shape (1, 32): MindFormers' pretraining "
+            "column must be (batch, model.model_config.seq_length + 1 = 33). Fix: write samples of 33 tokens") in err
+    writer = FileWriter(str(tmp_path / "text.mindrecord"), 1, overwrite=True)
+    writer.add_schema({"text": {"type": "int32", "shape": [-1]}}, "text")
+    writer.write_raw_data([{"text": np.arange(33, dtype=np.int32)}])
+    writer.commit()
+    code, _, err = main(["train", "--config", config, "--steps", "1", "--dataset-dir", tmp_path / "text.mindrecord"],
+                        capsys)
+    assert code == 1 and "raise ValueError" not in err and "can not found in schema" not in err
+    assert "train_dataset.data_loader.dataset_dir = " in err and "has no input_ids column (columns: ['text'])" in err
