@@ -34,8 +34,11 @@ class ConfigError(ValueError):
     """A broken rule. ``str()`` is the one-line message; ``key`` (YAML key path), ``value``, ``problem`` and
     ``fix`` are kept apart for tools (``mf-longseq validate --json``)."""
 
-    def __init__(self, key: str, value: Any, problem: str, fix: str):
-        super().__init__(f"{key} = {value!r}: {problem}. Fix: {fix}.")
+    def __init__(self, key: str, value: Any = None, problem: Optional[str] = None, fix: Optional[str] = None):
+        if problem is None:     # one argument: a whole message (MindFormers' builder re-raises ``type(e)(msg)``)
+            super().__init__(key)
+        else:
+            super().__init__(f"{key} = {value!r}: {problem}. Fix: {fix}.")
         self.key, self.value, self.problem, self.fix = key, value, problem, fix
 
 

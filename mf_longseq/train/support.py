@@ -24,6 +24,7 @@ any runner_wrapper.scale_sense but 1, other runner_wrapper keys, calculate_per_t
 CheckpointMonitor keys, a missing dataset_dir, other data loaders or input columns, an optimizer other than
 AdamW, an unknown lr_schedule type (or lr_schedule keys without a type).
 """
+import math
 import os
 from typing import List
 
@@ -48,6 +49,18 @@ def _runner(tree: dict) -> List[ConfigError]:
     if epochs != 1:
         out.append(ConfigError("runner_config.epochs", epochs, "mf-longseq train runs --steps updates (the data "
                                "repeats as needed)", "set epochs: 1 and pass --steps"))
+    for key, fix in (("load_checkpoint", "pass --resume RUN_DIR (a checkpoint written by mf-longseq train), or remove "
+                                         "load_checkpoint"),
+                     ("resume_training", "pass --resume RUN_DIR"), ("auto_trans_ckpt", "remove it (--resume "
+                                                                     "reshards across layouts itself)"),
+                     ("src_strategy_path_or_dir", "remove it"), ("do_eval", "set do_eval: False"),
+                     ("profile", "set profile: False")):
+        value = tree.get(key)
+        if value not in (None, False, ""):
+            out.append(ConfigError(key, value, "mf-longseq train does not honour it", fix))
+    mode = tree.get("run_mode") or "train"
+    if mode != "train":
+        out.append(ConfigError("run_mode", mode, "mf-longseq train only trains", "set run_mode: train"))
     if tree.get("calculate_per_token_loss"):
         out.append(ConfigError("calculate_per_token_loss", True, "the plugin's loss is the global mean",
                                "set calculate_per_token_loss: False"))
@@ -62,10 +75,18 @@ def _wrapper(tree: dict) -> List[ConfigError]:
     if scale is not None and not (isinstance(scale, (int, float)) and float(scale) == 1.0):
         out.append(ConfigError("runner_wrapper.scale_sense", scale, "mf-longseq train does no loss scaling "
                                "(float32 / bfloat16 need none)", "remove scale_sense"))
+    if isinstance(scale, bool):
+        out.append(ConfigError("runner_wrapper.scale_sense", scale, "a loss scale is a number, not True/False",
+                               "remove scale_sense"))
+    clip = wrapper.get("use_clip_grad", False)
+    if not isinstance(clip, bool):
+        out.append(ConfigError("runner_wrapper.use_clip_grad", clip, "must be True or False (a string is not read "
+                               "as a boolean)", "write use_clip_grad: True or False"))
     norm = wrapper.get("max_grad_norm", 1.0)
-    if wrapper.get("use_clip_grad") and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm <= 0):
-        out.append(ConfigError("runner_wrapper.max_grad_norm", norm, "must be a positive number",
-                               "e.g. max_grad_norm: 1.0"))
+    if clip is True and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm)
+                         or norm <= 0):
+        out.append(ConfigError("runner_wrapper.max_grad_norm", norm, "must be a finite positive number (inf or nan "
+                               "turns every update into NaN)", "e.g. max_grad_norm: 1.0, or use_clip_grad: False"))
     return out
 
 

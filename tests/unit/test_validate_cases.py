@@ -252,3 +252,26 @@ def test_tree_is_not_changed_by_checking():
     before = copy.deepcopy(tree)
     check_run(tree)
     assert tree == before
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"runner_wrapper__max_grad_norm": float("inf")}, "runner_wrapper.max_grad_norm"),     # every loss NaN
+    ({"runner_wrapper__max_grad_norm": float("nan")}, "runner_wrapper.max_grad_norm"),
+    ({"runner_wrapper__use_clip_grad": "False"}, "runner_wrapper.use_clip_grad"),         # a truthy string
+    ({"runner_wrapper__scale_sense": True}, "runner_wrapper.scale_sense"),
+    ({"load_checkpoint": "/nonexistent/x.ckpt"}, "load_checkpoint"),                      # silently ignored before
+    ({"resume_training": True}, "resume_training"),
+    ({"run_mode": "predict"}, "run_mode"),
+    ({"do_eval": True}, "do_eval"),
+    ({"callbacks": [{"type": "CheckpointMonitor", "save_checkpoint_steps": "x"}]},
+     "callbacks[0].save_checkpoint_steps"),
+])
+def test_keys_train_would_ignore_or_misread_are_refused(changes, key):
+    """Found by an adversarial pass after the merge of issues 10 and 11: each validated and then misbehaved."""
+    refused(template(**changes), key)
+
+
+def test_a_config_error_rebuilt_from_its_message_keeps_it():
+    """MindFormers' builder re-raises ``type(e)(str(e))``: the plugin's message must survive that."""
+    err = ConfigError("model.model_config.num_heads", 3, "must divide hidden_size", "use 4")
+    assert str(type(err)(str(err))) == str(err)
