@@ -41,6 +41,9 @@ def _tiny_tree(relative, dp, mp, cp, pp):
     tree = copy.deepcopy(_load(relative))
     model = tree["model"]["model_config"]
     model.update(TINY_MODEL)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):     # the template's ids lie past the tiny vocab
+        if key in model:
+            model[key] = min(model[key], TINY_MODEL["vocab_size"] - 1)
     tree["parallel_config"].update(data_parallel=dp, model_parallel=mp, context_parallel=cp, pipeline_stage=pp,
                                    micro_batch_num=max(pp, 1))
     if tree["parallel_config"]["context_parallel_algo"] == "hybrid_cp":
