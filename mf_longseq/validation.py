@@ -70,7 +70,14 @@ def load_tree(source: Any) -> dict:
         tree = _read_yaml(source)
         if isinstance(tree, dict) and "base_config" in tree:
             from mindformers import MindFormerConfig
-            tree = MindFormerConfig(source)
+            try:
+                tree = MindFormerConfig(source)
+            except OSError as err:
+                raise InputError("base_config", tree["base_config"], f"cannot be read ({err.strerror or err})",
+                                 "point base_config at an existing YAML (relative to this file)") from None
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
+                raise ConfigError("base_config", tree["base_config"], f"MindFormers cannot merge it ({err})",
+                                  "point base_config at a MindFormers YAML mapping") from None
     else:
         import copy
         tree = copy.deepcopy(source)
@@ -96,7 +103,10 @@ def _read_yaml(path: str) -> Any:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError("CONFIG", path, f"is not valid YAML{line}", "fix the YAML syntax") from None
+        raise ConfigError("CONFIG", path, f"is not valid YAML{line} ({getattr(err, 'problem', None) or err})",
+                          "fix the YAML syntax") from None
+    except ValueError as err:           # e.g. an integer of more than 4300 digits (Python's int() limit)
+        raise ConfigError("CONFIG", path, f"holds a value YAML cannot read ({err})", "fix that value") from None
     return {} if tree is None else tree
 
 

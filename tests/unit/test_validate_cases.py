@@ -275,3 +275,18 @@ def test_a_config_error_rebuilt_from_its_message_keeps_it():
     """MindFormers' builder re-raises ``type(e)(str(e))``: the plugin's message must survive that."""
     err = ConfigError("model.model_config.num_heads", 3, "must divide hidden_size", "use 4")
     assert str(type(err)(str(err))) == str(err)
+
+
+def test_missing_base_config_and_unreadable_values_are_named(tmp_path):
+    """A base_config that does not exist is an I/O error (exit 2) naming it; an integer YAML cannot read (more
+    than 4300 digits) is a refusal naming the file, not a traceback."""
+    text = TINY.read_text()
+    missing = tmp_path / "b.yaml"
+    missing.write_text("base_config: nothere.yaml\n" + text)
+    with pytest.raises(InputError) as info:
+        check_run(str(missing))
+    assert info.value.key == "base_config"
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(text.replace("seq_length: 256", "seq_length: 1" + "0" * 5000, 1))
+    with pytest.raises(ConfigError, match="holds a value YAML cannot read"):
+        check_run(str(huge))
