@@ -22,7 +22,10 @@ and the model builder):
 Refused, each with its fix: gradient_accumulation_steps > 1, sink_mode, epochs other than 1 (--steps decides),
 any runner_wrapper.scale_sense but 1, other runner_wrapper keys, calculate_per_token_loss, other callbacks and
 CheckpointMonitor keys, a missing dataset_dir, other data loaders or input columns, an optimizer other than
-AdamW, an unknown lr_schedule type (or lr_schedule keys without a type).
+AdamW, an unknown lr_schedule type (or lr_schedule keys without a type), optimizer keys AdamW does not read,
+select_recompute, a train_dataset.batch_size other than runner_config.batch_size, MFLossMonitor options,
+load_checkpoint / resume_training / auto_trans_ckpt / src_strategy_path_or_dir (use --resume), do_eval, profile,
+run_mode other than train, a non-boolean use_clip_grad and a max_grad_norm that is not finite and positive.
 """
 import math
 import os
@@ -103,6 +106,8 @@ def _callbacks(tree: dict) -> List[ConfigError]:
             continue
         kind = callback.get("type")
         if kind == "MFLossMonitor":
+            out += [ConfigError(f"callbacks[{i}].{key}", callback[key], "mf-longseq train prints every step",
+                                "remove it") for key in callback if key not in ("type", "auto_register")]
             continue
         if kind != "CheckpointMonitor":
             out.append(ConfigError(f"callbacks[{i}].type", kind, "mf-longseq train runs only MFLossMonitor's "
@@ -147,6 +152,25 @@ def _dataset(tree: dict) -> List[ConfigError]:
     return out
 
 
+OPTIMIZER_KEYS = ("type", "betas", "eps", "weight_decay", "learning_rate")
+
+
+def _unread_keys(tree: dict) -> List[ConfigError]:
+    """Keys that would change a MindFormers run but that mf-longseq train does not read."""
+    out = [ConfigError(f"optimizer.{key}", value, "mf-longseq train's AdamW does not read it",
+                       f"remove it (read: {', '.join(OPTIMIZER_KEYS)})")
+           for key, value in (node_at(tree, "optimizer", {}) or {}).items() if key not in OPTIMIZER_KEYS]
+    if node_at(tree, "recompute_config.select_recompute", False):
+        out.append(ConfigError("recompute_config.select_recompute", node_at(tree, "recompute_config.select_recompute"),
+                               "mf-longseq train recomputes whole layers only", "set select_recompute: False and "
+                               "use recompute: True"))
+    ours, theirs = node_at(tree, "runner_config.batch_size", 1), node_at(tree, "train_dataset.batch_size")
+    if theirs is not None and theirs != ours:
+        out.append(ConfigError("train_dataset.batch_size", theirs, f"differs from runner_config.batch_size = {ours}, "
+                               "which mf-longseq train uses", f"set train_dataset.batch_size: {ours}"))
+    return out
+
+
 def _optimizer(tree: dict) -> List[ConfigError]:
     from mf_longseq.train.optim import OptimSettings
     try:
@@ -158,7 +182,8 @@ def _optimizer(tree: dict) -> List[ConfigError]:
 
 def refusals(tree: dict) -> List[ConfigError]:
     """Every MindFormers key of ``tree`` (a plain dict) that ``mf-longseq train`` cannot honour; [] when none."""
-    return _runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _optimizer(tree)
+    return (_runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _unread_keys(tree)
+            + _optimizer(tree))
 
 
 def checkpoint_period(tree: dict) -> int:

@@ -290,3 +290,13 @@ def test_missing_base_config_and_unreadable_values_are_named(tmp_path):
     huge.write_text(text.replace("seq_length: 256", "seq_length: 1" + "0" * 5000, 1))
     with pytest.raises(ConfigError, match="holds a value YAML cannot read"):
         check_run(str(huge))
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"optimizer__foo": 1}, "optimizer.foo"),
+    ({"recompute_config__select_recompute": True}, "recompute_config.select_recompute"),
+    ({"train_dataset__batch_size": 8}, "train_dataset.batch_size"),
+    ({"callbacks": [{"type": "MFLossMonitor", "per_print_times": 5}]}, "callbacks[0].per_print_times"),
+])
+def test_keys_train_does_not_read_are_refused(changes, key):
+    refused(template(**changes), key)
