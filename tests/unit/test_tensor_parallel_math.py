@@ -193,20 +193,26 @@ BASE = dict(seq_length=64, num_heads=8, num_kv_heads=2)
      "parallel_config.model_parallel = 6: must divide, or be a multiple of, model.model_config.n_kv_heads = 4. "
      "Fix: use one of [1, 2, 4] or a multiple of 4 that divides 12."),
     (dict(model_parallel=8, context_parallel=2, context_parallel_algo="ulysses_cp"),
-     "parallel_config.context_parallel = 2: the Ulysses degree 2 must divide the query heads per model-parallel "
-     "rank, num_heads / model_parallel = 8 / 8 = 1. Fix: use a Ulysses degree in [1]"),
-    (dict(num_heads=12, num_kv_heads=3, context_parallel=2, context_parallel_algo="ulysses_cp"),
-     "model.model_config.n_kv_heads = 3: kv heads per model-parallel rank (3) and the Ulysses degree 2 must "
-     "divide one another. Fix: choose a Ulysses degree"),
+     "parallel_config.context_parallel = 2: the Ulysses degree 2 exceeds the query heads per model-parallel "
+     "rank, num_heads / model_parallel = 8 / 8 = 1, so some Ulysses ranks would hold no head. Fix: use a Ulysses "
+     "degree of at most 1"),
     (dict(model_parallel=8, context_parallel=4, context_parallel_algo="hybrid_cp", ulysses_degree_in_cp=2),
-     "parallel_config.ulysses_degree_in_cp = 2: the Ulysses degree 2 must divide the query heads per "
-     "model-parallel rank, num_heads / model_parallel = 8 / 8 = 1. Fix: use a Ulysses degree in [1] (or "
-     "colossalai_cp, which has no head constraint)."),
+     "parallel_config.ulysses_degree_in_cp = 2: the Ulysses degree 2 exceeds the query heads per "
+     "model-parallel rank, num_heads / model_parallel = 8 / 8 = 1, so some Ulysses ranks would hold no head. Fix: "
+     "use a Ulysses degree of at most 1 (hybrid_cp puts the rest of the context parallelism in the ring)"),
 ])
 def test_heads_versus_model_parallel_and_ulysses(kw, message):
     with pytest.raises(ValueError) as err:
         LongSeqConfig(**{**BASE, **kw})
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_kv_heads_that_do_not_divide_the_ulysses_degree_are_accepted():
+    """Issue 14 reversed this rule: 3 kv heads at Ulysses 2 (was refused: 'must divide one another') now split
+    unevenly (attention/head_split.py), checked against the float64 oracle in tests/dist/test_uneven_heads_dist.py."""
+    cfg = LongSeqConfig(**{**BASE, "num_heads": 12, "num_kv_heads": 3, "context_parallel": 2,
+                           "context_parallel_algo": "ulysses_cp"})
+    assert (cfg.num_kv_heads, cfg.ulysses_degree) == (3, 2)
 
 
 def test_heads_split_by_mp_then_ulysses_is_accepted():
