@@ -151,6 +151,11 @@ def check_model(tree: Mapping, long_seq: LongSeqConfig):
     model = model_config_from(tree)
     model_class = model_class_from(tree, model)
     check_model_parallel(model, long_seq.model_parallel)
+    for key in ("compute_dtype", "param_init_type"):
+        if long_seq.device_target == "CPU" and getattr(model, key) == "bfloat16":
+            raise ConfigError(f"model.model_config.{key}", "bfloat16", "MindSpore 2.9's CPU kernels lack bfloat16 for "
+                              "ops of the training step (ReduceSum, Gather)",
+                              f"use {key}: float32 (or float16) on CPU; bfloat16 is for Ascend")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(model, key, None)
         ids = value if key == "eos_token_id" and isinstance(value, list) and value else [value]

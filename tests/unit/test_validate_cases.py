@@ -300,3 +300,9 @@ def test_missing_base_config_and_unreadable_values_are_named(tmp_path):
 ])
 def test_keys_train_does_not_read_are_refused(changes, key):
     refused(template(**changes), key)
+
+
+@pytest.mark.parametrize("key", ["compute_dtype", "param_init_type"])
+def test_bfloat16_on_cpu_is_refused_before_it_fails_in_a_kernel(key):
+    """Found by the adversarial pass: it validated, then run_job died in a CPU kernel (Reduce / Gather)."""
+    refused(template(**{f"model__model_config__{key}": "bfloat16"}), f"model.model_config.{key}")
