@@ -145,6 +145,12 @@ class RunPlan:
     def world_size(self) -> int:
         return world_size_of(self.dp, self.mp, self.cp, self.pp)
 
+    @property
+    def ulysses_degree_in_cp(self) -> int:
+        """``parallel_config.ulysses_degree_in_cp`` for this plan (the inverse of ``ulysses_degree_of``): the
+        Ulysses degree under hybrid_cp, 1 otherwise (MindFormers reads the key only for hybrid_cp)."""
+        return self.ulysses if self.algo == CpAlgo.HYBRID.value else 1
+
     def label(self) -> str:
         """Short text, e.g. ``dp1 mp8 cp8 pp1 hybrid_cp u2xr4``."""
         algo = self.algo if self.cp > 1 else "cp off"

@@ -87,7 +87,7 @@ def check(layout: RunPlan, shape: ModelShape, settings: Settings) -> Optional[st
                       num_layers=shape.layers, data_parallel=layout.dp, model_parallel=layout.mp,
                       context_parallel=layout.cp, pipeline_stage=layout.pp,
                       micro_batch_num=max(settings.micro_batch_num, layout.pp), context_parallel_algo=layout.algo,
-                      ulysses_degree_in_cp=layout.ulysses if layout.algo == "hybrid_cp" else 1,
+                      ulysses_degree_in_cp=layout.ulysses_degree_in_cp,
                       use_flash_attention=True, use_attn_mask_compression=settings.mask_compression,
                       enable_alltoall=settings.use_alltoall,
                       device_target="Ascend" if settings.backend == "ascend" else "CPU",

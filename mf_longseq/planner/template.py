@@ -32,7 +32,7 @@ def template(model: str, layout: RunPlan, settings: Settings, recompute: bool) -
         "parallel_config": {"data_parallel": layout.dp, "model_parallel": layout.mp,
                             "context_parallel": layout.cp, "pipeline_stage": layout.pp,
                             "micro_batch_num": settings.micro_batch_num, "context_parallel_algo": layout.algo,
-                            "ulysses_degree_in_cp": layout.ulysses if layout.algo == "hybrid_cp" else 1,
+                            "ulysses_degree_in_cp": layout.ulysses_degree_in_cp,
                             "use_seq_parallel": False, "vocab_emb_dp": True},
         "recompute_config": {"recompute": recompute},
         "runner_config": {"batch_size": settings.micro_batch},
