@@ -267,7 +267,6 @@ def tiny_template(row) -> tuple:
     text += """
 context:
   mode: 1                           # PyNative
-  pynative_synchronize: True        # ops in issue order: the CPU exchanges are blocking collectives
   device_target: "CPU"
   runtime_num_threads: 1
 
