@@ -146,11 +146,28 @@ def test_train_workers_launches_msrun_and_reports(tmp_path):
 
 
 def test_train_workers_names_the_failed_rank(tmp_path):
+    """A config that passes the launch-time check but whose ranks fail (token ids the data check refuses inside
+    each rank): the launcher ends the launch, exits 1 and names the failed rank with the tail of its log."""
+    import numpy as np
+    from train_worker import case_tree
+    config = _write_yaml(case_tree("llama2", cp=2, dp=1), tmp_path / "cp2.yaml")
+    data = tmp_path / "negative.npy"
+    np.save(data, np.full(4 * 65, -1, np.int32))
+    proc = _cli(["train", "--config", config, "--workers", "2", "--steps", "1", "--data", data,
+                 "--output-dir", tmp_path / "bad"], tmp_path, timeout=300)
+    assert proc.returncode == 1
+    assert "mf_longseq launcher: failed rank: " in proc.stdout
+    assert "error: " in proc.stdout and "negative token id -1" in proc.stdout
+
+
+def test_train_workers_refuses_degrees_before_msrun(tmp_path):
+    """Degrees that do not multiply to --workers are refused before msrun starts (no rank runs, no rank log)."""
     from train_worker import case_tree
     config = _write_yaml(case_tree("llama2", cp=4, dp=1), tmp_path / "cp4.yaml")
     proc = _cli(["train", "--config", config, "--workers", "2", "--steps", "1", "--output-dir", tmp_path / "bad"],
                 tmp_path, timeout=300)
-    assert proc.returncode == 1
-    assert "mf_longseq launcher: failed rank: " in proc.stdout
-    assert "error: " in proc.stdout and "data_parallel x model_parallel x context_parallel x " \
-           "pipeline_stage = 1 x 1 x 4 x 1 = 4, but 2 rank" in proc.stdout
+    assert proc.returncode != 0
+    assert "failed rank" not in proc.stdout
+    assert ("device_num = 2: device_num must equal data_parallel x model_parallel x context_parallel x "
+            "pipeline_stage = 1 x 1 x 4 x 1 = 4. Fix: " in proc.stderr)
+    assert not (tmp_path / "bad").exists()                                  # msrun never started
