@@ -11,7 +11,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mf_longseq.parallel import Mesh
-from mf_longseq.parallel.pipeline import ACT, SCHEDULES, DecoderStage, PipelineRunner, build_schedule
+from mf_longseq.models.stage import DecoderStage
+from mf_longseq.parallel.pipeline import ACT, SCHEDULES, PipelineRunner, build_schedule
 from mf_longseq.parallel.plan import decoder_stage_of, stage_layers
 
 
