@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from mf_longseq.tools import supervise
-from mf_longseq.train import launch
+from mf_longseq.tools import workers as launch
 
 FAKE_MSRUN = textwrap.dedent("""\
     import os, subprocess, sys, time
@@ -88,7 +88,7 @@ def test_killed_rank_fails_the_launch(fake):
 
 
 def test_msrun_command_runs_every_rank_under_the_guard(tmp_path):
-    cmd = launch.msrun_command("entry.py", ["train", "--steps", "2"], workers=4, port=8123, log_dir="L")
+    cmd = launch.workers_command("entry.py", ["train", "--steps", "2"], workers=4, port=8123, log_dir="L")
     assert cmd == ["msrun", "--worker_num", "4", "--local_worker_num", "4", "--master_port", "8123", "--log_dir", "L",
                    "--join", "True", "--cluster_time_out", "600", supervise.GUARD, "--status-dir",
                    supervise.status_dir("L"), "entry.py", "train", "--steps", "2"]
