@@ -124,8 +124,9 @@ class Trainer:
     def step(self, step: int) -> StepResult:
         """Run update number ``step`` (0-based): the executor's forward and backward, gradient sum, AdamW."""
         import mindspore as ms
-        inputs = self.local_batch(step)                                         # (B, S/CP) each (+ packing)
-        count = self._sum(float(inputs[2].asnumpy().sum(dtype=np.float64)))
+        inputs = self.local_batch(step)                        # ids, labels, loss_mask (B, S/CP) (+ packing)
+        input_ids, loss_mask = inputs[0], inputs[2]
+        count = self._sum(float(loss_mask.asnumpy().sum(dtype=np.float64)))
         if count <= 0:
             raise ValueError(f"step {step}: every label is masked (pad_token_id = {self.pad_token_id}). "
                              "Fix: check the data or model.model_config.pad_token_id.")
@@ -133,7 +134,7 @@ class Trainer:
         lr = self.optimizer.step_flat(self.sync_gradients(grads))
         loss = self._sum(loss_sum) / count
         self.losses.append(loss)
-        tokens = self.batch_size * self.mesh.dp * inputs[0].shape[1] * self.mesh.cp
+        tokens = self.batch_size * self.mesh.dp * input_ids.shape[1] * self.mesh.cp
         return StepResult(loss=loss, tokens=tokens, lr=lr)
 
     def broadcast_weights(self) -> None:
