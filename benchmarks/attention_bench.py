@@ -19,7 +19,6 @@ Prints a table and writes benchmarks/results/attention.csv.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -84,12 +83,6 @@ def worker_main(args):
 
 
 # --------------------------------------------------------------------------------------------------- driver side
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _results(text: str):
     return [json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines() if "RESULT " in line]
 
@@ -99,9 +92,9 @@ def launch(args, cp, seq, kv, algo, workdir):
     common = ["--seq", str(seq), "--kv", str(kv), "--algo", algo, "--cp", str(cp), "--heads", str(args.heads),
               "--head-dim", str(args.head_dim), "--block", str(args.block), "--threads", str(args.threads),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--kernel", args.kernel, "--as-worker"]
-    env = dict(os.environ, PYTHONPATH=f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               LOCAL_DEFAULT_PATH=os.path.join(workdir, "mfout"), GLOG_v="3", OMP_NUM_THREADS=str(args.threads),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    from mf_longseq.tools.msrun import free_port, msrun_command, msrun_env
+    env = msrun_env(dict(os.environ, LOCAL_DEFAULT_PATH=os.path.join(workdir, "mfout"), GLOG_v="3",
+                         OMP_NUM_THREADS=str(args.threads)), root=HERE.parent)
     if cp == 1:
         proc = subprocess.run([sys.executable, __file__, *common], capture_output=True, text=True, env=env,
                               cwd=workdir)
@@ -109,8 +102,7 @@ def launch(args, cp, seq, kv, algo, workdir):
             raise RuntimeError(f"CP=1 S={seq} kv={kv} failed:\n{proc.stderr[-3000:]}")
         return _results(proc.stdout)
     log_dir = os.path.join(workdir, f"log_cp{cp}_{seq}_{kv}_{algo}")
-    cmd = ["msrun", "--worker_num", str(cp), "--local_worker_num", str(cp), "--master_port", str(_free_port()),
-           "--log_dir", log_dir, "--join", "True", __file__, *common]
+    cmd = msrun_command([__file__, *common], worker_num=cp, master_port=free_port(), log_dir=log_dir, guard=False)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     rows = [row for log in sorted(Path(log_dir).glob("worker_*.log")) for row in _results(log.read_text())]
     if proc.returncode != 0 or len(rows) != cp:

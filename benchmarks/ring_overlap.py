@@ -24,9 +24,7 @@ runtime_num_threads and OMP_NUM_THREADS); timings on a shared host are noisy: co
 import argparse
 import json
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,22 +134,15 @@ def worker_main(args):
 
 
 # --------------------------------------------------------------------------------------------------- driver side
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(args, workdir: str):
-    env = dict(os.environ, PYTHONPATH=f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               LOCAL_DEFAULT_PATH=os.path.join(workdir, "mfout"), GLOG_v="3", OMP_NUM_THREADS=str(args.threads),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    from mf_longseq.tools.msrun import free_port, msrun_command, msrun_env
+    env = msrun_env(dict(os.environ, LOCAL_DEFAULT_PATH=os.path.join(workdir, "mfout"), GLOG_v="3",
+                         OMP_NUM_THREADS=str(args.threads)), root=HERE.parent)
     log_dir = os.path.join(workdir, "log")
-    cmd = ["msrun", "--worker_num", str(CP), "--local_worker_num", str(CP), "--master_port", str(_free_port()),
-           "--log_dir", log_dir, "--join", "True", __file__, "--as-worker", "--threads", str(args.threads),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--block", str(args.block),
-           "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
-           "--seq", *map(str, args.seq)]
+    cmd = msrun_command([__file__, "--as-worker", "--threads", args.threads, "--steps", args.steps, "--warmup",
+                         args.warmup, "--block", args.block, "--heads", args.heads, "--kv-heads", args.kv_heads,
+                         "--head-dim", args.head_dim, "--seq", *args.seq],
+                        worker_num=CP, master_port=free_port(), log_dir=log_dir, guard=False)
     subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir, check=True)
     return [json.loads(line.split("RESULT ", 1)[1]) for log in sorted(Path(log_dir).glob("worker_*.log"))
             for line in log.read_text().splitlines() if "RESULT " in line]

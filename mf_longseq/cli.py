@@ -8,7 +8,7 @@ import sys
 
 # module providing register(subparsers), one per verb family
 VERB_MODULES = [
-    "mf_longseq.train.cli",
+    "mf_longseq.tools.train_cli",
     "mf_longseq.tools.validate",
     "mf_longseq.planner.cli",
     "mf_longseq.models.convert",

@@ -1,6 +1,5 @@
 """Shared test set-up: keep MindFormers' logs out of the repo, CPU device, an msrun launcher for dist tests."""
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,24 +27,17 @@ def cpu_device():
     ms.set_device("CPU")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_msrun(script, args, workers: int, timeout: float, log_dir=None) -> Path:
     """Launch ``script args`` on ``workers`` CPU ranks with msrun; fail the test with the workers' log tails.
 
-    Returns the log directory.  The venv's bin goes first on PATH (msrun starts workers with ``python``).
+    Returns the log directory.  The command and its environment (the venv's bin first on PATH: msrun starts
+    workers with ``python``) are ``mf_longseq/tools/msrun.py``'s, as for every launch.
     """
+    from mf_longseq.tools.msrun import free_port, msrun_command, msrun_env
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="msrun_", dir=_RUN_DIR))
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    cmd = ["msrun", "--worker_num", str(workers), "--local_worker_num", str(workers),
-           "--master_port", str(free_port()), "--log_dir", str(log_dir), "--join", "True",
-           "--cluster_time_out", str(int(timeout)), str(script), *map(str, args)]
+    env = msrun_env(root=ROOT)
+    cmd = msrun_command([script, *args], worker_num=workers, master_port=free_port(), log_dir=str(log_dir),
+                        cluster_time_out=int(timeout), guard=False)
     try:
         proc = subprocess.run(cmd, cwd=_RUN_DIR, env=env, capture_output=True, text=True, timeout=timeout)
         failed = proc.returncode != 0

@@ -53,7 +53,7 @@ def write_tokens(path, tokens: np.ndarray) -> str:
 def packed_columns(tokens: np.ndarray, eod_pad_length: int) -> dict:
     """The 5 columns of (N, S + 1) token rows with EOD documents; the loss of an EOD input position is masked
     (its label starts the next document, which no document alone predicts)."""
-    from mf_longseq.train.packing import pack_documents
+    from packed_docs import pack_documents
     ids, labels = tokens[:, :-1], tokens[:, 1:]
     packed = pack_documents(ids, EOD, eod_pad_length, use_eod_reset=True)
     mask = (ids != EOD).astype(np.float32)

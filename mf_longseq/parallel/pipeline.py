@@ -1,4 +1,4 @@
-"""Pipeline parallelism over the ``pp`` group: which layers a stage holds, the schedule, and its execution.
+"""Pipeline parallelism over the ``pp`` group: the schedule of every stage and its execution.
 
 Stage s of P holds a contiguous range of decoder layers (``plan.stage_layers``); the embedding lives on the first
 stage, the final norm, LM head and loss on the last.  A step splits the batch into M micro-batches and runs a
@@ -18,20 +18,17 @@ A stage's backward recomputes its forward: ``GradOperation(get_all=True, get_by_
 on the stage Cell, with the gradient received from the next stage as ``sens`` (on the last stage, the sens of
 the objective).  Only the stage inputs are kept between a micro-batch's forward and its backward.
 
-``DecoderStage`` cuts a ``LongSeqForCausalLM`` into its stage's part; ``PipelineTrainer`` is the runner's
-``Trainer`` for one stage (same objective, gradient sum over dp x cp and AdamW, the batch cut into micro-batches).
+What a stage runs is ``models/stage.py`` (``DecoderStage``); the training step around the schedule (the batch
+cut into micro-batches, the gradient sum over dp x cp, the optimizer) is the trainer's, through its pipelined
+step executor (``train/executor.py`` ``PipelinedStep``).  This module imports nothing from ``train/``.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import mindspore as ms
-from mindspore import ParameterTuple, Tensor, nn, ops
+from mindspore import ParameterTuple, ops
 
-from mf_longseq.parallel.comm import all_reduce, is_emulated, send_recv
-from mf_longseq.parallel.plan import stage_layers
-from mf_longseq.train.optim import AdamW
-from mf_longseq.train.runner import StepResult, Trainer
+from mf_longseq.parallel.comm import send_recv
 
 ACT, GRAD = "act", "grad"
 SCHEDULES = ("gpipe", "1f1b")
@@ -184,103 +181,6 @@ class PipelineRunner:
             (acts if what == ACT else grads_in)[micro] = received
 
 
-class DecoderStage(nn.Cell):
-    """The part of a ``LongSeqForCausalLM`` one pipeline stage runs (embedding first, norm + head + loss last).
-
-    The model's own sub-cells are reused (no copy; parameter names unchanged): ``model.model.embed_tokens``,
-    ``model.model.layers[stage_layers(..)]``, ``model.model.norm`` and ``model.head_loss``.
-
-    Inputs of ``construct``: first stage ``(input_ids,)``; other stages ``(hidden,)``; plus, on the last stage,
-    ``(labels, loss_mask, inv_count)``.  Outputs: the hidden state (B, S/CP, H) for the next stage, or on the last
-    stage ``(loss_sum * inv_count, loss_sum)`` (the objective and, for logging, the unscaled sum).
-    """
-
-    def __init__(self, model, stage: int, num_stages: int):
-        super().__init__(auto_prefix=False)
-        if num_stages > 1 and getattr(model, "lm_head", None) is None:
-            raise ValueError("model.model_config.tie_word_embeddings = True with parallel_config.pipeline_stage = "
-                             f"{num_stages}: the embedding (first stage) and the LM head (last stage) would share "
-                             "one weight. Fix: set tie_word_embeddings: False or pipeline_stage: 1")
-        self.model = [model]                           # not a child: its parameters keep their names
-        self.first, self.last = stage == 0, stage == num_stages - 1
-        self.layer_ids = stage_layers(len(model.model.layers), num_stages, stage)
-        self.embed = model.model.embed_tokens if self.first else None
-        self.layers = nn.CellList([model.model.layers[i] for i in self.layer_ids], auto_prefix=False)
-        self.norm = model.model.norm if self.last else None
-        self.head = model.lm_head if self.last else None
-
-    def construct(self, x, *extra):
-        model = self.model[0]
-        cos, sin = model._rope(x.shape[1])
-        hidden = self.embed(x) if self.first else x
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin)
-        if not self.last:
-            return hidden
-        labels, loss_mask, inv_count = extra
-        loss_sum, _ = model.head_loss(self.norm(hidden), labels, loss_mask)
-        return loss_sum * inv_count, loss_sum
-
-
-class PipelineTrainer(Trainer):
-    """``Trainer`` of one pipeline stage: the same step (objective loss_sum / global token count, gradients summed
-    over dp x cp, AdamW), with this dp rank's batch cut into ``micro_batch_num`` micro-batches along the batch
-    dimension and run by the schedule.  The optimizer holds only this stage's weights.
-
-    Args:
-        model: a ``LongSeqForCausalLM`` built on ``mesh`` (all layers are built; this stage runs its own).
-        mesh: this rank's ``Mesh`` with pp > 1, groups created.
-        settings: ``OptimSettings`` of the AdamW.
-        source, batch_size, layout, pad_token_id: as for ``Trainer``.
-        micro_batch_num: micro-batches per step (>= pp; must divide batch_size).
-        schedule: ``1f1b`` (default) or ``gpipe``.
-    """
-
-    def __init__(self, *, model, mesh, settings, source, batch_size: int, layout: str, micro_batch_num: int,
-                 schedule: str = "1f1b", pad_token_id=None):
-        if batch_size % micro_batch_num:
-            raise ValueError(f"runner_config.batch_size = {batch_size}: must be divisible by parallel_config."
-                             f"micro_batch_num = {micro_batch_num}. Fix: use a batch size that is a multiple of "
-                             f"{micro_batch_num}")
-        build_schedule(schedule, 0, mesh.pp, micro_batch_num)              # validates the schedule settings
-        self.stage_cell = DecoderStage(model, mesh.coords()["stage"], mesh.pp)
-        super().__init__(model=model, mesh=mesh, optimizer=AdamW(self.stage_cell.trainable_params(), settings),
-                         source=source, batch_size=batch_size, layout=layout, pad_token_id=pad_token_id)
-        self.micro_batch_num, self.schedule = micro_batch_num, schedule
-        self.pp_group = mesh.group("pp")
-        if is_emulated(self.pp_group):
-            # The emulated transfers are blocking collectives in several two-rank groups; they are deadlock-free
-            # in the order they are issued, but PyNative's asynchronous launch may run them in another order
-            # (seen on CPU: a hang after a few steps).  Launch every op synchronously in this process.
-            ms.runtime.launch_blocking()
-
-    def state_parameters(self):
-        """What this rank's checkpoint file holds: this stage's parameters and their optimizer moments."""
-        return list(self.stage_cell.get_parameters()) + self.optimizer.state_parameters()
-
-    def step(self, step: int) -> StepResult:
-        input_ids, labels, loss_mask = self.local_batch(step)                  # (B, S/CP) each
-        count = self._sum(float(loss_mask.sum().asnumpy()))
-        inv_count = Tensor(np.float32(1.0 / count))
-        b, s_loc = input_ids.shape
-        mb = b // self.micro_batch_num
-        stage, last = self.stage_cell, self.stage_cell.last
-        micro = []
-        for i in range(self.micro_batch_num):
-            cut = slice(i * mb, (i + 1) * mb)                                  # (B, S/CP) -> (B/M, S/CP)
-            first_part = (input_ids[cut],) if stage.first else ()
-            micro.append(first_part + ((labels[cut], loss_mask[cut], inv_count) if last else ()))
-        runner = PipelineRunner(stage, group=self.pp_group, act_shape=(mb, s_loc, self.model.config.hidden_size),
-                                act_dtype=self.model.compute_dtype)
-        outputs, grads = runner.run(micro, self.schedule)
-        lr = self.optimizer.step(self.sync_gradients(grads))
-        loss_sum = float(sum(out[1].asnumpy() for out in outputs)) if last else 0.0
-        loss_sum = float(all_reduce(Tensor(np.array([loss_sum], np.float32)), self.pp_group).asnumpy()[0])
-        loss = self._sum(loss_sum) / count
-        self.losses.append(loss)
-        return StepResult(loss=loss, tokens=b * self.mesh.dp * s_loc * self.mesh.cp, lr=lr)
-
-
 def _objective_sens(out):
     """Sens of a last-stage output: 1 for the objective (the first output), 0 for the others (logging only)."""
     if isinstance(out, (tuple, list)):
@@ -288,5 +188,4 @@ def _objective_sens(out):
     return ops.ones_like(out)
 
 
-__all__ = ["Action", "DecoderStage", "PipelineRunner", "PipelineTrainer", "SCHEDULES", "build_schedule", "gpipe",
-           "one_f_one_b"]
+__all__ = ["Action", "PipelineRunner", "SCHEDULES", "build_schedule", "gpipe", "one_f_one_b"]

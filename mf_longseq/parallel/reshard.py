@@ -10,7 +10,7 @@ A run's per-rank state is a dict ``name -> ndarray`` per global rank.  Ranks fol
 So ``merge_rank_states`` reads dp_id = cp_id = 0 of every (stage, mp_id) and rebuilds the full tensors, and
 ``split_rank_state`` cuts them for one rank of the target layout.  Both are pure NumPy: changing the sequence
 length (and with it cp, mp, pp) needs no device and no communication.  Example: saved at mp2 x cp2, resumed at
-cp4 or on one rank (``reshard``).
+cp4 or on one rank (``load_resharded``).
 """
 import json
 import os
@@ -95,14 +95,6 @@ def split_rank_state(full: Mapping[str, np.ndarray], specs: Mapping[str, ShardSp
     return out
 
 
-def reshard(states: Mapping[int, Mapping[str, np.ndarray]], source: RunPlan, target: RunPlan,
-            specs: Mapping[str, ShardSpec], stage_of: Optional[Callable[[str, int], int]] = None,
-            *, check_replicas: bool = True) -> Dict[int, Dict[str, np.ndarray]]:
-    """Per-rank states of ``target`` from per-rank states written under ``source``."""
-    full = merge_rank_states(states, source, specs, check_replicas=check_replicas)
-    return {r: split_rank_state(full, specs, target, r, stage_of) for r in range(target.world_size)}
-
-
 def read_rank_states(directory: str, meta: Mapping) -> Dict[int, Dict[str, np.ndarray]]:
     """Every rank file of a checkpoint directory (``mf_longseq.train.checkpoint`` format) as NumPy arrays."""
     import mindspore as ms
@@ -138,5 +130,5 @@ def load_resharded(directory: str, *, target: RunPlan, rank: int,
     return split_rank_state(full, specs, target, rank, stage_of)
 
 
-__all__ = ["spec_of", "merge_rank_states", "split_rank_state", "reshard", "read_rank_states",
+__all__ = ["spec_of", "merge_rank_states", "split_rank_state", "read_rank_states",
            "load_resharded", "OPTIMIZER_PREFIXES"]

@@ -66,16 +66,16 @@ def parse_args(argv=None):
 def launch(args) -> int:
     """Print and run the msrun command of every rank's checks, then the report (``--dry-run``: see above)."""
     import subprocess
+    from mf_longseq.tools.msrun import msrun_command, msrun_env
     out_dir = args.output_dir or os.path.join("output", "ascend_selfcheck")
     check = [sys.executable, "-m", "mf_longseq.tools.ascend_selfcheck", "--seq-len", str(args.seq_len),
              "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
              "--batch", str(args.batch), "--tolerance", str(args.tolerance), "--device", args.device,
              "--output-dir", out_dir]
-    cmd = check if args.devices == 1 else [
-        "msrun", "--worker_num", str(args.devices), "--local_worker_num", str(args.devices), "--master_port",
-        str(args.port), "--log_dir", os.path.join(out_dir, "msrun_log"), "--join", "True"] + check[1:]
+    cmd = check if args.devices == 1 else msrun_command(check[1:], worker_num=args.devices, master_port=args.port,
+                                                        log_dir=os.path.join(out_dir, "msrun_log"), guard=False)
     print("+ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = msrun_env()
     if args.dry_run:
         if not simulated():
             check.append("--kernel-only")

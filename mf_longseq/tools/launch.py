@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from mf_longseq.tools import supervise
+from mf_longseq.tools.msrun import msrun_command
 
 GUARD = supervise.GUARD
 POSITIONAL_FORMS = {
@@ -82,6 +83,16 @@ class Launch:
     @property
     def multi_node(self) -> bool:
         return self.local_worker_num != self.worker_num
+
+    def command(self, node_rank: Optional[int] = None) -> List[str]:
+        """The exact msrun command of one node (default: this node), in MindFormers' ``--option=value``
+        spelling, every rank under the rank guard (``tools/msrun.py``)."""
+        node = self.node_rank if node_rank is None else node_rank
+        return msrun_command(self.task, worker_num=self.worker_num, local_worker_num=len(self.local_ranks(node)),
+                             master_addr=self.master_addr if self.multi_node else None,
+                             master_port=self.master_port, node_rank=node if self.multi_node else None,
+                             log_dir=self.log_dir, join=self.join, cluster_time_out=self.cluster_time_out,
+                             joined=True)
 
     def local_ranks(self, node_rank: Optional[int] = None) -> List[str]:
         node = self.node_rank if node_rank is None else node_rank
@@ -234,21 +245,6 @@ def _config_in_task(task: Sequence[str]) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------- commands
-def msrun_command(launch: Launch, node_rank: Optional[int] = None) -> List[str]:
-    """The exact msrun command of one node (default: this node)."""
-    node = launch.node_rank if node_rank is None else node_rank
-    local = len(launch.local_ranks(node))
-    cmd = ["msrun", f"--worker_num={launch.worker_num}", f"--local_worker_num={local}"]
-    if launch.multi_node:
-        cmd += [f"--master_addr={launch.master_addr}"]
-    cmd += [f"--master_port={launch.master_port}"]
-    if launch.multi_node:
-        cmd += [f"--node_rank={node}"]
-    cmd += [f"--log_dir={launch.log_dir}", f"--join={launch.join}", f"--cluster_time_out={launch.cluster_time_out}",
-            GUARD, "--status-dir", supervise.status_dir(launch.log_dir), *launch.task]
-    return cmd
-
-
 def check_environment(launch: Launch, environ=None, which: Callable = shutil.which,
                       run: Callable = subprocess.run) -> Tuple[List[str], List[str]]:
     """(errors, warnings) about the machine: msrun and python on PATH; on Ascend CANN and npu-smi."""
@@ -323,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None, *, environ=None, out=None) -> int
         for error in errors:
             print(f"msrun_launcher: error: {error}", file=sys.stderr)
         return 1
-    cmd = msrun_command(launch)
+    cmd = launch.command()
     print(f"msrun_launcher: running: {shlex.join(cmd)}", file=out)
     print(f"msrun_launcher: logs: {os.path.abspath(launch.log_dir)}/worker_<rank>.log", file=out, flush=True)
     outcome = supervise.supervise(cmd, log_dir=launch.log_dir, ranks=launch.local_ranks(), env=dict(
@@ -340,7 +336,7 @@ def _dry_run(launch: Launch, errors, warnings, config_ok: bool, out) -> int:
     for node in range(launch.nodes):
         here = " (this node)" if node == launch.node_rank else ""
         print(f"# node {node}{here}: ranks {launch.local_ranks(node)[0]}-{launch.local_ranks(node)[-1]}", file=out)
-        print(shlex.join(msrun_command(launch, node)), file=out)
+        print(shlex.join(launch.command(node)), file=out)
     for text in errors:
         print(f"msrun_launcher: environment problem (fatal without --dry-run): {text}", file=out)
     for text in warnings:

@@ -1,1 +1,1 @@
-"""Training: runner, data, checkpoints, packing, launch, CLI verbs train and demo."""
+"""Training: the Trainer and its step executors, data, optimizer, checkpoints, packing, MindFormers adapters."""

@@ -112,19 +112,19 @@ def build_default_model(tree: dict, mesh):
 def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch_size: int,
                   pad_token_id: Optional[int], packing: Optional[PackingSettings] = None,
                   max_grad_norm: Optional[float] = None) -> Trainer:
-    """The trainer of this rank: ``Trainer`` (dp x cp x mp), or with ``parallel_config.pipeline_stage`` > 1 the
-    ``PipelineTrainer`` of this rank's stage (``parallel_config.micro_batch_num`` micro-batches, 1F1B schedule).
+    """The trainer of this rank, with its step executor (``train/executor.py``): ``PlainStep`` (dp x cp x mp), or
+    with ``parallel_config.pipeline_stage`` > 1 the ``PipelinedStep`` of this rank's stage
+    (``parallel_config.micro_batch_num`` micro-batches, 1F1B schedule); AdamW over the executor's parameters.
     ``packing``: packed documents (``train_dataset.data_loader.config.create_compressed_eod_mask``), pp = 1 only
     (``run_job`` refuses packing with pipeline stages before any device work; ``Trainer`` checks it too)."""
+    from mf_longseq.train.executor import PipelinedStep, PlainStep
     if config.pipeline_stage > 1:
-        from mf_longseq.parallel.pipeline import PipelineTrainer
-        trainer = PipelineTrainer(model=model, mesh=mesh, settings=settings, source=source, batch_size=batch_size,
-                                  layout=config.layout, micro_batch_num=config.micro_batch_num, schedule="1f1b",
-                                  pad_token_id=pad_token_id)
+        executor = PipelinedStep(model, mesh=mesh, micro_batch_num=config.micro_batch_num, schedule="1f1b")
     else:
-        trainer = Trainer(model=model, mesh=mesh, optimizer=AdamW(model.trainable_params(), settings),
-                          source=source, batch_size=batch_size, layout=config.layout, pad_token_id=pad_token_id,
-                          packing=packing)
+        executor = PlainStep(model)
+    trainer = Trainer(model=model, mesh=mesh, optimizer=AdamW(executor.params, settings), source=source,
+                      batch_size=batch_size, layout=config.layout, pad_token_id=pad_token_id, packing=packing,
+                      executor=executor)
     trainer.max_grad_norm = max_grad_norm
     return trainer
 

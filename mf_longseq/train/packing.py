@@ -99,16 +99,6 @@ def position_ids_from_actual_seq_len(actual_seq_len, seq_len: int, use_eod_reset
     return tokens[None, :] - np.take_along_axis(starts, np.minimum(doc, starts.shape[1] - 1), axis=1)
 
 
-def pack_documents(tokens, eod_token_id: int, eod_pad_length: int, use_eod_reset: bool = True,
-                   seq_len: Optional[int] = None) -> dict:
-    """Everything a packed batch needs: actual_seq_len, segment_ids and position_ids (all int64, per sample)."""
-    tokens = _as_batch(tokens)
-    seq_len = tokens.shape[1] if seq_len is None else seq_len
-    ends = actual_seq_len_from_tokens(tokens, eod_token_id, eod_pad_length)
-    return {"actual_seq_len": ends, "segment_ids": segment_ids_from_actual_seq_len(ends, seq_len),
-            "position_ids": position_ids_from_actual_seq_len(ends, seq_len, use_eod_reset)}
-
-
 def _node(tree, dotted: str):
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
@@ -172,5 +162,5 @@ class PackingSettings:
 
 
 __all__ = ["PackingSettings", "actual_seq_len_from_tokens", "check_actual_seq_len", "segment_ids_from_actual_seq_len",
-           "position_ids_from_actual_seq_len", "pack_documents", "EOD_PAD_KEY", "EOD_RESET_KEY",
+           "position_ids_from_actual_seq_len", "EOD_PAD_KEY", "EOD_RESET_KEY",
            "EOD_TOKEN_KEY", "EOS_TOKEN_KEY", "EOD_MASK_LOSS_KEY", "PACKING_KEY"]

@@ -5,8 +5,9 @@ One step on a rank of a dp x cp mesh (weights replicated over dp x cp)::
     batch      = batch_for_step(step, dp_id)                   whole sequences of this dp rank, labels shifted
     shard      = shard_sequence(batch, layout)                 (B, S) -> (B, S/CP) this rank's tokens
     count      = all_reduce(sum(loss_mask), dp_cp)             global token count (not differentiated)
-    loss_sum   = model(ids, labels, mask)[0]                   sum of CE * mask over this rank's tokens
-    grads      = d(loss_sum / count) / d(weights)              this rank's share of the global-mean objective
+    loss_sum, grads = executor(shard, 1 / count)               sum of CE * mask over this rank's tokens and
+                                                               d(loss_sum / count) / d(weights): this rank's
+                                                               share of the global-mean objective
     grads      = all_reduce(grads, dp_cp)                      sum over ranks = gradient of the global mean
     grads      = clip(grads, max_grad_norm)                    runner_wrapper.use_clip_grad (train/clip.py)
     AdamW step; logged loss = all_reduce(loss_sum) / count
@@ -15,11 +16,14 @@ Packed documents (``packing`` set): ``actual_seq_len`` (B, L) is computed from t
 before sharding, and passed to the model as a fourth input; labels across document ends are kept (MindFormers'
 default) unless ``eod_mask_loss``.
 
+The executor (``train/executor.py``) is the only part that differs between layouts: ``PlainStep`` differentiates
+the whole model on the local batch; ``PipelinedStep`` runs this rank's pipeline stage over micro-batches with
+the schedule of ``parallel/pipeline.py`` (its loss_sum is summed over the pp stages).
+
 The exchanges inside attention have custom backwards that send gradients back to the rank owning the tokens,
 so the sum over ranks of the per-rank gradients is the gradient of the whole objective: CP=N equals CP=1.
 """
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -46,32 +50,37 @@ class Trainer:
     Args:
         model: Cell with ``model(input_ids, labels, loss_mask) -> (loss_sum, token_count)`` on (B, S/CP) shards.
         mesh: this rank's ``Mesh`` (groups created when it has more than one rank).
-        optimizer: an ``AdamW`` over ``model.trainable_params()``.
+        optimizer: an ``AdamW`` over the executor's parameters (default executor: ``model.trainable_params()``).
         source: token source (``SyntheticTokens`` / ``ArrayTokens``).
         batch_size: sequences per dp rank per step.
         layout: sequence layout of the CP shards (``LongSeqConfig.layout``).
         pad_token_id: labels equal to it do not count (None: every label counts).
         packing: ``PackingSettings`` for packed samples (the model then also takes ``actual_seq_len``); None:
             every sample is one document.  Not with pipeline stages.
+        executor: how this rank gets its loss and gradients (``train/executor.py``): ``PlainStep`` (default,
+            the whole model) or ``PipelinedStep`` (this rank's pipeline stage, micro-batches and a schedule).
+
+    Raises:
+        ValueError: packing with pipeline stages, or a batch size the executor cannot split.
     """
 
     def __init__(self, *, model, mesh, optimizer, source, batch_size: int, layout: str,
-                 pad_token_id: Optional[int] = None, packing=None):
-        import mindspore as ms
+                 pad_token_id: Optional[int] = None, packing=None, executor=None):
         if packing is not None:
             packing.check_pipeline_stage(mesh.pp)
+        if executor is None:
+            from mf_longseq.train.executor import PlainStep
+            executor = PlainStep(model, optimizer.params)
+        executor.check_batch_size(batch_size)
+        assert [p.name for p in executor.params] == [p.name for p in optimizer.params], \
+            "the optimizer must update the executor's parameters, in its gradient order"
         self.model, self.mesh, self.optimizer, self.source = model, mesh, optimizer, source
         self.batch_size, self.layout, self.pad_token_id = batch_size, layout, pad_token_id
-        self.packing = packing
+        self.packing, self.executor = packing, executor
         self.params = list(optimizer.params)
         self.group = mesh.group("dp_cp")
-        self.grad_fn = ms.value_and_grad(self._objective, None, self.params, has_aux=True)
         self.max_grad_norm: Optional[float] = None          # runner_wrapper.max_grad_norm when use_clip_grad
         self.losses: List[float] = []
-
-    def _objective(self, input_ids, labels, loss_mask, inv_count, *actual_seq_len):
-        loss_sum, token_count = self.model(input_ids, labels, loss_mask, *actual_seq_len)
-        return loss_sum * inv_count, loss_sum, token_count
 
     def _sum(self, value: float) -> float:
         """Sum of a host scalar over the dp x cp ranks, in float32 (CPU AllReduce has no integer kernel; token
@@ -113,17 +122,17 @@ class Trainer:
         return flat * float(clip_coefficient(norm, self.max_grad_norm))
 
     def step(self, step: int) -> StepResult:
-        """Run update number ``step`` (0-based): forward, backward, gradient sum, AdamW."""
+        """Run update number ``step`` (0-based): the executor's forward and backward, gradient sum, AdamW."""
         import mindspore as ms
-        input_ids, labels, loss_mask, *actual_seq_len = self.local_batch(step)
+        inputs = self.local_batch(step)                        # ids, labels, loss_mask (B, S/CP) (+ packing)
+        input_ids, loss_mask = inputs[0], inputs[2]
         count = self._sum(float(loss_mask.asnumpy().sum(dtype=np.float64)))
         if count <= 0:
             raise ValueError(f"step {step}: every label is masked (pad_token_id = {self.pad_token_id}). "
                              "Fix: check the data or model.model_config.pad_token_id.")
-        inv_count = ms.Tensor(np.float32(1.0 / count))
-        (_, loss_sum, _), grads = self.grad_fn(input_ids, labels, loss_mask, inv_count, *actual_seq_len)
+        loss_sum, grads = self.executor(inputs, ms.Tensor(np.float32(1.0 / count)))
         lr = self.optimizer.step_flat(self.sync_gradients(grads))
-        loss = self._sum(float(loss_sum.asnumpy())) / count
+        loss = self._sum(loss_sum) / count
         self.losses.append(loss)
         tokens = self.batch_size * self.mesh.dp * input_ids.shape[1] * self.mesh.cp
         return StepResult(loss=loss, tokens=tokens, lr=lr)
@@ -139,8 +148,9 @@ class Trainer:
             p.set_data(all_reduce(mine * 1, self.group))
 
     def state_parameters(self):
-        """Everything a checkpoint holds for this rank: all model parameters and the optimizer moments."""
-        return list(self.model.get_parameters()) + self.optimizer.state_parameters()
+        """Everything a checkpoint holds for this rank: the parameters of what it runs (the whole model, or under
+        pp its stage) and their optimizer moments."""
+        return list(self.executor.cell.get_parameters()) + self.optimizer.state_parameters()
 
 
 def world_gather(values: List[float], rank: int, world_size: int) -> List[float]:
@@ -237,7 +247,3 @@ def load_trainer_state(trainer: Trainer, values, step_count: int, *, source: str
     ckpt.assign(values, weights + moments, source)
     trainer.optimizer.load_state(moments, step_count)
 
-
-def output_path(output_dir: str, name: str) -> str:
-    os.makedirs(output_dir, exist_ok=True)
-    return os.path.join(output_dir, name)

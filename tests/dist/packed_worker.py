@@ -58,11 +58,11 @@ CASES = [
 
 def segment_ids(case: PackedCase) -> np.ndarray:
     """(B, S) or (S,) document ids, derived from EOD tokens the way the dataset side does it."""
-    from mf_longseq.train.packing import pack_documents
+    from mf_longseq.train.packing import actual_seq_len_from_tokens, segment_ids_from_actual_seq_len
     tokens = np.full((len(DOC_ENDS), SEQ_LEN), 7, dtype=np.int64)
     for b, ends in enumerate(DOC_ENDS):
         tokens[b, [e - 1 for e in ends]] = EOD                        # a document ends after its EOD token
-    ids = pack_documents(tokens, EOD, eod_pad_length=8)["segment_ids"]
+    ids = segment_ids_from_actual_seq_len(actual_seq_len_from_tokens(tokens, EOD, 8), SEQ_LEN)
     return ids if case.per_sample else ids[1]
 
 

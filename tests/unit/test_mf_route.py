@@ -95,7 +95,7 @@ def test_mf_longseq_train_refuses_by_key(change, key):
 def test_model_takes_mindformers_columns():
     """(B, S + 1) pretraining column and the 5 packed columns (by position or by name) give the global mean."""
     from mf_longseq.models import build_model
-    from mf_longseq.train.packing import pack_documents
+    from packed_docs import pack_documents
     tree = load_tree(_cfg(TINY_CP1))
     tree["model"]["model_config"]["seq_length"] = 32
     model = build_model(tree)

@@ -11,7 +11,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mf_longseq.parallel import Mesh
-from mf_longseq.parallel.pipeline import ACT, SCHEDULES, DecoderStage, PipelineRunner, build_schedule
+from mf_longseq.models.stage import DecoderStage
+from mf_longseq.parallel.pipeline import ACT, SCHEDULES, PipelineRunner, build_schedule
 from mf_longseq.parallel.plan import decoder_stage_of, stage_layers
 
 
@@ -155,3 +156,37 @@ def test_tied_embeddings_are_refused_with_pipeline_stages():
                              intermediate_size=24, seq_length=8, tie_word_embeddings=True)
     with pytest.raises(ValueError, match=r"tie_word_embeddings = True with parallel_config.pipeline_stage = 2"):
         DecoderStage(build_model(cfg, mesh=Mesh(rank=0)), 0, 2)
+
+
+# ------------------------------------------------------------------------ one Trainer, two step executors (one process)
+def trainer_with(executor_kind, batch_size=4, micro=2):
+    from mf_longseq.train.data import SyntheticTokens
+    from mf_longseq.train.executor import PipelinedStep, PlainStep
+    from mf_longseq.train.optim import AdamW, OptimSettings
+    from mf_longseq.train.runner import Trainer
+    model, mesh = tiny_model(), Mesh(rank=0)
+    executor = (PlainStep(model) if executor_kind == "plain"
+                else PipelinedStep(model, mesh=mesh, micro_batch_num=micro, schedule=executor_kind))
+    return Trainer(model=model, mesh=mesh, optimizer=AdamW(executor.params, OptimSettings(learning_rate=0.01)),
+                   source=SyntheticTokens(32, 8, seed=2), batch_size=batch_size, layout="zigzag",
+                   executor=executor)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipelined_executor_steps_like_the_plain_one(schedule):
+    """The same Trainer step through PipelinedStep (one stage, 2 micro-batches) and PlainStep: same losses,
+    same weights after 2 AdamW steps, same checkpoint entries."""
+    plain, piped = trainer_with("plain"), trainer_with(schedule)
+    for step in range(2):
+        a, b = plain.step(step), piped.step(step)
+        assert b.loss == pytest.approx(a.loss, rel=1e-6) and (b.tokens, b.lr) == (a.tokens, a.lr)
+    for p, q in zip(plain.params, piped.params):
+        assert p.name == q.name
+        np.testing.assert_allclose(q.asnumpy(), p.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=p.name)
+    assert [p.name for p in piped.state_parameters()] == [p.name for p in plain.state_parameters()]
+
+
+def test_batch_size_must_split_into_micro_batches():
+    with pytest.raises(ValueError, match=r"runner_config.batch_size = 3: must be divisible by parallel_config."
+                                         r"micro_batch_num = 2. Fix: use a batch size that is a multiple of 2"):
+        trainer_with("1f1b", batch_size=3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mf_longseq.parallel.plan import RunPlan
-from mf_longseq.parallel.reshard import merge_rank_states, reshard, split_rank_state
+from mf_longseq.parallel.reshard import merge_rank_states, split_rank_state
 from mf_longseq.parallel.tensor_parallel import REPLICATED, SPLIT, ShardSpec, merge_shards, shard_array
 
 HEADS, KV, HEAD_DIM, HIDDEN, FFN, VOCAB, LAYERS = 4, 2, 3, 12, 16, 32, 4
@@ -36,6 +36,12 @@ for _i in range(LAYERS):
                    f"layers.{_i}.up_proj.weight": (FFN, HIDDEN),
                    f"layers.{_i}.down_proj.weight": (HIDDEN, FFN),
                    f"layers.{_i}.input_norm.weight": (HIDDEN,)})
+
+
+def reshard(states, source, target, specs, stage_of=None, *, check_replicas=True):
+    """Per-rank states of ``target`` from per-rank states written under ``source`` (merge, then cut per rank)."""
+    full = merge_rank_states(states, source, specs, check_replicas=check_replicas)
+    return {r: split_rank_state(full, specs, target, r, stage_of) for r in range(target.world_size)}
 
 
 def stage_of(name, pp):

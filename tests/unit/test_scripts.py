@@ -148,7 +148,7 @@ def test_named_flags_equal_the_nine_argument_form(fake):
                           "--master-port", "9000", "--node-rank", "1", "--log-dir", "d", "--join", "True",
                           "--cluster-time-out", "60", "--", "train.py", "--config", "x.yaml"])
     positional = L.parse_args(["train.py --config x.yaml", "16", "8", "10.0.0.2", "9000", "1", "d", "True", "60"])
-    assert L.msrun_command(named) == L.msrun_command(positional)
+    assert named.command() == positional.command()
     assert named.local_ranks() == [str(r) for r in range(8, 16)]
     assert named.config == "x.yaml"                                 # the task's --config is validated
 
@@ -190,7 +190,7 @@ def test_dry_run_prints_every_node_command_and_starts_nothing(fake):
     for node, line in enumerate(lines):
         launch = L.parse_args(["--worker-num", "16", "--local-worker-num", "8", "--master-addr", "10.0.0.9",
                                "--node-rank", str(node), "--", "train.py", "--steps", "3"])
-        assert shlex.split(line) == L.msrun_command(launch)
+        assert shlex.split(line) == launch.command()
         assert f"--node_rank={node}" in line
 
 

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from mf_longseq.tools import supervise
-from mf_longseq.train import launch
+from mf_longseq.tools import workers as launch
 
 FAKE_MSRUN = textwrap.dedent("""\
     import os, subprocess, sys, time
@@ -88,9 +88,34 @@ def test_killed_rank_fails_the_launch(fake):
 
 
 def test_msrun_command_runs_every_rank_under_the_guard(tmp_path):
-    cmd = launch.msrun_command("entry.py", ["train", "--steps", "2"], workers=4, port=8123, log_dir="L")
+    cmd = launch.workers_command("entry.py", ["train", "--steps", "2"], workers=4, port=8123, log_dir="L")
     assert cmd == ["msrun", "--worker_num", "4", "--local_worker_num", "4", "--master_port", "8123", "--log_dir", "L",
                    "--join", "True", "--cluster_time_out", "600", supervise.GUARD, "--status-dir",
                    supervise.status_dir("L"), "entry.py", "train", "--steps", "2"]
     entry = launch.write_entry(str(tmp_path))
     assert "worker_main(sys.argv[1:])" in open(entry).read()
+
+
+def test_fixture_form_of_the_one_builder():
+    """tests/conftest.py and the self-check: no rank guard; no --cluster_time_out unless given."""
+    from mf_longseq.tools.msrun import msrun_command
+    assert msrun_command(["w.py", 1], worker_num=2, master_port=9, log_dir="L", guard=False) == [
+        "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", "9", "--log_dir", "L",
+        "--join", "True", "w.py", "1"]
+
+
+def test_no_other_msrun_command_builder():
+    """Every msrun command comes from tools/msrun.py: no other file of the package, the tests or the benchmarks
+    writes a list that starts with "msrun"."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    home = root / "mf_longseq" / "tools" / "msrun.py"
+    found = []
+    for folder in ("mf_longseq", "tests", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.List) and node.elts and isinstance(node.elts[0], ast.Constant) \
+                        and node.elts[0].value == "msrun" and path != home and path != Path(__file__).resolve():
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, f"msrun commands built outside mf_longseq/tools/msrun.py: {found}"

@@ -81,7 +81,7 @@ def run_train(args) -> int:
                          "one of them.")
     if args.workers > 1 and not under_msrun():
         from mf_longseq.train.job import load_tree, with_dataset_dir
-        from mf_longseq.train.launch import launch
+        from mf_longseq.tools.workers import launch
         from mf_longseq.validation import check_run
         config = with_dataset_dir(load_tree(args.config), args.dataset_dir) if args.dataset_dir else args.config
         check_run(config, steps=args.steps, devices=args.workers)          # refused here, before msrun starts
@@ -125,11 +125,10 @@ def run_demo(args) -> int:
                                     output_dir=output_dir, resume=None, seed=None, workers=args.workers,
                                     port=args.port, timeout=args.timeout)
     if args.dry_run:
-        from mf_longseq.train.launch import msrun_command
+        from mf_longseq.tools.workers import entry_path, workers_command
         print(open(config, encoding="utf-8").read())
-        print(" ".join(msrun_command(os.path.join(_abs(output_dir), "launch", "worker_entry.py"),
-                                     _worker_args(train_args), workers=args.workers, port=args.port or 8118,
-                                     log_dir=os.path.join(_abs(output_dir), "logs"))))
+        print(" ".join(workers_command(entry_path(_abs(output_dir)), _worker_args(train_args), workers=args.workers,
+                                       port=args.port or 8118, log_dir=os.path.join(_abs(output_dir), "logs"))))
         return 0
     if os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
         os.remove(os.path.join(output_dir, "metrics.jsonl"))

@@ -12,27 +12,26 @@ same entry script; there it only serves the cluster (``mindspore.communication.i
 """
 import os
 import re
-import socket
 import sys
 from typing import List, Optional
 
 from mf_longseq.tools import supervise
+from mf_longseq.tools.msrun import free_port, msrun_command, msrun_env
 
 _LOG_LINE = re.compile(r"^\[(WARNING|INFO|DEBUG)\]")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def entry_path(run_dir: str) -> str:
+    """Where ``write_entry`` puts the worker entry script of a run."""
+    return os.path.join(run_dir, "launch", "worker_entry.py")
 
 
 def write_entry(run_dir: str) -> str:
     """The worker entry script: ``python entry.py ARGS`` runs ``mf-longseq ARGS``."""
-    path = os.path.join(run_dir, "launch", "worker_entry.py")
+    path = entry_path(run_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write("import sys\nfrom mf_longseq.train.launch import worker_main\n"
+        handle.write("import sys\nfrom mf_longseq.tools.workers import worker_main\n"
                      "sys.exit(worker_main(sys.argv[1:]))\n")
     return path
 
@@ -55,12 +54,14 @@ def worker_main(argv: List[str]) -> int:
         return 1
 
 
-def msrun_command(entry: str, args: List[str], *, workers: int, port: int, log_dir: str,
-                  timeout: int = 600) -> List[str]:
-    """msrun running ``python entry ARGS`` on ``workers`` local CPU ranks, each under the rank guard."""
-    return ["msrun", "--worker_num", str(workers), "--local_worker_num", str(workers), "--master_port", str(port),
-            "--log_dir", log_dir, "--join", "True", "--cluster_time_out", str(timeout),
-            supervise.GUARD, "--status-dir", supervise.status_dir(log_dir), entry, *args]
+CLUSTER_TIME_OUT = 600          # msrun --cluster_time_out of a --workers launch (seconds)
+
+
+def workers_command(entry: str, args: List[str], *, workers: int, port: int, log_dir: str) -> List[str]:
+    """msrun (``tools/msrun.py``) running ``python entry ARGS`` on ``workers`` local CPU ranks, each under the
+    rank guard."""
+    return msrun_command([entry, *args], worker_num=workers, master_port=port, log_dir=log_dir,
+                         cluster_time_out=CLUSTER_TIME_OUT)
 
 
 def launch(args: List[str], *, workers: int, run_dir: str, port: Optional[int] = None, grace: float = 30.0,
@@ -70,11 +71,8 @@ def launch(args: List[str], *, workers: int, run_dir: str, port: Optional[int] =
     run_dir = os.path.abspath(run_dir)
     log_dir = os.path.join(run_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    cmd = msrun_command(write_entry(run_dir), args, workers=workers, port=port or free_port(), log_dir=log_dir)
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = workers_command(write_entry(run_dir), args, workers=workers, port=port or free_port(), log_dir=log_dir)
+    env = msrun_env()
     print("launching: " + " ".join(cmd), file=out, flush=True)
     outcome = supervise.supervise(cmd, log_dir=log_dir, ranks=[str(r) for r in range(workers)], env=env,
                                   grace=grace, timeout=timeout or 0.0, out=out, cwd=run_dir,

@@ -1,0 +1,56 @@
+"""The part of the decoder one pipeline stage runs (``DecoderStage``).
+
+Stage s of P holds the contiguous range of decoder layers ``parallel.plan.stage_layers(num_layers, P, s)``; the
+embedding lives on the first stage, the final norm, LM head and loss on the last.  The schedule that runs the
+stages and the transfers between them are ``parallel/pipeline.py``'s; the step around it is the trainer's
+(``train/executor.py`` ``PipelinedStep``).
+
+Shapes: B micro-batch, S tokens of this rank (S_global / CP), H hidden.
+"""
+from mindspore import nn
+
+from mf_longseq.parallel.plan import stage_layers
+
+
+class DecoderStage(nn.Cell):
+    """The part of a ``LongSeqForCausalLM`` one pipeline stage runs (embedding first, norm + head + loss last).
+
+    The model's own sub-cells are reused (no copy; parameter names unchanged): ``model.model.embed_tokens``,
+    ``model.model.layers[stage_layers(..)]``, ``model.model.norm`` and ``model.head_loss``.
+
+    Inputs of ``construct``: first stage ``(input_ids,)``; other stages ``(hidden,)``; plus, on the last stage,
+    ``(labels, loss_mask, inv_count)``.  Outputs: the hidden state (B, S/CP, H) for the next stage, or on the last
+    stage ``(loss_sum * inv_count, loss_sum)`` (the objective and, for logging, the unscaled sum).
+
+    Raises:
+        ValueError: tied embeddings (``tie_word_embeddings``) with more than one stage.
+    """
+
+    def __init__(self, model, stage: int, num_stages: int):
+        super().__init__(auto_prefix=False)
+        if num_stages > 1 and getattr(model, "lm_head", None) is None:
+            raise ValueError("model.model_config.tie_word_embeddings = True with parallel_config.pipeline_stage = "
+                             f"{num_stages}: the embedding (first stage) and the LM head (last stage) would share "
+                             "one weight. Fix: set tie_word_embeddings: False or pipeline_stage: 1")
+        self.model = [model]                           # not a child: its parameters keep their names
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.layer_ids = stage_layers(len(model.model.layers), num_stages, stage)
+        self.embed = model.model.embed_tokens if self.first else None
+        self.layers = nn.CellList([model.model.layers[i] for i in self.layer_ids], auto_prefix=False)
+        self.norm = model.model.norm if self.last else None
+        self.head = model.lm_head if self.last else None
+
+    def construct(self, x, *extra):
+        model = self.model[0]
+        cos, sin = model._rope(x.shape[1])
+        hidden = self.embed(x) if self.first else x
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin)
+        if not self.last:
+            return hidden
+        labels, loss_mask, inv_count = extra
+        loss_sum, _ = model.head_loss(self.norm(hidden), labels, loss_mask)
+        return loss_sum * inv_count, loss_sum
+
+
+__all__ = ["DecoderStage"]
