@@ -15,7 +15,7 @@ from mindspore import Tensor
 
 from oracle import causal_allowed, reference_attention
 import mf_longseq.attention.layer as layer_mod
-from mf_longseq.attention.api import ring_masks
+from mf_longseq.attention.attention_plan import ring_masks
 from mf_longseq.attention.cpu_fused import FusedCpuKernel
 from mf_longseq.attention.layer import ContextParallelAttention, release_dense_mask
 from mf_longseq.attention.mask import (COMPRESSED_MASK_SIZE, AttentionMask, DenseMask, compressed_causal_mask,
