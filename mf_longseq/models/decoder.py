@@ -13,15 +13,20 @@ mask) and its token count; sum(loss_sum) / sum(count) over the CP (and DP) ranks
 mean loss, and differentiating ``loss_sum / global_count`` on every rank, then summing gradients over dp x cp,
 is exactly its gradient.
 
+One batch per step.  Every form of ``construct`` first builds the step's ``ShardedBatch`` (``batch.py``): the
+global positions of this rank's tokens, the RoPE tables, the document ids of packed samples and the
+``AttentionPlan`` (sample groups, ring masks, the dense mask when use_attn_mask_compression is off), then runs
+``forward_batch``.  Layers read the batch's ``cos``, ``sin`` and ``attention``; nothing is rebuilt per layer.
+
 Packed documents (EOD).  ``construct`` / ``logits`` take MindFormers' ``actual_seq_len`` (B, L): the global
-cumulative document ends of every sample (``train/packing.py``).  The model turns them into global document ids
+cumulative document ends of every sample (``documents.py``).  The batch turns them into global document ids
 (B, S_global), which every layer's attention uses for block-diagonal causal masking, and, when
 ``use_eod_reset``, into per-document RoPE positions, of which each rank takes its own tokens with the same
 ``shard_sequence`` layout as the ids.  Without ``actual_seq_len`` the model is unchanged (one document).
 
 Numerics: weights are stored in ``param_init_type`` and cast to ``compute_dtype`` for matmuls; RMSNorm
 statistics, softmax and attention merges (inside the kernel) and the cross entropy are float32.  RoPE angles are
-computed in float64 on the host from the global positions of this rank's tokens (``global_positions``), then cast.
+computed in float64 on the host from the global positions of this rank's tokens (``models/rope.py``), then cast.
 
 Weights carry Hugging Face LLaMA / Qwen2 names (``model.layers.0.self_attn.q_proj.weight``, (out, in) layout),
 one weight per projection (q/k/v/o, gate/up/down).  Model parallelism (``parallel/tensor_parallel.py``): q/k/v,

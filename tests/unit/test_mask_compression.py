@@ -149,7 +149,8 @@ def test_compression_off_shares_one_dense_mask_between_layers(monkeypatch):
     other = model.make_batch(ids).dense_mask
     assert other is not first and not np.array_equal(other, first) and other.nbytes == 64 * 64
     gone = weakref.ref(first)
-    del batch, first, grids
+    grids.clear()
+    del batch, first
     gc.collect()
     assert gone() is None
 
