@@ -26,7 +26,7 @@ from mf_longseq.models.rope import rope_tables
 from mf_longseq.parallel.sharding import global_positions, shard_sequence
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BatchSpec:
     """What a model needs to know to build its batches; fixed when the model is built.
 
@@ -79,7 +79,7 @@ def _documents(spec: BatchSpec, actual_seq_len, batch: int, seq_len: int, positi
     return np.broadcast_to(segment_ids, (batch, seq_len)), positions
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardedBatch:
     """One step's inputs on this rank (see the module docstring).
 

@@ -73,7 +73,7 @@ def _sample_groups(samples):
     return groups
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SampleGroup:
     """Samples that share one kernel call: their indices in the batch and this rank's ring masks."""
 
@@ -81,7 +81,7 @@ class SampleGroup:
     masks: Tuple[AttentionMask, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AttentionPlan:
     """The attention of one step on this rank (see the module docstring).
 
