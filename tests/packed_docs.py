@@ -3,8 +3,8 @@ from typing import Optional
 
 import numpy as np
 
-from mf_longseq.train.packing import (actual_seq_len_from_tokens, position_ids_from_actual_seq_len,
-                                      segment_ids_from_actual_seq_len)
+from mf_longseq.documents import position_ids_from_actual_seq_len, segment_ids_from_actual_seq_len
+from mf_longseq.train.packing import actual_seq_len_from_tokens
 
 
 def pack_documents(tokens, eod_token_id: int, eod_pad_length: int, use_eod_reset: bool = True,

@@ -12,14 +12,13 @@ from typing import Optional
 import numpy as np
 from mindspore import Tensor, ops
 
+from mf_longseq.attention.attention_plan import AttentionPlan
 from mf_longseq.attention.hybrid import hybrid_attention
 from mf_longseq.attention.kernel import LocalAttention, default_scale
 from mf_longseq.attention.select import select_kernel
-from mf_longseq.attention.mask import AttentionMask, DenseMask, same_sample_mask
 from mf_longseq.attention.ring import RingAttention
 from mf_longseq.attention.ulysses import ulysses_attention
 from mf_longseq.parallel.plan import CP_ALGOS, LEGACY_ALGO_SPELLINGS
-from mf_longseq.parallel.sharding import ring_part_positions
 
 
 def _check_algo(algo: str, mesh) -> str:
@@ -36,80 +35,28 @@ def _check_algo(algo: str, mesh) -> str:
     return algo
 
 
-def ring_masks(seq_len: int, mesh, layout: str, causal: bool, segment_ids: Optional[np.ndarray] = None,
-               dense_mask: Optional[np.ndarray] = None):
-    """Visibility of this ring rank's part to every ring rank's part (index j: keys of ring rank j).
-
-    One mask for every sample of the call: ``segment_ids`` (S,) document id per token; ``dense_mask`` (S, S) or
-    (1, 1, S, S) uint8, 1 = masked (use_attn_mask_compression off): tiles are then read from it (``DenseMask``)
-    instead of computed.  Per-sample inputs are split by ``context_parallel_attention`` first.
+def _by_groups(q, k, v, plan: AttentionPlan, run):
+    """Run ``run(q, k, v, masks)`` once per sample group of ``plan`` (samples sharing their document ids and
+    dense mask); outputs go back in batch order (differentiable).  Exact per sample.
     """
-    parts = [ring_part_positions(seq_len, mesh.ring, j, layout) for j in range(mesh.ring)]
-    mine = parts[mesh.coords()["ring_id"]]
-    docs = (lambda pos: None) if segment_ids is None else (lambda pos: np.asarray(segment_ids)[pos])
-    if dense_mask is not None:
-        return [DenseMask(mine, part, causal, docs(mine), docs(part), grid=dense_mask) for part in parts]
-    return [AttentionMask(mine, part, causal, docs(mine), docs(part)) for part in parts]
-
-
-def _per_sample(batch: int, seq_len: int, segment_ids, dense_mask):
-    """The (ids, dense) of every sample: ids (S,) or None, dense (1, 1, S, S) / (S, S) or None.
-
-    Raises:
-        ValueError: a batch dimension that is neither 1 nor ``batch``, or a dense mask not (S, S).
-    """
-    ids = None if segment_ids is None else np.asarray(segment_ids)
-    if ids is not None and not (ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] in (1, batch))):
-        raise ValueError(f"segment_ids shape {ids.shape}: expected (S,) or (B, S) with B = {batch}. Fix: "
-                         "pass one row of document ids per sample (train.packing.segment_ids_from_actual_seq_len).")
-    dense = None if dense_mask is None else np.asarray(dense_mask)
-    if dense is not None and not ((dense.ndim == 2 or (dense.ndim == 4 and dense.shape[:2] in ((1, 1), (batch, 1))))
-                                  and dense.shape[-2:] == (seq_len, seq_len)):
-        raise ValueError(f"dense_mask shape {dense.shape}: expected (S, S) or (B, 1, S, S) with B = {batch}, "
-                         f"S = {seq_len}. Fix: pass the uint8 mask of the whole sequence (1 = masked), one per "
-                         "sample or one shared by the batch.")
-    id_of = (lambda b: None) if ids is None else ((lambda b: ids) if ids.ndim == 1 else
-                                                  (lambda b: ids[b if ids.shape[0] > 1 else 0]))
-    dense_of = (lambda b: dense) if dense is None or dense.ndim == 2 or dense.shape[0] == 1 else \
-        (lambda b: dense[b:b + 1])
-    return [(id_of(b), dense_of(b)) for b in range(batch)]
-
-
-def _sample_groups(samples):
-    """Group indices of samples with equal (ids, dense): [(members, (ids, dense))] in first-member order."""
-    groups = []
-    for b, (ids, dense) in enumerate(samples):
-        for members, (g_ids, g_dense) in groups:
-            same_ids = (ids is None and g_ids is None) or (ids is not None and g_ids is not None and
-                                                           np.array_equal(ids, g_ids))
-            if same_ids and (dense is g_dense or same_sample_mask(dense, g_dense)):
-                members.append(b)
-                break
-        else:
-            groups.append(([b], (ids, dense)))
-    return groups
-
-
-def _by_sample_groups(q, k, v, seq_len: int, segment_ids, dense_mask, run):
-    """Run ``run(q, k, v, ids (S,) or None, dense (S, S)-like or None)`` once per group of samples that share
-    their document ids and dense mask; outputs go back in batch order (differentiable).  Exact per sample.
-    """
-    samples = _per_sample(q.shape[0], seq_len, segment_ids, dense_mask)
-    groups = _sample_groups(samples)
-    if len(groups) == 1:
-        return run(q, k, v, *groups[0][1])
+    if plan.batch != q.shape[0]:
+        raise ValueError(f"attention_plan built for a batch of {plan.batch} samples, q holds {q.shape[0]}. "
+                         "Fix: build the plan (ShardedBatch) from this step's inputs.")
+    if len(plan.groups) == 1:
+        return run(q, k, v, plan.groups[0].masks)
     outs, order = [], []
-    for members, (ids, dense) in groups:
-        take = Tensor(np.asarray(members, np.int64))
-        outs.append(run(ops.gather(q, take, 0), ops.gather(k, take, 0), ops.gather(v, take, 0), ids, dense))
-        order.extend(members)
+    for group in plan.groups:
+        take = Tensor(np.asarray(group.members, np.int64))
+        outs.append(run(ops.gather(q, take, 0), ops.gather(k, take, 0), ops.gather(v, take, 0), group.masks))
+        order.extend(group.members)
     return ops.gather(ops.cat(outs, axis=0), Tensor(np.argsort(np.asarray(order))), 0)   # batch order
 
 
 def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", causal: bool = True,
                                layout: str = "zigzag", scale: Optional[float] = None, kernel=None,
                                use_alltoall: bool = False, segment_ids: Optional[np.ndarray] = None,
-                               dense_mask: Optional[np.ndarray] = None):
+                               dense_mask: Optional[np.ndarray] = None,
+                               attention_plan: Optional[AttentionPlan] = None):
     """Attention over a sequence split across the CP ranks of ``mesh``; call it on every CP rank.
 
     Args:
@@ -129,6 +76,9 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
             the uncompressed MindFormers mask; a key is visible where it is 0 AND ``causal`` and
             ``segment_ids`` allow it.  None (default,
             use_attn_mask_compression) builds nothing S x S.
+        attention_plan: the step's ``AttentionPlan`` (built once per step by ``ShardedBatch``, shared by every
+            layer); it replaces ``segment_ids`` and ``dense_mask`` (and must have been built with the same
+            mesh, layout and causal).  None: built here from them.
 
     Per-sample inputs stay per sample: samples with equal ids and equal dense masks run together, every other
     sample runs with its own.
@@ -138,16 +88,19 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
 
     Raises:
         ValueError: unknown algorithm, algorithm not matching the mesh, heads not divisible by the Ulysses degree,
-            segment_ids or dense_mask of a shape other than the above.
+            segment_ids or dense_mask of a shape other than the above, an attention_plan of another batch size.
     """
     algo = _check_algo(algo, mesh)
     kernel = kernel or select_kernel(mesh.device_target)
     scale = default_scale(q.shape[-1]) if scale is None else scale
+    if attention_plan is None:
+        attention_plan = AttentionPlan.build(batch=q.shape[0], seq_len=q.shape[1] * mesh.cp, mesh=mesh,
+                                             layout=layout, causal=causal, segment_ids=segment_ids,
+                                             dense_mask=dense_mask)
 
-    def run(q, k, v, ids, dense):
-        return _attention(q, k, v, mesh, kernel, scale, use_alltoall,
-                          ring_masks(q.shape[1] * mesh.cp, mesh, layout, causal, ids, dense))
-    return _by_sample_groups(q, k, v, q.shape[1] * mesh.cp, segment_ids, dense_mask, run)
+    def run(q, k, v, masks):
+        return _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks)
+    return _by_groups(q, k, v, attention_plan, run)
 
 
 def _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks):
@@ -165,4 +118,4 @@ def _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks):
     return out.transpose(0, 2, 1, 3)                                            # (B, S/CP, N, D)
 
 
-__all__ = ["context_parallel_attention", "ring_masks", "ulysses_attention"]
+__all__ = ["context_parallel_attention", "ulysses_attention"]

@@ -14,7 +14,6 @@ tensors: take the call's rows and cols, change layout (BNSD or TND), call the pr
 merge the calls by log-sum-exp.  The primitives come from a ``primitives`` object (default
 ``AscendPrimitives``), so the kernel also runs on CPU in tests with a NumPy stand-in of the documented op.
 """
-from collections import OrderedDict
 from typing import List
 
 import numpy as np
@@ -146,19 +145,13 @@ class FlashKernel:
         self.primitives = primitives or AscendPrimitives()
         self.compute_dtype = compute_dtype
         self.max_tnd_segments = max_tnd_segments
-        self._plans: "OrderedDict[int, tuple]" = OrderedDict()
         self._compressed = None
 
     def plan(self, mask: AttentionMask, batch: int = 1) -> List[FlashCall]:
-        """The calls of ``mask`` (cached per mask object: the ring reuses its masks in backward)."""
-        key = (id(mask), batch)
-        hit = self._plans.get(key)
-        if hit is None or hit[0] is not mask:
-            hit = (mask, plan_flash_calls(mask, max(1, self.max_tnd_segments // batch)))
-            self._plans[key] = hit
-            while len(self._plans) > 256:
-                self._plans.popitem(last=False)
-        return hit[1]
+        """The calls of ``mask``, computed once per mask (``AttentionMask.cached``): every layer and the backward
+        of a step share the step's masks."""
+        segments = max(1, self.max_tnd_segments // batch)
+        return mask.cached(("flash_calls", segments), lambda: plan_flash_calls(mask, segments))
 
     def _dtype(self, q):
         if self.compute_dtype is not None:

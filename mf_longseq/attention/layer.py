@@ -1,8 +1,8 @@
 """ContextParallelAttention: the Cell a decoder calls; it picks the algorithm from the config.
 
     attn = ContextParallelAttention(config=long_seq_config, mesh=mesh)
-    out_BSND = attn(q_BSND, k_BSND, v_BSND)                # this rank's shards, config.layout
-    out_BSND = attn(q_BSND, k_BSND, v_BSND, segment_ids)   # packed documents: (S,) or (B, S) global ids
+    out_BSND = attn(q_BSND, k_BSND, v_BSND, plan=batch.attention)   # the step's AttentionPlan (a decoder)
+    out_BSND = attn(q_BSND, k_BSND, v_BSND, segment_ids)            # alone: (S,) or (B, S) global ids, or None
 
 It owns nothing but settings: the kernel (FlashAttentionScore on Ascend, blockwise elsewhere), the algorithm,
 the layout, the Ulysses exchange, the mask.  All the work is ``context_parallel_attention``.
@@ -12,36 +12,19 @@ The mask follows ``model.model_config.use_attn_mask_compression``:
 * True: visibility comes from global positions and document ids (``AttentionMask``); FlashAttentionScore gets
   the fixed 2048 x 2048 compressed mask.  Nothing of size S x S exists, at any sequence length.
 * False: like MindFormers, the (B, 1, S, S) uint8 mask (1 = masked) is built for the whole sequence and every
-  tile is read from it (``DenseMask``).  One mask per (batch, sequence, documents) is kept and shared by all
-  layers, as MindFormers builds one per step: B * S^2 bytes, 1 GiB at S = 32k.  Kept to measure the difference.
+  tile is read from it (``DenseMask``): B * S^2 bytes, 1 GiB at S = 32k.  Kept to measure the difference.
+
+A decoder passes the step's ``AttentionPlan`` (``ShardedBatch.attention``): masks, sample groups and the dense
+mask are built once per step and shared by every layer.  Without a plan the layer builds one for its call.
 """
-import hashlib
 from typing import Optional
 
 import numpy as np
 from mindspore import nn
 
 from mf_longseq.attention.api import context_parallel_attention
+from mf_longseq.attention.attention_plan import AttentionPlan
 from mf_longseq.attention.select import select_kernel
-from mf_longseq.attention.mask import dense_attention_mask
-
-_DENSE_CACHE = {}         # one entry: the dense mask of the current step, shared by every layer
-
-
-def shared_dense_mask(batch: int, seq_len: int, causal: bool, segment_ids: Optional[np.ndarray]) -> np.ndarray:
-    """The (B, 1, S, S) uint8 mask of compression-off, built once per distinct input and shared by the layers."""
-    ids = None if segment_ids is None else np.ascontiguousarray(segment_ids)
-    digest = None if ids is None else (ids.shape, hashlib.sha1(ids.tobytes()).hexdigest())
-    key = (batch, seq_len, causal, digest)
-    if key not in _DENSE_CACHE:
-        _DENSE_CACHE.clear()                                     # free the previous S x S before the next one
-        _DENSE_CACHE[key] = dense_attention_mask(batch, seq_len, ids, causal=causal)
-    return _DENSE_CACHE[key]
-
-
-def release_dense_mask() -> None:
-    """Drop the shared dense mask (its S x S bytes)."""
-    _DENSE_CACHE.clear()
 
 
 class ContextParallelAttention(nn.Cell):
@@ -61,12 +44,24 @@ class ContextParallelAttention(nn.Cell):
         self.kernel = select_kernel(config.device_target, config.block_size, config.use_flash_attention)
         self.use_attn_mask_compression = config.use_attn_mask_compression
 
-    def construct(self, q, k, v, segment_ids: Optional[np.ndarray] = None):
-        """q (B, S/CP, N, D), k/v (B, S/CP, K, D); segment_ids (S,) or (B, S) global document ids, or None."""
-        dense = None
-        if not self.use_attn_mask_compression:
-            dense = shared_dense_mask(q.shape[0], q.shape[1] * self.mesh.cp, self.causal, segment_ids)
+    def plan_for(self, batch: int, seq_len: int, segment_ids: Optional[np.ndarray] = None) -> AttentionPlan:
+        """The ``AttentionPlan`` of a (B = batch, S = seq_len global tokens) step under this layer's settings."""
+        return AttentionPlan.for_model(batch=batch, seq_len=seq_len, mesh=self.mesh, layout=self.config.layout,
+                                       causal=self.causal, segment_ids=segment_ids,
+                                       use_attn_mask_compression=self.use_attn_mask_compression)
+
+    def construct(self, q, k, v, segment_ids: Optional[np.ndarray] = None, plan: Optional[AttentionPlan] = None):
+        """q (B, S/CP, N, D), k/v (B, S/CP, K, D) -> (B, S/CP, N, D).
+
+        ``plan``: the step's ``AttentionPlan`` (a decoder's layers share it).  Without it, one is built for this
+        call from ``segment_ids`` ((S,) or (B, S) global document ids, or None).
+        """
+        if plan is None:
+            plan = self.plan_for(q.shape[0], q.shape[1] * self.mesh.cp, segment_ids)
+        elif segment_ids is not None:
+            raise ValueError("ContextParallelAttention got both segment_ids and an attention plan. Fix: pass the "
+                             "document ids when building the plan (ShardedBatch) and only the plan here.")
         return context_parallel_attention(
             q, k, v, mesh=self.mesh, algo=self.config.context_parallel_algo, causal=self.causal,
             layout=self.config.layout, scale=self.scale, kernel=self.kernel,
-            use_alltoall=self.config.enable_alltoall, segment_ids=segment_ids, dense_mask=dense)
+            use_alltoall=self.config.enable_alltoall, attention_plan=plan)

@@ -53,6 +53,20 @@ class AttentionMask:
     q_doc: Optional[np.ndarray] = None
     k_doc: Optional[np.ndarray] = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "_memo", {})     # host plans derived from this mask (frozen: set once here)
+
+    def cached(self, key, build):
+        """``build()`` once per ``key`` for this mask object: the tile plan and the kernels' call plans.
+
+        A mask is immutable, so what is derived from it is too; the step's masks (``AttentionPlan``) are shared
+        by every layer and by backward, so each plan is computed once per step.
+        """
+        memo = self._memo
+        if key not in memo:
+            memo[key] = build()
+        return memo[key]
+
     @property
     def has_docs(self) -> bool:
         return self.q_doc is not None
@@ -86,7 +100,11 @@ class AttentionMask:
         return FULL if causal_full else PARTIAL
 
     def plan(self, block_size: int):
-        """For each query tile: (qs, qe, [(ks, ke, kind), ...]) with SKIP tiles left out."""
+        """For each query tile: (qs, qe, [(ks, ke, kind), ...]) with SKIP tiles left out (computed once per
+        block size, ``cached``)."""
+        return self.cached(("tiles", block_size), lambda: self._tile_plan(block_size))
+
+    def _tile_plan(self, block_size: int):
         q_tiles, k_tiles = tile_bounds(self.q_pos, block_size), tile_bounds(self.k_pos, block_size)
         out = []
         for qs, qe in q_tiles:
@@ -182,6 +200,7 @@ class DenseMask(AttentionMask):
     grid: Optional[np.ndarray] = None
 
     def __post_init__(self):
+        super().__post_init__()
         grid = self.grid
         if grid is None or not (grid.ndim == 2 or (grid.ndim == 4 and grid.shape[1] == 1)):
             raise ValueError(f"DenseMask grid shape {None if grid is None else grid.shape}: expected (S, S) or "

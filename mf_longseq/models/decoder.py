@@ -13,15 +13,20 @@ mask) and its token count; sum(loss_sum) / sum(count) over the CP (and DP) ranks
 mean loss, and differentiating ``loss_sum / global_count`` on every rank, then summing gradients over dp x cp,
 is exactly its gradient.
 
+One batch per step.  Every form of ``construct`` first builds the step's ``ShardedBatch`` (``batch.py``): the
+global positions of this rank's tokens, the RoPE tables, the document ids of packed samples and the
+``AttentionPlan`` (sample groups, ring masks, the dense mask when use_attn_mask_compression is off), then runs
+``forward_batch``.  Layers read the batch's ``cos``, ``sin`` and ``attention``; nothing is rebuilt per layer.
+
 Packed documents (EOD).  ``construct`` / ``logits`` take MindFormers' ``actual_seq_len`` (B, L): the global
-cumulative document ends of every sample (``train/packing.py``).  The model turns them into global document ids
+cumulative document ends of every sample (``documents.py``).  The batch turns them into global document ids
 (B, S_global), which every layer's attention uses for block-diagonal causal masking, and, when
 ``use_eod_reset``, into per-document RoPE positions, of which each rank takes its own tokens with the same
 ``shard_sequence`` layout as the ids.  Without ``actual_seq_len`` the model is unchanged (one document).
 
 Numerics: weights are stored in ``param_init_type`` and cast to ``compute_dtype`` for matmuls; RMSNorm
 statistics, softmax and attention merges (inside the kernel) and the cross entropy are float32.  RoPE angles are
-computed in float64 on the host from the global positions of this rank's tokens (``global_positions``), then cast.
+computed in float64 on the host from the global positions of this rank's tokens (``models/rope.py``), then cast.
 
 Weights carry Hugging Face LLaMA / Qwen2 names (``model.layers.0.self_attn.q_proj.weight``, (out, in) layout),
 one weight per projection (q/k/v/o, gate/up/down).  Model parallelism (``parallel/tensor_parallel.py``): q/k/v,
@@ -38,17 +43,18 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mf_longseq.attention.layer import ContextParallelAttention
+from mf_longseq.batch import BatchSpec, ShardedBatch
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import mf_inputs
 from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
+from mf_longseq.models.rope import apply_rope
 from mf_longseq.models.settings import (_check_mesh, _check_supported, _long_seq_from_model_config,  # noqa: F401
                                         default_mesh, running_world_size)
 from mf_longseq.parallel.mesh import Mesh
-from mf_longseq.parallel.sharding import global_positions, shard_sequence
+from mf_longseq.parallel.sharding import global_positions
 from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
                                                  SharedInputColumns, VocabParallelEmbedding, local_units,
                                                  shard_array, shard_specs, vocab_parallel_cross_entropy)
-from mf_longseq.train.packing import position_ids_from_actual_seq_len, segment_ids_from_actual_seq_len
 
 MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 
@@ -75,24 +81,6 @@ class MatMulNT(nn.Cell):
         return self.matmul(a, b)
 
 
-class Linear(nn.Cell):
-    """y = x @ W^T (+ b), W (out, in); a 2-D matmul (CPU BatchMatMul does not broadcast). (.., in) -> (.., out)."""
-
-    def __init__(self, in_features: int, out_features: int, *, has_bias: bool, param_dtype, compute_dtype):
-        super().__init__()
-        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
-        self.weight = _zeros((out_features, in_features), param_dtype)
-        self.bias = _zeros((out_features,), param_dtype) if has_bias else None
-        self.matmul = MatMulNT(compute_dtype)
-
-    def construct(self, x):
-        lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, self.in_features), self.weight.astype(self.compute_dtype))  # (prod(lead), out)
-        if self.bias is not None:
-            y = y + self.bias.astype(self.compute_dtype)
-        return y.reshape(*lead, self.out_features)
-
-
 class RMSNorm(nn.Cell):
     """x / sqrt(mean(x^2) + eps) * weight, statistics in float32; output in x's dtype."""
 
@@ -105,40 +93,6 @@ class RMSNorm(nn.Cell):
         x32 = x.astype(ms.float32)
         normed = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
         return normed.astype(x.dtype) * self.weight.astype(x.dtype)
-
-
-class Embedding(nn.Cell):
-    """Token ids (B, S) -> (B, S, H) rows of the (V, H) table."""
-
-    def __init__(self, vocab: int, hidden: int, param_dtype, compute_dtype):
-        super().__init__()
-        self.compute_dtype = compute_dtype
-        self.weight = _zeros((vocab, hidden), param_dtype)
-
-    def construct(self, ids):
-        return ops.gather(self.weight, ids.astype(ms.int32), 0).astype(self.compute_dtype)
-
-
-def rope_tables(positions: np.ndarray, head_dim: int, theta: float):
-    """cos, sin (.., D) float32 of the rotate-half convention: angle[.., j] = pos[..] * theta^(-2(j mod D/2)/D).
-
-    ``positions`` (S,) gives (S, D) tables; per-sample positions (B, S) give (B, S, D).
-    """
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (D/2,)
-    angles = np.asarray(positions, np.float64)[..., None] * inv_freq                       # (.., D/2)
-    angles = np.concatenate([angles, angles], axis=-1)                                      # (.., D)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def apply_rope(x, cos, sin):
-    """x (B, S, N, D) rotated: x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1].
-
-    cos, sin: (1, S, 1, D), or (B, S, 1, D) per sample, from ``rope_tables`` (the rotate-half convention of
-    Hugging Face LLaMA / Qwen2).
-    """
-    half = x.shape[-1] // 2
-    rotated = ops.cat((-x[..., half:], x[..., :half]), -1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Cell):
@@ -158,14 +112,17 @@ class Attention(nn.Cell):
         self.qkv = SharedInputColumns([self.q_proj, self.k_proj, self.v_proj], group=mp)   # one f for q, k, v
         self.core = ContextParallelAttention(config=long_seq, mesh=mesh, causal=True)
 
-    def construct(self, x, cos, sin, segment_ids=None):
-        """x (B, S, H); segment_ids: None, or (B, S_global) np.int64 global document ids (packed documents)."""
+    def construct(self, x, cos, sin, plan=None):
+        """x (B, S, H); cos, sin the step's RoPE tables; plan the step's ``AttentionPlan`` (``ShardedBatch``).
+
+        ``plan`` None: the attention builds a one-document plan for this call (a caller without a batch).
+        """
         b, s, _ = x.shape
         q, k, v = self.qkv(x)
         q = q.reshape(b, s, self.num_heads, self.head_dim)                              # (B, S, H) -> (B, S, N, D)
         k = k.reshape(b, s, self.kv_heads, self.head_dim)                               # (B, S, K, D)
         v = v.reshape(b, s, self.kv_heads, self.head_dim)                               # (B, S, K, D)
-        out = self.core(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, segment_ids)  # (B, S, N, D)
+        out = self.core(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, plan=plan)  # (B, S, N, D)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))          # (B, S, N*D) -> (B, S, H)
 
 
@@ -199,8 +156,9 @@ class DecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.mlp = MLP(config, mesh)
 
-    def construct(self, x, cos, sin, segment_ids=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+    def construct(self, x, cos, sin, plan=None):
+        """x (B, S, H) -> (B, S, H); cos, sin, plan: the step's (``ShardedBatch.cos/sin/attention``)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -215,10 +173,12 @@ class DecoderModel(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(config, long_seq, mesh) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
 
-    def construct(self, input_ids, cos, sin, segment_ids=None):
-        x = self.embed_tokens(input_ids)
+    def construct(self, batch: ShardedBatch):
+        """The step's ``ShardedBatch`` -> final hidden (B, S/CP, H); every layer reads the batch's RoPE tables
+        and attention plan."""
+        x = self.embed_tokens(batch.input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, segment_ids)
+            x = layer(x, batch.cos, batch.sin, batch.attention)
         return self.norm(x)
 
 
@@ -273,7 +233,10 @@ class LongSeqForCausalLM(PreTrainedModel):
         self.head_copy = CopyToMP(self.mp_group)
         self.global_loss = mf_inputs.GlobalMeanLoss(self.mesh.group("dp_cp"))
         self.head_matmul = MatMulNT(self.compute_dtype)
-        self._rope_cache = {}
+        self.batch_spec = BatchSpec(mesh=self.mesh, layout=self.long_seq.layout, head_dim=config.head_dim,
+                                    theta=config.theta, compute_dtype=self.compute_dtype,
+                                    use_eod_reset=config.use_eod_reset,
+                                    use_attn_mask_compression=self.long_seq.use_attn_mask_compression)
         self.init_weights_from_seed(config.init_seed)
 
     @classmethod
@@ -299,57 +262,31 @@ class LongSeqForCausalLM(PreTrainedModel):
                     full = shard_array(full, specs[name], mp, mp_id)
                 param.set_data(Tensor(np.ascontiguousarray(full), param.dtype))
 
-    def positions(self, seq_len: int) -> np.ndarray:
-        """Global positions (np.int64) of this rank's tokens of a ``seq_len``-token sequence."""
-        return global_positions(seq_len, self.mesh, self.long_seq.layout)
+    def make_batch(self, input_ids, labels=None, loss_mask=None, actual_seq_len=None) -> ShardedBatch:
+        """The step's ``ShardedBatch`` of this rank's (B, S/CP) shards (``ShardedBatch.from_shards``): RoPE
+        tables, document ids and the attention plan, built once for every layer and the backward."""
+        return ShardedBatch.from_shards(self.batch_spec, input_ids, labels, loss_mask, actual_seq_len)
 
-    def packed_inputs(self, actual_seq_len, local_len: int):
-        """Document ids and RoPE tables of packed samples.
+    def forward_batch(self, batch: ShardedBatch):
+        """(loss_sum, token_count) of a batch with labels and loss_mask (see the class docstring)."""
+        return self.head_loss(self.model(batch), batch.labels, batch.loss_mask)
 
-        Args:
-            actual_seq_len: (B, L) or (L,) int global cumulative document ends (Tensor or ndarray).
-            local_len: tokens of this rank (S/CP).
-
-        Returns:
-            segment_ids (B, S) np.int64, global document id of every token (what the attention expects);
-            cos, sin (B, S/CP, 1, D) per-document positions of this rank's tokens when ``use_eod_reset``, else
-            the cached (1, S/CP, 1, D) tables of global positions.
-        """
-        seq_len = local_len * self.mesh.cp
-        ends = actual_seq_len.asnumpy() if isinstance(actual_seq_len, Tensor) else np.asarray(actual_seq_len)
-        segment_ids = segment_ids_from_actual_seq_len(ends, seq_len)                      # (B, S)
-        if not self.config.use_eod_reset:
-            return (segment_ids,) + self._rope(local_len)
-        positions = position_ids_from_actual_seq_len(ends, seq_len, use_eod_reset=True)  # (B, S) per document
-        mine = shard_sequence(positions, self.mesh, self.long_seq.layout, seq_dim=1)     # (B, S/CP)
-        cos, sin = rope_tables(mine, self.config.head_dim, self.config.theta)            # (B, S/CP, D)
-        return (segment_ids, Tensor(cos[:, :, None, :], self.compute_dtype),             # (B, S/CP, 1, D)
-                Tensor(sin[:, :, None, :], self.compute_dtype))
-
-    def _inputs(self, input_ids, actual_seq_len):
-        """(segment_ids or None, cos, sin) for this rank's (B, S/CP) ids."""
-        if actual_seq_len is None:
-            return (None,) + self._rope(input_ids.shape[1])
-        segment_ids, cos, sin = self.packed_inputs(actual_seq_len, input_ids.shape[1])
-        if segment_ids.shape[0] == 1:
-            segment_ids = segment_ids[0]                       # (L,) ends: one row of ids shared by the batch
-        elif segment_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"actual_seq_len has {segment_ids.shape[0]} rows for a batch of {input_ids.shape[0]} "
-                             "samples. Fix: give one row of document ends per sample (train.packing).")
-        return segment_ids, cos, sin
+    def embed(self, batch: ShardedBatch):
+        """The first stage of a pipeline: the batch's ids -> (B, S/CP, H) embeddings in compute dtype.
+        Layer i then runs ``self.model.layers[i](hidden, batch.cos, batch.sin, batch.attention)``, the last stage
+        ``self.head_loss(self.model.norm(hidden), batch.labels, batch.loss_mask)``."""
+        return self.model.embed_tokens(batch.input_ids)
 
     def _rope(self, local_len: int):
-        seq_len = local_len * self.mesh.cp
-        if seq_len not in self._rope_cache:
-            cos, sin = rope_tables(self.positions(seq_len), self.config.head_dim, self.config.theta)
-            self._rope_cache[seq_len] = (Tensor(cos[None, :, None, :], self.compute_dtype),      # (1, S, 1, D)
-                                         Tensor(sin[None, :, None, :], self.compute_dtype))
-        return self._rope_cache[seq_len]
+        """(cos, sin) (1, S/CP, 1, D) of one-document sequences of ``local_len`` tokens per rank.
+
+        Kept only for ``parallel/pipeline.py`` ``DecoderStage`` until it takes the ``ShardedBatch``; built per call.
+        """
+        return self.batch_spec.rope(global_positions(local_len * self.mesh.cp, self.mesh, self.long_seq.layout))
 
     def logits(self, input_ids, actual_seq_len=None):
         """(B, S/CP) ids -> (B, S/CP, V/MP) float32 logits of this rank's tokens (its vocabulary slice)."""
-        segment_ids, cos, sin = self._inputs(input_ids, actual_seq_len)
-        return self.head_logits(self.model(input_ids, cos, sin, segment_ids))            # (B, S, H) -> logits
+        return self.head_logits(self.model(self.make_batch(input_ids, actual_seq_len=actual_seq_len)))
 
     def head_logits(self, hidden):
         """Final hidden (B, S, H) -> (B, S, V/MP) float32 logits (vocabulary ids [mp_id*V/MP, (mp_id+1)*V/MP))."""
@@ -378,17 +315,16 @@ class LongSeqForCausalLM(PreTrainedModel):
         if labels is None or position_ids is not None:                # MindFormers' columns (see the class doc)
             return self.mindformers_loss(input_ids, labels, loss_mask, position_ids, actual_seq_len)
         actual_seq_len = rest[0] if rest else actual_seq_len
-        segment_ids, cos, sin = self._inputs(input_ids, actual_seq_len)
-        return self.head_loss(self.model(input_ids, cos, sin, segment_ids), labels, loss_mask)
+        return self.forward_batch(self.make_batch(input_ids, labels, loss_mask, actual_seq_len))
 
     def mindformers_loss(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
         """Global mean loss (float32 scalar, same on every rank) of MindFormers' whole-sequence columns."""
         del position_ids                                  # derived from actual_seq_len (mf_inputs docstring)
         whole = mf_inputs.whole_batch(self.config.seq_length, getattr(self.config, "pad_token_id", None),
                                       input_ids, labels, loss_mask)
-        ids, labels, mask = mf_inputs.local_inputs(self.mesh, self.long_seq.layout, *whole)   # (B, S/CP) each
-        count = mf_inputs.global_count(mask, self.global_loss.group)
-        loss_sum, _ = self.construct(ids, labels, mask, *(() if actual_seq_len is None else (actual_seq_len,)))
+        batch = ShardedBatch.from_whole(self.batch_spec, *whole, actual_seq_len)          # (B, S/CP) shards
+        count = mf_inputs.global_count(batch.loss_mask, self.global_loss.group)
+        loss_sum, _ = self.forward_batch(batch)
         return self.global_loss(loss_sum, ms.Tensor(np.float32(count)))
 
 
@@ -400,6 +336,5 @@ def register_classes(*classes) -> None:
             MindFormerRegister.register_cls(cls, module_type=kind)
 
 
-__all__ = ["LongSeqForCausalLM", "DecoderModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "Linear",
-           "Embedding", "rope_tables", "apply_rope", "cross_entropy", "default_mesh", "register_classes",
-           "MS_DTYPES"]
+__all__ = ["LongSeqForCausalLM", "DecoderModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "cross_entropy",
+           "default_mesh", "register_classes", "MS_DTYPES"]

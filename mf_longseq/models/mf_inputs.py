@@ -25,7 +25,6 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from mf_longseq.parallel.comm import all_reduce
-from mf_longseq.parallel.sharding import shard_sequence
 
 
 def loss_mask_from_labels(labels: np.ndarray, pad_token_id: Optional[int]) -> np.ndarray:
@@ -74,12 +73,6 @@ def whole_batch(seq_length: int, pad_token_id: Optional[int], input_ids, labels=
     return tokens, labels, mask * loss_mask_from_labels(labels, pad_token_id)
 
 
-def local_inputs(mesh, layout: str, ids: np.ndarray, labels: np.ndarray, mask: np.ndarray):
-    """This rank's (B, S/CP) shards of whole-sequence (B, S) arrays, as Tensors: ids, labels (int32), mask."""
-    return [Tensor(np.ascontiguousarray(shard_sequence(np.asarray(x), mesh, layout, seq_dim=1)).astype(dtype))
-            for x, dtype in ((ids, np.int32), (labels, np.int32), (mask, np.float32))]
-
-
 def global_count(mask_local: Tensor, group) -> float:
     """Sum of the loss mask over the group (dp x cp), a host float; ValueError when every label is masked."""
     count = float(all_reduce(Tensor(np.array([mask_local.asnumpy().sum(dtype=np.float64)], np.float32)),
@@ -108,5 +101,5 @@ class GlobalMeanLoss(nn.Cell):
         return dout / count, ops.zeros_like(count)
 
 
-__all__ = ["loss_mask_from_labels", "check_pretraining_rows", "whole_batch", "local_inputs", "global_count",
+__all__ = ["loss_mask_from_labels", "check_pretraining_rows", "whole_batch", "global_count",
            "GlobalMeanLoss"]

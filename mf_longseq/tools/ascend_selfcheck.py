@@ -143,7 +143,7 @@ def _grad_run(fn, arrays, dtype):
 
 def kernel_masks(seq_len: int):
     """(name, AttentionMask) for each kind of call flash_args plans, and zigzag ring steps of rank 1 of CP = 4."""
-    from mf_longseq.attention.api import ring_masks
+    from mf_longseq.attention.attention_plan import ring_masks
     from mf_longseq.attention.mask import AttentionMask, DenseMask, dense_attention_mask
     from mf_longseq.parallel.mesh import Mesh
     pos = np.arange(seq_len, dtype=np.int64)

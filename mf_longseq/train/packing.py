@@ -28,19 +28,15 @@ from typing import Optional
 
 import numpy as np
 
+from mf_longseq.documents import as_rows
+
 LOADER_KEY = "train_dataset.data_loader.config"
 PACKING_KEY = f"{LOADER_KEY}.create_compressed_eod_mask"
 EOD_PAD_KEY = f"{LOADER_KEY}.eod_pad_length"
 EOD_TOKEN_KEY = f"{LOADER_KEY}.eod"
 EOS_TOKEN_KEY = "model.model_config.eos_token_id"
 EOD_MASK_LOSS_KEY = f"{LOADER_KEY}.eod_mask_loss"
-EOD_RESET_KEY = "model.model_config.use_eod_reset"
 DEFAULT_EOD_PAD_LENGTH = 128                       # MindFormers' default (BlendedMegatronDatasetDataLoader)
-
-
-def _as_batch(x) -> np.ndarray:
-    x = np.asarray(x)
-    return x[None] if x.ndim == 1 else x
 
 
 def actual_seq_len_from_tokens(tokens, eod_token_id: int, eod_pad_length: int) -> np.ndarray:
@@ -53,7 +49,7 @@ def actual_seq_len_from_tokens(tokens, eod_token_id: int, eod_pad_length: int) -
     if not isinstance(eod_pad_length, (int, np.integer)) or eod_pad_length < 1:
         raise ValueError(f"{EOD_PAD_KEY} = {eod_pad_length!r}: must be a positive integer. "
                          f"Fix: set it to the largest number of documents a packed sample may hold.")
-    tokens = _as_batch(tokens)
+    tokens = as_rows(tokens)
     batch, seq_len = tokens.shape
     out = np.full((batch, eod_pad_length), seq_len, dtype=np.int64)
     for b in range(batch):
@@ -68,35 +64,6 @@ def actual_seq_len_from_tokens(tokens, eod_token_id: int, eod_pad_length: int) -
     return out
 
 
-def check_actual_seq_len(actual_seq_len, seq_len: int) -> np.ndarray:
-    """Validate (B, L) or (L,) ends: non-decreasing, within [1, S], last entry S. Returns (B, L) int64."""
-    ends = _as_batch(actual_seq_len).astype(np.int64)
-    for b, row in enumerate(ends):
-        if np.any(np.diff(row) < 0) or row.min() < 1 or row.max() != seq_len or row[-1] != seq_len:
-            raise ValueError(f"actual_seq_len of sample {b} = {row.tolist()}: must be non-decreasing "
-                             f"cumulative document ends in [1, {seq_len}] ending with seq_length {seq_len}. "
-                             f"Fix: build it with actual_seq_len_from_tokens or pad with {seq_len}.")
-    return ends
-
-
-def segment_ids_from_actual_seq_len(actual_seq_len, seq_len: int) -> np.ndarray:
-    """(B, L) document ends -> (B, S) int64 document id of every token (0, 1, ... per sample)."""
-    ends = check_actual_seq_len(actual_seq_len, seq_len)
-    tokens = np.arange(seq_len)
-    return np.stack([np.searchsorted(row, tokens, side="right") for row in ends]).astype(np.int64)
-
-
-def position_ids_from_actual_seq_len(actual_seq_len, seq_len: int, use_eod_reset: bool = True) -> np.ndarray:
-    """(B, S) int64 RoPE positions: restart at 0 in every document when use_eod_reset, else 0..S-1."""
-    if not isinstance(use_eod_reset, bool):
-        raise ValueError(f"{EOD_RESET_KEY} = {use_eod_reset!r}: must be True or False.")
-    ends = check_actual_seq_len(actual_seq_len, seq_len)
-    tokens = np.arange(seq_len, dtype=np.int64)
-    if not use_eod_reset:
-        return np.tile(tokens, (len(ends), 1))
-    starts = np.concatenate([np.zeros((len(ends), 1), np.int64), ends[:, :-1]], axis=1)   # (B, L)
-    doc = segment_ids_from_actual_seq_len(ends, seq_len)                                   # (B, S)
-    return tokens[None, :] - np.take_along_axis(starts, np.minimum(doc, starts.shape[1] - 1), axis=1)
 
 
 def _node(tree, dotted: str):
@@ -161,6 +128,5 @@ class PackingSettings:
         return ends.astype(np.int32), mask
 
 
-__all__ = ["PackingSettings", "actual_seq_len_from_tokens", "check_actual_seq_len", "segment_ids_from_actual_seq_len",
-           "position_ids_from_actual_seq_len", "EOD_PAD_KEY", "EOD_RESET_KEY",
-           "EOD_TOKEN_KEY", "EOS_TOKEN_KEY", "EOD_MASK_LOSS_KEY", "PACKING_KEY"]
+__all__ = ["PackingSettings", "actual_seq_len_from_tokens", "EOD_PAD_KEY", "EOD_TOKEN_KEY",
+           "EOS_TOKEN_KEY", "EOD_MASK_LOSS_KEY", "PACKING_KEY"]

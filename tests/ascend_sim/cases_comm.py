@@ -44,10 +44,18 @@ def _desc(x):
 
 
 class Recorder:
-    """Patches MindSpore's collective entry points for the duration of a ``with`` block; ``calls`` lists them."""
+    """Patches MindSpore's collective entry points for the duration of a ``with`` block; ``calls`` lists them.
+    ``flash_calls`` lists the FlashAttentionScore calls the FlashKernels planned (``FlashKernel.plan``)."""
 
     def __init__(self):
-        self.calls, self._undo = [], []
+        self.calls, self.flash_calls, self._undo = [], [], []
+
+    def _flash_plan(self, plan):
+        def recorded(kernel, mask, batch=1):
+            calls = plan(kernel, mask, batch)
+            self.flash_calls.extend(calls)
+            return calls
+        return recorded
 
     def _patch(self, owner, name, replacement):
         self._undo.append((owner, name, getattr(owner, name)))
@@ -59,6 +67,8 @@ class Recorder:
         for name in PRIMITIVES:
             self._patch(ops, name, self._primitive(name, getattr(ops, name)))
         self._patch(dist, "batch_isend_irecv", self._batch(dist.batch_isend_irecv))
+        from mf_longseq.attention.flash import FlashKernel
+        self._patch(FlashKernel, "plan", self._flash_plan(FlashKernel.plan))
         module = importlib.import_module("mindspore.mint.distributed.distributed")
         for name in P2P_FUNCTIONS:
             wrapped = self._p2p(name, getattr(dist, name))

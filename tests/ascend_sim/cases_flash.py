@@ -186,7 +186,7 @@ RING_SEQ = 16384
 
 def ring_step_cases(cp: int, rank: int, layout: str, docs=None, seq_len=RING_SEQ, dense=None):
     """Forward + backward of every ring-step mask of ring rank ``rank`` of CP = ``cp`` (steps with work only)."""
-    from mf_longseq.attention.api import ring_masks
+    from mf_longseq.attention.attention_plan import ring_masks
     from mf_longseq.parallel.mesh import Mesh
     mesh = Mesh(cp=cp, rank=rank)
     steps = []

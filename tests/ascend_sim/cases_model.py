@@ -100,7 +100,7 @@ def train_step(family, which, dp, mp, cp, pp, packed=False):
                      tree["parallel"]["enable_alltoall"] else ("AllGather",)}[algo]
     for op in attention_ops:
         assert moved[(op, "BFloat16")] > 0, f"{algo}: no bf16 {op} reached HCCL: {dict(moved)}"
-    layouts = {c.layout for _, plan in kernel._plans.values() for c in plan}
+    layouts = {c.layout for c in rec.flash_calls}
     assert ("TND" in layouts) == packed, f"packed = {packed}: FlashAttentionScore layouts {layouts}"
     if mp > 1:
         assert moved[("AllReduce", "BFloat16")] > 0, f"mp = {mp}: no bf16 AllReduce: {dict(moved)}"
@@ -130,7 +130,8 @@ def template_layer(relative):
     """Rank 0's decoder layer of ``relative`` (num_layers cut to 1): forward + backward, shapes checked."""
     from mf_longseq.config import LongSeqConfig
     from mf_longseq.models.build import model_config_from
-    from mf_longseq.models.decoder import MS_DTYPES, DecoderLayer, rope_tables
+    from mf_longseq.models.decoder import MS_DTYPES, DecoderLayer
+    from mf_longseq.models.rope import rope_tables
     from mf_longseq.parallel.mesh import Mesh
     from mf_longseq.parallel.sharding import global_positions
     tree = _load(relative)

@@ -58,7 +58,8 @@ CASES = [
 
 def segment_ids(case: PackedCase) -> np.ndarray:
     """(B, S) or (S,) document ids, derived from EOD tokens the way the dataset side does it."""
-    from mf_longseq.train.packing import actual_seq_len_from_tokens, segment_ids_from_actual_seq_len
+    from mf_longseq.documents import segment_ids_from_actual_seq_len
+    from mf_longseq.train.packing import actual_seq_len_from_tokens
     tokens = np.full((len(DOC_ENDS), SEQ_LEN), 7, dtype=np.int64)
     for b, ends in enumerate(DOC_ENDS):
         tokens[b, [e - 1 for e in ends]] = EOD                        # a document ends after its EOD token

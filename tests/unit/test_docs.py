@@ -78,9 +78,9 @@ def test_relative_links_resolve():
 
 # ------------------------------------------------------------------ docs/design.md: every file's job, in one line
 PACKAGE = DOCS.parent / "mf_longseq"
-# Files of the per-step ShardedBatch (issue 9 step 2, another branch), listed before they land here: a strict
-# xfail each until the file exists, then an XPASS failure until the entry is deleted.
-PENDING_FILES = {"mf_longseq/batch.py", "mf_longseq/models/rope.py"}
+# Files listed before they land: a strict xfail each until the file exists, then an XPASS failure until the entry
+# is deleted.
+PENDING_FILES: set = set()                # files listed in design.md before they exist (none)
 
 
 def design_file_rows():

@@ -16,7 +16,7 @@ from mindspore import Tensor
 
 from flash_emulator import NumpyFlashPrimitives
 from oracle import causal_allowed, reference_attention
-from mf_longseq.attention.api import ring_masks
+from mf_longseq.attention.attention_plan import ring_masks
 from mf_longseq.attention.flash import FlashKernel
 from mf_longseq.attention.flash_args import documented_keep, flash_arguments, plan_flash_calls
 from mf_longseq.attention.merge import merge

@@ -24,10 +24,8 @@ ABOVE = {                                     # package folder -> the modules it
     "models": ("mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
     "train": ("mf_longseq.tools", "mf_longseq.cli"),
 }
-# Known offenders, each a failing case until its import is removed.  models/decoder.py -> train.packing goes with
-# the per-step ShardedBatch (issue 9 step 2, another branch); delete the entry when that lands (strict: the test
-# then fails as XPASS until the entry is gone).
-KNOWN_OFFENDERS = {"models/decoder.py": "models/decoder.py imports mf_longseq.train.packing (issue 9 step 2)"}
+# Known offenders, each a strict xfail until its import is removed (then an XPASS failure until the entry goes).
+KNOWN_OFFENDERS: dict = {}                  # file -> reason; empty: every package file follows the rule
 
 
 def imported_modules(path: Path, root: Path = PACKAGE):

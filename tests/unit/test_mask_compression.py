@@ -14,10 +14,10 @@ import mindspore as ms
 from mindspore import Tensor
 
 from oracle import causal_allowed, reference_attention
-import mf_longseq.attention.layer as layer_mod
-from mf_longseq.attention.api import ring_masks
+import mf_longseq.attention.attention_plan as plan_mod
+from mf_longseq.attention.attention_plan import ring_masks
 from mf_longseq.attention.cpu_fused import FusedCpuKernel
-from mf_longseq.attention.layer import ContextParallelAttention, release_dense_mask
+from mf_longseq.attention.layer import ContextParallelAttention
 from mf_longseq.attention.mask import (COMPRESSED_MASK_SIZE, AttentionMask, DenseMask, compressed_causal_mask,
                                        dense_attention_mask)
 from mf_longseq.config import LongSeqConfig
@@ -63,12 +63,12 @@ class MaskSpy:
 
     def __init__(self, monkeypatch):
         self.dense_calls, self.kinds = [], set()
-        real = layer_mod.dense_attention_mask
+        real = plan_mod.dense_attention_mask
 
         def build(*args, **kwargs):
             self.dense_calls.append(args[:2])
             return real(*args, **kwargs)
-        monkeypatch.setattr(layer_mod, "dense_attention_mask", build)
+        monkeypatch.setattr(plan_mod, "dense_attention_mask", build)
         original = AttentionMask.plan
 
         def plan(mask, block):
@@ -95,7 +95,6 @@ def run_layer(seq_len, compression, segment_ids=None, block=16, b=2, n=4, kv=2, 
         out = layer(q_, k_, v_, segment_ids)
         return (out * Tensor(dout)).sum(), out
     (_, out), grads = ms.value_and_grad(loss, grad_position=(0, 1, 2), has_aux=True)(Tensor(q), Tensor(k), Tensor(v))
-    release_dense_mask()
     errors = []
     pos = np.arange(seq_len)
     ids = None if segment_ids is None else np.broadcast_to(segment_ids, (b, seq_len))
@@ -125,14 +124,35 @@ def test_both_paths_match_the_oracle_also_below_2048(monkeypatch, seq_len, block
             assert spy.dense_calls == [(2, seq_len)] and spy.kinds == {"DenseMask"}
 
 
-def test_compression_off_shares_one_dense_mask_between_layers():
-    ids = np.zeros(64, np.int64)
-    first = layer_mod.shared_dense_mask(1, 64, True, ids)
-    assert layer_mod.shared_dense_mask(1, 64, True, ids.copy()) is first
-    other = layer_mod.shared_dense_mask(1, 64, True, None)
-    assert other is not first and len(layer_mod._DENSE_CACHE) == 1 and other.nbytes == 64 * 64
-    release_dense_mask()
-    assert not layer_mod._DENSE_CACHE
+def test_compression_off_shares_one_dense_mask_between_layers(monkeypatch):
+    """The step's batch builds one (B, 1, S, S) mask, every layer reads that one, and nothing keeps it after the
+    step (it lives in the batch, not in a module cache)."""
+    import gc
+    import weakref
+    from mf_longseq.models import LlamaLongSeqConfig, build_model
+    cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=64)
+    long_seq = LongSeqConfig(seq_length=64, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
+                             num_layers=cfg.num_layers, block_size=16, use_attn_mask_compression=False)
+    model = build_model(cfg, mesh=Mesh(rank=0), long_seq_config=long_seq)
+    spy, grids = MaskSpy(monkeypatch), []
+    planned = AttentionMask.plan
+
+    def plan(mask, block):
+        grids.append(mask.grid)
+        return planned(mask, block)
+    monkeypatch.setattr(AttentionMask, "plan", plan)
+    ids = Tensor(np.zeros((1, 64), np.int32))
+    batch = model.make_batch(ids, actual_seq_len=np.array([[20, 64]]))
+    first = batch.dense_mask
+    model.head_logits(model.model(batch))
+    assert spy.dense_calls == [(1, 64)] and len(grids) == cfg.num_layers and all(g is first for g in grids)
+    other = model.make_batch(ids).dense_mask
+    assert other is not first and not np.array_equal(other, first) and other.nbytes == 64 * 64
+    gone = weakref.ref(first)
+    grids.clear()
+    del batch, first
+    gc.collect()
+    assert gone() is None
 
 
 def _probe(seq_len, compression):

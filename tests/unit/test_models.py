@@ -11,7 +11,7 @@ from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import (LLAMA2_PRESETS, QWEN1_5_PRESETS, QWEN_PRESETS, LlamaLongSeqConfig,
                                Qwen2LongSeqConfig, QwenLongSeqConfig, build_model, count_parameters,
                                parameter_shapes)
-from mf_longseq.models.decoder import rope_tables
+from mf_longseq.models.rope import rope_tables
 from mf_longseq.parallel import Mesh, global_positions
 from model_oracle import numpy_logits, numpy_loss
 
@@ -133,9 +133,11 @@ def test_rope_uses_global_positions_of_the_shard(layout):
                              layout=layout)
     mesh = Mesh(cp=2, rank=1)                                 # rank 1 of 2, no communication needed to build
     model = build_model(cfg, mesh=mesh, long_seq_config=long_seq)
-    pos = model.positions(32)
+    step = model.make_batch(Tensor(np.zeros((1, 16), np.int32)))
+    pos = step.positions
+    assert step.seq_len == 32
     np.testing.assert_array_equal(pos, global_positions(32, mesh, layout))
-    cos, sin = model._rope(16)
+    cos, sin = step.cos, step.sin
     want_cos, want_sin = rope_tables(pos, cfg.head_dim, cfg.theta)
     np.testing.assert_allclose(cos.asnumpy()[0, :, 0], want_cos)
     np.testing.assert_allclose(sin.asnumpy()[0, :, 0], want_sin)

@@ -11,12 +11,12 @@ from mindspore import Tensor
 
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import LlamaLongSeqConfig, Qwen2LongSeqConfig, build_model
-from mf_longseq.models.decoder import rope_tables
+from mf_longseq.models.rope import rope_tables
 from mf_longseq.parallel import Mesh, shard_sequence
 from mf_longseq.train.data import SyntheticTokens, batch_for_step
 from mf_longseq.train.optim import AdamW, OptimSettings
-from mf_longseq.train.packing import (EOD_PAD_KEY, PACKING_KEY, PackingSettings, actual_seq_len_from_tokens,
-                                      position_ids_from_actual_seq_len)
+from mf_longseq.documents import position_ids_from_actual_seq_len
+from mf_longseq.train.packing import EOD_PAD_KEY, PACKING_KEY, PackingSettings, actual_seq_len_from_tokens
 from mf_longseq.train.runner import Trainer
 
 S, EOD = 32, 2
@@ -75,15 +75,17 @@ def test_use_eod_reset_sets_the_rope_positions():
     a document, so both give the same logits up to rounding; the tables the layers get are what differs."""
     reset, plain = model_of(), model_of(use_eod_reset=False)
     ends = np.array(DOC_ENDS)
-    ids_reset, cos, sin = reset.packed_inputs(ends, S)
-    ids_plain, cos_plain, _ = plain.packed_inputs(ends, S)
+    ids = Tensor(np.zeros((2, S), np.int32))
+    step_reset, step_plain = reset.make_batch(ids, actual_seq_len=ends), plain.make_batch(ids, actual_seq_len=ends)
+    ids_reset, cos, sin = step_reset.segment_ids, step_reset.cos, step_reset.sin
+    ids_plain, cos_plain = step_plain.segment_ids, step_plain.cos
     np.testing.assert_array_equal(ids_reset, ids_plain)
     want_cos, want_sin = rope_tables(position_ids_from_actual_seq_len(ends, S), reset.config.head_dim,
                                      reset.config.theta)
     assert cos.shape == (2, S, 1, reset.config.head_dim)
     np.testing.assert_allclose(cos.asnumpy()[:, :, 0], want_cos)
     np.testing.assert_allclose(sin.asnumpy()[:, :, 0], want_sin)
-    assert cos_plain.shape == (1, S, 1, reset.config.head_dim)                              # the cached tables
+    assert cos_plain.shape == (1, S, 1, reset.config.head_dim)                              # global positions
     np.testing.assert_allclose(cos_plain.asnumpy()[0, :, 0], rope_tables(np.arange(S), reset.config.head_dim,
                                                                          reset.config.theta)[0])
     assert np.abs(cos.asnumpy()[0, 5:] - cos_plain.asnumpy()[0, 5:]).max() > 0.1
@@ -100,7 +102,8 @@ def test_reset_positions_are_sharded_like_the_tokens(layout):
                              layout=layout)
     model = build_model(cfg, mesh=mesh, long_seq_config=long_seq)
     ends = np.array(DOC_ENDS)
-    ids, cos, _ = model.packed_inputs(ends, S // 2)
+    step = model.make_batch(Tensor(np.zeros((2, S // 2), np.int32)), actual_seq_len=ends)
+    ids, cos = step.segment_ids, step.cos
     assert ids.shape == (2, S)                                                  # global ids for the attention
     mine = shard_sequence(position_ids_from_actual_seq_len(ends, S), mesh, layout, seq_dim=1)   # (B, S/2)
     np.testing.assert_allclose(cos.asnumpy()[:, :, 0], rope_tables(mine, cfg.head_dim, cfg.theta)[0])

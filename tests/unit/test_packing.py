@@ -8,8 +8,9 @@ from mindspore import Tensor
 from oracle import causal_allowed, reference_attention
 from mf_longseq.attention import BlockwiseKernel, context_parallel_attention
 from mf_longseq.parallel import Mesh
-from mf_longseq.train.packing import (EOD_PAD_KEY, actual_seq_len_from_tokens, check_actual_seq_len,
-                                      position_ids_from_actual_seq_len, segment_ids_from_actual_seq_len)
+from mf_longseq.documents import (check_actual_seq_len, position_ids_from_actual_seq_len,
+                                  segment_ids_from_actual_seq_len)
+from mf_longseq.train.packing import EOD_PAD_KEY, actual_seq_len_from_tokens
 from packed_docs import pack_documents
 
 EOD = 2

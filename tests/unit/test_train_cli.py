@@ -116,12 +116,14 @@ def test_train_packs_documents_when_the_yaml_asks(tmp_path, capsys, monkeypatch)
     """create_compressed_eod_mask: True -> synthetic samples hold EOD tokens and the model gets their ends."""
     from mf_longseq.models.decoder import LongSeqForCausalLM
     seen = []
-    original = LongSeqForCausalLM.packed_inputs
+    original = LongSeqForCausalLM.make_batch
 
-    def spy(self, actual_seq_len, local_len):
-        seen.append(np.asarray(actual_seq_len.asnumpy() if hasattr(actual_seq_len, "asnumpy") else actual_seq_len))
-        return original(self, actual_seq_len, local_len)
-    monkeypatch.setattr(LongSeqForCausalLM, "packed_inputs", spy)
+    def spy(self, input_ids, labels=None, loss_mask=None, actual_seq_len=None):
+        if actual_seq_len is not None:
+            seen.append(np.asarray(actual_seq_len.asnumpy() if hasattr(actual_seq_len, "asnumpy")
+                                   else actual_seq_len))
+        return original(self, input_ids, labels, loss_mask, actual_seq_len)
+    monkeypatch.setattr(LongSeqForCausalLM, "make_batch", spy)
     path = tmp_path / "packed.yaml"
     path.write_text(yaml.safe_dump(_packed_tree()))
     code, out, err = main(["train", "--config", path, "--steps", "1", "--output-dir", tmp_path / "run"], capsys)
