@@ -215,7 +215,7 @@ def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[
     refusals += _recompute_refusals(tree)
     refusals += _registered_types(tree)
     refusals += _optimizer_refusals(tree)
-    refusals += _packing_refusals(tree, long_seq)
+    refusals += _packing_refusals(tree)
     if not refusals:           # the list below reads sections whose types the checks above have passed
         refusals += _train_refusals(tree)
     return refusals
@@ -275,12 +275,10 @@ def _optimizer_refusals(tree: Mapping) -> List[ConfigError]:
     return out
 
 
-def _packing_refusals(tree: Mapping, long_seq: LongSeqConfig) -> List[ConfigError]:
+def _packing_refusals(tree: Mapping) -> List[ConfigError]:
     from mf_longseq.train.packing import PACKING_KEY, PackingSettings
     try:
-        packing = PackingSettings.from_mindformers(tree)
-        if packing is not None:
-            packing.check_pipeline_stage(long_seq.pipeline_stage)
+        PackingSettings.from_mindformers(tree)
     except ValueError as err:
         return [_as_config_error(err, PACKING_KEY)]
     return []

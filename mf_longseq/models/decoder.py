@@ -31,7 +31,8 @@ computed in float64 on the host from the global positions of this rank's tokens 
 Weights carry Hugging Face LLaMA / Qwen2 names (``model.layers.0.self_attn.q_proj.weight``, (out, in) layout),
 one weight per projection (q/k/v/o, gate/up/down).  Model parallelism (``parallel/tensor_parallel.py``): q/k/v,
 gate/up and the LM head are column-parallel, o/down row-parallel, the embedding vocabulary-parallel; every rank
-keeps its shard under the same name.  Pipeline stages run parts of this model (``parallel/pipeline.py``).
+keeps its shard under the same name.  Pipeline stages run parts of this model (``models/stage.py``, scheduled
+by ``parallel/pipeline.py``).
 """
 import zlib
 from typing import Optional
@@ -51,7 +52,6 @@ from mf_longseq.models.rope import apply_rope
 from mf_longseq.models.settings import (_check_mesh, _check_supported, _long_seq_from_model_config,  # noqa: F401
                                         default_mesh, running_world_size)
 from mf_longseq.parallel.mesh import Mesh
-from mf_longseq.parallel.sharding import global_positions
 from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
                                                  SharedInputColumns, VocabParallelEmbedding, local_units,
                                                  shard_array, shard_specs, vocab_parallel_cross_entropy)
@@ -276,13 +276,6 @@ class LongSeqForCausalLM(PreTrainedModel):
         Layer i then runs ``self.model.layers[i](hidden, batch.cos, batch.sin, batch.attention)``, the last stage
         ``self.head_loss(self.model.norm(hidden), batch.labels, batch.loss_mask)``."""
         return self.model.embed_tokens(batch.input_ids)
-
-    def _rope(self, local_len: int):
-        """(cos, sin) (1, S/CP, 1, D) of one-document sequences of ``local_len`` tokens per rank.
-
-        Kept only for ``parallel/pipeline.py`` ``DecoderStage`` until it takes the ``ShardedBatch``; built per call.
-        """
-        return self.batch_spec.rope(global_positions(local_len * self.mesh.cp, self.mesh, self.long_seq.layout))
 
     def logits(self, input_ids, actual_seq_len=None):
         """(B, S/CP) ids -> (B, S/CP, V/MP) float32 logits of this rank's tokens (its vocabulary slice)."""

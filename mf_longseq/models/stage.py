@@ -18,9 +18,11 @@ class DecoderStage(nn.Cell):
     The model's own sub-cells are reused (no copy; parameter names unchanged): ``model.model.embed_tokens``,
     ``model.model.layers[stage_layers(..)]``, ``model.model.norm`` and ``model.head_loss``.
 
-    Inputs of ``construct``: first stage ``(input_ids,)``; other stages ``(hidden,)``; plus, on the last stage,
-    ``(labels, loss_mask, inv_count)``.  Outputs: the hidden state (B, S/CP, H) for the next stage, or on the last
-    stage ``(loss_sum * inv_count, loss_sum)`` (the objective and, for logging, the unscaled sum).
+    Inputs of ``construct``: first stage ``(batch,)``; other stages ``(hidden, batch)``; plus, on the last stage,
+    ``inv_count``.  ``batch`` is the micro-batch's ``ShardedBatch`` (``batch.py``): ids on the first stage, RoPE
+    tables and the attention plan (document ids of packed samples) on every stage, labels and loss mask on the
+    last.  Outputs: the hidden state (B, S/CP, H) for the next stage, or on the last stage
+    ``(loss_sum * inv_count, loss_sum)`` (the objective and, for logging, the unscaled sum).
 
     Raises:
         ValueError: tied embeddings (``tie_word_embeddings``) with more than one stage.
@@ -40,16 +42,19 @@ class DecoderStage(nn.Cell):
         self.norm = model.model.norm if self.last else None
         self.head = model.lm_head if self.last else None
 
-    def construct(self, x, *extra):
+    def construct(self, *inputs):
         model = self.model[0]
-        cos, sin = model._rope(x.shape[1])
-        hidden = self.embed(x) if self.first else x
+        if self.first:
+            batch, extra = inputs[0], inputs[1:]
+            hidden = model.embed(batch)                                    # (B, S/CP) ids -> (B, S/CP, H)
+        else:
+            hidden, batch, extra = inputs[0], inputs[1], inputs[2:]
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin)
+            hidden = layer(hidden, batch.cos, batch.sin, batch.attention)
         if not self.last:
             return hidden
-        labels, loss_mask, inv_count = extra
-        loss_sum, _ = model.head_loss(self.norm(hidden), labels, loss_mask)
+        inv_count, = extra
+        loss_sum, _ = model.head_loss(self.norm(hidden), batch.labels, batch.loss_mask)
         return loss_sum * inv_count, loss_sum
 
 

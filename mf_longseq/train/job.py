@@ -115,8 +115,8 @@ def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch
     """The trainer of this rank, with its step executor (``train/executor.py``): ``PlainStep`` (dp x cp x mp), or
     with ``parallel_config.pipeline_stage`` > 1 the ``PipelinedStep`` of this rank's stage
     (``parallel_config.micro_batch_num`` micro-batches, 1F1B schedule); AdamW over the executor's parameters.
-    ``packing``: packed documents (``train_dataset.data_loader.config.create_compressed_eod_mask``), pp = 1 only
-    (``run_job`` refuses packing with pipeline stages before any device work; ``Trainer`` checks it too)."""
+    ``packing``: packed documents (``train_dataset.data_loader.config.create_compressed_eod_mask``); every
+    pipeline stage gets the micro-batch's document ids through its ``ShardedBatch``."""
     from mf_longseq.train.executor import PipelinedStep, PlainStep
     if config.pipeline_stage > 1:
         executor = PipelinedStep(model, mesh=mesh, micro_batch_num=config.micro_batch_num, schedule="1f1b")
@@ -149,8 +149,6 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     checked = check_run(tree, steps=opts.steps)               # every rule, before any device work
     config = checked.long_seq
     packing = PackingSettings.from_mindformers(tree)                      # None: samples are not packed
-    if packing is not None:
-        packing.check_pipeline_stage(config.pipeline_stage)              # before any device work
     run = run_context.setup(tree, config)
     seed = int(tree.get("seed", 0) or 0) if opts.seed is None else opts.seed
     ms.set_seed(seed)

@@ -109,13 +109,6 @@ class PackingSettings:
         pad_length = loader.get("eod_pad_length", loader.get("compressed_eod_mask_length", DEFAULT_EOD_PAD_LENGTH))
         return cls(eod_token_id=eod, eod_pad_length=pad_length, eod_mask_loss=loader.get("eod_mask_loss", False))
 
-    def check_pipeline_stage(self, pipeline_stage: int) -> None:
-        """Packing and pipeline stages do not combine: the stages do not pass document ids to their layers."""
-        if pipeline_stage > 1:
-            raise ValueError(f"{PACKING_KEY} = True with parallel_config.pipeline_stage = {pipeline_stage}: "
-                             "pipeline stages do not pass document ids to their layers. Fix: set pipeline_stage: 1, "
-                             f"or {PACKING_KEY}: False.")
-
     def pack(self, input_ids: np.ndarray, loss_mask: np.ndarray):
         """Whole-sequence (B, S) input ids and loss mask -> (actual_seq_len (B, eod_pad_length) int32, loss mask).
 

@@ -56,18 +56,16 @@ class Trainer:
         layout: sequence layout of the CP shards (``LongSeqConfig.layout``).
         pad_token_id: labels equal to it do not count (None: every label counts).
         packing: ``PackingSettings`` for packed samples (the model then also takes ``actual_seq_len``); None:
-            every sample is one document.  Not with pipeline stages.
+            every sample is one document.
         executor: how this rank gets its loss and gradients (``train/executor.py``): ``PlainStep`` (default,
             the whole model) or ``PipelinedStep`` (this rank's pipeline stage, micro-batches and a schedule).
 
     Raises:
-        ValueError: packing with pipeline stages, or a batch size the executor cannot split.
+        ValueError: a batch size the executor cannot split.
     """
 
     def __init__(self, *, model, mesh, optimizer, source, batch_size: int, layout: str,
                  pad_token_id: Optional[int] = None, packing=None, executor=None):
-        if packing is not None:
-            packing.check_pipeline_stage(mesh.pp)
         if executor is None:
             from mf_longseq.train.executor import PlainStep
             executor = PlainStep(model, optimizer.params)

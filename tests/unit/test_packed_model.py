@@ -16,7 +16,7 @@ from mf_longseq.parallel import Mesh, shard_sequence
 from mf_longseq.train.data import SyntheticTokens, batch_for_step
 from mf_longseq.train.optim import AdamW, OptimSettings
 from mf_longseq.documents import position_ids_from_actual_seq_len
-from mf_longseq.train.packing import EOD_PAD_KEY, PACKING_KEY, PackingSettings, actual_seq_len_from_tokens
+from mf_longseq.train.packing import EOD_PAD_KEY, PackingSettings, actual_seq_len_from_tokens
 from mf_longseq.train.runner import Trainer
 
 S, EOD = 32, 2
@@ -173,11 +173,7 @@ def test_trainer_passes_document_ends_to_the_model(eod_mask_loss):
     assert result.loss == pytest.approx(float(loss_sum.asnumpy()) / float(count.asnumpy()), rel=1e-6)
 
 
-def test_trainer_reports_too_many_documents_and_pipeline_stages():
+def test_trainer_reports_too_many_documents():
     trainer, _ = trainer_of(model_of(), PackingSettings(EOD, 2))
     with pytest.raises(ValueError, match=rf"{EOD_PAD_KEY} = 2: sample 0 holds \d+ documents"):
         trainer.step(0)
-    model = model_of()
-    with pytest.raises(ValueError, match=rf"{PACKING_KEY} = True with parallel_config.pipeline_stage = 2.*Fix"):
-        Trainer(model=model, mesh=Mesh(pp=2, rank=0), optimizer=AdamW(model.trainable_params(), OptimSettings()),
-                source=None, batch_size=1, layout="zigzag", packing=PackingSettings(EOD))

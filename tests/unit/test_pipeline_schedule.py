@@ -159,7 +159,7 @@ def test_tied_embeddings_are_refused_with_pipeline_stages():
 
 
 # ------------------------------------------------------------------------ one Trainer, two step executors (one process)
-def trainer_with(executor_kind, batch_size=4, micro=2):
+def trainer_with(executor_kind, batch_size=4, micro=2, packing=None):
     from mf_longseq.train.data import SyntheticTokens
     from mf_longseq.train.executor import PipelinedStep, PlainStep
     from mf_longseq.train.optim import AdamW, OptimSettings
@@ -167,9 +167,10 @@ def trainer_with(executor_kind, batch_size=4, micro=2):
     model, mesh = tiny_model(), Mesh(rank=0)
     executor = (PlainStep(model) if executor_kind == "plain"
                 else PipelinedStep(model, mesh=mesh, micro_batch_num=micro, schedule=executor_kind))
+    eod = None if packing is None else dict(eod_token_id=packing.eod_token_id, mean_document_length=3)
     return Trainer(model=model, mesh=mesh, optimizer=AdamW(executor.params, OptimSettings(learning_rate=0.01)),
-                   source=SyntheticTokens(32, 8, seed=2), batch_size=batch_size, layout="zigzag",
-                   executor=executor)
+                   source=SyntheticTokens(32, 8, seed=2, **(eod or {})), batch_size=batch_size, layout="zigzag",
+                   executor=executor, packing=packing)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -184,6 +185,27 @@ def test_pipelined_executor_steps_like_the_plain_one(schedule):
         assert p.name == q.name
         np.testing.assert_allclose(q.asnumpy(), p.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=p.name)
     assert [p.name for p in piped.state_parameters()] == [p.name for p in plain.state_parameters()]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipelined_executor_passes_packed_documents_to_its_stage(schedule):
+    """Packed samples through PipelinedStep: every micro-batch's stage gets its document ids (ShardedBatch), so the
+    losses and weights equal PlainStep's on the same packed samples, and differ from the same run unpacked (the
+    documents do change the loss)."""
+    from mf_longseq.train.packing import PackingSettings
+    packing = PackingSettings(eod_token_id=1, eod_pad_length=8)
+    plain, piped = trainer_with("plain", packing=packing), trainer_with(schedule, packing=packing)
+    unpacked = trainer_with("plain", packing=None)
+    unpacked.source = plain.source                                         # the same tokens, one document each
+    ids, _, _, ends = plain.local_batch(0)
+    assert (ends.asnumpy() < 8).any()                                      # several documents in a sample
+    for step in range(2):
+        a, b = plain.step(step), piped.step(step)
+        assert b.loss == pytest.approx(a.loss, rel=1e-6)
+        if step == 0:
+            assert abs(unpacked.step(0).loss - a.loss) > 1e-4 * abs(a.loss)
+    for p, q in zip(plain.params, piped.params):
+        np.testing.assert_allclose(q.asnumpy(), p.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=p.name)
 
 
 def test_batch_size_must_split_into_micro_batches():
