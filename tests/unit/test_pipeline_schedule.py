@@ -132,7 +132,7 @@ def test_one_stage_runner_equals_whole_batch_gradient():
     ids, labels, mask = tiny_batch()
     inv = Tensor(np.float32(1.0 / mask.size))
     runner = PipelineRunner(stage, group=Mesh(rank=0).group("pp"), act_shape=(2, 8, 16))
-    micro = [(ids[i:i + 2], labels[i:i + 2], mask[i:i + 2], inv) for i in (0, 2)]
+    micro = [(model.make_batch(ids[i:i + 2], labels[i:i + 2], mask[i:i + 2]), inv) for i in (0, 2)]   # (batch, inv)
     for schedule in SCHEDULES:
         outputs, grads = runner.run(micro, schedule)
         want_loss, want = ms.value_and_grad(lambda a, b, c: model(a, b, c)[0] * inv, None,
