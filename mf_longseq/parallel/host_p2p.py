@@ -119,10 +119,10 @@ class _Outbox:
                 try:
                     if self.sock is None:
                         self._connect()
+                    self.transport.pace(payload.nbytes)
                     self.sock.sendall(_HEADER.pack(self.sent_seq, payload.nbytes))
                     self.sock.sendall(payload)
                     self.sent_seq += 1
-                    self.transport.pace(payload.nbytes)
                 except OSError as err:
                     error = f"{type(err).__name__}: {err}"
             done.append(error)
@@ -182,7 +182,8 @@ class HostTransport:
         self.rank, self.timeout = rank, timeout
         self.host = host or local_ipv4()
         self.closed = False
-        self.pace_bytes_per_s = 0.0            # > 0: emulate a link of that rate (benchmarks only)
+        self.pace_bytes_per_s = 0.0   # > 0: each message waits nbytes / rate before it is sent (benchmarks
+        #                               emulate a slower link; the wait is a sleep: no CPU, no GIL)
         self._lock = threading.Lock()
         self._sent_cond = threading.Condition(self._lock)
         self._sockets, self._threads = [], []
