@@ -7,7 +7,9 @@ One process, the fused CPU attention kernel (forward + backward of one (S, S) ca
 called on the main thread, in two dispatch modes: ``async`` (PyNative's default: ops run on MindSpore's
 executor thread) and ``blocking`` (``ms.runtime.launch_blocking()``: ops run on the calling thread).  Beside it a
 Python thread counts in a loop; ``progress`` = its count while the kernel runs / its count alone in the same
-time (1: the GIL is free while the kernel runs; near 0: the kernel holds it).  ``kernel_ms``: the kernel
+time (1: the GIL is free while the kernel runs; near 0: the kernel holds it).  Reference row ``numpy``: NumPy
+matrix products on the main thread (they release the GIL), the ceiling ``progress`` reaches on this host
+under its current load.  ``kernel_ms``: the kernel
 call's wall time with the counting thread running; ``alone_ms``: without it.  Prints a table and writes
 benchmarks/results/pynative_gil.csv.
 """
@@ -42,15 +44,19 @@ class Counter:
         self.thread.join()
 
 
-def measure(mode: str, args) -> dict:
+def _kernel_call(mode: str, args):
+    """The timed call: fused attention forward + backward (results on the host), or NumPy products."""
     import numpy as np
     import mindspore as ms
     from mindspore import Tensor
     from mf_longseq.attention.cpu_fused import FusedCpuKernel
     from mf_longseq.attention.mask import AttentionMask
+    rng = np.random.default_rng(0)
+    if mode == "numpy":
+        a = rng.standard_normal((args.seq // 2, args.seq // 2)).astype(np.float32)
+        return lambda: [a @ a for _ in range(args.heads)]
     if mode == "blocking":
         ms.runtime.launch_blocking()
-    rng = np.random.default_rng(0)
     q, k, v, dout = (Tensor(rng.standard_normal((1, args.heads, args.seq, 64)).astype(np.float32)) for _ in range(4))
     kernel, mask = FusedCpuKernel(), AttentionMask(np.arange(args.seq), np.arange(args.seq), causal=True)
 
@@ -58,6 +64,11 @@ def measure(mode: str, args) -> dict:
         out, lse = kernel.forward(q, k, v, mask, 0.125)
         grads = kernel.backward(q, k, v, dout, lse, lse * 0, mask, 0.125)
         [g.asnumpy() for g in grads]
+    return call
+
+
+def measure(mode: str, args) -> dict:
+    call = _kernel_call(mode, args)
     call()                                                            # build, warm up
     start = time.perf_counter()
     call()
@@ -78,7 +89,7 @@ def main():
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="kernel threads (runtime_num_threads)")
-    parser.add_argument("--mode", choices=("async", "blocking"), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("async", "blocking", "numpy"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:                                                     # one mode per process (blocking is global)
         import json
@@ -91,7 +102,7 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GLOG_v="3",
                PYTHONPATH=f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     rows = []
-    for mode in ("async", "blocking"):
+    for mode in ("async", "blocking", "numpy"):
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--seq", str(args.seq), "--heads",
                               str(args.heads), "--threads", str(args.threads)], capture_output=True, text=True,
                              env=env, check=True).stdout
