@@ -72,11 +72,16 @@ def _serial_shifts():
     return start
 
 
+def _kernel(args):
+    from mf_longseq.attention import BlockwiseKernel
+    from mf_longseq.attention.select import select_kernel
+    return BlockwiseKernel(args.block) if args.kernel == "blockwise" else select_kernel("CPU", args.block)
+
+
 def measure(seq_len: int, args, mesh) -> dict:
     import mindspore as ms
     from mindspore import Tensor, ops
-    from mf_longseq.attention import BlockwiseKernel, context_parallel_attention, ring_masks
-    from mf_longseq.attention.select import select_kernel
+    from mf_longseq.attention import context_parallel_attention, ring_masks
     from mf_longseq.attention.kernel import default_scale
     from mf_longseq.attention import ring as ring_module
     from mf_longseq.parallel.comm import all_reduce_world, ring_shift
@@ -85,8 +90,7 @@ def measure(seq_len: int, args, mesh) -> dict:
     shape_q, shape_kv = (1, local, args.heads, args.head_dim), (1, local, args.kv_heads, args.head_dim)
     q, dout = (Tensor(rng.standard_normal(shape_q).astype(np.float32)) for _ in range(2))
     k, v = (Tensor(rng.standard_normal(shape_kv).astype(np.float32)) for _ in range(2))
-    kernel = BlockwiseKernel(args.block) if args.kernel == "blockwise" else select_kernel("CPU", args.block)
-    scale = default_scale(args.head_dim)
+    kernel, scale = _kernel(args), default_scale(args.head_dim)
     masks = ring_masks(seq_len, mesh, "zigzag", True)
     barrier = lambda: all_reduce_world(Tensor(np.zeros(1, np.float32))).asnumpy()     # noqa: E731
 

@@ -9,7 +9,7 @@ import pytest
 from mindspore import Tensor
 
 import host_p2p_worker as worker
-from mf_longseq.parallel.host_p2p import HostTransport
+from mf_longseq.parallel.host_p2p import HostTransport, local_ipv4
 from mf_longseq.parallel.mesh import Group
 
 
@@ -83,6 +83,14 @@ def test_in_process_pair_and_nothing_left_open_after_close():
         a.start(Tensor(x0), ga, 1, 1)
 
 
+def _wait_fails_then_close(transport, handle, error, pattern):
+    try:
+        with pytest.raises(error, match=pattern):
+            handle.wait()
+    finally:
+        transport.close()
+
+
 def test_a_peer_that_never_sends_times_out_naming_rank_group_seconds_and_fix():
     with socket.socket() as unused:                      # a port nobody listens on
         unused.bind(("127.0.0.1", 0))
@@ -90,13 +98,9 @@ def test_a_peer_that_never_sends_times_out_naming_rank_group_seconds_and_fix():
     t = HostTransport(0, timeout=1.0, host="127.0.0.1")
     t.set_addresses("lonely", {0: ("127.0.0.1", t.port), 1: ("127.0.0.1", dead_port)})
     group = Group(axis="cp", ranks=(0, 1), index=0, name="lonely")
-    handle = t.start(Tensor(np.ones(4, np.float32)), group, 1, 1)
-    try:
-        with pytest.raises(TimeoutError, match=r"rank 0, group lonely\): nothing received from rank 1 within 1 s"
-                           r".*every rank of the group is alive.*MF_LONGSEQ_P2P_TIMEOUT"):
-            handle.wait()
-    finally:
-        t.close()
+    _wait_fails_then_close(t, t.start(Tensor(np.ones(4, np.float32)), group, 1, 1), TimeoutError,
+                           r"rank 0, group lonely\): nothing received from rank 1 within 1 s"
+                           r".*every rank of the group is alive.*MF_LONGSEQ_P2P_TIMEOUT")
     assert not _p2p_threads()
 
 
@@ -106,10 +110,15 @@ def test_a_peer_that_goes_away_is_a_connection_error_naming_it():
     ha, hb = a.start(x, ga, 1, 1), b.start(x, gb, 0, 0)
     ha.wait(), hb.wait()                                 # both connections exist now
     b.close()
-    handle = a.start(x, ga, 1, 1)
-    try:
-        with pytest.raises(ConnectionError, match=r"rank 0, group pair\): receiving from rank 1 failed \(rank 1 "
-                                                  r"closed its connection"):
-            handle.wait()
-    finally:
-        a.close()
+    _wait_fails_then_close(a, a.start(x, ga, 1, 1), ConnectionError,
+                           r"rank 0, group pair\): receiving from rank 1 failed \(rank 1 closed its connection")
+
+
+def test_the_published_address_is_the_one_that_reaches_the_scheduler(monkeypatch):
+    monkeypatch.setenv("MS_SCHED_HOST", "localhost")
+    assert local_ipv4() == "127.0.0.1"
+    monkeypatch.setenv("MS_SCHED_HOST", "no-such-host.invalid")
+    assert local_ipv4() == "127.0.0.1"
+    monkeypatch.setenv("MS_SCHED_HOST", socket.gethostname())
+    address = local_ipv4()
+    assert socket.inet_aton(address) and address in ("127.0.0.1", socket.gethostbyname(socket.gethostname()))
