@@ -19,7 +19,9 @@ host load hits all four), each starting after a world all-reduce and ending when
 
 Definitions: saved = 1 - ring / ring_serial (the share of the step the overlap saves); overlap =
 (ring_serial - ring) / min(compute, transfer): the fraction of the shorter part hidden (0: none, 1: all; noise
-makes it a rough figure when min(compute, transfer) is a few percent of the step).  ``peak_in_flight`` is the
+makes it a rough figure when min(compute, transfer) is a few percent of the step).  The ring's schedule can hide
+at most (3R - 3) / (3R - 2) of its shifts (3/4 at R = 2): R - 1 K/V shifts forward and R - 1 K/V + R dK/dV
+shifts backward, all of one size, and the last dK/dV shift (home) has no block left to hide behind.  ``peak_in_flight`` is the
 largest number of logical bytes started and not yet waited for (``CommStats``); ``step_bytes`` all logical bytes
 one rank sends in a step.
 
