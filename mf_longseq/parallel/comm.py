@@ -2,10 +2,12 @@
 
 Every function takes an explicit ``Group`` (see ``mesh.py``).  Native primitives are used where the backend has
 them (Ascend/GPU: AlltoAll, AllGather, ReduceScatter, point-to-point send/receive).  On CPU only AllReduce works
-outside the world group, so every exchange is built from AllReduce there:
+outside the world group, so there:
 
-* point-to-point (ring shift): an AllReduce in the two-rank group of sender and receiver, the receiver adding
-  zeros.  Per-rank buffers stay the size of the block that moves.
+* ring shift: the host transport (``host_p2p.py``: TCP between the ranks, on background threads, so the
+  transfer runs while the caller computes);
+* other point-to-point transfers (pipeline ``send_recv``, pairwise all-to-all): an AllReduce in the two-rank
+  group of sender and receiver, the receiver adding zeros.  Per-rank buffers stay the size of what moves.
 * all-gather: an AllReduce of a zero buffer holding this rank's part in its slot.
 * all-to-all: P-1 rounds of pairwise transfers (round r: send to index+r, receive from index-r).
 
@@ -13,10 +15,13 @@ The decision native-or-emulated is made here, from ``group.device_target``, and 
 
 Started exchanges: ``ring_shift_start`` returns a ``Pending`` at once; its ``wait()`` returns the received tensor.
 Between the two the caller computes (the ring starts the next K/V block, computes the current one, then waits).
-Native: the isend/irecv works of ``batch_isend_irecv``, waited in ``wait()``.  Emulated: the AllReduces are issued
-at start; PyNative dispatches ops asynchronously, so the host returns at once and ops queued after them (the
-caller's compute) are issued without waiting; ``wait()`` hands back the result tensor (reading it waits).
-``ring_shift`` is start-then-wait.
+Native: the isend/irecv works of ``batch_isend_irecv``, waited in ``wait()``.  CPU: the tensor is read to the
+host at start and the host transport's threads move it while the caller's kernels run (an AllReduce would run
+on the same execution queue as those kernels, after or before them, never beside); ``wait()`` joins and
+returns a Tensor.  ``ring_shift`` is start-then-wait.
+
+Base pieces (``CommStats``, ``Pending``, ``is_emulated``, ``all_reduce``, ``all_reduce_world``) live in
+``comm_core.py`` and are imported from here.
 
 Raw functions (``ring_shift``, ``all_gather``, ``all_to_all``, ``all_reduce``) are not differentiable; the
 Cells at the bottom (``AllToAll``, ``AllGather``) are, each with its backward stated next to it.
@@ -28,131 +33,21 @@ Every call counts bytes into ``group.stats``: ``logical`` is what the native pri
 import logging
 import math
 import warnings
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Dict
 
 import mindspore as ms
 from mindspore import nn, ops
 
+from mf_longseq.parallel import host_p2p
+from mf_longseq.parallel.comm_core import (CommStats, Pending, _nbytes, all_reduce, all_reduce_world,  # noqa: F401
+                                           allreduce_sum as _allreduce_sum, is_emulated)
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CommStats:
-    """Bytes and calls per exchange kind, for one process."""
-
-    calls: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    logical_bytes: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    wire_bytes: Dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    in_flight_bytes: int = 0
-    peak_in_flight_bytes: int = 0
-
-    def add(self, kind: str, logical: int, wire: int) -> None:
-        self.calls[kind] += 1
-        self.logical_bytes[kind] += int(logical)
-        self.wire_bytes[kind] += int(wire)
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.logical_bytes.clear()
-        self.wire_bytes.clear()
-        self.in_flight_bytes = self.peak_in_flight_bytes = 0
-
-    def started(self, nbytes: int) -> None:
-        self.in_flight_bytes += int(nbytes)
-        self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
-
-    def finished(self, nbytes: int) -> None:
-        self.in_flight_bytes -= int(nbytes)
-
-    def total(self, which: str = "logical") -> int:
-        table = self.logical_bytes if which == "logical" else self.wire_bytes
-        return sum(table.values())
-
-    def as_dict(self) -> dict:
-        return {k: {"calls": self.calls[k], "logical_bytes": self.logical_bytes[k], "wire_bytes": self.wire_bytes[k]}
-                for k in sorted(self.calls)}
-
-
-def is_emulated(group) -> bool:
-    """True where the backend lacks sub-group AllGather / AlltoAll / send-receive (CPU)."""
-    return group.device_target == "CPU"
-
-
-def _nbytes(x) -> int:
-    return x.size * x.itemsize
-
-
-def _allreduce_sum(x, group_name: str, upcast: bool = True):
-    # AllReduce of bf16 is not available on every backend's CPU kernels: move fp32, hand back the input dtype.
-    # Native backends (HCCL) reduce bf16 as is (upcast=False): fp32 would double the bytes of every mp all-reduce.
-    if upcast and x.dtype == ms.bfloat16:
-        return ops.AllReduce(group=group_name)(x.astype(ms.float32)).astype(x.dtype)
-    return ops.AllReduce(group=group_name)(x)
-
-
-# --------------------------------------------------------------------------------------------------- raw
-def all_reduce(x, group):
-    """Sum of ``x`` over the group, on every rank."""
-    if group.size == 1:
-        return x
-    n = group.size
-    group.stats.add("all_reduce", _nbytes(x) * 2 * (n - 1) // n, _nbytes(x))
-    return _allreduce_sum(x, group.name, upcast=is_emulated(group))
-
-
-def all_reduce_world(x):
-    """Sum of ``x`` over every process of the launch (the world group), on every rank; no mesh needed."""
-    from mindspore.communication import GlobalComm
-    return _allreduce_sum(x, GlobalComm.WORLD_COMM_GROUP)
-
-
-class Pending:
-    """A started exchange: ``wait()`` (once) finishes it and returns its result.
-
-    Args:
-        finish: called by ``wait()``; returns the received tensor.
-        stats, nbytes: the group's ``CommStats`` and the logical bytes in flight until ``wait()``.
-    """
-
-    def __init__(self, finish, stats=None, nbytes: int = 0):
-        self._finish, self._stats, self._nbytes = finish, stats, nbytes
-        if stats is not None:
-            stats.started(nbytes)
-
-    def wait(self):
-        """The received tensor. Raises RuntimeError when called a second time."""
-        if self._finish is None:
-            raise RuntimeError("Pending.wait() called twice: an exchange is finished once")
-        finish, self._finish = self._finish, None
-        if self._stats is not None:
-            self._stats.finished(self._nbytes)
-        return finish()
 
 
 def _pair_transfer(x, group, peer: int, sending: bool):
     """One point-to-point transfer between this rank and ``peer`` (group indices), built on AllReduce."""
     payload = x if sending else ops.zeros_like(x)
     return _allreduce_sum(payload, group.pair(group.index, peer))
-
-
-def _shift_emulated(x, group, offset: int):
-    """Send ``x`` to index+offset, receive from index-offset, in two-rank groups.
-
-    The permutation i -> i+offset splits into cycles; along a cycle even positions send first and odd positions
-    receive first, so every transfer finds its partner waiting and no cycle of waits can form.
-    """
-    n, me = group.size, group.index
-    dst, src = (me + offset) % n, (me - offset) % n
-    cycle_start = me % math.gcd(n, offset % n)
-    position = next(k for k in range(n) if (cycle_start + k * offset) % n == me)
-    if position % 2 == 0:
-        _pair_transfer(x, group, dst, sending=True)
-        return _pair_transfer(x, group, src, sending=False)
-    received = _pair_transfer(x, group, src, sending=False)
-    _pair_transfer(x, group, dst, sending=True)
-    return received
 
 
 def _shift_native(x, group, offset: int):
@@ -175,16 +70,19 @@ def _shift_native(x, group, offset: int):
 def ring_shift_start(x, group, offset: int = 1) -> Pending:
     """Start sending ``x`` to group index ``index + offset``; ``wait()`` returns what ``index - offset`` sent.
 
-    Every rank of the group starts its shifts in the same order (the emulation's collectives pair up in that
-    order).  Do not change ``x`` in place before ``wait()``.
+    Every rank of the group starts its shifts in the same order (transfers pair up in that order).  Do not change
+    ``x`` in place before ``wait()``.  CPU: ``x`` is read to the host here (this waits for the ops producing it),
+    then moves on the host transport's threads (``host_p2p``) while the caller computes.
+
+    Raises (from ``wait()``, CPU): TimeoutError / ConnectionError naming the peer rank, the group and the fix.
     """
     if group.size == 1 or offset % group.size == 0:
         return Pending(lambda: x)
-    emulated = is_emulated(group)
-    group.stats.add("ring_shift", _nbytes(x), 2 * _nbytes(x) if emulated else _nbytes(x))
-    if emulated:
-        received = _shift_emulated(x, group, offset)
-        return Pending(lambda: received, group.stats, _nbytes(x))
+    group.stats.add("ring_shift", _nbytes(x), _nbytes(x))
+    if is_emulated(group):
+        n, me = group.size, group.index
+        transfer = host_p2p.transport().start(x, group, (me + offset) % n, (me - offset) % n)
+        return Pending(transfer.wait, group.stats, _nbytes(x))
     return Pending(_shift_native(x, group, offset), group.stats, _nbytes(x))
 
 
