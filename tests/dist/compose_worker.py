@@ -41,6 +41,11 @@ CASES = {
     "mp2_ulysses2": (1, 2, 2, 1, "ulysses_cp", 1),
     "mp4_kv_replicated": (1, 4, 1, 1, "colossalai_cp", 1),
 }
+# name: layout (as CASES) of a case trained on packed documents (EOD), against the packed one-rank reference
+PACKED_CASES = {
+    "pp2_cp2_packed": (1, 1, 2, 2, "colossalai_cp", 2),
+}
+EOD = 1                      # the packed cases' EOD token
 # name: layout (as CASES) of a run_job case; job_resume_cp4 resumes job_mp2_cp2's checkpoint
 JOB_CASES = {
     "job_pp2_cp2": (1, 1, 2, 2, "colossalai_cp", 2),
@@ -68,22 +73,26 @@ def tiny_tree(dp=1, mp=1, cp=1, pp=1, algo="colossalai_cp", micro=1):
     }
 
 
-def build(tree, rank=None):
-    """(config, mesh, trainer) of this rank for ``tree`` (rank=0 and no communication when it has one rank)."""
+def build(tree, rank=None, packed=False):
+    """(config, mesh, trainer) of this rank for ``tree`` (rank=0 and no communication when it has one rank);
+    ``packed``: samples hold several documents ending in ``EOD``, trained as packed documents."""
     from mf_longseq.config import LongSeqConfig
     from mf_longseq.models import build_model
     from mf_longseq.parallel import Mesh
     from mf_longseq.train.data import SyntheticTokens
     from mf_longseq.train.job import build_trainer
     from mf_longseq.train.optim import OptimSettings
+    from mf_longseq.train.packing import PackingSettings
     config = LongSeqConfig.from_mindformers(tree)
     mesh = Mesh.from_config(config, rank=rank)
     if mesh.world_size > 1:
         mesh.create_groups()
     trainer = build_trainer(model=build_model(tree, mesh=mesh), mesh=mesh, config=config,
                             settings=OptimSettings.from_mindformers(tree, STEPS + 1),
-                            source=SyntheticTokens(64, SEQ, seed=3), batch_size=tree["runner_config"]["batch_size"],
-                            pad_token_id=None)
+                            source=SyntheticTokens(64, SEQ, seed=3, eod_token_id=EOD if packed else None,
+                                                   mean_document_length=8),
+                            batch_size=tree["runner_config"]["batch_size"], pad_token_id=None,
+                            packing=PackingSettings(EOD, 16) if packed else None)
     return config, mesh, trainer
 
 
@@ -93,10 +102,10 @@ def trained_state(trainer):
     return {p.name: p.asnumpy() for p in params}
 
 
-def train_case(name, *, single=False, rank=None):
-    """Train case ``name`` (or its one-rank reference); returns (losses, trainer)."""
-    tree = tiny_tree() if single else tiny_tree(*CASES[name])
-    _, _, trainer = build(tree, rank=0 if single else rank)
+def train_case(name, *, single=False, rank=None, packed=False):
+    """Train case ``name`` (or its one-rank reference, packed or not); returns (losses, trainer)."""
+    tree = tiny_tree() if single else tiny_tree(*{**CASES, **PACKED_CASES}[name])
+    _, _, trainer = build(tree, rank=0 if single else rank, packed=packed or name in PACKED_CASES)
     losses = [trainer.step(step).loss for step in range(STEPS)]
     return losses, trainer
 
@@ -142,6 +151,9 @@ def run(name, rank, out_dir):
     if name in JOB_CASES:
         run_job_case(name, out_dir, rank=rank)
         return
+    if name in PACKED_CASES:
+        np.savez(path, losses=np.array(train_case(name, rank=rank)[0], np.float64))
+        return
     losses, trainer = train_case(name, rank=rank)
     from mf_longseq.parallel.tensor_parallel import shard_specs
     specs = json.dumps({k: spec.to_dict() for k, spec in shard_specs(trainer.model).items()})
@@ -151,7 +163,7 @@ def run(name, rank, out_dir):
 
 def main():
     rank, out_dir, only = join_launch(WORLD)
-    names = list(CASES) + list(JOB_CASES) + ["world_size"]
+    names = list(CASES) + list(PACKED_CASES) + list(JOB_CASES) + ["world_size"]
     run_cases(names, lambda name: run(name, rank, out_dir), only, rank, name_of=lambda name: name)
 
 

@@ -1,8 +1,8 @@
 """Context parallelism composed with data, model and pipeline parallelism, trained for real on 4 CPU ranks.
 
 One msrun launch (``compose_worker.py``) trains a tiny LLaMA2 with GQA for 5 steps in dp2 x cp2, mp2 x cp2,
-pp2 x cp2 (1F1B, 2 micro-batches), cp2 Ulysses under mp2 and mp4 (kv heads replicated).  The oracle is the
-same training on one rank, run here in the pytest process: losses and the final weights (every rank's shards
+pp2 x cp2 (1F1B, 2 micro-batches; also on packed documents), cp2 Ulysses under mp2 and mp4 (kv heads
+replicated).  The oracle is the same training on one rank, run here in the pytest process: losses and the final weights (every rank's shards
 merged with ``reshard.merge_rank_states``) must agree within 1e-5 relative.
 
 The user's path, ``run_job`` (``mf-longseq train``), runs in the same launch: pp2 x cp2 for 3 steps equals the
@@ -72,6 +72,20 @@ def test_layout_trains_like_one_rank(name, launch, reference):
     worst = max((rel_err(full[k], w), k) for k, w in weights.items())
     assert worst[0] <= RTOL, f"{name}: weight {worst[1]} differs by {worst[0]:.2e} relative"
     assert rel_err(reference["losses"][-1], reference["losses"][0]) > 1e-3     # the weights did move
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", list(cw.PACKED_CASES))
+def test_packed_documents_through_pipeline_stages_train_like_one_rank(name, launch):
+    """Packed documents under pp2 x cp2: every stage reads the micro-batch's document ids (ShardedBatch), so the
+    losses equal one rank trained on the same packed samples, and differ from the same samples unpacked."""
+    packed, _ = cw.train_case(None, single=True, packed=True)
+    unpacked, _ = cw.train_case(None, single=True)
+    assert rel_err(packed[0], unpacked[0]) > 1e-4                          # the documents change the loss
+    for rank in range(cw.WORLD):
+        got = np.load(launch / name / f"rank{rank}.npz")["losses"]
+        errors = [rel_err(a, b) for a, b in zip(got, packed)]
+        assert len(got) == len(packed) and max(errors) <= RTOL, f"{name} rank {rank}: {got} vs {packed}"
 
 
 # ------------------------------------------------------------------------------ the user path: run_job
