@@ -187,7 +187,7 @@ def main():
                     continue
                 results.append(run_one(args, impl, seq, kv))
                 print(f"  {impl:10s} S={seq:6d} kv={kv}: {results[-1]['seconds']:.2f} s, "
-                      f"+{results[-1]['extra_peak_mib']:.0f} MiB", flush=True)
+                      f"{results[-1]['cpu_seconds']:.2f} CPU-s, +{results[-1]['extra_peak_mib']:.0f} MiB", flush=True)
     rows = table_rows(results, args)
     write_table(rows, args.csv)
     for (impl, kv), slope in growth_exponents(rows).items():
