@@ -137,8 +137,9 @@ def configure_op_dispatch(device_target: str) -> bool:
     the Python thread busy-waits for them (``AsyncRQueue::Wait``), so on CPU one core spins beside the kernel's
     threads - there is no separate device to keep busy, the "device" is the same cores.  The fused attention
     kernel (S = 8192, 8 heads, 1 thread, forward) took 2.93 s asynchronously and 1.34 s synchronously
-    (``benchmarks/kernel_bench.py --impls fused_cpu fused_cpu_async`` compares both in one run; the figures
-    for training and the demo are in ``docs/design.md``, "CPU op dispatch").  On Ascend the host must stay ahead of the device, so
+    (``benchmarks/dispatch_gil.py``; ``benchmarks/kernel_bench.py --impls fused_cpu fused_cpu_async`` compares
+    both in one run; the figures for training and the demo are in ``docs/design.md``, "CPU op dispatch").  On
+    Ascend the host must stay ahead of the device, so
     the asynchronous default is kept there.
 
     Synchronous dispatch keeps the kernels on the Python thread, but MindSpore releases the GIL while an op
