@@ -9,7 +9,8 @@ CP = 1 is one process; CP > 1 is one msrun launch of CP CPU workers per (S, kv h
 process sets ``runtime_num_threads`` (and OMP_NUM_THREADS) to ``--threads``, runs one warm-up step and reports the
 median of ``--steps`` steps; a case's time is the maximum over its ranks.  Memory is the steady-state extra peak
 per rank: VmHWM over all steps (``train.monitor.peak_rss_mib``) minus the RSS once the inputs exist.
-The kernel is ``select_kernel("CPU")`` (the fused kernel) unless ``--kernel blockwise``.
+The kernel is ``select_kernel("CPU")`` (the fused kernel) unless ``--kernel blockwise``; ops are dispatched as in
+training (``train.context.configure_op_dispatch``: synchronously on CPU) unless ``--async-dispatch``.
 ``time_vs_cp1`` = per-rank time / CP = 1 time at the same S (ideal 1/CP); ``cpu_vs_cp1`` the same for the CPU
 time of the rank's process (threads included): on a shared, oversubscribed machine it shows the split of the work
 where wall time mostly shows the load.  GFLOP/s counts unmasked FLOPs:
@@ -70,8 +71,11 @@ def run_case(args, mesh):
 def worker_main(args):
     import mindspore as ms
     from mf_longseq.parallel import Mesh
+    from mf_longseq.train.context import configure_op_dispatch
     ms.set_device("CPU")
     ms.set_context(runtime_num_threads=args.threads)
+    if not args.async_dispatch:
+        configure_op_dispatch("CPU")
     if args.cp > 1:
         from mindspore.communication import init
         init()
@@ -92,6 +96,7 @@ def launch(args, cp, seq, kv, algo, workdir):
     common = ["--seq", str(seq), "--kv", str(kv), "--algo", algo, "--cp", str(cp), "--heads", str(args.heads),
               "--head-dim", str(args.head_dim), "--block", str(args.block), "--threads", str(args.threads),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--kernel", args.kernel, "--as-worker"]
+    common += ["--async-dispatch"] if args.async_dispatch else []
     from mf_longseq.tools.msrun import free_port, msrun_command, msrun_env
     env = msrun_env(dict(os.environ, LOCAL_DEFAULT_PATH=os.path.join(workdir, "mfout"), GLOG_v="3",
                          OMP_NUM_THREADS=str(args.threads)), root=HERE.parent)
@@ -145,6 +150,9 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--kernel", choices=["fused", "blockwise"], default="fused")
+    parser.add_argument("--async-dispatch", action="store_true",
+                        help="keep PyNative's asynchronous dispatch (the Python thread busy-waits beside the kernel)")
+    parser.add_argument("--csv", default="attention.csv", help="file name under benchmarks/results/")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block", type=int, default=2048)
@@ -164,7 +172,7 @@ def main():
                     rows += launch(args, cp, seq, kv, algo, workdir)
                     print(f"  S={seq} kv={kv} CP={cp} {algo}: {max(r['seconds'] for r in rows[-cp:]):.2f} s",
                           flush=True)
-    write_table(report(rows, args), "attention.csv")
+    write_table(report(rows, args), args.csv)
 
 
 if __name__ == "__main__":

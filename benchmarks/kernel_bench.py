@@ -10,10 +10,11 @@ torch.set_num_threads, OMP_NUM_THREADS): one warm-up step, then the median of ``
 steady-state extra peak: VmHWM over the warm-up and all steps (``train.monitor.peak_rss_mib``) minus the RSS
 once the inputs exist.  GFLOP/s counts unmasked FLOPs only: 12 * D * N * visible (query, key) pairs per step
 (forward 2 matmuls, backward 4).  ``*_cpu_s`` is the process CPU time of a step (all threads): on a shared,
-oversubscribed machine the wall-time ratio carries the load, the CPU-time ratio the work.  PyNative executes ops
-on a backend thread while the Python thread busy-waits for them (AsyncRQueue::Wait): one core spinning next to
-the kernel's threads; ``--launch-blocking`` (``ms.runtime.launch_blocking()``) runs ops on the Python thread and
-removes it.  Prints a table and writes benchmarks/results/kernel.csv.
+oversubscribed machine the wall-time ratio carries the load, the CPU-time ratio the work.  MindSpore ops are
+dispatched as in training (``train.context.configure_op_dispatch``: synchronously on CPU); ``fused_cpu_async``
+(not in the default set) is the fused kernel under PyNative's asynchronous dispatch, whose Python thread
+busy-waits (AsyncRQueue::Wait) beside the kernel's threads.  Prints a table and writes
+benchmarks/results/kernel.csv.
 """
 import argparse
 import json
@@ -29,7 +30,8 @@ import numpy as np
 from bench_table import write_table
 
 HERE = Path(__file__).resolve().parent
-IMPLS = ("fused_cpu", "blockwise", "torch_sdpa")
+IMPLS = ("fused_cpu", "blockwise", "torch_sdpa", "fused_cpu_async")
+DEFAULT_IMPLS = IMPLS[:3]
 
 
 # --------------------------------------------------------------------------------------------------- worker side
@@ -47,19 +49,22 @@ def _mindspore_step(args, arrays):
     from mf_longseq.attention.kernel import BlockwiseKernel, LocalAttention, default_scale
     from mf_longseq.attention.cpu_fused import FusedCpuKernel
     from mf_longseq.attention.mask import AttentionMask
+    from mf_longseq.train.context import configure_op_dispatch
     ms.set_device("CPU")
     ms.set_context(runtime_num_threads=args.threads)
-    if args.launch_blocking:
-        ms.runtime.launch_blocking()                           # ops run on the Python thread: no spinning wait
+    if args.impl != "fused_cpu_async":
+        configure_op_dispatch("CPU")                           # as training does: ops on the Python thread
     q, k, v, dout = (Tensor(a) for a in arrays)
     pos = np.arange(args.seq)
-    kernel = FusedCpuKernel() if args.impl == "fused_cpu" else BlockwiseKernel(args.block)
+    kernel = FusedCpuKernel() if args.impl.startswith("fused_cpu") else BlockwiseKernel(args.block)
     cell = LocalAttention(kernel, AttentionMask(pos, pos, True), default_scale(args.head_dim))
-    grad = ms.grad(lambda a, b, c: (cell(a, b, c)[0] * dout).sum(), grad_position=(0, 1, 2))
+    # dout enters as the output's gradient (sens), as torch's out.backward(dout) does; lse gets a zero gradient.
+    grad = ms.ops.GradOperation(get_all=True, sens_param=True)(cell)
+    sens = (dout, ms.ops.zeros(tuple(q.shape[:3]), ms.float32))
 
     def step():
-        for g in grad(q, k, v):
-            g.asnumpy()
+        for g in grad(q, k, v, sens):
+            g.asnumpy()                                        # shares the tensor's memory (no copy)
     return step
 
 
@@ -106,7 +111,6 @@ def run_one(args, impl, seq, kv):
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--seq", str(seq), "--kv", str(kv),
            "--threads", str(args.threads), "--steps", str(steps), "--warmup", str(args.warmup),
            "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--block", str(args.block)]
-    cmd += ["--launch-blocking"] if args.launch_blocking else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=args.workdir)
     rows = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
     if proc.returncode != 0 or not rows:
@@ -123,12 +127,14 @@ def table_rows(results, args):
         flops = 12 * args.head_dim * args.heads * AttentionMask(pos, pos, True).visible_pairs()
         by = {r["impl"]: r for r in results if (r["seq_len"], r["kv_heads"]) == (seq, kv)}
         row = {"seq_len": seq, "kv_heads": kv, "threads": args.threads}
-        for impl in IMPLS:
+        for impl in args.impls:
             r = by.get(impl)
             row[f"{impl}_s"] = round(r["seconds"], 3) if r else ""
             row[f"{impl}_cpu_s"] = round(r["cpu_seconds"], 3) if r else ""
             row[f"{impl}_gflops"] = round(flops / r["seconds"] / 1e9, 1) if r else ""
             row[f"{impl}_mib"] = round(r["extra_peak_mib"], 1) if r else ""
+        if by.get("fused_cpu") and by.get("fused_cpu_async"):
+            row["time_async_over_sync"] = round(by["fused_cpu_async"]["seconds"] / by["fused_cpu"]["seconds"], 3)
         fused, torch_ = by.get("fused_cpu"), by.get("torch_sdpa")
         if fused and torch_:
             row["time_fused_over_torch"] = round(fused["seconds"] / torch_["seconds"], 3)
@@ -144,7 +150,7 @@ def growth_exponents(rows):
     """Slope of log(extra peak MiB) against log(S) per (implementation, kv heads): 1.0 = linear."""
     out = {}
     for kv in sorted({r["kv_heads"] for r in rows}):
-        for impl in IMPLS:
+        for impl in sorted({k.rsplit("_", 1)[0] for k in rows[0] if k.endswith("_mib")}):
             pts = [(r["seq_len"], r[f"{impl}_mib"]) for r in rows if r["kv_heads"] == kv and r[f"{impl}_mib"] != ""
                    and r[f"{impl}_mib"] > 0]
             if len(pts) >= 2:
@@ -156,14 +162,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--blockwise-max-seq", type=int, default=16384, help="skip the slow reference above this S")
-    parser.add_argument("--launch-blocking", action="store_true",
-                        help="MindSpore runs ops synchronously (ms.runtime.launch_blocking()): PyNative's async "
-                             "queue otherwise keeps the Python thread spinning while a kernel runs")
+    parser.add_argument("--csv", default="kernel.csv", help="file name under benchmarks/results/")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block", type=int, default=2048, help="blockwise kernel tile")
@@ -183,9 +187,9 @@ def main():
                     continue
                 results.append(run_one(args, impl, seq, kv))
                 print(f"  {impl:10s} S={seq:6d} kv={kv}: {results[-1]['seconds']:.2f} s, "
-                      f"+{results[-1]['extra_peak_mib']:.0f} MiB", flush=True)
+                      f"{results[-1]['cpu_seconds']:.2f} CPU-s, +{results[-1]['extra_peak_mib']:.0f} MiB", flush=True)
     rows = table_rows(results, args)
-    write_table(rows, "kernel.csv")
+    write_table(rows, args.csv)
     for (impl, kv), slope in growth_exponents(rows).items():
         print(f"memory growth exponent {impl} kv={kv}: {slope:.2f}")
 

@@ -14,10 +14,10 @@ S x S grid) is delegated to ``BlockwiseKernel``.
 
 Threads: ``runtime_num_threads`` of the MindSpore context, capped at the CPUs this process may use.
 
-Measured cost of the executor (not of this kernel): PyNative runs ops on its backend thread while the Python
-thread busy-waits for them (``AsyncRQueue::Wait``), so one core spins beside the kernel's threads; the same
-kernel call takes 1.5-2.9x its standalone CPU time.  ``ms.runtime.launch_blocking()`` runs ops on the Python
-thread and removes the spin (S = 4096, 8 heads: fused forward + backward 0.83 CPU-s vs 1.20 CPU-s without).
+Op dispatch: PyNative's asynchronous executor runs ops on a backend thread while the Python thread busy-waits
+for them (``AsyncRQueue::Wait``), one core spinning beside this kernel's threads; CPU runs therefore dispatch
+synchronously, decided once in ``train.context.configure_op_dispatch`` (measurements there and in
+docs/design.md).  MindSpore releases the GIL while the op runs, so other Python threads keep running.
 """
 import os
 from typing import Tuple

@@ -1,7 +1,9 @@
 """MindSpore context of a training run: device, PyNative mode, communication, auto-parallel context, mesh.
 
 ``context:`` keys used: ``device_target`` (through ``LongSeqConfig``) and ``runtime_num_threads``.  The run is
-always PyNative, with MindSpore's default asynchronous op dispatch (the host queues ops ahead of the device).
+always PyNative.  Op dispatch is decided in one place, ``configure_op_dispatch`` (used by training, the demo and
+the benchmarks): synchronous on CPU, MindSpore's default asynchronous dispatch elsewhere (see its docstring for
+the measurements).
 
 ``parallel:`` keys of a MindFormers YAML go to ``mindspore.set_auto_parallel_context`` as MindFormers passes them,
 with two rules of this plugin:
@@ -128,6 +130,35 @@ def runtime_context_kwargs(section: Optional[Mapping]) -> Dict[str, Any]:
     return {"runtime_num_threads": threads}
 
 
+def configure_op_dispatch(device_target: str) -> bool:
+    """Run ops synchronously on the Python thread (``ms.runtime.launch_blocking()``) when the device is the CPU.
+
+    Why (measured on a 2-core host): under PyNative's asynchronous dispatch the ops run on a backend thread while
+    the Python thread busy-waits for them (``AsyncRQueue::Wait``), so on CPU one core spins beside the kernel's
+    threads - there is no separate device to keep busy, the "device" is the same cores.  The fused attention
+    kernel (S = 4096, 8 heads, 1 thread) took 1415 ms asynchronously and 842 ms synchronously
+    (``benchmarks/pynative_gil.py``; ``benchmarks/kernel_bench.py --impls fused_cpu fused_cpu_async`` compares
+    both in one run; the figures for training and the demo are in ``docs/design.md``, "CPU op dispatch").  On
+    Ascend the host must stay ahead of the device, so the asynchronous default is kept there.
+
+    Synchronous dispatch keeps the kernels on the Python thread, but MindSpore releases the GIL while an op
+    runs (``benchmarks/pynative_gil.py``: a counting Python thread keeps 0.457 of its idle rate during the
+    kernel, against 0.502 beside NumPy's GIL-free matmul), so a background Python thread (the ring's host
+    transport, ``parallel/host_p2p.py``) still runs.
+
+    Args:
+        device_target: ``"CPU"``, ``"Ascend"`` or ``"GPU"`` (the run's ``context.device_target``).
+
+    Returns:
+        True when synchronous dispatch was switched on (CPU).  The setting is per process and stays on.
+    """
+    import mindspore as ms
+    if device_target != "CPU":
+        return False
+    ms.runtime.launch_blocking()
+    return True
+
+
 def _set_device(target: str) -> None:
     """Set the device unless the process already did (msrun workers may set it, with their device id)."""
     import mindspore as ms
@@ -158,8 +189,7 @@ def setup(tree: Mapping, config) -> RunContext:
     from mf_longseq.config import check_world_size
     from mf_longseq.parallel import Mesh
     _set_device(config.device_target)
-    # Asynchronous dispatch (MindSpore's default): tests/dist/test_async_dispatch.py repeats CP steps under it and
-    # checks identical, oracle-exact gradients; synchronous dispatch would make the host wait for every kernel.
+    configure_op_dispatch(config.device_target)
     ms.set_context(mode=ms.PYNATIVE_MODE, **runtime_context_kwargs(tree.get("context")))
     distributed = under_msrun()
     rank, world_size = 0, 1

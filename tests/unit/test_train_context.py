@@ -68,6 +68,27 @@ def test_setup_checks_the_world_size_with_the_config_rule():
         setup({}, cfg)
 
 
+@pytest.mark.parametrize("target, blocking", [("CPU", True), ("Ascend", False), ("GPU", False)])
+def test_op_dispatch_is_synchronous_on_cpu_only(monkeypatch, target, blocking):
+    """One decision for training, the demo and the benchmarks: ops run on the Python thread on CPU (no busy-waiting
+    executor thread beside the kernels), asynchronously on a device."""
+    import mindspore as ms
+    from mf_longseq.train.context import configure_op_dispatch
+    calls = []
+    monkeypatch.setattr(ms.runtime, "launch_blocking", lambda: calls.append(1))
+    assert configure_op_dispatch(target) is blocking
+    assert calls == ([1] if blocking else [])
+
+
+def test_setup_applies_the_op_dispatch_decision(monkeypatch):
+    """``setup`` (every training run and the demo) goes through ``configure_op_dispatch``."""
+    from mf_longseq.train import context
+    seen = []
+    monkeypatch.setattr(context, "configure_op_dispatch", lambda target: seen.append(target) or True)
+    run = context.setup({"context": {"runtime_num_threads": 1}}, LongSeqConfig(seq_length=64, num_heads=4))
+    assert seen == ["CPU"] and run.world_size == 1
+
+
 def test_runtime_threads_from_the_context_section():
     from mf_longseq.train.context import runtime_context_kwargs
     assert runtime_context_kwargs({"runtime_num_threads": 1, "mode": 1}) == {"runtime_num_threads": 1}
