@@ -47,25 +47,15 @@ class JobOptions:
 
 
 def load_tree(config: Any) -> dict:
-    """The config as a plain dict.  A YAML file is read as written; one with ``base_config`` goes through
-    ``MindFormerConfig``, which merges the base files."""
-    if isinstance(config, str):
-        import yaml
-        if not os.path.isfile(config):
-            raise ValueError(f"--config {config}: no such file. Fix: give the path of a MindFormers YAML.")
-        with open(config, encoding="utf-8") as handle:
-            tree = yaml.safe_load(handle) or {}
-        if not isinstance(tree, dict):
-            raise ValueError(f"--config {config}: not a YAML mapping. Fix: give a MindFormers YAML.")
-        if "base_config" in tree:
-            from mindformers import MindFormerConfig
-            tree = MindFormerConfig(config)
-        config = tree
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    if not isinstance(config, dict):
-        raise TypeError(f"expected a YAML path, a dict or a MindFormerConfig, got {type(config).__name__}")
-    return _plain(config)
+    """The config as plain nested dicts and lists (YAML-writable): ``validation.load_tree`` (a YAML path read once,
+    ``base_config`` merged by ``MindFormerConfig``; a dict or a MindFormerConfig taken as it is), with MindFormers'
+    config objects turned into plain values.
+
+    Raises:
+        InputError / ConfigError: as ``validation.load_tree`` (unreadable path, not a mapping of sections).
+    """
+    from mf_longseq.validation import load_tree as read_config
+    return _plain(read_config(config))
 
 
 def _plain(node):
