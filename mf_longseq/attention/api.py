@@ -39,9 +39,6 @@ def _by_groups(q, k, v, plan: AttentionPlan, run):
     """Run ``run(q, k, v, masks)`` once per sample group of ``plan`` (samples sharing their document ids and
     dense mask); outputs go back in batch order (differentiable).  Exact per sample.
     """
-    if plan.batch != q.shape[0]:
-        raise ValueError(f"attention_plan built for a batch of {plan.batch} samples, q holds {q.shape[0]}. "
-                         "Fix: build the plan (ShardedBatch) from this step's inputs.")
     if len(plan.groups) == 1:
         return run(q, k, v, plan.groups[0].masks)
     outs, order = [], []
@@ -88,15 +85,21 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
 
     Raises:
         ValueError: unknown algorithm, algorithm not matching the mesh, heads not divisible by the Ulysses degree,
-            segment_ids or dense_mask of a shape other than the above, an attention_plan of another batch size.
+            segment_ids or dense_mask of a shape other than the above, an attention_plan built for another batch,
+            sequence length, ring rank, layout or causal setting, or given together with segment_ids / dense_mask.
     """
     algo = _check_algo(algo, mesh)
     kernel = kernel or select_kernel(mesh.device_target)
     scale = default_scale(q.shape[-1]) if scale is None else scale
+    seq_len = q.shape[1] * mesh.cp
     if attention_plan is None:
-        attention_plan = AttentionPlan.build(batch=q.shape[0], seq_len=q.shape[1] * mesh.cp, mesh=mesh,
-                                             layout=layout, causal=causal, segment_ids=segment_ids,
-                                             dense_mask=dense_mask)
+        attention_plan = AttentionPlan.build(batch=q.shape[0], seq_len=seq_len, mesh=mesh, layout=layout,
+                                             causal=causal, segment_ids=segment_ids, dense_mask=dense_mask)
+    elif segment_ids is not None or dense_mask is not None:
+        raise ValueError("attention_plan given together with segment_ids / dense_mask: the plan already holds the "
+                         "step's documents and masks. Fix: pass either the plan or segment_ids / dense_mask.")
+    else:
+        attention_plan.check_fits(batch=q.shape[0], seq_len=seq_len, mesh=mesh, layout=layout, causal=causal)
 
     def run(q, k, v, masks):
         return _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks)

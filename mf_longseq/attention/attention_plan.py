@@ -42,8 +42,10 @@ def _per_sample(batch: int, seq_len: int, segment_ids, dense_mask):
         ValueError: a batch dimension that is neither 1 nor ``batch``, or a dense mask not (S, S).
     """
     ids = None if segment_ids is None else np.asarray(segment_ids)
-    if ids is not None and not (ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] in (1, batch))):
-        raise ValueError(f"segment_ids shape {ids.shape}: expected (S,) or (B, S) with B = {batch}. Fix: "
+    if ids is not None and not ((ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] in (1, batch)))
+                                and ids.shape[-1] == seq_len):
+        raise ValueError(f"segment_ids shape {ids.shape}: expected (S,) or (B, S) with B = {batch}, "
+                         f"S = {seq_len}. Fix: "
                          "pass one row of document ids per sample (documents.segment_ids_from_actual_seq_len).")
     dense = None if dense_mask is None else np.asarray(dense_mask)
     if dense is not None and not ((dense.ndim == 2 or (dense.ndim == 4 and dense.shape[:2] in ((1, 1), (batch, 1))))
@@ -90,12 +92,32 @@ class AttentionPlan:
         seq_len: global sequence length S (all CP ranks together).
         groups: the sample groups, in first-member order; their members cover 0..B-1 once.
         dense_mask: the (B, 1, S, S) uint8 mask (1 = masked) the plan was built from, or None (compression on).
+        ring, ring_id, layout, causal: what the masks were built for (the mesh's ring degree and this rank's ring
+            index, the sequence layout, causal visibility); ``check_fits`` compares a call against them.
     """
 
     batch: int
     seq_len: int
     groups: Tuple[SampleGroup, ...]
     dense_mask: Optional[np.ndarray] = None
+    ring: int = 1
+    ring_id: int = 0
+    layout: str = "zigzag"
+    causal: bool = True
+
+    def check_fits(self, *, batch: int, seq_len: int, mesh, layout: str, causal: bool) -> None:
+        """Raises ValueError naming the first difference between this plan and a call of ``batch`` samples of
+        global length ``seq_len`` on ``mesh`` with ``layout`` and ``causal`` (a plan built for another call would
+        apply its masks to the wrong tokens)."""
+        call = {"batch": batch, "seq_len": seq_len, "ring degree": mesh.ring,
+                "ring index": mesh.coords()["ring_id"], "layout": layout, "causal": causal}
+        built = {"batch": self.batch, "seq_len": self.seq_len, "ring degree": self.ring, "ring index": self.ring_id,
+                 "layout": self.layout, "causal": self.causal}
+        for name, want in built.items():
+            if call[name] != want:
+                raise ValueError(f"attention_plan built for {name} = {want!r}, the call has {call[name]!r}. Fix: "
+                                 "build the plan (ShardedBatch / AttentionPlan.build) from this call's inputs, mesh, "
+                                 "layout and causal, or pass no plan.")
 
     @classmethod
     def build(cls, *, batch: int, seq_len: int, mesh, layout: str, causal: bool,
@@ -115,7 +137,8 @@ class AttentionPlan:
         groups = _sample_groups(_per_sample(batch, seq_len, segment_ids, dense_mask))
         return cls(batch, seq_len, tuple(SampleGroup(tuple(members), tuple(ring_masks(seq_len, mesh, layout, causal,
                                                                                        ids, dense)))
-                                         for members, (ids, dense) in groups), dense_mask)
+                                         for members, (ids, dense) in groups), dense_mask,
+                   ring=mesh.ring, ring_id=mesh.coords()["ring_id"], layout=layout, causal=causal)
 
     @classmethod
     def for_model(cls, *, batch: int, seq_len: int, mesh, layout: str, causal: bool,

@@ -24,6 +24,7 @@ when a peer closes its connection; both name this rank, the peer, the group and 
 """
 import atexit
 import ipaddress
+import math
 import os
 import queue
 import socket
@@ -36,7 +37,30 @@ import numpy as np
 
 _HEADER = struct.Struct("<QQ")            # sequence number, payload bytes
 _HELLO = struct.Struct("<q")              # the connecting process's global rank
-DEFAULT_TIMEOUT_S = float(os.environ.get("MF_LONGSEQ_P2P_TIMEOUT", "300"))
+TIMEOUT_ENV = "MF_LONGSEQ_P2P_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def _timeout_seconds(value, source: str) -> float:
+    """``value`` as a finite number of seconds > 0; ``source`` names where it came from in the error.
+
+    Raises:
+        ValueError: not a number, not finite, or not positive.
+    """
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{source} = {value!r}: the host transport's timeout must be a finite number of seconds > 0. "
+                         f"Fix: e.g. {source} = {DEFAULT_TIMEOUT_S:.0f}.")
+    return seconds
+
+
+def default_timeout() -> float:
+    """Seconds from ``MF_LONGSEQ_P2P_TIMEOUT`` (default 300), read when a transport is made, not at import."""
+    value = os.environ.get(TIMEOUT_ENV)
+    return DEFAULT_TIMEOUT_S if value is None else _timeout_seconds(value, TIMEOUT_ENV)
 _FIX = ("check that every rank of the group is alive and runs the same transfers in the same order (see its "
         "worker log); raise MF_LONGSEQ_P2P_TIMEOUT (seconds) if a rank is only slow")
 
@@ -174,12 +198,17 @@ class HostTransport:
 
     Args:
         rank: this process's global rank (sent to peers when connecting).
-        timeout: seconds a connect or a receive may take before an error.
+        timeout: seconds a connect or a receive may take before an error (finite, > 0; default
+            ``MF_LONGSEQ_P2P_TIMEOUT`` or 300).
+
+    Raises:
+        ValueError: a timeout (or ``MF_LONGSEQ_P2P_TIMEOUT``) that is not a finite number > 0.
         host: IPv4 address to listen on and to publish (default ``local_ipv4()``).
     """
 
-    def __init__(self, rank: int, timeout: float = DEFAULT_TIMEOUT_S, host: Optional[str] = None):
-        self.rank, self.timeout = rank, timeout
+    def __init__(self, rank: int, timeout: Optional[float] = None, host: Optional[str] = None):
+        self.rank = rank
+        self.timeout = default_timeout() if timeout is None else _timeout_seconds(timeout, "timeout")
         self.host = host or local_ipv4()
         self.closed = False
         self.pace_bytes_per_s = 0.0   # > 0: each message waits nbytes / rate before it is sent (benchmarks

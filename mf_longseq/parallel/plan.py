@@ -208,6 +208,19 @@ def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
+def check_micro_batches(batch_size: int, micro_batch_num: int) -> None:
+    """A pipelined step cuts each dp rank's ``runner_config.batch_size`` samples into ``micro_batch_num`` equal
+    micro-batches along B.
+
+    Raises:
+        ValueError: ``batch_size`` not divisible by ``micro_batch_num``.
+    """
+    if batch_size % micro_batch_num:
+        raise ValueError(f"runner_config.batch_size = {batch_size}: must be divisible by parallel_config."
+                         f"micro_batch_num = {micro_batch_num}. Fix: use a batch size that is a multiple "
+                         f"of {micro_batch_num}")
+
+
 def decoder_stage_of(name: str, num_stages: int, num_layers: int) -> int:
     """Pipeline stage of a decoder tensor (Hugging Face names; optimizer moments ``adam_m.<name>`` follow it)."""
     for prefix in ("adam_m.", "adam_v."):
@@ -221,5 +234,6 @@ def decoder_stage_of(name: str, num_stages: int, num_layers: int) -> int:
     return num_stages - 1
 
 
-__all__ = ["Axis", "CpAlgo", "CP_ALGOS", "LEGACY_ALGO_SPELLINGS", "LAYOUTS", "RunPlan", "decoder_stage_of",
+__all__ = ["Axis", "CpAlgo", "CP_ALGOS", "LEGACY_ALGO_SPELLINGS", "LAYOUTS", "RunPlan", "check_micro_batches",
+           "decoder_stage_of",
            "stage_layers", "ulysses_degree_of", "world_size_of"]

@@ -67,8 +67,10 @@ def msrun_env(environ: Optional[Mapping[str, str]] = None, *, root: str = REPO_R
     worker with the ``python`` it finds there) and ``root`` (default: the directory holding ``mf_longseq``)
     first on PYTHONPATH."""
     env = dict(os.environ if environ is None else environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    def first(entry: str, current: str) -> str:        # no empty entry: it would put the cwd on the path
+        return entry + (os.pathsep + current if current else "")
+    env["PATH"] = first(os.path.dirname(sys.executable), env.get("PATH", ""))
+    env["PYTHONPATH"] = first(str(root), env.get("PYTHONPATH", ""))
     return env
 
 

@@ -30,6 +30,7 @@ from mindspore import Tensor
 from mf_longseq.models.stage import DecoderStage
 from mf_longseq.parallel.comm import all_reduce, is_emulated
 from mf_longseq.parallel.pipeline import PipelineRunner, build_schedule
+from mf_longseq.parallel.plan import check_micro_batches
 
 
 class PlainStep:
@@ -90,10 +91,7 @@ class PipelinedStep:
 
     def check_batch_size(self, batch_size: int) -> None:
         """Raises ValueError unless ``batch_size`` (sequences per dp rank) splits into the micro-batches."""
-        if batch_size % self.micro_batch_num:
-            raise ValueError(f"runner_config.batch_size = {batch_size}: must be divisible by parallel_config."
-                             f"micro_batch_num = {self.micro_batch_num}. Fix: use a batch size that is a multiple "
-                             f"of {self.micro_batch_num}")
+        check_micro_batches(batch_size, self.micro_batch_num)
 
     def __call__(self, inputs, inv_count):
         b, s_loc = inputs[0].shape                                         # (B, S/CP); packed: + (B, L) ends

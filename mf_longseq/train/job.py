@@ -2,7 +2,8 @@
 
     records = run_job(JobOptions(config="x.yaml", steps=20, output_dir="out", save_every=5))
 
-Run keys read from the YAML (MindFormers' places): ``seed``, ``runner_config.batch_size`` (sequences per dp rank),
+Run keys read from the YAML (MindFormers' places): ``seed``, ``runner_config.batch_size`` (sequences per dp rank;
+with pipeline stages, per micro-batch as in MindFormers: a step takes batch_size x micro_batch_num per dp rank),
 ``model.model_config.vocab_size`` / ``pad_token_id``, ``optimizer``, ``lr_schedule``, ``runner_wrapper``
 (clipping), ``train_dataset`` (``dataset_dir``), ``callbacks``, ``parallel``; the rest through ``LongSeqConfig``
 and the model builder.  ``train/support.py`` lists what is honoured; any other MindFormers key it finds is
@@ -119,6 +120,13 @@ def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch
     return trainer
 
 
+def samples_per_step(batch_size: int, config) -> int:
+    """Samples of one step per dp rank: ``runner_config.batch_size``, times ``parallel_config.micro_batch_num``
+    with pipeline stages (MindFormers: the global batch is batch_size x data_parallel x micro_batch_num, each
+    micro-batch holding batch_size samples)."""
+    return batch_size * config.micro_batch_num if config.pipeline_stage > 1 else batch_size
+
+
 def open_job_source(opts: "JobOptions", tree: dict, mesh, *, vocab: int, seq_length: int, seed: int, packing,
                     batch_size: int):
     """--data when given, else ``train_dataset.data_loader.dataset_dir`` (MindFormers' builder), else synthetic."""
@@ -146,7 +154,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     model = model_factory(tree, run.mesh)
     settings = OptimSettings.from_mindformers(tree, opts.steps)
     vocab = checked.model.vocab_size                         # what the model builds (class default if unset)
-    batch_size = _positive(tree, "runner_config.batch_size", 1)
+    batch_size = samples_per_step(_positive(tree, "runner_config.batch_size", 1), config)
     source = open_job_source(opts, tree, run.mesh, vocab=vocab, seq_length=config.seq_length, seed=seed,
                              packing=packing, batch_size=batch_size)
     trainer = build_trainer(model=model, mesh=run.mesh, config=config, settings=settings, source=source,

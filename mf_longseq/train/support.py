@@ -8,7 +8,7 @@ Honoured (besides ``parallel_config``, ``model``, ``long_seq``, ``parallel``, ``
 and the model builder):
 
     seed                                        weights and synthetic data (--seed overrides)
-    runner_config.batch_size                    samples per dp rank per step
+    runner_config.batch_size                    samples per dp rank per step (per micro-batch with pipeline stages)
     optimizer.{type: AdamW, betas, eps, weight_decay, learning_rate}     train/optim.py (= MindFormers' AdamW)
     lr_schedule.*                               MindFormers' registered schedule (build_lr); total_steps -1: --steps
     runner_wrapper.{use_clip_grad, max_grad_norm}                        train/clip.py (MindFormers' formula)

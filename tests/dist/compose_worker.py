@@ -58,7 +58,7 @@ def tiny_tree(dp=1, mp=1, cp=1, pp=1, algo="colossalai_cp", micro=1):
     """A MindFormers-style config of the tiny model under one layout."""
     return {
         "seed": 0,
-        "runner_config": {"batch_size": GLOBAL_BATCH // dp},
+        "runner_config": {"batch_size": GLOBAL_BATCH // dp // (micro if pp > 1 else 1)},   # per micro-batch
         "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1.0e-6, "weight_decay": 0.1},
         "lr_schedule": {"type": "ConstantWarmUpLR", "learning_rate": 1.0e-3, "warmup_steps": 0},
         "parallel_config": {"data_parallel": dp, "model_parallel": mp, "context_parallel": cp,
@@ -80,7 +80,7 @@ def build(tree, rank=None, packed=False):
     from mf_longseq.models import build_model
     from mf_longseq.parallel import Mesh
     from mf_longseq.train.data import SyntheticTokens
-    from mf_longseq.train.job import build_trainer
+    from mf_longseq.train.job import build_trainer, samples_per_step
     from mf_longseq.train.optim import OptimSettings
     from mf_longseq.train.packing import PackingSettings
     config = LongSeqConfig.from_mindformers(tree)
@@ -91,7 +91,8 @@ def build(tree, rank=None, packed=False):
                             settings=OptimSettings.from_mindformers(tree, STEPS + 1),
                             source=SyntheticTokens(64, SEQ, seed=3, eod_token_id=EOD if packed else None,
                                                    mean_document_length=8),
-                            batch_size=tree["runner_config"]["batch_size"], pad_token_id=None,
+                            batch_size=samples_per_step(tree["runner_config"]["batch_size"], config),
+                            pad_token_id=None,
                             packing=PackingSettings(EOD, 16) if packed else None)
     return config, mesh, trainer
 

@@ -1,6 +1,7 @@
 """Host point-to-point transport (parallel/host_p2p.py): exact bytes both ways for several dtypes and shapes,
 a 4-rank ring, waits in any order, clear errors when a peer never sends or goes away, nothing left open."""
 import multiprocessing as mp
+import re
 import socket
 import threading
 
@@ -122,3 +123,16 @@ def test_the_published_address_is_the_one_that_reaches_the_scheduler(monkeypatch
     monkeypatch.setenv("MS_SCHED_HOST", socket.gethostname())
     address = local_ipv4()
     assert socket.inet_aton(address) and address in ("127.0.0.1", socket.gethostbyname(socket.gethostname()))
+
+
+@pytest.mark.parametrize("value", ["abc", "", "inf", "nan", "0", "-5"])
+def test_a_bad_timeout_is_refused_naming_the_variable_and_not_at_import(value, monkeypatch):
+    """MF_LONGSEQ_P2P_TIMEOUT is read when a transport is made: a bad value breaks neither ``import mf_longseq``
+    nor anything that never uses the CPU transport; making a transport names the variable, the value and the fix."""
+    import mf_longseq.parallel.host_p2p as host_p2p
+    monkeypatch.setenv("MF_LONGSEQ_P2P_TIMEOUT", value)          # set after the import: read at construction
+    with pytest.raises(ValueError, match=rf"MF_LONGSEQ_P2P_TIMEOUT = {re.escape(repr(value))}: the host "
+                                         r"transport's timeout must be a finite number of seconds > 0. Fix"):
+        host_p2p.HostTransport(0, host="127.0.0.1")
+    with pytest.raises(ValueError, match=r"timeout = -1: .*finite number of seconds > 0"):
+        host_p2p.HostTransport(0, timeout=-1, host="127.0.0.1")

@@ -3,6 +3,8 @@ and shared by every layer and by backward (CP = 1, one process, a 2-layer model,
 per sample).  The outputs are checked against the float64 oracle: each document's logits equal the logits of
 that document alone (``model_oracle.numpy_logits``), and the packed loss sum is the sum over documents.
 """
+import re
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -134,5 +136,32 @@ def test_a_plan_of_another_batch_is_refused():
     model = model_of(True)
     plan = model.make_batch(Tensor(np.zeros((3, S), np.int32))).attention
     q = Tensor(np.zeros((2, S, 4, 8), np.float32))
-    with pytest.raises(ValueError, match="attention_plan built for a batch of 3 samples, q holds 2"):
+    with pytest.raises(ValueError, match="attention_plan built for batch = 3, the call has 2. Fix: build the plan"):
         context_parallel_attention(q, q, q, mesh=Mesh(rank=0), attention_plan=plan)
+
+
+@pytest.mark.parametrize("built, call, message", [
+    (dict(seq_len=S // 2), {}, f"seq_len = {S // 2}, the call has {S}"),
+    (dict(mesh=Mesh(cp=2, rank=1)), {}, "ring degree = 2, the call has 1"),
+    (dict(causal=False), {}, "causal = False, the call has True"),
+    (dict(layout="contiguous"), {}, "layout = 'contiguous', the call has 'zigzag'"),
+    ({}, dict(segment_ids=np.zeros(S, np.int64)), "attention_plan given together with segment_ids / dense_mask"),
+])
+def test_a_plan_that_does_not_fit_the_call_is_refused(built, call, message):
+    """A plan applies its masks by position: one built for another length, ring rank, layout or causal setting,
+    or passed beside segment_ids, would give wrong attention without an error."""
+    from mf_longseq.attention import context_parallel_attention
+    from mf_longseq.attention.attention_plan import AttentionPlan
+    spec = dict(batch=2, seq_len=S, mesh=Mesh(rank=0), layout="zigzag", causal=True)
+    plan = AttentionPlan.build(**{**spec, **built})
+    q = Tensor(np.zeros((2, S, 4, 8), np.float32))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        context_parallel_attention(q, q, q, mesh=Mesh(rank=0), attention_plan=plan, **call)
+
+
+def test_document_ids_of_another_length_are_refused():
+    from mf_longseq.attention import context_parallel_attention
+    q = Tensor(np.zeros((2, S, 4, 8), np.float32))
+    with pytest.raises(ValueError, match=rf"segment_ids shape \(2, {S // 2}\): expected \(S,\) or \(B, S\) with "
+                                         rf"B = 2, S = {S}. Fix"):
+        context_parallel_attention(q, q, q, mesh=Mesh(rank=0), segment_ids=np.zeros((2, S // 2), np.int64))

@@ -306,3 +306,15 @@ def test_keys_train_does_not_read_are_refused(changes, key):
 def test_bfloat16_on_cpu_is_refused_before_it_fails_in_a_kernel(key):
     """Found by the adversarial pass: it validated, then run_job died in a CPU kernel (Reduce / Gather)."""
     refused(template(**{f"model__model_config__{key}": "bfloat16"}), f"model.model_config.{key}")
+
+
+
+def test_pipeline_batch_size_is_per_micro_batch_as_in_mindformers():
+    """With pipeline stages runner_config.batch_size is the micro-batch (MindFormers: global batch = batch_size x
+    data_parallel x micro_batch_num): any batch size validates, and a step of mf-longseq train takes
+    batch_size x micro_batch_num samples per dp rank, which always splits into the micro-batches."""
+    from mf_longseq.train.job import samples_per_step
+    pp2 = dict(parallel_config__pipeline_stage=2, parallel_config__micro_batch_num=2, long_seq__device_num=2)
+    three = dict(runner_config__batch_size=3, train_dataset__batch_size=3)
+    assert samples_per_step(3, check_run(template(**three, **pp2)).long_seq) == 6
+    assert samples_per_step(3, check_run(template(**three)).long_seq) == 3                  # no stages
