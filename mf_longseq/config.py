@@ -418,11 +418,25 @@ PARALLEL_CONFIG_KEYS = ("data_parallel", "model_parallel", "context_parallel", "
 _SECTIONS = ("long_seq", "parallel_config", "model", "model.model_config", "parallel", "context")
 
 
+def _check_no_dotted_keys(node: Any, path: str) -> None:
+    """Keys are named by dotted paths (``parallel_config.context_parallel``): a key that holds a dot could not be
+    told apart from a nested one, and MindFormers has none."""
+    items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        section = path or "<top level>"
+        if isinstance(key, str) and "." in key:
+            _fail(section, key, "holds a key with a dot, which no MindFormers key has",
+                  "rename the key without dots (nested keys are written as indented sections)")
+        _check_no_dotted_keys(value, f"{path}.{key}" if path and isinstance(node, Mapping) else
+                              (str(key) if isinstance(node, Mapping) else path))
+
+
 def _check_sections(tree: Any) -> None:
     """Every section read here must be a mapping; parallel_config keys must be ones MindFormers knows."""
     if not isinstance(tree, Mapping):
         _fail("<top level>", type(tree).__name__, "a MindFormers config must be a mapping of sections",
               "start the YAML with sections such as model:, parallel_config:, long_seq:")
+    _check_no_dotted_keys(tree, "")
     for path in _SECTIONS:
         found, node = _lookup(tree, path)
         if found and node is not None and not isinstance(node, Mapping):

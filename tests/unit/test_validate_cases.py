@@ -318,3 +318,13 @@ def test_pipeline_batch_size_is_per_micro_batch_as_in_mindformers():
     three = dict(runner_config__batch_size=3, train_dataset__batch_size=3)
     assert samples_per_step(3, check_run(template(**three, **pp2)).long_seq) == 6
     assert samples_per_step(3, check_run(template(**three)).long_seq) == 3                  # no stages
+
+
+
+def test_a_key_holding_a_dot_is_refused_naming_its_section():
+    """A key with a dot cannot be told apart from a nested key in the dotted names every refusal uses (found by
+    test_validate_property: parallel_config: {'.': 0} was refused as 'parallel_config..')."""
+    refused(template(parallel_config={".": 0}), "parallel_config", "holds a key with a dot")
+    tree = template()
+    tree["model"]["model_config"]["a.b"] = 1
+    refused(tree, "model.model_config", "holds a key with a dot", "rename the key without dots")
