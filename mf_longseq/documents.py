@@ -24,7 +24,13 @@ def check_actual_seq_len(actual_seq_len, seq_len: int) -> np.ndarray:
     Raises:
         ValueError: naming the sample, its row and the fix.
     """
-    ends = as_rows(actual_seq_len).astype(np.int64)
+    raw = np.asarray(actual_seq_len)
+    if raw.ndim not in (1, 2) or raw.shape[-1] == 0 or not (np.issubdtype(raw.dtype, np.integer) or (
+            np.issubdtype(raw.dtype, np.floating) and np.all(raw == np.round(raw)))):
+        raise ValueError(f"actual_seq_len of shape {raw.shape} and dtype {raw.dtype}: expected (L,) or (B, L) "
+                         f"integer document ends, L >= 1. Fix: build it with actual_seq_len_from_tokens "
+                         f"(train/packing.py) or pad each row with {seq_len}.")
+    ends = as_rows(raw).astype(np.int64)
     for b, row in enumerate(ends):
         if np.any(np.diff(row) < 0) or row.min() < 1 or row.max() != seq_len or row[-1] != seq_len:
             raise ValueError(f"actual_seq_len of sample {b} = {row.tolist()}: must be non-decreasing "

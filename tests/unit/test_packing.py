@@ -107,3 +107,14 @@ def test_per_sample_ids_must_match_the_batch():
     q = Tensor(np.zeros((2, 8, 1, 4), np.float32))
     with pytest.raises(ValueError, match=r"segment_ids shape \(3, 8\)"):
         context_parallel_attention(q, q, q, mesh=mesh, segment_ids=np.zeros((3, 8), np.int64))
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 0), np.int64), np.full((1, 2, 2), 10), np.int64(10),
+                                 np.array([[7.9, 10.0]])], ids=["empty", "3-d", "scalar", "fractional"])
+def test_malformed_actual_seq_len_arrays_are_refused_by_shape_and_dtype(bad):
+    """Shapes and dtypes that are not document ends are named, not left to NumPy (empty rows, 3-D, a scalar), and
+    fractional ends are refused instead of truncated."""
+    with pytest.raises(ValueError, match=r"actual_seq_len of shape .* expected \(L,\) or \(B, L\) integer document "
+                                         r"ends, L >= 1. Fix"):
+        check_actual_seq_len(bad, 10)
+    assert check_actual_seq_len(np.array([[4.0, 10.0]]), 10).tolist() == [[4, 10]]     # whole floats are ends
