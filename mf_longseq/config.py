@@ -288,6 +288,9 @@ class LongSeqConfig:
             section, _, key = path.rpartition(".")
             found, value = (key in model_section, model_section.get(key)) if section == "model.model_config" \
                 else _lookup(tree, path)
+            if found and value is None and name == "num_layers":          # as the model config refuses it
+                _fail(path, None, "must be a positive integer", f"set {path} to the number of decoder layers, or "
+                      "remove the key for the model's default")
             if found and value is not None:
                 values[name] = value
         values.update(overrides)
@@ -418,17 +421,16 @@ PARALLEL_CONFIG_KEYS = ("data_parallel", "model_parallel", "context_parallel", "
 _SECTIONS = ("long_seq", "parallel_config", "model", "model.model_config", "parallel", "context")
 
 
-def _check_no_dotted_keys(node: Any, path: str) -> None:
-    """Keys are named by dotted paths (``parallel_config.context_parallel``): a key that holds a dot could not be
-    told apart from a nested one, and MindFormers has none."""
-    items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        section = path or "<top level>"
-        if isinstance(key, str) and "." in key:
-            _fail(section, key, "holds a key with a dot, which no MindFormers key has",
-                  "rename the key without dots (nested keys are written as indented sections)")
-        _check_no_dotted_keys(value, f"{path}.{key}" if path and isinstance(node, Mapping) else
-                              (str(key) if isinstance(node, Mapping) else path))
+def _check_no_dotted_keys(tree: Mapping) -> None:
+    """Keys of the sections read here are named by dotted paths (``parallel_config.context_parallel``): a key that
+    holds a dot could not be told apart from a nested one.  (Other sections may hold such keys: MindFormers'
+    ``swap_config.op_swap`` keys are layer-name patterns like ``.*\\.flash_attention``.)"""
+    for path in ("parallel_config", "model.model_config", "long_seq"):
+        found, section = _lookup(tree, path)
+        for key in (section if found and isinstance(section, Mapping) else ()):
+            if isinstance(key, str) and "." in key:
+                _fail(path, key, "holds a key with a dot, which no key of this section has",
+                      "rename the key without dots (nested keys are written as indented sections)")
 
 
 def _check_sections(tree: Any) -> None:
@@ -436,7 +438,7 @@ def _check_sections(tree: Any) -> None:
     if not isinstance(tree, Mapping):
         _fail("<top level>", type(tree).__name__, "a MindFormers config must be a mapping of sections",
               "start the YAML with sections such as model:, parallel_config:, long_seq:")
-    _check_no_dotted_keys(tree, "")
+    _check_no_dotted_keys(tree)
     for path in _SECTIONS:
         found, node = _lookup(tree, path)
         if found and node is not None and not isinstance(node, Mapping):

@@ -328,3 +328,14 @@ def test_a_key_holding_a_dot_is_refused_naming_its_section():
     tree = template()
     tree["model"]["model_config"]["a.b"] = 1
     refused(tree, "model.model_config", "holds a key with a dot", "rename the key without dots")
+
+
+def test_num_layers_null_is_refused_by_the_parallel_rules_and_the_model_alike():
+    """``num_layers: null`` was taken as the default by LongSeqConfig but refused by the model check (found by
+    test_validate's random configs): both now refuse it on the same key."""
+    from mf_longseq.config import LongSeqConfig
+    tree = template(model__model_config__num_layers=None)
+    with pytest.raises(ConfigError) as info:
+        LongSeqConfig.from_mindformers(tree)
+    assert info.value.key == "model.model_config.num_layers"
+    refused(tree, "model.model_config.num_layers", "must be a positive integer")
