@@ -48,8 +48,7 @@ def _tiny_model(seq_len: int, compression: bool, block: int):
     cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=seq_len, hidden_size=16, num_layers=1, num_heads=1,
                                          n_kv_heads=1, intermediate_size=32, vocab_size=64,
                                          use_attn_mask_compression=compression)
-    long_seq = LongSeqConfig(seq_length=seq_len, num_heads=1, num_kv_heads=1, num_layers=1, block_size=block,
-                             use_attn_mask_compression=compression)
+    long_seq = LongSeqConfig(block_size=block)
     return build_model(cfg, mesh=Mesh(rank=0), long_seq_config=long_seq)
 
 

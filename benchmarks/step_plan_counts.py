@@ -43,9 +43,9 @@ def install_counters() -> None:
 
 
 def one_step(layers: int, compression: bool, kernel: str) -> dict:
-    cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=S, num_layers=layers, use_eod_reset=True)
-    long_seq = LongSeqConfig(seq_length=S, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads, num_layers=layers,
-                             block_size=8, use_attn_mask_compression=compression)
+    cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=S, num_layers=layers, use_eod_reset=True,
+                                         use_attn_mask_compression=compression)
+    long_seq = LongSeqConfig(block_size=8)
     model = build_model(cfg, mesh=Mesh(rank=0), long_seq_config=long_seq)
     if kernel == "flash":
         from flash_emulator import NumpyFlashPrimitives

@@ -1,4 +1,4 @@
-"""LongSeqConfig: the validated, frozen settings of one long-sequence run.
+"""LongSeqConfig: the validated, frozen parallel settings of one long-sequence run.
 
 It is read from a MindFormers config (``MindFormerConfig``, a dict or a YAML path).  The standard keys are read
 where MindFormers keeps them; the plugin's own knobs live in a top-level ``long_seq:`` section, because
@@ -6,13 +6,14 @@ MindFormers rejects unknown keys under ``parallel_config``::
 
     parallel_config: {data_parallel, model_parallel, context_parallel, pipeline_stage, micro_batch_num,
                       context_parallel_algo, ulysses_degree_in_cp, use_seq_parallel}
-    model.model_config: {seq_length, num_heads, n_kv_heads, num_layers, use_flash_attention,
-                         use_attn_mask_compression}
     parallel: {enable_alltoall}
     context: {device_target}
     long_seq: {layout, block_size, device_num}
 
-Every rule is checked in ``__post_init__``; a broken rule raises ``ValueError`` naming the key, the value and a fix.
+The model's facts (``model.model_config``: seq_length, num_heads, n_kv_heads, num_layers, use_flash_attention,
+use_attn_mask_compression) have one home, the model config (``LongSeqModelConfig``); ``LongSeqConfig.check_model``
+checks them against the degrees.  Every rule raises ``ValueError`` (``ConfigError``) naming the key, the value and
+a fix.
 """
 import difflib
 import logging
@@ -96,16 +97,14 @@ def canonical_model_keys(section: Mapping) -> dict:
 
 @dataclass(frozen=True, kw_only=True)
 class LongSeqConfig:
-    """Settings of a context-parallel run. All counts are global (whole model, whole sequence)."""
+    """The parallel settings of a run: ``parallel_config``, ``parallel``, ``context`` and ``long_seq`` keys.
 
-    seq_length: int
-    """model.model_config.seq_length: tokens per sample (the whole sequence, before CP splits it)."""
-    num_heads: int
-    """model.model_config.num_heads: query heads."""
-    num_kv_heads: Optional[int] = None
-    """model.model_config.n_kv_heads: key/value heads (GQA); None means num_heads."""
-    num_layers: int = DEFAULT_NUM_LAYERS
-    """model.model_config.num_layers: decoder layers (checked against pipeline_stage); default: the model's."""
+    The model's own facts (seq_length, heads, kv heads, layers, the flash and mask-compression flags) are not kept
+    here: their one home is ``model.model_config`` (``LongSeqModelConfig``).  ``check_model`` checks a model
+    against these degrees (heads per Ulysses / model-parallel rank, sequence split, layers per stage, FlashAttention
+    on Ascend); ``from_mindformers`` runs it on the YAML's model section.
+    """
+
     data_parallel: int = 1
     """parallel_config.data_parallel: model replicas, each training on its own samples."""
     model_parallel: int = 1
@@ -122,10 +121,6 @@ class LongSeqConfig:
     """parallel_config.ulysses_degree_in_cp: Ulysses part of CP for hybrid_cp (ring part = CP / this)."""
     use_seq_parallel: bool = False
     """parallel_config.use_seq_parallel: Megatron sequence parallel; incompatible with CP."""
-    use_flash_attention: bool = True
-    """model.model_config.use_flash_attention: required on Ascend when CP > 1."""
-    use_attn_mask_compression: bool = False
-    """model.model_config.use_attn_mask_compression: 2048x2048 compressed causal mask instead of S x S."""
     enable_alltoall: bool = False
     """parallel.enable_alltoall: Ulysses uses AlltoAll if True, an AllGather-based exchange if False."""
     device_target: str = "CPU"
@@ -138,13 +133,39 @@ class LongSeqConfig:
     """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
 
     def __post_init__(self):
-        if self.num_kv_heads is None:
-            object.__setattr__(self, "num_kv_heads", self.num_heads)
         self._check_types()
         self._check_degrees()
-        self._check_heads()
-        self._check_sequence()
-        self._check_pipeline()
+        if self.pipeline_stage > 1 and self.micro_batch_num < self.pipeline_stage:
+            _fail(_KEY_PATHS["micro_batch_num"], self.micro_batch_num,
+                  f"must be >= parallel_config.pipeline_stage = {self.pipeline_stage}",
+                  f"set micro_batch_num to {self.pipeline_stage} or more")
+
+    def check_model(self, model: Any) -> None:
+        """Check a model's facts against these degrees.
+
+        Args:
+            model: a ``LongSeqModelConfig`` (or anything with its attribute names) or a ``model.model_config``
+                mapping (canonical keys): ``seq_length`` and ``num_heads`` (required), ``n_kv_heads`` (default:
+                num_heads), ``num_layers`` (default ``DEFAULT_NUM_LAYERS``), ``use_flash_attention`` (default
+                True); other keys are ignored.
+
+        Raises:
+            ConfigError: a missing or non-positive count, kv heads not dividing the heads, heads that do not split
+                over model_parallel / the Ulysses degree, a sequence that does not split into the layout's parts,
+                more pipeline stages than layers, or CP on Ascend without FlashAttention (names key, value, fix).
+        """
+        facts = model_facts(model)
+        self._check_model_types(facts)
+        if self.context_parallel > 1 and self.device_target == "Ascend" and not facts["use_flash_attention"]:
+            _fail(_KEY_PATHS["use_flash_attention"], False, "context parallelism on Ascend runs on FlashAttention",
+                  "set model.model_config.use_flash_attention: True")
+        self._check_heads(facts["num_heads"], facts["n_kv_heads"])
+        self._check_sequence(facts["seq_length"])
+        layers = facts["num_layers"]
+        if layers < self.pipeline_stage:
+            _fail(_KEY_PATHS["pipeline_stage"], self.pipeline_stage,
+                  f"more stages than model.model_config.num_layers = {layers}",
+                  f"use at most {layers} stages")
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
@@ -170,23 +191,14 @@ class LongSeqConfig:
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_types(self):
-        ints = ("seq_length", "num_heads", "num_kv_heads", "num_layers", "data_parallel", "model_parallel",
-                "context_parallel", "pipeline_stage", "micro_batch_num", "ulysses_degree_in_cp", "block_size")
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(_KEY_PATHS[name], value, "must be a positive integer", f"set {_KEY_PATHS[name]} to 1 or more")
-            if value > MAX_COUNT:
-                _fail(_KEY_PATHS[name], value, f"is larger than {MAX_COUNT} (MindSpore shapes and ids are int32)",
-                      f"set {_KEY_PATHS[name]} to at most {MAX_COUNT}")
+        ints = ("data_parallel", "model_parallel", "context_parallel", "pipeline_stage", "micro_batch_num",
+                "ulysses_degree_in_cp", "block_size")
+        _check_counts({name: getattr(self, name) for name in ints})
         num = self.device_num
         if num is not None and (isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_COUNT):
             _fail(_KEY_PATHS["device_num"], num, "must be a positive integer", "set it to the number of devices "
                   "or remove it (default: the product of the parallel degrees)")
-        for name in ("use_seq_parallel", "use_flash_attention", "use_attn_mask_compression", "enable_alltoall"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
+        _check_bools({name: getattr(self, name) for name in ("use_seq_parallel", "enable_alltoall")})
         if isinstance(self.context_parallel_algo, str) and self.context_parallel_algo in LEGACY_ALGO_SPELLINGS:
             _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo,
                   "is the old spelling, which MindFormers 1.9 refuses ('hybird_cp' is not a valid ContextParallelAlgo)",
@@ -213,9 +225,6 @@ class LongSeqConfig:
             _fail(_KEY_PATHS["use_seq_parallel"], True,
                   f"Megatron sequence parallel cannot be combined with context_parallel = {cp}",
                   "set parallel_config.use_seq_parallel: False")
-        if cp > 1 and self.device_target == "Ascend" and not self.use_flash_attention:
-            _fail(_KEY_PATHS["use_flash_attention"], False, "context parallelism on Ascend runs on FlashAttention",
-                  "set model.model_config.use_flash_attention: True")
         if self.context_parallel_algo == "hybrid_cp" and cp > 1:
             u = self.ulysses_degree_in_cp
             if cp % u != 0:
@@ -223,11 +232,15 @@ class LongSeqConfig:
                       f"must divide parallel_config.context_parallel = {cp}",
                       f"use one of {_divisors(cp)}")
 
-    def _check_heads(self):
-        heads, kv = self.num_heads, self.num_kv_heads
+    @staticmethod
+    def _check_model_types(facts: dict) -> None:
+        _check_counts({name: facts[name] for name in ("seq_length", "num_heads", "n_kv_heads", "num_layers")})
+        _check_bools({"use_flash_attention": facts["use_flash_attention"]})
+
+    def _check_heads(self, heads: int, kv: int) -> None:
         mp, u = self.model_parallel, self.ulysses_degree
         if heads % kv != 0:
-            _fail(_KEY_PATHS["num_kv_heads"], kv, f"must divide model.model_config.num_heads = {heads}",
+            _fail(_KEY_PATHS["n_kv_heads"], kv, f"must divide model.model_config.num_heads = {heads}",
                   f"use one of {_divisors(heads)}")
         if heads % mp != 0:
             _fail(_KEY_PATHS["model_parallel"], mp, f"must divide model.model_config.num_heads = {heads}",
@@ -247,8 +260,8 @@ class LongSeqConfig:
                   f"use a Ulysses degree of at most {heads_per_mp} (hybrid_cp puts the rest of the context "
                   f"parallelism in the ring), or a smaller model_parallel")
 
-    def _check_sequence(self):
-        cp, s = self.context_parallel, self.seq_length
+    def _check_sequence(self, s: int) -> None:
+        cp = self.context_parallel
         if cp == 1:
             return
         # zigzag cuts the sequence into 2 x ring_degree chunks, each rank's pair then into Ulysses pieces;
@@ -259,16 +272,6 @@ class LongSeqConfig:
             _fail(_KEY_PATHS["seq_length"], s,
                   f"the {self.layout} layout with context_parallel = {cp} splits the sequence into {parts} equal "
                   f"parts", f"use a seq_length divisible by {parts} (e.g. {(s // parts + 1) * parts})")
-
-    def _check_pipeline(self):
-        pp = self.pipeline_stage
-        if pp > 1 and self.micro_batch_num < pp:
-            _fail(_KEY_PATHS["micro_batch_num"], self.micro_batch_num,
-                  f"must be >= parallel_config.pipeline_stage = {pp}", f"set micro_batch_num to {pp} or more")
-        if self.num_layers < pp:
-            _fail(_KEY_PATHS["pipeline_stage"], pp,
-                  f"more stages than model.model_config.num_layers = {self.num_layers}",
-                  f"use at most {self.num_layers} stages")
 
     # ----------------------------------------------------------------------------------------------- reading
     @classmethod
@@ -284,35 +287,33 @@ class LongSeqConfig:
                 _fail(f"long_seq.{key}", own[key], "unknown key", hint)
         model_section = canonical_model_keys(model_config_section(tree))
         values = {}
-        for name, path in _KEY_PATHS.items():
-            section, _, key = path.rpartition(".")
-            found, value = (key in model_section, model_section.get(key)) if section == "model.model_config" \
-                else _lookup(tree, path)
-            if found and value is None and name == "num_layers":          # as the model config refuses it
-                _fail(path, None, "must be a positive integer", f"set {path} to the number of decoder layers, or "
-                      "remove the key for the model's default")
+        for name in (f.name for f in fields(cls)):
+            found, value = _lookup(tree, _KEY_PATHS[name])
             if found and value is not None:
                 values[name] = value
         values.update(overrides)
-        missing = [n for n in ("seq_length", "num_heads") if n not in values]
-        if missing:
-            _fail(_KEY_PATHS[missing[0]], None, "is required", f"set {_KEY_PATHS[missing[0]]} in the YAML")
-        return cls(**values)
+        config = cls(**values)
+        config.check_model(model_section)
+        return config
 
     def describe(self) -> str:
-        """One line per setting, for logs and ``mf-longseq validate``."""
+        """One line per parallel setting, for logs and ``mf-longseq validate``."""
         lines = [f"{_KEY_PATHS[f.name]}: {getattr(self, f.name)!r}" for f in fields(self)]
         lines.append(f"(derived) ulysses degree: {self.ulysses_degree}, ring degree: {self.ring_degree}, "
                      f"world size: {self.world_size}")
         return "\n".join(lines)
 
-    def notes(self) -> list:
-        """Advice that does not make the run fail (shown by ``mf-longseq validate``), one string per note."""
-        cp, s, out = self.context_parallel, self.seq_length, []
-        if self.use_attn_mask_compression and s < 2048:
+    def notes(self, model: Any) -> list:
+        """Advice that does not make the run fail (shown by ``mf-longseq validate``), one string per note.
+
+        ``model``: the model config (``seq_length``, ``use_attn_mask_compression``), as ``check_model`` takes it.
+        """
+        cp, s, out = self.context_parallel, model_facts(model)["seq_length"], []
+        compression = bool(_get(model, "use_attn_mask_compression", False))
+        if compression and s < 2048:
             out.append(f"{_KEY_PATHS['use_attn_mask_compression']}: the compressed mask is 2048 x 2048 and "
                        f"seq_length = {s} is shorter, so compression saves no memory here (results are the same)")
-        if not self.use_attn_mask_compression and s >= 8192 and self.device_target != "CPU":
+        if not compression and s >= 8192 and self.device_target != "CPU":
             out.append(f"{_KEY_PATHS['use_attn_mask_compression']} is False: the dense S x S uint8 mask takes "
                        f"{s * s / 2 ** 30:.2f} GiB per device; set it True to use the 2048 x 2048 compressed mask")
         if cp == 1:
@@ -329,11 +330,11 @@ class LongSeqConfig:
         return out
 
 
-# Where each field lives in a MindFormers YAML.
+# Where each field lives in a MindFormers YAML, and the model keys the rules name (their home: model.model_config).
 _KEY_PATHS = {
     "seq_length": "model.model_config.seq_length",
     "num_heads": "model.model_config.num_heads",
-    "num_kv_heads": "model.model_config.n_kv_heads",
+    "n_kv_heads": "model.model_config.n_kv_heads",
     "num_layers": "model.model_config.num_layers",
     "data_parallel": "parallel_config.data_parallel",
     "model_parallel": "parallel_config.model_parallel",
@@ -351,6 +352,64 @@ _KEY_PATHS = {
     "layout": "long_seq.layout",
     "block_size": "long_seq.block_size",
 }
+
+
+# The model facts the parallel rules read (``LongSeqConfig.check_model``); MindFormers' model_config names.
+MODEL_FACTS = ("seq_length", "num_heads", "n_kv_heads", "num_layers", "use_flash_attention")
+
+
+def _get(model: Any, key: str, default: Any = None) -> Any:
+    return model.get(key, default) if isinstance(model, Mapping) else getattr(model, key, default)
+
+
+def model_facts(model: Any) -> dict:
+    """``MODEL_FACTS`` of a model config object or a canonical ``model.model_config`` mapping, with the defaults of
+    ``LongSeqModelConfig`` (n_kv_heads: num_heads, num_layers: ``DEFAULT_NUM_LAYERS``, use_flash_attention: True).
+
+    Raises:
+        ConfigError: seq_length or num_heads missing, or ``num_layers: null`` (the model config refuses it too).
+    """
+    facts = {key: _get(model, key) for key in MODEL_FACTS}
+    for key in ("seq_length", "num_heads"):
+        if facts[key] is None:
+            _fail(_KEY_PATHS[key], None, "is required", f"set {_KEY_PATHS[key]} in the YAML")
+    if facts["num_layers"] is None:
+        if isinstance(model, Mapping) and "num_layers" in model:
+            _fail(_KEY_PATHS["num_layers"], None, "must be a positive integer", f"set {_KEY_PATHS['num_layers']} to "
+                  "the number of decoder layers, or remove the key for the model's default")
+        facts["num_layers"] = DEFAULT_NUM_LAYERS
+    if facts["n_kv_heads"] is None:
+        facts["n_kv_heads"] = facts["num_heads"]
+    if facts["use_flash_attention"] is None:
+        facts["use_flash_attention"] = True
+    return facts
+
+
+# Settings and model facts that count something (positive int32), and the flags (True / False).
+COUNT_KEYS = ("data_parallel", "model_parallel", "context_parallel", "pipeline_stage", "micro_batch_num",
+              "ulysses_degree_in_cp", "block_size", "seq_length", "num_heads", "n_kv_heads", "num_layers")
+FLAG_KEYS = ("use_seq_parallel", "enable_alltoall", "use_flash_attention")
+
+
+def _check_counts(values: Mapping) -> None:
+    """Each of ``COUNT_KEYS`` in ``values`` a positive int of at most ``MAX_COUNT``; ConfigError on its key."""
+    for name in COUNT_KEYS:
+        if name not in values:
+            continue
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(_KEY_PATHS[name], value, "must be a positive integer", f"set {_KEY_PATHS[name]} to 1 or more")
+        if value > MAX_COUNT:
+            _fail(_KEY_PATHS[name], value, f"is larger than {MAX_COUNT} (MindSpore shapes and ids are int32)",
+                  f"set {_KEY_PATHS[name]} to at most {MAX_COUNT}")
+
+
+def _check_bools(values: Mapping) -> None:
+    """Each of ``FLAG_KEYS`` in ``values`` True or False; ConfigError on its key."""
+    for name in FLAG_KEYS:
+        if name in values and not isinstance(values[name], bool):
+            value = values[name]
+            _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
 
 
 def check_world_size(config: "LongSeqConfig", world_size: int) -> None:

@@ -31,22 +31,26 @@ class ContextParallelAttention(nn.Cell):
     """Attention over a sequence split across CP ranks (colossalai_cp, ulysses_cp or hybrid_cp).
 
     Args:
-        config: a ``LongSeqConfig`` (algorithm, layout, block size, enable_alltoall, device target,
-            use_attn_mask_compression).
-        mesh: the ``Mesh`` of this rank, groups created.
+        config: a ``LongSeqConfig``: block size, enable_alltoall, device target (the kernel and the exchange).
+        mesh: the ``Mesh`` of this rank, groups created; its plan gives the algorithm (the dispatch key) and the
+            sequence layout, and must be the config's (``Mesh.check_settings``).
         causal: causal attention (decoders); False for bidirectional.
         scale: softmax scale; default 1/sqrt(head_dim).
+        use_flash_attention, use_attn_mask_compression: the model's ``model.model_config`` keys (FlashAttentionScore
+            on Ascend; the compressed 2048 x 2048 mask instead of the dense (B, 1, S, S) one).
     """
 
-    def __init__(self, *, config, mesh, causal: bool = True, scale: Optional[float] = None):
+    def __init__(self, *, config, mesh, causal: bool = True, scale: Optional[float] = None,
+                 use_flash_attention: bool = True, use_attn_mask_compression: bool = False):
         super().__init__()
+        mesh.check_settings(config)
         self.config, self.mesh, self.causal, self.scale = config, mesh, causal, scale
-        self.kernel = select_kernel(config.device_target, config.block_size, config.use_flash_attention)
-        self.use_attn_mask_compression = config.use_attn_mask_compression
+        self.kernel = select_kernel(config.device_target, config.block_size, use_flash_attention)
+        self.use_attn_mask_compression = use_attn_mask_compression
 
     def plan_for(self, batch: int, seq_len: int, segment_ids: Optional[np.ndarray] = None) -> AttentionPlan:
         """The ``AttentionPlan`` of a (B = batch, S = seq_len global tokens) step under this layer's settings."""
-        return AttentionPlan.for_model(batch=batch, seq_len=seq_len, mesh=self.mesh, layout=self.config.layout,
+        return AttentionPlan.for_model(batch=batch, seq_len=seq_len, mesh=self.mesh, layout=self.mesh.plan.seq_layout,
                                        causal=self.causal, segment_ids=segment_ids,
                                        use_attn_mask_compression=self.use_attn_mask_compression)
 
@@ -62,6 +66,6 @@ class ContextParallelAttention(nn.Cell):
             raise ValueError("ContextParallelAttention got both segment_ids and an attention plan. Fix: pass the "
                              "document ids when building the plan (ShardedBatch) and only the plan here.")
         return context_parallel_attention(
-            q, k, v, mesh=self.mesh, algo=self.config.context_parallel_algo, causal=self.causal,
-            layout=self.config.layout, scale=self.scale, kernel=self.kernel,
+            q, k, v, mesh=self.mesh, algo=self.mesh.plan.algo, causal=self.causal,
+            layout=self.mesh.plan.seq_layout, scale=self.scale, kernel=self.kernel,
             use_alltoall=self.config.enable_alltoall, attention_plan=plan)

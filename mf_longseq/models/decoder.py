@@ -49,8 +49,8 @@ from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import mf_inputs
 from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
 from mf_longseq.models.rope import apply_rope
-from mf_longseq.models.settings import (_check_mesh, _check_supported, _long_seq_from_model_config,  # noqa: F401
-                                        default_mesh, running_world_size)
+from mf_longseq.models.mf_adapter import builder_settings
+from mf_longseq.models.model_config import check_model_parallel
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
                                                  SharedInputColumns, VocabParallelEmbedding, local_units,
@@ -110,7 +110,9 @@ class Attention(nn.Cell):
         self.v_proj = ColumnParallelLinear(h, kv * d, group=mp, units=kv, has_bias=bias, **dtypes)
         self.o_proj = RowParallelLinear(n * d, h, group=mp, units=n, has_bias=False, **dtypes)
         self.qkv = SharedInputColumns([self.q_proj, self.k_proj, self.v_proj], group=mp)   # one f for q, k, v
-        self.core = ContextParallelAttention(config=long_seq, mesh=mesh, causal=True)
+        self.core = ContextParallelAttention(config=long_seq, mesh=mesh, causal=True,
+                                             use_flash_attention=config.use_flash_attention,
+                                             use_attn_mask_compression=config.use_attn_mask_compression)
 
     def construct(self, x, cos, sin, plan=None):
         """x (B, S, H); cos, sin the step's RoPE tables; plan the step's ``AttentionPlan`` (``ShardedBatch``).
@@ -196,8 +198,10 @@ class LongSeqForCausalLM(PreTrainedModel):
         config: a ``LongSeqModelConfig`` (or a family subclass).
         mesh: the rank ``Mesh``; default ``Mesh.from_config(long_seq_config)``, groups created when the mesh
             spans more than one rank (communication must be initialised then).
-        long_seq_config: the parallel settings (``LongSeqConfig.from_mindformers(yaml)``); default: built from
-            ``config`` (its shape, ``config.parallel_config`` as MindFormers' trainer sets it, ``config.long_seq``).
+        long_seq_config: the parallel settings (``LongSeqConfig.from_mindformers(yaml)``); default: MindFormers'
+            builder route (``models/mf_adapter.py``: ``config.parallel_config`` as MindFormers' trainer sets it,
+            ``config.long_seq``).  The model's facts (heads, sequence, layers, flags) are read from ``config``
+            only; ``LongSeqConfig.check_model`` checks them against the degrees.
 
     ``construct`` takes three forms:
 
@@ -220,10 +224,10 @@ class LongSeqForCausalLM(PreTrainedModel):
     def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None,
                  long_seq_config: Optional[LongSeqConfig] = None, **kwargs):
         super().__init__(config)
-        self.long_seq = long_seq_config or _long_seq_from_model_config(config, checked=mesh is None)
-        _check_supported(config, self.long_seq)
-        self.mesh = mesh if mesh is not None else default_mesh(self.long_seq)
-        _check_mesh(self.mesh, self.long_seq)
+        self.long_seq, self.mesh = builder_settings(config, mesh, long_seq_config)   # as given, else MindFormers'
+        self.long_seq.check_model(config)                       # the model's facts against the degrees
+        check_model_parallel(config, self.long_seq.model_parallel)
+        self.mesh.check_settings(self.long_seq)                 # degrees, algorithm, layout: read from the mesh
         self.compute_dtype = MS_DTYPES[config.compute_dtype]
         self.model = DecoderModel(config, self.long_seq, self.mesh)
         self.mp_group = self.mesh.group("mp")     # the LM head is split on the vocabulary, like the embedding
@@ -233,10 +237,10 @@ class LongSeqForCausalLM(PreTrainedModel):
         self.head_copy = CopyToMP(self.mp_group)
         self.global_loss = mf_inputs.GlobalMeanLoss(self.mesh.group("dp_cp"))
         self.head_matmul = MatMulNT(self.compute_dtype)
-        self.batch_spec = BatchSpec(mesh=self.mesh, layout=self.long_seq.layout, head_dim=config.head_dim,
+        self.batch_spec = BatchSpec(mesh=self.mesh, layout=self.mesh.plan.seq_layout, head_dim=config.head_dim,
                                     theta=config.theta, compute_dtype=self.compute_dtype,
                                     use_eod_reset=config.use_eod_reset,
-                                    use_attn_mask_compression=self.long_seq.use_attn_mask_compression)
+                                    use_attn_mask_compression=config.use_attn_mask_compression)
         self.init_weights_from_seed(config.init_seed)
 
     @classmethod
@@ -330,4 +334,4 @@ def register_classes(*classes) -> None:
 
 
 __all__ = ["LongSeqForCausalLM", "DecoderModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "cross_entropy",
-           "default_mesh", "register_classes", "MS_DTYPES"]
+           "register_classes", "MS_DTYPES"]

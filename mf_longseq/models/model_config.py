@@ -80,7 +80,9 @@ class LongSeqModelConfig(PretrainedConfig):
         param_init_type: dtype the weights are stored in.
         initializer_range: std of the normal init of projections and embeddings.
         init_seed: seed of the weight init (every rank draws the same weights without communication).
-        use_flash_attention, use_attn_mask_compression: read by ``LongSeqConfig`` (Ascend kernel settings).
+        use_flash_attention: FlashAttentionScore on Ascend (required there when CP > 1; ``LongSeqConfig.check_model``).
+        use_attn_mask_compression: visibility from positions and document ids, the fixed 2048 x 2048 compressed
+            mask for FlashAttentionScore; False: the (B, 1, S, S) dense mask MindFormers builds.
         use_eod_reset: with packed documents (``actual_seq_len`` given to the model), RoPE positions restart at
             0 in every document instead of running 0..S-1 over the packed sample (MindFormers' key).
         long_seq: optional dict of the plugin's own knobs (``layout``, ``block_size``) when the model is built by
@@ -187,14 +189,12 @@ class LongSeqModelConfig(PretrainedConfig):
             _fail("intermediate_size", self.intermediate_size, f"gives an FFN width of {self.ffn_hidden_size}",
                   f"set a width between 1 and {MAX_COUNT}")
 
-    def long_seq_values(self) -> Dict[str, Any]:
-        """LongSeqConfig fields this model config knows (shape, Ascend kernel flags, parallel_config if set), read
-        through the one key map of ``mf_longseq.config`` (``section_fields``).
-
-        MindFormers' trainer sets ``parallel_config`` on the model config before building the network, so a model
-        built by MindFormers' builder still sees the context-parallel degrees.
+    def parallel_values(self) -> Dict[str, Any]:
+        """``LongSeqConfig`` fields this model config carries: the ``parallel_config`` MindFormers' trainer sets on
+        it before building the network, and the plugin's ``long_seq`` knobs, read through the one key map of
+        ``mf_longseq.config`` (``section_fields``).  The model's own facts stay here (``LongSeqConfig`` has none).
         """
-        values = {name: getattr(self, key) for name, key in section_fields("model.model_config").items()}
+        values = {}
         parallel = _as_plain_dict(getattr(self, "parallel_config", None))
         for name, key in section_fields("parallel_config").items():
             if parallel.get(key) is not None:

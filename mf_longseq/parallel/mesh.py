@@ -89,6 +89,18 @@ class Mesh:
         return (f"Mesh(dp={self.dp}, mp={self.mp}, cp={self.cp} (ulysses={self.ulysses} x ring={self.ring}), "
                 f"pp={self.pp}, rank={self.rank})")
 
+    def check_settings(self, config) -> None:
+        """A mesh passed beside the parallel settings (``LongSeqConfig``) must carry their plan: degrees, algorithm
+        and sequence layout are read from the mesh only.
+
+        Raises:
+            ValueError: the plans differ (names both and the fix).
+        """
+        if not self.plan.runs_like(config.plan):
+            raise ValueError(f"mesh plan {self.plan.label()} layout {self.plan.seq_layout} does not match the "
+                             f"parallel settings' {config.plan.label()} layout {config.plan.seq_layout}. "
+                             "Fix: build the mesh with Mesh.from_config(long_seq_config).")
+
     # ------------------------------------------------------------------------------------------- coordinates
     def coords(self, rank: Optional[int] = None) -> Dict[str, int]:
         """stage, dp_id, cp_id, mp_id, ring_id, ulysses_id of a rank (default: this one); ``RunPlan.coords``."""

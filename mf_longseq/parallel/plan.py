@@ -151,6 +151,14 @@ class RunPlan:
         Ulysses degree under hybrid_cp, 1 otherwise (MindFormers reads the key only for hybrid_cp)."""
         return self.ulysses if self.algo == CpAlgo.HYBRID.value else 1
 
+    def runs_like(self, other: "RunPlan") -> bool:
+        """Same degrees and, when CP is on, the same algorithm and the same cut of the sequence (zigzag without a
+        ring is the contiguous cut; with CP off neither matters)."""
+        def key(plan):
+            cut = plan.seq_layout if plan.ring > 1 else "contiguous"
+            return (plan.dp, plan.mp, plan.cp, plan.pp, plan.ulysses) + ((plan.algo, cut) if plan.cp > 1 else ())
+        return key(self) == key(other)
+
     def label(self) -> str:
         """Short text, e.g. ``dp1 mp8 cp8 pp1 hybrid_cp u2xr4``."""
         algo = self.algo if self.cp > 1 else "cp off"

@@ -83,15 +83,14 @@ def layouts(devices: int, shape: ModelShape, algos: Sequence[str], max_mp: int =
 def check(layout: RunPlan, shape: ModelShape, settings: Settings) -> Optional[str]:
     """None if ``LongSeqConfig`` accepts the layout, else its error message (the rules live there)."""
     try:
-        LongSeqConfig(seq_length=settings.seq_len, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
-                      num_layers=shape.layers, data_parallel=layout.dp, model_parallel=layout.mp,
-                      context_parallel=layout.cp, pipeline_stage=layout.pp,
-                      micro_batch_num=max(settings.micro_batch_num, layout.pp), context_parallel_algo=layout.algo,
-                      ulysses_degree_in_cp=layout.ulysses_degree_in_cp,
-                      use_flash_attention=True, use_attn_mask_compression=settings.mask_compression,
-                      enable_alltoall=settings.use_alltoall,
-                      device_target="Ascend" if settings.backend == "ascend" else "CPU",
-                      block_size=settings.block_size)
+        parallel = LongSeqConfig(data_parallel=layout.dp, model_parallel=layout.mp, context_parallel=layout.cp,
+                                 pipeline_stage=layout.pp, micro_batch_num=max(settings.micro_batch_num, layout.pp),
+                                 context_parallel_algo=layout.algo, ulysses_degree_in_cp=layout.ulysses_degree_in_cp,
+                                 enable_alltoall=settings.use_alltoall,
+                                 device_target="Ascend" if settings.backend == "ascend" else "CPU",
+                                 block_size=settings.block_size)
+        parallel.check_model({"seq_length": settings.seq_len, "num_heads": shape.heads, "n_kv_heads": shape.kv_heads,
+                              "num_layers": shape.layers, "use_flash_attention": True})
     except ValueError as err:
         return str(err)
     return None

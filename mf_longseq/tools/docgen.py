@@ -100,6 +100,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+# Type and default of each model fact as the parallel rules read it (``config.model_facts``).
+MODEL_KINDS = {"seq_length": ("int", "(required)"), "num_heads": ("int", "(required)"),
+               "n_kv_heads": ("int", "num_heads"), "num_layers": ("int", "DEFAULT_NUM_LAYERS = 32"),
+               "use_flash_attention": ("bool", "True")}
+
+
 def generate() -> str:
     """The whole ``docs/configuration.md``."""
     tree = ast.parse(inspect.getsource(config_module))
@@ -111,8 +117,15 @@ def generate() -> str:
         path = config_module.key_path(name)
         meaning = doc[len(path):].lstrip(":. ") if doc.startswith(path) else doc
         lines.append(f"| `{config_module.key_path(name)}` | `{kind}` | `{default}` | {_cell(meaning)} |")
+    lines += ["", "## Model keys the parallel rules read", "",
+              "Their one home is `model.model_config` (`LongSeqModelConfig`, which documents them); "
+              "`LongSeqConfig.check_model` checks them against the degrees above.", "",
+              "| key path | type | default |", "|---|---|---|"]
+    model_keys = [(name, MODEL_KINDS[name]) for name in config_module.MODEL_FACTS]
+    for name, (kind, default) in model_keys:
+        lines.append(f"| `{config_module.key_path(name)}` | `{kind}` | `{default}` |")
     lines += ["", "## Rules and the errors they raise", ""]
-    for name, _, _, _ in fields:
+    for name in [f[0] for f in fields] + [n for n, _ in model_keys]:
         path = config_module.key_path(name)
         lines.append(f"### `{path}`")
         lines.append("")

@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
-from mf_longseq.config import ConfigError, key_path
+from mf_longseq.config import MODEL_FACTS, ConfigError, key_path
 from mf_longseq.validation import InputError
 
 
@@ -115,9 +115,11 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
         config_logger.removeHandler(collect)
     config = check.long_seq
     settings = {key_path(f.name): getattr(config, f.name) for f in fields(config)}
+    settings.update({key_path(name): getattr(check.model, name)
+                     for name in (*MODEL_FACTS, "use_attn_mask_compression")})
     derived = {"ulysses_degree": config.ulysses_degree, "ring_degree": config.ring_degree,
                "world_size": config.world_size}
-    return Report(name, True, warnings=[*check.warnings, *collect.messages], notes=list(config.notes()),
+    return Report(name, True, warnings=[*check.warnings, *collect.messages], notes=list(config.notes(check.model)),
                   settings=settings, derived=derived, model=_model_summary(check))
 
 

@@ -155,7 +155,8 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     settings = OptimSettings.from_mindformers(tree, opts.steps)
     vocab = checked.model.vocab_size                         # what the model builds (class default if unset)
     batch_size = samples_per_step(_positive(tree, "runner_config.batch_size", 1), config)
-    source = open_job_source(opts, tree, run.mesh, vocab=vocab, seq_length=config.seq_length, seed=seed,
+    seq_length = checked.model.seq_length
+    source = open_job_source(opts, tree, run.mesh, vocab=vocab, seq_length=seq_length, seed=seed,
                              packing=packing, batch_size=batch_size)
     trainer = build_trainer(model=model, mesh=run.mesh, config=config, settings=settings, source=source,
                             batch_size=batch_size, packing=packing, max_grad_norm=support.max_grad_norm(tree),
@@ -176,7 +177,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
         _write_yaml(tree, os.path.join(output_dir, "config.yaml"))
     monitor = Monitor(run.rank, opts.steps, output_dir, stream=stream, start_step=start)
     monitor.say(f"mf-longseq train: {run.mesh}, algo {config.context_parallel_algo}, layout {config.layout}, "
-                f"seq_length {config.seq_length}, batch {trainer.batch_size} per dp rank, data "
+                f"seq_length {seq_length}, batch {trainer.batch_size} per dp rank, data "
                 f"{_data_line(source.describe())}, steps {start + 1}..{opts.steps}")
     data_state = {**source.describe(), "batch_size": trainer.batch_size}
 

@@ -97,7 +97,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         return super().set_config(config, is_full_config)
 
     def _take_layout(self, config) -> None:
-        from mf_longseq.models.settings import default_mesh, running_world_size
+        from mf_longseq.models.mf_adapter import default_mesh, running_world_size
         tree = plain_tree(config)
         long_seq = LongSeqConfig.from_mindformers(tree)
         errors = route_refusals(tree, long_seq)

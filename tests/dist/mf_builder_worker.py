@@ -38,10 +38,9 @@ def run(path: str) -> dict:
     net = build_network(cfg.model, default_args={"parallel_config": cfg.parallel_config})
     ls = net.long_seq
     tree = cfg.to_dict()
-    reference = build_model(tree, mesh=Mesh(rank=0), long_seq_config=LongSeqConfig(
-        seq_length=ls.seq_length, num_heads=ls.num_heads, num_kv_heads=ls.num_kv_heads, num_layers=ls.num_layers))
+    reference = build_model(tree, mesh=Mesh(rank=0), long_seq_config=LongSeqConfig())
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, (2, ls.seq_length + 1))
+    tokens = rng.integers(0, 256, (2, net.config.seq_length + 1))
     ids, labels = tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32)
     mask = (rng.random(ids.shape) > 0.1).astype(np.float32)
     shard = [shard_sequence(a, net.mesh, ls.layout, 1) for a in (ids, labels, mask)]

@@ -96,8 +96,7 @@ def build_packed_model(case, rank: int = 0):
     parallel = {} if case is None else dict(data_parallel=case.dp, context_parallel=case.cp,
                                             context_parallel_algo=case.algo, ulysses_degree_in_cp=case.ulysses,
                                             layout=case.layout)
-    long_seq = LongSeqConfig(seq_length=SEQ_LEN, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
-                             num_layers=cfg.num_layers, block_size=16, **parallel)
+    long_seq = LongSeqConfig(block_size=16, **parallel)
     mesh = Mesh(rank=0) if case is None else Mesh.from_config(long_seq, rank=rank).create_groups()
     return build_model(cfg, mesh=mesh, long_seq_config=long_seq)
 

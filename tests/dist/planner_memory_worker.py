@@ -52,14 +52,13 @@ def main():
     model_config = model_config_from(path)
     warm_config = type(model_config)(**{**model_config.to_dict(), "hidden_size": 32, "num_layers": 1,
                                         "intermediate_size": 64, "vocab_size": 64, "seq_length": 64})
-    warm = build_model(warm_config, mesh=mesh, long_seq_config=LongSeqConfig(
-        **{**{f: getattr(long_seq, f) for f in long_seq.__dataclass_fields__}, "seq_length": 64}))
+    warm = build_model(warm_config, mesh=mesh, long_seq_config=long_seq)
     _step(warm, mesh, 64, 64, nn.AdamWeightDecay(warm.trainable_params(), 1e-3))
     del warm
     gc.collect()
     before = int(rss_mib() * 2**20)
     model = build_model(path, mesh=mesh)
-    _step(model, mesh, long_seq.seq_length, model_config.vocab_size,
+    _step(model, mesh, model_config.seq_length, model_config.vocab_size,
           nn.AdamWeightDecay(model.trainable_params(), 1e-3))
     peak = int(peak_rss_mib() * 2**20)
     os.makedirs(out_dir, exist_ok=True)

@@ -20,6 +20,7 @@ import pytest
 
 import compose_worker as cw
 from mf_longseq.config import LongSeqConfig, check_world_size
+from run_settings import checked_settings
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.parallel.reshard import merge_rank_states
 from mf_longseq.parallel.tensor_parallel import ShardSpec
@@ -198,5 +199,5 @@ BASE = dict(seq_length=64, num_heads=8, num_kv_heads=2, num_layers=4)
 ])
 def test_composition_rules(kw, message):
     with pytest.raises(ValueError) as err:
-        LongSeqConfig(**{**BASE, **kw})
+        checked_settings(**{**BASE, **kw})
     assert str(err.value) == message

@@ -2,12 +2,14 @@
 import pytest
 
 from mf_longseq.config import LongSeqConfig
+from run_settings import checked_settings
+from mf_longseq.models import model_config_from
 
 BASE = dict(seq_length=4096, num_heads=8, num_kv_heads=2)
 
 
 def make(**kw):
-    return LongSeqConfig(**{**BASE, **kw})
+    return checked_settings(**{**BASE, **kw})[0]
 
 
 def test_defaults_are_ring_zigzag_cp_off():
@@ -87,9 +89,10 @@ def test_from_mindformers_reads_standard_keys_and_own_section():
         "long_seq": {"layout": "contiguous", "block_size": 1024},
     }
     cfg = LongSeqConfig.from_mindformers(tree)
+    model = model_config_from(tree)                       # the model's facts: their one home
     assert (cfg.world_size, cfg.ulysses_degree, cfg.ring_degree) == (8, 2, 2)
-    assert cfg.enable_alltoall and cfg.use_attn_mask_compression
-    assert (cfg.layout, cfg.block_size, cfg.num_kv_heads) == ("contiguous", 1024, 2)
+    assert cfg.enable_alltoall and model.use_attn_mask_compression
+    assert (cfg.layout, cfg.block_size, model.n_kv_heads) == ("contiguous", 1024, 2)
 
 
 def test_unknown_own_key_has_did_you_mean():

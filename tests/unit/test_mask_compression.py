@@ -84,9 +84,8 @@ class MaskSpy:
 
 
 def run_layer(seq_len, compression, segment_ids=None, block=16, b=2, n=4, kv=2, d=8, seed=0):
-    cfg = LongSeqConfig(seq_length=seq_len, num_heads=n, num_kv_heads=kv, block_size=block,
-                        use_attn_mask_compression=compression)
-    layer = ContextParallelAttention(config=cfg, mesh=Mesh(rank=0))
+    cfg = LongSeqConfig(block_size=block)
+    layer = ContextParallelAttention(config=cfg, mesh=Mesh(rank=0), use_attn_mask_compression=compression)
     rng = np.random.default_rng(seed)
     q, dout = (rng.standard_normal((b, seq_len, n, d)).astype(np.float32) for _ in range(2))
     k, v = (rng.standard_normal((b, seq_len, kv, d)).astype(np.float32) for _ in range(2))
@@ -130,9 +129,8 @@ def test_compression_off_shares_one_dense_mask_between_layers(monkeypatch):
     import gc
     import weakref
     from mf_longseq.models import LlamaLongSeqConfig, build_model
-    cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=64)
-    long_seq = LongSeqConfig(seq_length=64, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
-                             num_layers=cfg.num_layers, block_size=16, use_attn_mask_compression=False)
+    cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=64, use_attn_mask_compression=False)
+    long_seq = LongSeqConfig(block_size=16)
     model = build_model(cfg, mesh=Mesh(rank=0), long_seq_config=long_seq)
     spy, grids = MaskSpy(monkeypatch), []
     planned = AttentionMask.plan

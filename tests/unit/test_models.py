@@ -54,8 +54,7 @@ def tiny(cls, **kw):
 
 
 def single(cfg, **ls):
-    long_seq = LongSeqConfig(seq_length=cfg.seq_length, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
-                             num_layers=cfg.num_layers, block_size=8, **ls)
+    long_seq = LongSeqConfig(block_size=8, **ls)
     return build_model(cfg, mesh=Mesh(rank=0), long_seq_config=long_seq)
 
 
@@ -129,9 +128,8 @@ def test_bfloat16_compute_stays_close_to_float64():
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_rope_uses_global_positions_of_the_shard(layout):
     cfg = tiny(LlamaLongSeqConfig, seq_length=32)
-    long_seq = LongSeqConfig(seq_length=32, num_heads=4, num_kv_heads=2, num_layers=2, context_parallel=2,
-                             layout=layout)
-    mesh = Mesh(cp=2, rank=1)                                 # rank 1 of 2, no communication needed to build
+    long_seq = LongSeqConfig(context_parallel=2, layout=layout)
+    mesh = Mesh.from_config(long_seq, rank=1)                 # rank 1 of 2, no communication needed to build
     model = build_model(cfg, mesh=mesh, long_seq_config=long_seq)
     step = model.make_batch(Tensor(np.zeros((1, 16), np.int32)))
     pos = step.positions
@@ -182,8 +180,11 @@ def test_unknown_preset():
         LlamaLongSeqConfig.from_preset("8b")
 
 
-def test_mismatched_parallel_settings_are_refused():
+def test_parallel_settings_the_model_does_not_fit_are_refused():
+    """The model's facts live only in its config, so the parallel settings cannot hold a second seq_length that
+    disagrees (the old version of this test built one and expected the drift to be caught).  What can still be
+    wrong is a parallel config the model does not fit; it is refused when the model is built."""
     cfg = tiny(LlamaLongSeqConfig)
-    long_seq = LongSeqConfig(seq_length=2 * S, num_heads=4, num_kv_heads=2, num_layers=2)
-    with pytest.raises(ValueError, match=r"model.model_config.seq_length = 24 but the parallel settings"):
-        build_model(cfg, mesh=Mesh(rank=0), long_seq_config=long_seq)
+    with pytest.raises(ValueError, match=r"^parallel_config\.model_parallel = 3: must divide "
+                                         r"model\.model_config\.num_heads = 4\. Fix: use one of \[1, 2, 4\]\.$"):
+        build_model(cfg, mesh=Mesh(rank=0), long_seq_config=LongSeqConfig(model_parallel=3))

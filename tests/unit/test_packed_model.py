@@ -27,8 +27,7 @@ DOC_ENDS = [[5, 19, 20, 32, 32], [11, 32, 32, 32, 32]]
 def model_of(cls=LlamaLongSeqConfig, mesh=None, **kw):
     cfg = cls.from_preset("tiny", **{"seq_length": S, "initializer_range": 0.2, "use_eod_reset": True, **kw})
     cp = 1 if mesh is None else mesh.cp
-    long_seq = LongSeqConfig(seq_length=S, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
-                             num_layers=cfg.num_layers, block_size=8, context_parallel=cp)
+    long_seq = LongSeqConfig(block_size=8, context_parallel=cp)
     return build_model(cfg, mesh=mesh or Mesh(rank=0), long_seq_config=long_seq)
 
 
@@ -96,10 +95,9 @@ def test_use_eod_reset_sets_the_rope_positions():
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_reset_positions_are_sharded_like_the_tokens(layout):
-    mesh = Mesh(cp=2, rank=1)                                 # rank 1 of 2: no communication needed to build
     cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=S, use_eod_reset=True)
-    long_seq = LongSeqConfig(seq_length=S, num_heads=4, num_kv_heads=2, num_layers=2, context_parallel=2,
-                             layout=layout)
+    long_seq = LongSeqConfig(context_parallel=2, layout=layout)
+    mesh = Mesh.from_config(long_seq, rank=1)                 # rank 1 of 2: no communication needed to build
     model = build_model(cfg, mesh=mesh, long_seq_config=long_seq)
     ends = np.array(DOC_ENDS)
     step = model.make_batch(Tensor(np.zeros((2, S // 2), np.int32)), actual_seq_len=ends)

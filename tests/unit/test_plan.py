@@ -54,7 +54,7 @@ def test_every_axis_group_partitions_the_world(degrees):
 
 
 def test_mesh_and_config_read_the_plan():
-    cfg = LongSeqConfig(seq_length=64, num_heads=8, data_parallel=2, model_parallel=2, context_parallel=4,
+    cfg = LongSeqConfig(data_parallel=2, model_parallel=2, context_parallel=4,
                         context_parallel_algo="hybrid_cp", ulysses_degree_in_cp=2, layout="contiguous")
     plan = cfg.plan
     assert (plan.dp, plan.mp, plan.cp, plan.pp, plan.ulysses, plan.ring) == (2, 2, 4, 1, 2, 2)

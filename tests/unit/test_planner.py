@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from mf_longseq.config import LongSeqConfig
+from run_settings import checked_settings
 from mf_longseq.models import CONFIG_CLASSES, count_parameters
 from mf_longseq.planner import cli as plan_cli
 from mf_longseq.planner.comm import AttentionCall, attention_bytes
@@ -121,10 +121,11 @@ def test_every_recommendation_is_valid_and_fits():
     for cand in ranked:
         lay = cand.layout
         assert lay.world_size == 16 and cand.memory_total <= hw.usable
-        LongSeqConfig(seq_length=32768, num_heads=shape.heads, num_kv_heads=shape.kv_heads, num_layers=shape.layers,
-                      data_parallel=lay.dp, model_parallel=lay.mp, context_parallel=lay.cp, pipeline_stage=lay.pp,
-                      micro_batch_num=cand.settings.micro_batch_num, context_parallel_algo=lay.algo,
-                      ulysses_degree_in_cp=lay.ulysses if lay.algo == "hybrid_cp" else 1, device_target="Ascend")
+        checked_settings(seq_length=32768, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+                         num_layers=shape.layers, data_parallel=lay.dp, model_parallel=lay.mp, context_parallel=lay.cp,
+                         pipeline_stage=lay.pp, micro_batch_num=cand.settings.micro_batch_num,
+                         context_parallel_algo=lay.algo,
+                         ulysses_degree_in_cp=lay.ulysses if lay.algo == "hybrid_cp" else 1, device_target="Ascend")
     assert [c.step_seconds for c in ranked] == sorted(c.step_seconds for c in ranked)
 
 

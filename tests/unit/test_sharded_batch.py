@@ -27,9 +27,8 @@ DOC_ENDS = [[5, 19, 20, 32, 32], [11, 32, 32, 32, 32]]          # two samples, d
 
 def model_of(compression: bool):
     cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=S, num_layers=LAYERS, initializer_range=0.2,
-                                         use_eod_reset=True)
-    long_seq = LongSeqConfig(seq_length=S, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads, num_layers=LAYERS,
-                             block_size=8, use_attn_mask_compression=compression)
+                                         use_eod_reset=True, use_attn_mask_compression=compression)
+    long_seq = LongSeqConfig(block_size=8)
     return build_model(cfg, mesh=Mesh(rank=0), long_seq_config=long_seq)
 
 
@@ -118,7 +117,7 @@ def test_one_plan_for_a_batch_of_one_document():
 def test_whole_sequences_are_cut_like_the_shards():
     """``from_whole`` on CP rank 1 of 2 equals ``from_shards`` of the shards it cut."""
     cfg = LlamaLongSeqConfig.from_preset("tiny", seq_length=S, use_eod_reset=True)
-    long_seq = LongSeqConfig(seq_length=S, num_heads=4, num_kv_heads=2, num_layers=2, context_parallel=2)
+    long_seq = LongSeqConfig(context_parallel=2)
     model = build_model(cfg, mesh=Mesh(cp=2, rank=1), long_seq_config=long_seq)
     ids, labels, mask, ends = inputs(cfg.vocab_size)
     whole = ShardedBatch.from_whole(model.batch_spec, ids, labels, mask, ends)

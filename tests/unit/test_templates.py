@@ -55,12 +55,12 @@ def test_template_loads_validates_and_matches_its_name(path):
     match = (TINY_NAME if tiny else NAME).fullmatch(path.name)
     assert match, path.name
     seq = match["seq"]
-    assert ls.seq_length == (int(seq[:-1]) * 1024 if seq.endswith("k") else int(seq))
+    model_config = model_config_from(cfg)
+    assert model_config.seq_length == (int(seq[:-1]) * 1024 if seq.endswith("k") else int(seq))
     assert (ls.context_parallel, ls.context_parallel_algo) == (int(match["cp"]), match["algo"])
     family = match["family"] if tiny else path.parent.name
-    model_config = model_config_from(cfg)
     assert type(model_config) is CONFIG_CLASSES[family]
-    preset = CONFIG_CLASSES[family].from_preset("tiny" if tiny else match["size"], seq_length=ls.seq_length)
+    preset = CONFIG_CLASSES[family].from_preset("tiny" if tiny else match["size"], seq_length=model_config.seq_length)
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "ffn_hidden_size",
                 "rms_norm_eps", "theta", "qkv_has_bias", "tie_word_embeddings"):
         assert getattr(model_config, key) == getattr(preset, key), key
@@ -68,7 +68,7 @@ def test_template_loads_validates_and_matches_its_name(path):
     assert cfg.context.mode == 1                              # PyNative
     assert cfg.context.device_target == ("CPU" if tiny else "Ascend")
     if not tiny:
-        assert ls.use_flash_attention and ls.use_attn_mask_compression
+        assert model_config.use_flash_attention and model_config.use_attn_mask_compression
         assert model_config.compute_dtype == "bfloat16"
 
 

@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 import mf_longseq.parallel.tensor_parallel as tp
-from mf_longseq.config import LongSeqConfig
+from run_settings import checked_settings
 from mf_longseq.parallel.mesh import Group
 
 H, F, V, B, S = 8, 12, 16, 2, 5
@@ -203,20 +203,21 @@ BASE = dict(seq_length=64, num_heads=8, num_kv_heads=2)
 ])
 def test_heads_versus_model_parallel_and_ulysses(kw, message):
     with pytest.raises(ValueError) as err:
-        LongSeqConfig(**{**BASE, **kw})
+        checked_settings(**{**BASE, **kw})
     assert str(err.value).startswith(message), str(err.value)
 
 
 def test_kv_heads_that_do_not_divide_the_ulysses_degree_are_accepted():
     """Issue 14 reversed this rule: 3 kv heads at Ulysses 2 (was refused: 'must divide one another') now split
     unevenly (attention/head_split.py), checked against the float64 oracle in tests/dist/test_uneven_heads_dist.py."""
-    cfg = LongSeqConfig(**{**BASE, "num_heads": 12, "num_kv_heads": 3, "context_parallel": 2,
-                           "context_parallel_algo": "ulysses_cp"})
-    assert (cfg.num_kv_heads, cfg.ulysses_degree) == (3, 2)
+    cfg, model = checked_settings(**{**BASE, "num_heads": 12, "num_kv_heads": 3, "context_parallel": 2,
+                                     "context_parallel_algo": "ulysses_cp"})
+    assert (model["n_kv_heads"], cfg.ulysses_degree) == (3, 2)
 
 
 def test_heads_split_by_mp_then_ulysses_is_accepted():
-    cfg = LongSeqConfig(**{**BASE, "model_parallel": 2, "context_parallel": 2, "context_parallel_algo": "ulysses_cp"})
+    cfg, model = checked_settings(**{**BASE, "model_parallel": 2, "context_parallel": 2,
+                                     "context_parallel_algo": "ulysses_cp"})
     assert (cfg.model_parallel, cfg.ulysses_degree, cfg.world_size) == (2, 2, 4)
-    assert tp.local_units(cfg.num_heads, 2) // cfg.ulysses_degree == 2
-    assert tp.local_units(cfg.num_kv_heads, 4) == 1                       # mp 4 > 2 kv heads: replicated
+    assert tp.local_units(model["num_heads"], 2) // cfg.ulysses_degree == 2
+    assert tp.local_units(model["n_kv_heads"], 4) == 1                       # mp 4 > 2 kv heads: replicated

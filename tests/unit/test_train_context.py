@@ -61,7 +61,7 @@ def test_setup_checks_the_world_size_with_the_config_rule():
     """``setup`` refuses degrees that do not multiply to the running ranks, with ``config.check_world_size``'s
     message (one rule, tested word for word in tests/dist/test_compose.py)."""
     from mf_longseq.train.context import setup
-    cfg = LongSeqConfig(seq_length=64, num_heads=4, context_parallel=2, data_parallel=2)
+    cfg = LongSeqConfig(context_parallel=2, data_parallel=2)
     with pytest.raises(ValueError, match=r"data_parallel x model_parallel x context_parallel x pipeline_stage = "
                                          r"2 x 1 x 2 x 1 = 4, but 1 ranks were started\. Fix: launch msrun with "
                                          r"--worker_num 4"):
@@ -85,7 +85,7 @@ def test_setup_applies_the_op_dispatch_decision(monkeypatch):
     from mf_longseq.train import context
     seen = []
     monkeypatch.setattr(context, "configure_op_dispatch", lambda target: seen.append(target) or True)
-    run = context.setup({"context": {"runtime_num_threads": 1}}, LongSeqConfig(seq_length=64, num_heads=4))
+    run = context.setup({"context": {"runtime_num_threads": 1}}, LongSeqConfig())
     assert seen == ["CPU"] and run.world_size == 1
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from mf_longseq.attention.head_split import HeadSplit
 from mf_longseq.attention.ulysses import check_ulysses_heads, to_heads_plan, to_seq_plan
-from mf_longseq.config import LongSeqConfig
+from run_settings import checked_settings
 from mf_longseq.parallel.comm import pair_rounds
 from mf_longseq.planner.comm import AttentionCall, attention_bytes
 from oracle import causal_allowed, reference_attention
@@ -199,14 +199,14 @@ def test_byte_model_equals_the_plans_bytes(n, k, u, use_alltoall):
     dict(num_heads=40, num_kv_heads=40, model_parallel=2, context_parallel=8, context_parallel_algo="ulysses_cp"),
 ])
 def test_config_accepts_what_now_works(kw):
-    LongSeqConfig(seq_length=4096, **kw)
+    checked_settings(seq_length=4096, **kw)
 
 
 def test_config_refuses_more_ulysses_ranks_than_heads_per_mp_rank():
     with pytest.raises(ValueError, match=r"parallel_config\.ulysses_degree_in_cp = 4: the Ulysses degree 4 exceeds "
                                          r"the query heads per model-parallel rank, .* = 6 / 2 = 3"):
-        LongSeqConfig(seq_length=4096, num_heads=6, num_kv_heads=6, model_parallel=2, context_parallel=8,
-                      context_parallel_algo="hybrid_cp", ulysses_degree_in_cp=4)
+        checked_settings(seq_length=4096, num_heads=6, num_kv_heads=6, model_parallel=2, context_parallel=8,
+                         context_parallel_algo="hybrid_cp", ulysses_degree_in_cp=4)
 
 
 def test_planner_accepts_uneven_layouts_and_charges_the_busiest_rank(monkeypatch):

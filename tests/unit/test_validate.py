@@ -10,7 +10,9 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mf_longseq.config import ConfigError, LongSeqConfig, key_path
+from mf_longseq.config import (MODEL_FACTS, ConfigError, LongSeqConfig, canonical_model_keys, key_path,
+                               model_config_section,
+                               model_facts)
 from mf_longseq.tools import validate as V
 
 GOOD = {
@@ -232,19 +234,20 @@ def random_trees(draw):
     return out
 
 
-def _oracle_holds(cfg: LongSeqConfig) -> None:
-    """Independent restatement of the main rules, checked on every config that validates."""
+def _oracle_holds(cfg: LongSeqConfig, m: dict) -> None:
+    """Independent restatement of the main rules, checked on every config that validates (``m``: the model's
+    facts as the YAML gives them)."""
     assert cfg.world_size == cfg.data_parallel * cfg.model_parallel * cfg.context_parallel * cfg.pipeline_stage
     assert cfg.device_num in (None, cfg.world_size)
-    assert cfg.num_heads % cfg.model_parallel == 0
-    assert cfg.ulysses_degree <= cfg.num_heads // cfg.model_parallel          # uneven head splits are fine
+    assert m["num_heads"] % cfg.model_parallel == 0
+    assert cfg.ulysses_degree <= m["num_heads"] // cfg.model_parallel          # uneven head splits are fine
     assert cfg.ulysses_degree * cfg.ring_degree == cfg.context_parallel
     if cfg.context_parallel > 1:
         assert not cfg.use_seq_parallel
         parts = 2 * cfg.context_parallel if (cfg.layout == "zigzag" and cfg.ring_degree > 1) else cfg.context_parallel
-        assert cfg.seq_length % parts == 0
-        assert cfg.device_target != "Ascend" or cfg.use_flash_attention
-    assert cfg.num_layers >= cfg.pipeline_stage
+        assert m["seq_length"] % parts == 0
+        assert cfg.device_target != "Ascend" or m["use_flash_attention"]
+    assert m["num_layers"] >= cfg.pipeline_stage
     assert cfg.pipeline_stage == 1 or cfg.micro_batch_num >= cfg.pipeline_stage
 
 
@@ -261,11 +264,12 @@ def test_random_configs_are_valid_or_a_clear_error(data):
         event("invalid")
         return
     event("valid")
-    _oracle_holds(cfg)
+    _oracle_holds(cfg, model_facts(canonical_model_keys(model_config_section(data))))
     report = V.validate(data)
     if not report.valid:                     # validate checks more than the parallel rules (issue 11): the model,
         event("parallel rules hold, model or MindFormers refused")   # run keys and MindFormers' own classes
-        assert report.error["key"] not in {key_path(f.name) for f in fields(LongSeqConfig)} \
+        assert report.error["key"] not in {key_path(name) for name in (*(f.name for f in fields(LongSeqConfig)),
+                                                                        *MODEL_FACTS)} \
             or "MindFormers" in report.error["problem"]
         assert report.error["message"].startswith(f"{report.error['key']} = ") and report.error["fix"]
         return

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mf_longseq.config import ConfigError
+from mf_longseq.config import ConfigError, canonical_model_keys, model_config_section, model_facts
 from mf_longseq.models import build_model, parameter_shapes
 from mf_longseq.parallel import Mesh
 from mf_longseq.tools import validate as V
@@ -158,7 +158,7 @@ def test_hugging_face_kv_heads_spelling_builds_what_the_rules_checked():
     """``num_key_value_heads: 2`` without ``n_kv_heads``: rules and model both see 2 kv heads, k_proj (32, 64)."""
     tree = template(model__model_config__n_kv_heads=DELETE, model__model_config__num_key_value_heads=2)
     check = check_run(tree)
-    assert check.long_seq.num_kv_heads == check.model.n_kv_heads == 2
+    assert check.model.n_kv_heads == 2                      # the one home of the fact the rules read
     assert parameter_shapes(check.model)["model.layers.0.self_attn.k_proj.weight"] == (32, 64)
     model = build_model(tree, mesh=Mesh.from_config(check.long_seq, rank=0))
     shapes = {name: tuple(p.shape) for name, p in model.parameters_and_names()}
@@ -178,9 +178,10 @@ def test_two_spellings_that_disagree_are_refused_and_that_agree_accepted():
 def test_missing_num_layers_is_the_models_default_not_one():
     tree = template(TINY, model__model_config__num_layers=DELETE)
     check = check_run(tree)
-    assert check.long_seq.num_layers == check.model.num_layers == 32
+    rules_see = model_facts(canonical_model_keys(model_config_section(tree)))["num_layers"]   # what check_model reads
+    assert rules_see == check.model.num_layers == 32
     tree = template(TINY, model__model_config__num_layers=DELETE, model__model_config__num_hidden_layers=4)
-    assert check_run(tree).long_seq.num_layers == 4
+    assert check_run(tree).model.num_layers == 4
 
 
 # ----------------------------------------------------------------------------------------------- run keys
@@ -207,7 +208,7 @@ def test_run_keys_are_refused_before_any_device_work(changes, key):
 def test_steps_of_the_train_command():
     with pytest.raises(ConfigError, match=r"^--steps = 0: must be a positive integer"):
         check_run(template(), steps=0)
-    assert check_run(template(), steps=3).long_seq.num_layers == 2
+    assert check_run(template(), steps=3).model.num_layers == 2
 
 
 # ----------------------------------------------------------------------------------------------- MindFormers' own

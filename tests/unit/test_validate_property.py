@@ -190,8 +190,7 @@ def _check_accepted(name, tree, check, note=lambda text: None) -> None:
     m, ls = check.model, check.long_seq
     assert (m.num_heads, m.n_kv_heads, m.num_layers, m.hidden_size, m.ffn_hidden_size, m.vocab_size) == \
         (e["num_heads"], e["n_kv_heads"], e["num_layers"], e["hidden_size"], e["ffn"], e["vocab_size"])
-    assert (ls.num_heads, ls.num_kv_heads, ls.num_layers, ls.seq_length) == \
-        (e["num_heads"], e["n_kv_heads"], e["num_layers"], e["seq_length"])
+    assert m.seq_length == e["seq_length"]          # the model's facts have one home (the parallel config has none)
     real = name.startswith("yaml_templates/tiny/") and ls.model_parallel == 1 and ls.pipeline_stage == 1 and \
         e["num_layers"] <= 8 and e["vocab_size"] * e["hidden_size"] + e["num_layers"] * 4 * e["hidden_size"] * \
         (e["hidden_size"] + e["ffn"]) < 4_000_000

@@ -1,24 +1,32 @@
-"""The parallel settings and the mesh of a model built without them (MindFormers' builder), and their checks.
+"""MindFormers' builder route: the parallel settings and mesh of a model built from ``model.model_config`` alone.
 
-``LongSeqForCausalLM`` takes its mesh and ``LongSeqConfig`` explicitly (``build_model``, ``LongSeqTrainer``);
-when MindFormers' ``build_network`` builds it from ``model.model_config`` alone they come from the
-``parallel_config`` MindFormers set on the model config, checked against the ranks that run.
+``LongSeqForCausalLM`` takes its mesh and ``LongSeqConfig`` explicitly (``build_model``, ``LongSeqTrainer``).
+When MindFormers' ``build_network`` builds it from the model config alone, this adapter is the one place that
+reads what MindFormers set up instead: the ``parallel_config`` its trainer put on the model config, the
+``parallel.enable_alltoall`` and ``context.device_target`` it applied to MindSpore's context, and the ranks that
+run; it creates the communication groups of that mesh.
 """
+from typing import Optional, Tuple
+
 import mindspore as ms
 
 from mf_longseq.config import LongSeqConfig
-from mf_longseq.models.model_config import LongSeqModelConfig, check_model_parallel
+from mf_longseq.models.model_config import LongSeqModelConfig
 from mf_longseq.parallel.mesh import Mesh
 
 
-def _long_seq_from_model_config(config: LongSeqModelConfig, checked: bool = True) -> LongSeqConfig:
+def builder_parallel_config(config: LongSeqModelConfig, checked: bool = True) -> LongSeqConfig:
     """The parallel settings MindFormers' builder set on the model config (``config.parallel_config``).
 
     ``checked``: the mesh is built from them, so their degrees must multiply to the ranks that run.  MindFormers'
     CausalLanguageModelingTrainer resets parallel_config to 1 in stand_alone / data_parallel mode before it
     builds the network; the plugin's ``LongSeqTrainer`` keeps the YAML's degrees and passes the mesh itself.
+
+    Raises:
+        ValueError: the degrees do not multiply to the ranks that run (names the MindFormers reset and the fix).
+        ConfigError: a parallel rule, or the model does not fit the degrees (``LongSeqConfig.check_model``).
     """
-    values = config.long_seq_values()
+    values = config.parallel_values()
     target = ms.get_context("device_target")
     values.setdefault("device_target", target if target in ("CPU", "Ascend", "GPU") else "CPU")
     # MindFormers applies the YAML's parallel: section (enable_alltoall) to MindSpore before building the network
@@ -35,6 +43,18 @@ def _long_seq_from_model_config(config: LongSeqModelConfig, checked: bool = True
     return long_seq
 
 
+def builder_settings(config: LongSeqModelConfig, mesh: Optional[Mesh] = None,
+                     long_seq: Optional[LongSeqConfig] = None) -> Tuple[LongSeqConfig, Mesh]:
+    """(parallel settings, mesh) of a model: the ones given, the missing ones from MindFormers' builder route.
+
+    The settings missing: ``builder_parallel_config`` (checked against the running ranks when the mesh is missing
+    too); the mesh missing: ``default_mesh`` of the settings (its groups created).
+    """
+    if long_seq is None:
+        long_seq = builder_parallel_config(config, checked=mesh is None)
+    return long_seq, (mesh if mesh is not None else default_mesh(long_seq))
+
+
 def running_world_size() -> int:
     """Ranks of this job: the world group's size once communication is initialised, else 1."""
     from mindspore.communication import GlobalComm
@@ -44,29 +64,10 @@ def running_world_size() -> int:
     return get_group_size()
 
 
-def _check_supported(config: LongSeqModelConfig, long_seq: LongSeqConfig) -> None:
-    for key, ours, theirs in (("num_heads", config.num_heads, long_seq.num_heads),
-                              ("n_kv_heads", config.n_kv_heads, long_seq.num_kv_heads),
-                              ("seq_length", config.seq_length, long_seq.seq_length)):
-        if ours != theirs:
-            raise ValueError(f"model.model_config.{key} = {ours!r} but the parallel settings were built with "
-                             f"{theirs!r}. Fix: build LongSeqConfig from the same YAML as the model config.")
-    check_model_parallel(config, long_seq.model_parallel)
-
-
-def _check_mesh(mesh: Mesh, long_seq: LongSeqConfig) -> None:
-    if (mesh.cp, mesh.ulysses, mesh.mp, mesh.pp) != (long_seq.context_parallel, long_seq.ulysses_degree,
-                                                     long_seq.model_parallel, long_seq.pipeline_stage):
-        raise ValueError(f"mesh {mesh} does not match parallel_config.context_parallel = "
-                         f"{long_seq.context_parallel} with Ulysses degree {long_seq.ulysses_degree}, model_parallel "
-                         f"= {long_seq.model_parallel}, pipeline_stage = {long_seq.pipeline_stage}. "
-                         "Fix: build the mesh with Mesh.from_config(long_seq_config).")
-
-
 def default_mesh(long_seq: LongSeqConfig) -> Mesh:
     """``Mesh.from_config``; communication groups created when it spans more than one rank."""
     mesh = Mesh.from_config(long_seq)
     return mesh.create_groups() if mesh.world_size > 1 else mesh
 
 
-__all__ = ["default_mesh", "running_world_size"]
+__all__ = ["builder_parallel_config", "builder_settings", "default_mesh", "running_world_size"]
