@@ -82,7 +82,7 @@ def run_train(args) -> int:
     if args.workers > 1 and not under_msrun():
         from mf_longseq.train.job import load_tree, with_dataset_dir
         from mf_longseq.tools.workers import launch
-        from mf_longseq.validation import check_run
+        from mf_longseq.train.validation import check_run
         config = with_dataset_dir(load_tree(args.config), args.dataset_dir) if args.dataset_dir else args.config
         check_run(config, steps=args.steps, devices=args.workers)          # refused here, before msrun starts
         started = time.time()

@@ -1,6 +1,6 @@
 """``mf-longseq validate CONFIG``: check a MindFormers YAML against every rule a run reads, without devices.
 
-The rules live in ``mf_longseq.validation.check_run`` (the same check ``mf-longseq train`` and the launchers run)
+The rules live in ``mf_longseq.train.validation.check_run`` (the same check ``mf-longseq train`` and the launchers run)
 and in the classes it builds; this module reads the file, applies ``--set`` overrides and ``--devices``, and
 reports the outcome::
 
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 from mf_longseq.config import MODEL_FACTS, ConfigError, key_path
-from mf_longseq.validation import InputError
+from mf_longseq.train.validation import InputError
 
 
 @dataclass
@@ -98,7 +98,7 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
     Returns:
         A ``Report``.
     """
-    from mf_longseq.validation import check_run, load_tree
+    from mf_longseq.train.validation import check_run, load_tree
     name = source if isinstance(source, str) else "<dict>"
     collect = _Collect()
     config_logger = logging.getLogger("mf_longseq")

@@ -55,7 +55,7 @@ def load_tree(config: Any) -> dict:
     Raises:
         InputError / ConfigError: as ``validation.load_tree`` (unreadable path, not a mapping of sections).
     """
-    from mf_longseq.validation import load_tree as read_config
+    from mf_longseq.train.validation import load_tree as read_config
     return _plain(read_config(config))
 
 
@@ -142,7 +142,7 @@ def open_job_source(opts: "JobOptions", tree: dict, mesh, *, vocab: int, seq_len
 def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, stream=None):
     """Run the job on this rank (under msrun: every rank runs it). Returns the rank's list of StepRecords."""
     import mindspore as ms
-    from mf_longseq.validation import check_run
+    from mf_longseq.train.validation import check_run
     tree = with_dataset_dir(load_tree(opts.config), opts.dataset_dir)      # --dataset-dir overrides the YAML
     checked = check_run(tree, steps=opts.steps)               # every rule, before any device work
     config = checked.long_seq

@@ -136,7 +136,7 @@ def test_train_packs_documents_when_the_yaml_asks(tmp_path, capsys, monkeypatch)
 def test_packing_with_pipeline_stages_is_accepted():
     """Packed documents with pipeline stages pass validation: each stage gets the micro-batch's document ids
     through its ShardedBatch (tests/unit/test_pipeline_schedule.py checks the losses)."""
-    from mf_longseq.validation import check_run
+    from mf_longseq.train.validation import check_run
     checked = check_run(_packed_tree(pipeline_stage=2), devices=2)
     assert checked.long_seq.pipeline_stage == 2
 

@@ -15,7 +15,7 @@ from mf_longseq.config import ConfigError, canonical_model_keys, model_config_se
 from mf_longseq.models import build_model, parameter_shapes
 from mf_longseq.parallel import Mesh
 from mf_longseq.tools import validate as V
-from mf_longseq.validation import InputError, check_run
+from mf_longseq.train.validation import InputError, check_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "yaml_templates" / "tiny" / "llama2_tiny_s256_cp1_colossalai_cp.yaml"

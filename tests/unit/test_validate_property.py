@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from mf_longseq.config import ConfigError
 from mf_longseq.models.model_config import llama_ffn_size, parameter_shapes
-from mf_longseq.validation import check_run
+from mf_longseq.train.validation import check_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = {str(p.relative_to(ROOT)): yaml.safe_load(p.read_text())

@@ -2,10 +2,12 @@
 
 ``mf-longseq validate``, ``mf-longseq train`` (``run_job``) and the msrun launcher (through ``validate``) call it;
 on MindFormers' builder route the same rules run inside the classes it builds (``LongSeqModelConfig.validate``,
-``LongSeqConfig.__post_init__``).  What it checks, in order (the first broken rule is raised):
+``LongSeqConfig.__post_init__`` and ``LongSeqConfig.check_model``, called by the model).  It lives in ``train/``
+because it also checks the keys the training runtime honours (``train/support.py``, ``train/packing.py``).  What it checks, in order (the first broken rule is raised):
 
 1. the file: a mapping of sections, each section a mapping (``load_tree`` refuses anything else);
-2. the parallel rules (``LongSeqConfig``: degrees, heads, sequence, pipeline, algorithm names);
+2. the parallel rules (``LongSeqConfig``: degrees, algorithm names; ``check_model``: heads, sequence, layers per
+   stage against the degrees);
 3. the model: the registered ``model.model_config.type`` / ``model.arch.type`` classes, every key of
    ``model.model_config`` (aliases resolved once, unknown keys refused with a did-you-mean), the shape rules, and
    the vocabulary / FFN width against ``model_parallel``;
