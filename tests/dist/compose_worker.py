@@ -100,7 +100,7 @@ def build(tree, rank=None, packed=False):
 def trained_state(trainer):
     """This rank's trained weights and optimizer moments, by name."""
     params = list(trainer.optimizer.params) + trainer.optimizer.state_parameters()
-    return {p.name: p.asnumpy() for p in params}
+    return {p.name: p.asnumpy().copy() for p in params}   # a copy: asnumpy() is a view
 
 
 def train_case(name, *, single=False, rank=None, packed=False):

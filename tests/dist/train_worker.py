@@ -73,7 +73,7 @@ def reference_tree(case: Case) -> dict:
 
 
 def weights(model) -> dict:
-    return {p.name: p.asnumpy() for p in model.get_parameters()}
+    return {p.name: p.asnumpy().copy() for p in model.get_parameters()}   # a copy: asnumpy() is a view
 
 
 def run_case(case: Case, rank: int, out_dir: str) -> None:

@@ -73,7 +73,7 @@ def train_step(model, ids, labels, mask, ends):
 
 
 def oracle_loss(model, ids, labels, mask):
-    weights = {p.name: p.asnumpy() for p in model.get_parameters()}
+    weights = {p.name: p.asnumpy().copy() for p in model.get_parameters()}   # copy: asnumpy() is a view
     total = 0.0
     for b, row in enumerate(DOC_ENDS):
         starts = [0] + row[:-1]
