@@ -104,3 +104,25 @@ def test_unknown_own_key_has_did_you_mean():
 def test_missing_required_key():
     with pytest.raises(ValueError, match=r"model\.model_config\.seq_length = None: is required"):
         LongSeqConfig.from_mindformers({"model": {"model_config": {"num_heads": 2}}})
+
+
+def test_the_model_facts_have_one_home():
+    """LongSeqConfig holds the parallel settings only; the model's facts live in model.model_config
+    (LongSeqModelConfig) and reach the rules through check_model, so no second copy can drift."""
+    from dataclasses import fields
+    from mf_longseq.config import MODEL_FACTS
+    names = {f.name for f in fields(LongSeqConfig)}
+    assert not names & {*MODEL_FACTS, "num_kv_heads", "use_attn_mask_compression"}
+    with pytest.raises(TypeError):
+        LongSeqConfig(seq_length=4096)
+
+
+def test_check_model_reads_a_model_config_as_the_yaml_section():
+    """The same rule fires on a LongSeqModelConfig and on the YAML's model.model_config mapping."""
+    from mf_longseq.models import LlamaLongSeqConfig
+    cfg = LongSeqConfig(context_parallel=4)
+    message = r"^model\.model_config\.seq_length = 4100: the zigzag layout with context_parallel = 4"
+    with pytest.raises(ValueError, match=message):
+        cfg.check_model(LlamaLongSeqConfig.from_preset("tiny", seq_length=4100))
+    with pytest.raises(ValueError, match=message):
+        cfg.check_model({"seq_length": 4100, "num_heads": 4})

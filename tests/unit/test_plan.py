@@ -83,3 +83,20 @@ def test_ulysses_degree_of_each_algorithm(algo, expected):
 def test_plan_refuses_inconsistent_degrees(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RunPlan(**kwargs)
+
+
+def test_a_mesh_must_carry_the_settings_plan():
+    """Algorithm and layout are read from the mesh only, so a mesh whose plan runs differently is refused;
+    with CP off (or no ring) the layout names do not matter."""
+    from mf_longseq.parallel import Mesh
+    contiguous = LongSeqConfig(context_parallel=2, layout="contiguous")
+    with pytest.raises(ValueError, match=r"^mesh plan dp1 mp1 cp2 pp1 colossalai_cp layout zigzag does not match the "
+                                         r"parallel settings' dp1 mp1 cp2 pp1 colossalai_cp layout contiguous\. "
+                                         r"Fix: build the mesh with Mesh\.from_config\(long_seq_config\)\.$"):
+        Mesh(cp=2, rank=0).check_settings(contiguous)
+    Mesh.from_config(contiguous, rank=1).check_settings(contiguous)
+    Mesh(rank=0).check_settings(LongSeqConfig(layout="contiguous", context_parallel_algo="ulysses_cp"))   # CP off
+    ulysses = LongSeqConfig(context_parallel=2, context_parallel_algo="ulysses_cp", layout="contiguous")
+    Mesh(cp=2, ulysses=2, rank=0).check_settings(ulysses)                 # no ring: zigzag is the contiguous cut
+    with pytest.raises(ValueError, match="does not match"):
+        Mesh(cp=2, rank=0).check_settings(ulysses)                        # ring mesh, Ulysses settings
