@@ -10,7 +10,8 @@ process sets ``runtime_num_threads`` (and OMP_NUM_THREADS) to ``--threads``, run
 median of ``--steps`` steps; a case's time is the maximum over its ranks.  Memory is the steady-state extra peak
 per rank: VmHWM over all steps (``train.monitor.peak_rss_mib``) minus the RSS once the inputs exist.
 The kernel is ``select_kernel("CPU")`` (the fused kernel) unless ``--kernel blockwise``; ops are dispatched as in
-training (``train.context.configure_op_dispatch``: synchronously on CPU) unless ``--async-dispatch``.
+training (``train.context.configure_op_dispatch``: synchronously on CPU) unless ``--async-dispatch``, and msrun
+workers are bound to their own cores as in training (``train.context.bind_rank_cores``).
 ``time_vs_cp1`` = per-rank time / CP = 1 time at the same S (ideal 1/CP); ``cpu_vs_cp1`` the same for the CPU
 time of the rank's process (threads included): on a shared, oversubscribed machine it shows the split of the work
 where wall time mostly shows the load.  GFLOP/s counts unmasked FLOPs:
@@ -71,7 +72,7 @@ def run_case(args, mesh):
 def worker_main(args):
     import mindspore as ms
     from mf_longseq.parallel import Mesh
-    from mf_longseq.train.context import configure_op_dispatch
+    from mf_longseq.train.context import bind_rank_cores, configure_op_dispatch
     ms.set_device("CPU")
     ms.set_context(runtime_num_threads=args.threads)
     if not args.async_dispatch:
@@ -81,6 +82,7 @@ def worker_main(args):
         init()
         ulysses = {"colossalai_cp": 1, "ulysses_cp": args.cp, "hybrid_cp": 2}[args.algo]
         mesh = Mesh(cp=args.cp, ulysses=ulysses).create_groups()
+        bind_rank_cores("CPU")                                 # as training does (train.context.setup)
     else:
         mesh = Mesh(cp=1, rank=0)
     print("RESULT " + json.dumps(run_case(args, mesh)), flush=True)

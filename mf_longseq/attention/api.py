@@ -106,17 +106,33 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
     return _by_groups(q, k, v, attention_plan, run)
 
 
+def _token_major(kernel):
+    """``kernel`` working on (B, S, N, D) tensors directly (``FusedCpuKernel.with_layout``), or None when it only
+    takes the (B, N, S, D) of the kernel contract."""
+    with_layout = getattr(kernel, "with_layout", None)
+    return with_layout("BSND") if with_layout is not None else None
+
+
 def _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks):
-    """The algorithm the mesh calls for (ring, Ulysses or hybrid), with this rank's ring masks."""
+    """The algorithm the mesh calls for (ring, Ulysses or hybrid), with this rank's ring masks.
+
+    A kernel that reads the token-major (B, S, N, D) layout gets the tensors as they are; any other gets them
+    transposed to (B, N, S, D) and back.
+    """
+    token_major = _token_major(kernel)
+    kernel = token_major or kernel
     if mesh.ulysses > 1 and mesh.ring > 1:
         return hybrid_attention(q, k, v, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"),
-                                kernel=kernel, masks=masks, scale=scale, use_alltoall=use_alltoall)
+                                kernel=kernel, masks=masks, scale=scale, use_alltoall=use_alltoall,
+                                token_major=token_major is not None)
     if mesh.ulysses > 1:
         return ulysses_attention(q, k, v, mesh.group("ulysses"), LocalAttention(kernel, masks[0], scale),
-                                 use_alltoall)
-    # Ring (or CP = 1): attention in BNSD on this rank's own part.
+                                 use_alltoall, token_major=token_major is not None)
+    # Ring (or CP = 1) on this rank's own part.
     inner = (RingAttention(mesh.group("ring"), kernel, masks, scale) if mesh.ring > 1
              else LocalAttention(kernel, masks[0], scale))
+    if token_major is not None:
+        return inner(q, k, v)[0]                                                # (B, S/CP, N, D)
     out, _ = inner(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     return out.transpose(0, 2, 1, 3)                                            # (B, S/CP, N, D)
 

@@ -5,6 +5,12 @@ Shapes (legend as in ``kernel.py``): q (B, N, S_q, D), k and v (B, K, S_k, D), N
     forward(q, k, v, mask, scale)  -> out (B, N, S_q, D) in q's dtype, lse (B, N, S_q) float32
     backward(q, k, v, dout, lse, delta, mask, scale) -> dq, dk, dv float32
 
+Token-major layout (``with_layout("BSND")``): the same contract with the sequence before the heads, the layout of
+the model's activations: q, out, dout, dq (B, S_q, N, D); k, v, dk, dv (B, S_k, K, D); lse, delta (B, S_q, N).
+The kernel reads and writes it in place (strided rows), so the algorithms need no transposes around it:
+MindSpore's CPU transpose copies about 0.3 GB/s on one thread (measured: 100 ms for a (1, 16384, 8, 64) float32
+tensor), which at S = 16k cost more than 10 % of a ring rank's step.
+
 The work is ``csrc/fused_attention.cc`` (FlashAttention-2 forward and backward, tile GEMMs through the oneDNN
 ``dnnl_sgemm`` in MindSpore's wheel, threads over (batch, kv head, query tile)), called as
 ``ops.Custom(func_type="aot")`` on CPU, so it runs inside MindSpore's PyNative executor like any other op.  The
@@ -19,6 +25,7 @@ for them (``AsyncRQueue::Wait``), one core spinning beside this kernel's threads
 synchronously, decided once in ``train.context.configure_op_dispatch`` (measurements there and in
 docs/design.md).  MindSpore releases the GIL while the op runs, so other Python threads keep running.
 """
+import copy
 import os
 from typing import Tuple
 
@@ -31,6 +38,7 @@ from mf_longseq.attention.cpu_build import library_path
 from mf_longseq.attention.mask import AttentionMask, DenseMask
 
 _F32, _I32 = DataType.F32_Default, DataType.I32_Default
+LAYOUTS = ("BNSD", "BSND")          # head-major (the kernel contract), token-major (the model's activations)
 
 
 def _f32(x):
@@ -71,6 +79,7 @@ class FusedCpuKernel:
 
     def __init__(self, block_size: int = 2048, block_q: int = 128, block_k: int = 512):
         from mf_longseq.attention.kernel import BlockwiseKernel
+        self.layout = "BNSD"
         self.block_q, self.block_k = min(block_q, block_size), min(block_k, block_size)
         self.reference = BlockwiseKernel(block_size)             # DenseMask fallback
         lib = library_path()
@@ -84,20 +93,36 @@ class FusedCpuKernel:
                             [f32("dq"), f32("dk"), f32("dv")],
                             lambda q, k, v, *_: (q, k, v), lambda *_: (ms.float32,) * 3)
 
+    def with_layout(self, layout: str) -> "FusedCpuKernel":
+        """This kernel (same operators) taking and returning tensors in ``layout``: "BNSD" (the kernel contract)
+        or "BSND" (token-major, see the module docstring).
+
+        Raises:
+            ValueError: another layout.
+        """
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout = {layout!r}: the fused CPU kernel takes {' or '.join(LAYOUTS)}.")
+        twin = copy.copy(self)
+        twin.layout = layout
+        return twin
+
     def _mask_args(self, mask: AttentionMask, scale: float, rows_per_head: int):
-        """(q_pos, k_pos, q_doc, k_doc, cfg) tensors; cfg = [scale, causal, docs, threads, block_q, block_k]."""
+        """(q_pos, k_pos, q_doc, k_doc, cfg) tensors; cfg = [scale, causal, docs, threads, block_q, block_k,
+        token_major]."""
         def ids(x, n):
             return Tensor(np.ascontiguousarray(x if x is not None else np.zeros(n), dtype=np.int32))
-        cfg = np.array([scale, mask.causal, mask.has_docs, cpu_threads(), rows_per_head, self.block_k], np.float32)
+        cfg = np.array([scale, mask.causal, mask.has_docs, cpu_threads(), rows_per_head, self.block_k,
+                        self.layout == "BSND"], np.float32)
         return (ids(mask.q_pos, 1), ids(mask.k_pos, 1), ids(mask.q_doc, 1), ids(mask.k_doc, 1), Tensor(cfg))
 
     def _rows_per_head(self, q, k) -> int:
         """Query rows per head of a tile: block_q / G (at least min(16, block_q)), about block_q rows a tile."""
-        return max(min(16, self.block_q), self.block_q // (q.shape[1] // k.shape[1]))
+        heads = 2 if self.layout == "BSND" else 1
+        return max(min(16, self.block_q), self.block_q // (q.shape[heads] // k.shape[heads]))
 
     def forward(self, q, k, v, mask: AttentionMask, scale: float) -> Tuple[Tensor, Tensor]:
         if isinstance(mask, DenseMask):
-            return self.reference.forward(q, k, v, mask, scale)
+            return self._reference_forward(q, k, v, mask, scale)
         args = self._mask_args(mask, scale, self._rows_per_head(q, k))
         out, lse = self._fwd(_f32(q), _f32(k), _f32(v), *args)
         return (out if q.dtype == ms.float32 else out.astype(q.dtype)), lse
@@ -105,6 +130,16 @@ class FusedCpuKernel:
     def backward(self, q, k, v, dout, lse, delta, mask: AttentionMask, scale: float):
         """Gradients given the *final* lse and delta = rowsum(dout * out) - dlse; float32 (dq, dk, dv)."""
         if isinstance(mask, DenseMask):
-            return self.reference.backward(q, k, v, dout, lse, delta, mask, scale)
+            return self._reference_backward(q, k, v, dout, lse, delta, mask, scale)
         args = self._mask_args(mask, scale, self._rows_per_head(q, k))
         return self._bwd(_f32(q), _f32(k), _f32(v), _f32(dout), _f32(lse), _f32(delta), *args)
+
+    # DenseMask: the blockwise reference, in BNSD; token-major tensors are swapped (B, S, H, ..) <-> (B, H, S, ..).
+    def _swap(self, *xs):
+        return [x.swapaxes(1, 2) if self.layout == "BSND" else x for x in xs]
+
+    def _reference_forward(self, q, k, v, mask, scale):
+        return tuple(self._swap(*self.reference.forward(*self._swap(q, k, v), mask, scale)))
+
+    def _reference_backward(self, q, k, v, dout, lse, delta, mask, scale):
+        return tuple(self._swap(*self.reference.backward(*self._swap(q, k, v, dout, lse, delta), mask, scale)))

@@ -15,10 +15,12 @@ from mf_longseq.attention.ring import RingAttention
 from mf_longseq.attention.ulysses import ulysses_attention
 
 
-def hybrid_attention(q, k, v, *, ulysses_group, ring_group, kernel, masks, scale, use_alltoall: bool = True):
-    """Args: q (B, S_loc, N, D), k/v (B, S_loc, K, D); ``masks[j]``: this ring rank's part vs ring rank j's part.
+def hybrid_attention(q, k, v, *, ulysses_group, ring_group, kernel, masks, scale, use_alltoall: bool = True,
+                     token_major: bool = False):
+    """Args: q (B, S_loc, N, D), k/v (B, S_loc, K, D); ``masks[j]``: this ring rank's part vs ring rank j's part;
+    ``token_major``: ``kernel`` takes (B, S, N, D) (see ``ulysses_attention``).
 
     Returns (B, S_loc, N, D).
     """
     ring = RingAttention(ring_group, kernel, masks, scale)
-    return ulysses_attention(q, k, v, ulysses_group, ring, use_alltoall)
+    return ulysses_attention(q, k, v, ulysses_group, ring, use_alltoall, token_major=token_major)

@@ -14,7 +14,12 @@ Overlap (as ring-flash-attention and TransformerEngine do): each step starts the
 (``ring_shift_start``), computes the current block, then waits.  In backward the dK/dV buffer of step t travels
 while the kernel computes the block gradients of step t+1; the buffer is waited for only to add them.
 
-Shapes: q (B, N, S_loc, D), k and v (B, K, S_loc, D); kv travel stacked as (2, B, K, S_loc, D).
+The first block computed starts the running (out, lse) and the first block gradients start dQ and dK/dV: no
+zero buffers and no merge with them (merging with lse = -inf gives the block exactly).
+
+Shapes: q (B, N, S_loc, D), k and v (B, K, S_loc, D); kv travel stacked as (2, B, K, S_loc, D).  With a
+token-major kernel (``FusedCpuKernel.with_layout("BSND")``) the same code runs on q (B, S_loc, N, D), k and v
+(B, S_loc, K, D) and lse (B, S_loc, N): nothing here depends on the order of the sequence and head axes.
 """
 from typing import Sequence
 
@@ -28,6 +33,16 @@ from mf_longseq.parallel.comm import ring_shift_start
 
 def _has_work(mask: AttentionMask, block_size: int) -> bool:
     return any(row for _, _, row in mask.plan(block_size))
+
+
+def _as(x, dtype):
+    """x in ``dtype`` (no copy when it already is)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _accumulate(total, part):
+    """total + part, or part when there is no total yet."""
+    return part if total is None else total + part
 
 
 class RingAttention(nn.Cell):
@@ -51,26 +66,26 @@ class RingAttention(nn.Cell):
         return ring_shift_start(kv, self.group) if step + 1 < self.group.size else None
 
     def construct(self, q, k, v):
-        b, n, s_loc, d = q.shape
-        out = ops.zeros((b, n, s_loc, d), ms.float32)
-        lse = ops.full((b, n, s_loc), float("-inf"), dtype=ms.float32)
+        out = lse = None
         kv = ops.stack([k, v])                                                   # (2, B, K, S_loc, D)
         for step in range(self.group.size):
             src = self._source(step)
             incoming = self._start_next(kv, step)                                # transfer of step + 1 ...
             if self.work[src]:                                                   # ... overlaps this block
                 block_out, block_lse = self.kernel.forward(q, kv[0], kv[1], self.masks[src], self.scale)
-                out, lse = merge(out, lse, block_out.astype(ms.float32), block_lse)
+                block_out = _as(block_out, ms.float32)
+                out, lse = (block_out, block_lse) if out is None else merge(out, lse, block_out, block_lse)
             kv = incoming.wait() if incoming is not None else None
-        return out.astype(q.dtype), lse
+        if out is None:                                                          # no visible key at all
+            out, lse = ops.zeros(q.shape, ms.float32), ops.full(q.shape[:-1], float("-inf"), dtype=ms.float32)
+        return _as(out, q.dtype), lse
 
     def bprop(self, q, k, v, out, dout):
         d_out, d_lse = dout
         o, lse = out
-        delta = (d_out.astype(ms.float32) * o.astype(ms.float32)).sum(-1) - d_lse      # (B, N, S_loc)
-        dq = ops.zeros(q.shape, ms.float32)
+        delta = (_as(d_out, ms.float32) * _as(o, ms.float32)).sum(-1) - d_lse      # (B, N, S_loc)
+        dq = dkv = None                                                          # dkv travels with kv
         kv = ops.stack([k, v])
-        dkv = ops.zeros(kv.shape, ms.float32)                                    # travels with kv
         dkv_moving = None                                                        # dK/dV in flight from step - 1
         for step in range(self.group.size):
             src = self._source(step)
@@ -81,9 +96,12 @@ class RingAttention(nn.Cell):
             if dkv_moving is not None:
                 dkv = dkv_moving.wait()                                          # block src's buffer arrives
             if grads is not None:
-                dq = dq + grads[0]
-                dkv = dkv + ops.stack([grads[1], grads[2]])
+                dq = _accumulate(dq, grads[0])
+                dkv = _accumulate(dkv, ops.stack([grads[1], grads[2]]))
+            if dkv is None:                                                      # nothing for block src yet
+                dkv = ops.zeros(kv.shape, ms.float32)
             dkv_moving = ring_shift_start(dkv, self.group)                       # after R shifts: back home
             kv = incoming.wait() if incoming is not None else None
         dkv = dkv_moving.wait()
-        return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
+        dq = ops.zeros(q.shape, ms.float32) if dq is None else dq
+        return _as(dq, q.dtype), _as(dkv[0], k.dtype), _as(dkv[1], v.dtype)

@@ -54,8 +54,16 @@ def to_seq_plan(split: HeadSplit, s_loc: int) -> dict:
             "gather_sizes": [split.q_count(i) for i in range(u)]}
 
 
-def _qkv_to_heads(q, k, v, group, split: HeadSplit, use_alltoall: bool):
-    """One all-to-all for q, k and v together: (B, S_loc, N, D), (B, S_loc, K, D) x 2 -> BNSD head shards.
+def _heads(x, start: int, stop: int, axis: int):
+    """Heads [start, stop) of x along ``axis`` (the whole tensor when that is all of them)."""
+    if start == 0 and stop == x.shape[axis]:
+        return x
+    return x[:, start:stop] if axis == 1 else x[:, :, start:stop]
+
+
+def _qkv_to_heads(q, k, v, group, split: HeadSplit, use_alltoall: bool, token_major: bool = False):
+    """One all-to-all for q, k and v together: (B, S_loc, N, D), (B, S_loc, K, D) x 2 -> head shards, BNSD
+    (B, n_u, S, D), or with ``token_major`` BSND (B, S, n_u, D).
 
     One collective instead of three: fewer latencies, and no two independent collectives whose order ranks
     could disagree on.
@@ -63,18 +71,23 @@ def _qkv_to_heads(q, k, v, group, split: HeadSplit, use_alltoall: bool):
     packed = ops.cat([q, k, v], axis=2)                                       # (B, S_loc, N + 2K, D)
     to_heads = AllToAllV(group, scatter_dim=2, gather_dim=1, use_alltoall=use_alltoall,
                          **to_heads_plan(split, q.shape[1]))
-    heads = to_heads(packed).transpose(0, 2, 1, 3)                            # (B, n_u + 2 k_u, S, D)
+    heads = to_heads(packed)                                                  # (B, S, n_u + 2 k_u, D)
+    if not token_major:
+        heads = heads.transpose(0, 2, 1, 3)                                   # (B, n_u + 2 k_u, S, D)
+    axis = 2 if token_major else 1
     nq, nk = split.q_count(group.index), split.kv_count(group.index)
-    return heads[:, :nq], heads[:, nq:nq + nk], heads[:, nq + nk:]
+    return (_heads(heads, 0, nq, axis), _heads(heads, nq, nq + nk, axis),
+            _heads(heads, nq + nk, nq + 2 * nk, axis))
 
 
-def ulysses_attention(q, k, v, group, inner, use_alltoall: bool = True):
-    """Ulysses around ``inner(q, k, v) -> (out, lse)`` (BNSD, full sequence of the group).
+def ulysses_attention(q, k, v, group, inner, use_alltoall: bool = True, token_major: bool = False):
+    """Ulysses around ``inner(q, k, v) -> (out, lse)`` (full sequence of the group).
 
     Args:
         q: (B, S_loc, N, D); k, v: (B, S_loc, K, D), this rank's sequence shard; K divides N, U <= N.
         group: the Ulysses ``Group``; its shards concatenated in group order form the sequence ``inner`` sees.
-        inner: attention over the gathered sequence (a LocalAttention or a RingAttention Cell).
+        inner: attention over the gathered sequence (a LocalAttention or a RingAttention Cell), on BNSD
+            tensors, or on BSND tensors when ``token_major`` (its kernel reads that layout: no transposes).
         use_alltoall: False selects the AllGather-based exchange.
 
     Returns:
@@ -84,10 +97,11 @@ def ulysses_attention(q, k, v, group, inner, use_alltoall: bool = True):
         ValueError: see ``check_ulysses_heads``.
     """
     split = check_ulysses_heads(q.shape[2], k.shape[2], group.size)
-    q_h, k_h, v_h = _qkv_to_heads(q, k, v, group, split, use_alltoall)         # (B, n_u, S, D), (B, k_u, S, D)
-    outs = [inner(q_h[:, q0:q1], k_h[:, k0:k1], v_h[:, k0:k1])[0]
+    q_h, k_h, v_h = _qkv_to_heads(q, k, v, group, split, use_alltoall, token_major)
+    axis = 2 if token_major else 1
+    outs = [inner(_heads(q_h, q0, q1, axis), _heads(k_h, k0, k1, axis), _heads(v_h, k0, k1, axis))[0]
             for (q0, q1), (k0, k1) in split.segments(group.index)]
-    out = outs[0] if len(outs) == 1 else ops.cat(outs, axis=1)                 # (B, n_u, S, D)
+    out = outs[0] if len(outs) == 1 else ops.cat(outs, axis=axis)              # (B, n_u, S, D) or (B, S, n_u, D)
     to_seq = AllToAllV(group, scatter_dim=1, gather_dim=2, use_alltoall=use_alltoall,
                        **to_seq_plan(split, q.shape[1]))
-    return to_seq(out.transpose(0, 2, 1, 3))                                   # (B, S_loc, N, D)
+    return to_seq(out if token_major else out.transpose(0, 2, 1, 3))          # (B, S_loc, N, D)

@@ -124,3 +124,58 @@ def test_rows_that_see_no_key(kernel):
     ref_out, _, (rdq, rdk, rdv) = reference_attention(q, k, v, allowed, default_scale(16), dout)
     for got, ref in ((out, ref_out), (dq, rdq), (dk, rdk), (dv, rdv)):
         assert np.abs(got - ref).max() <= TOL
+
+
+def run_token_major(q, k, v, dout, mask, block):
+    """The fused kernel on (B, S, N, D) tensors as they are (``with_layout("BSND")``): out, lse (B, N, S), grads."""
+    cell = LocalAttention(FusedCpuKernel(block).with_layout("BSND"), mask, default_scale(q.shape[-1]))
+    dout_t = Tensor(dout)
+
+    def loss(q_, k_, v_):
+        out, lse = cell(q_, k_, v_)
+        return (out * dout_t).sum(), (out, lse)
+
+    (_, (out, lse)), grads = ms.value_and_grad(loss, grad_position=(0, 1, 2), has_aux=True)(
+        Tensor(q), Tensor(k), Tensor(v))
+    return out.asnumpy(), lse.asnumpy().transpose(0, 2, 1), [g.asnumpy() for g in grads]
+
+
+@pytest.mark.parametrize("s, causal, n, kv, block, docs", [
+    (1000, True, 8, 2, 128, False),
+    (257, False, 4, 1, 64, False),
+    (200, True, 8, 2, 32, True),
+])
+def test_token_major_layout_matches_oracle(s, causal, n, kv, block, docs):
+    """The fused kernel reading and writing (B, S, N, D) in place: the same oracle as the (B, N, S, D) contract,
+    with a break in positions (zigzag) and packed documents."""
+    q, k, v, dout = inputs(2, s, s, n, kv, 16, seed=13)
+    pos = np.concatenate([np.arange(s // 2), np.arange(s // 2, s) + 40])
+    doc = np.repeat([0, 1, 2], [s // 3, s // 3, s - 2 * (s // 3)]) if docs else None
+    mask = AttentionMask(pos, pos, causal, doc, doc)
+    out, lse, (dq, dk, dv) = run_token_major(q, k, v, dout, mask, block)
+    allowed = causal_allowed(pos, pos, doc, doc, causal=causal)
+    ref_out, ref_lse, (rdq, rdk, rdv) = reference_attention(q, k, v, allowed, default_scale(16), dout)
+    for name, got, ref in (("out", out, ref_out), ("lse", lse, ref_lse), ("dq", dq, rdq), ("dk", dk, rdk),
+                           ("dv", dv, rdv)):
+        assert np.abs(got - ref).max() <= TOL, name
+
+
+def test_token_major_dense_mask_goes_through_the_reference():
+    """A DenseMask in the token-major layout: the blockwise reference with axes swapped, same oracle."""
+    from mf_longseq.attention.mask import DenseMask
+    s = 96
+    pos = np.arange(s)
+    grid = np.zeros((s, s), np.uint8)
+    grid[:, 10:20] = 1
+    mask = DenseMask(pos, pos, True, None, None, grid=grid)
+    q, k, v, dout = inputs(1, s, s, 4, 2, 16, seed=17)
+    out, lse, (dq, dk, dv) = run_token_major(q, k, v, dout, mask, 32)
+    ref_out, ref_lse, (rdq, rdk, rdv) = reference_attention(q, k, v, mask.dense(), default_scale(16), dout)
+    for name, got, ref in (("out", out, ref_out), ("lse", lse, ref_lse), ("dq", dq, rdq), ("dk", dk, rdk),
+                           ("dv", dv, rdv)):
+        assert np.abs(got - ref).max() <= TOL, name
+
+
+def test_with_layout_refuses_other_layouts():
+    with pytest.raises(ValueError, match="BNSD or BSND"):
+        FusedCpuKernel(64).with_layout("TND")

@@ -1,5 +1,6 @@
 """The ``parallel:`` section goes to MindSpore's auto-parallel context and reads back; world-size check."""
 import logging
+import os
 
 import pytest
 from mindspore import context
@@ -122,3 +123,35 @@ def test_algo_and_alltoall_reach_every_attention_layer(algo, cp, ulysses_in_cp, 
         assert (layer.config.context_parallel_algo, layer.config.enable_alltoall) == (algo, alltoall)
         assert (layer.mesh.cp, layer.mesh.ulysses) == (cp, config.ulysses_degree)
     assert config.ulysses_degree == {"colossalai_cp": 1, "ulysses_cp": cp, "hybrid_cp": ulysses_in_cp}[algo]
+
+
+def _worker_env(device_id, workers=2, host="127.0.0.1", role="MS_WORKER"):
+    return {"MS_ROLE": role, "MS_WORKER_NUM": str(workers), "DEVICE_ID": str(device_id), "MS_SCHED_HOST": host}
+
+
+def test_rank_cores_gives_each_local_worker_its_own_cpus():
+    from mf_longseq.train.context import rank_cores
+    assert rank_cores(_worker_env(0), {0, 1}, 1) == [0]
+    assert rank_cores(_worker_env(1), {1, 0}, 1) == [1]
+    assert rank_cores(_worker_env(1, workers=2), range(8), 3) == [3, 4, 5]
+    assert rank_cores(_worker_env(1), [4, 6, 9], 1) == [6]                       # the usable CPUs, in order
+
+
+def test_rank_cores_binds_nothing_it_cannot_split():
+    from mf_longseq.train.context import rank_cores
+    assert rank_cores(_worker_env(0, workers=4), {0, 1}, 1) is None              # more workers than CPUs
+    assert rank_cores(_worker_env(0), {0, 1}, 2) is None                         # 2 ranks x 2 threads > 2 CPUs
+    assert rank_cores(_worker_env(0, host="10.0.0.7"), {0, 1}, 1) is None        # several hosts
+    assert rank_cores(_worker_env(0, role="MS_SCHED"), {0, 1}, 1) is None        # the scheduler
+    assert rank_cores({}, {0, 1}, 1) is None                                     # not under msrun
+    assert rank_cores({**_worker_env(0), "DEVICE_ID": "x"}, {0, 1}, 1) is None
+
+
+def test_bind_rank_cores_leaves_other_devices_and_plain_processes_alone(monkeypatch):
+    from mf_longseq.train.context import bind_rank_cores
+    for name in ("MS_ROLE", "MS_WORKER_NUM", "DEVICE_ID", "MS_SCHED_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    before = os.sched_getaffinity(0)
+    assert bind_rank_cores("Ascend") is None
+    assert bind_rank_cores("CPU") is None                                        # not an msrun worker
+    assert os.sched_getaffinity(0) == before

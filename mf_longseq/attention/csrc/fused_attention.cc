@@ -1,8 +1,10 @@
 // Fused local attention for CPU: FlashAttention-2 tiling, forward and backward, float32.
 //
-// Shapes (row-major, contiguous): q, out, dout, dq (B, N, Sq, D); k, v, dk, dv (B, K, Sk, D); lse, delta
-// (B, N, Sq); positions and document ids int32 (Sq) / (Sk).  N = K * G (GQA): the G query heads of one kv head
-// are stacked as the R = G * T rows of one tile, so K/V are never repeated.
+// Shapes (row-major, contiguous), head-major layout (BNSD): q, out, dout, dq (B, N, Sq, D); k, v, dk, dv
+// (B, K, Sk, D); lse, delta (B, N, Sq).  Token-major layout (BSND, cfg[6] = 1): q, out, dout, dq (B, Sq, N, D);
+// k, v, dk, dv (B, Sk, K, D); lse, delta (B, Sq, N) -- the layout of the model's activations, so no transpose is
+// needed around the kernel.  Positions and document ids int32 (Sq) / (Sk).  N = K * G (GQA): the G query heads
+// of one kv head are stacked as the R = G * T rows of one tile, so K/V are never repeated.
 //
 // Visibility of key j for query i: (!causal || k_pos[j] <= q_pos[i]) && (!docs || k_doc[j] == q_doc[i]).
 // Tiles are runs of consecutive positions cut to the block size; a (query tile, key tile) pair is SKIP (nothing
@@ -64,12 +66,25 @@ enum Kind { kSkip, kFull, kPartial };
 struct Problem {
   int64_t b, n, kv, g, sq, sk, d;
   const int32_t *q_pos, *k_pos, *q_doc, *k_doc;
-  bool causal, docs;
+  bool causal, docs, token_major;
+  int64_t k_ld;                                                     // floats between consecutive keys of a head
   float scale;
   int threads;
   int64_t block_q, block_k;
   std::vector<Tile> q_tiles, k_tiles;
 };
+
+// Element offset of row (batch b, query head n, query s) of q/out/dout/dq, and of its lse/delta entry.
+inline int64_t QRow(const Problem &p, int64_t b, int64_t n, int64_t s) {
+  return (p.token_major ? (b * p.sq + s) * p.n + n : (b * p.n + n) * p.sq + s) * p.d;
+}
+inline int64_t StatAt(const Problem &p, int64_t b, int64_t n, int64_t s) {
+  return p.token_major ? (b * p.sq + s) * p.n + n : (b * p.n + n) * p.sq + s;
+}
+// Element offset of key 0 of (batch b, kv head h) in k/v/dk/dv; key j is p.k_ld floats further.
+inline int64_t KBase(const Problem &p, int64_t b, int64_t h) {
+  return p.token_major ? (b * p.sk * p.kv + h) * p.d : (b * p.kv + h) * p.sk * p.d;
+}
 
 // Runs of consecutive positions, cut into tiles of at most `block` tokens.
 std::vector<Tile> MakeTiles(const int32_t *pos, const int32_t *doc, bool docs, int64_t len, int64_t block) {
@@ -123,25 +138,29 @@ void ApplyMask(const Problem &p, const Tile &qt, const Tile &kt, float *s) {
   }
 }
 
-// Copy the G heads' rows [qs, qe) of x (B, N, S, D) at (b, kv head h) into dst (G*T, D), times `mul`.
+// Copy the G heads' rows [qs, qe) of x (q-like, either layout) at (b, kv head h) into dst (G*T, D), times `mul`.
 void PackRows(const Problem &p, const float *x, int64_t b, int64_t h, const Tile &qt, float mul, float *dst) {
-  const int64_t t = qt.end - qt.start;
+  const int64_t t = qt.end - qt.start, d = p.d;
   for (int64_t g = 0; g < p.g; ++g) {
-    const float *src = x + ((b * p.n + h * p.g + g) * p.sq + qt.start) * p.d;
-    float *out = dst + g * t * p.d;
+    for (int64_t r = 0; r < t; ++r) {
+      const float *src = x + QRow(p, b, h * p.g + g, qt.start + r);
+      float *out = dst + (g * t + r) * d;
 #pragma omp simd
-    for (int64_t e = 0; e < t * p.d; ++e) out[e] = src[e] * mul;
+      for (int64_t e = 0; e < d; ++e) out[e] = src[e] * mul;
+    }
   }
 }
 
-// Inverse of PackRows for (G*T, D) -> x, and (G*T) -> y (B, N, S) when y is given.
+// Inverse of PackRows for (G*T, D) -> x, and (G*T) -> y (lse-like) when y is given.
 void UnpackRows(const Problem &p, const float *rows, const float *vals, int64_t b, int64_t h, const Tile &qt,
                 float *x, float *y) {
   const int64_t t = qt.end - qt.start;
   for (int64_t g = 0; g < p.g; ++g) {
-    const int64_t base = (b * p.n + h * p.g + g) * p.sq + qt.start;
-    std::memcpy(x + base * p.d, rows + g * t * p.d, sizeof(float) * t * p.d);
-    if (y) std::memcpy(y + base, vals + g * t, sizeof(float) * t);
+    for (int64_t r = 0; r < t; ++r) {
+      const int64_t n = h * p.g + g, s = qt.start + r;
+      std::memcpy(x + QRow(p, b, n, s), rows + (g * t + r) * p.d, sizeof(float) * p.d);
+      if (y) y[StatAt(p, b, n, s)] = vals[g * t + r];
+    }
   }
 }
 
@@ -201,7 +220,7 @@ bool Scores(const Problem &p, const Tile &qt, const Tile &whole, const float *q_
   if (kind == kSkip) return false;
   *kt = CausalCut(p, qt, whole);
   const int64_t rows = p.g * (qt.end - qt.start), tk = kt->end - kt->start;
-  dnnl_sgemm('N', 'T', rows, tk, p.d, 1.0f, q_rows, p.d, kb + kt->start * p.d, p.d, 0.0f, s, tk);
+  dnnl_sgemm('N', 'T', rows, tk, p.d, 1.0f, q_rows, p.d, kb + kt->start * p.k_ld, p.k_ld, 0.0f, s, tk);
   if (kind == kPartial) ApplyMask(p, qt, *kt, s);
   return true;
 }
@@ -234,8 +253,8 @@ void SoftmaxStep(int64_t rows, int64_t tk, int64_t d, float *s, float *m, float 
 
 void ForwardItem(const Problem &p, const float *q, const float *k, const float *v, int64_t b, int64_t h,
                  const Tile &qt, Scratch &w, float *out, float *lse) {
-  const int64_t rows = p.g * (qt.end - qt.start), d = p.d;
-  const float *kb = k + (b * p.kv + h) * p.sk * d, *vb = v + (b * p.kv + h) * p.sk * d;
+  const int64_t rows = p.g * (qt.end - qt.start), d = p.d, ld = p.k_ld;
+  const float *kb = k + KBase(p, b, h), *vb = v + KBase(p, b, h);
   PackRows(p, q, b, h, qt, p.scale * kLog2e, w.q.data());
   std::fill_n(w.m.begin(), rows, kNegInf);
   std::fill_n(w.l.begin(), rows, 0.0f);
@@ -245,7 +264,7 @@ void ForwardItem(const Problem &p, const float *q, const float *k, const float *
     if (!Scores(p, qt, whole, w.q.data(), kb, w.s.data(), &kt)) continue;
     const int64_t tk = kt.end - kt.start;
     SoftmaxStep(rows, tk, d, w.s.data(), w.m.data(), w.l.data(), w.acc.data());
-    dnnl_sgemm('N', 'N', rows, d, tk, 1.0f, w.s.data(), tk, vb + kt.start * d, d, 1.0f, w.acc.data(), d);
+    dnnl_sgemm('N', 'N', rows, d, tk, 1.0f, w.s.data(), tk, vb + kt.start * ld, ld, 1.0f, w.acc.data(), d);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const bool seen = w.l[r] > 0.0f;
@@ -263,14 +282,14 @@ struct Grads {
 
 // Algorithm 2 for one query tile: dq of the tile written, dk and dv accumulated into g.dk, g.dv.
 void BackwardItem(const Problem &p, const Grads &g, int64_t b, int64_t h, const Tile &qt, Scratch &w) {
-  const int64_t rows = p.g * (qt.end - qt.start), d = p.d, kv_off = (b * p.kv + h) * p.sk * d;
+  const int64_t rows = p.g * (qt.end - qt.start), d = p.d, kv_off = KBase(p, b, h), ld = p.k_ld;
   const float *kb = g.k + kv_off, *vb = g.v + kv_off;
   float *dkb = g.dk + kv_off, *dvb = g.dv + kv_off;
   PackRows(p, g.q, b, h, qt, p.scale * kLog2e, w.q.data());
   PackRows(p, g.dout, b, h, qt, 1.0f, w.dout.data());
   const int64_t t = qt.end - qt.start;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t at = (b * p.n + h * p.g + r / t) * p.sq + qt.start + r % t;
+    const int64_t at = StatAt(p, b, h * p.g + r / t, qt.start + r % t);
     // A row that sees no key (lse = -inf) gets p = exp2(s - huge) = 0 exactly.
     w.lse[r] = std::isinf(g.lse[at]) ? 1e30f : g.lse[at] * kLog2e;
     w.delta[r] = g.delta[at];
@@ -281,7 +300,7 @@ void BackwardItem(const Problem &p, const Grads &g, int64_t b, int64_t h, const 
     float *s = w.s.data(), *ds = w.ds.data();
     if (!Scores(p, qt, whole, w.q.data(), kb, s, &kt)) continue;
     const int64_t tk = kt.end - kt.start;
-    dnnl_sgemm('N', 'T', rows, tk, d, 1.0f, w.dout.data(), d, vb + kt.start * d, d, 0.0f, ds, tk);
+    dnnl_sgemm('N', 'T', rows, tk, d, 1.0f, w.dout.data(), d, vb + kt.start * ld, ld, 0.0f, ds, tk);
     for (int64_t r = 0; r < rows; ++r) {
       float *sr = s + r * tk, *dr = ds + r * tk;
       const float lr = w.lse[r], dl = w.delta[r];
@@ -292,9 +311,9 @@ void BackwardItem(const Problem &p, const Grads &g, int64_t b, int64_t h, const 
         dr[j] = pr * (dr[j] - dl);                                   // dS = P * (dP - delta)
       }
     }
-    dnnl_sgemm('T', 'N', tk, d, rows, 1.0f, s, tk, w.dout.data(), d, 1.0f, dvb + kt.start * d, d);
-    dnnl_sgemm('T', 'N', tk, d, rows, 1.0f / kLog2e, ds, tk, w.q.data(), d, 1.0f, dkb + kt.start * d, d);
-    dnnl_sgemm('N', 'N', rows, d, tk, 1.0f, ds, tk, kb + kt.start * d, d, 1.0f, w.acc.data(), d);
+    dnnl_sgemm('T', 'N', tk, d, rows, 1.0f, s, tk, w.dout.data(), d, 1.0f, dvb + kt.start * ld, ld);
+    dnnl_sgemm('T', 'N', tk, d, rows, 1.0f / kLog2e, ds, tk, w.q.data(), d, 1.0f, dkb + kt.start * ld, ld);
+    dnnl_sgemm('N', 'N', rows, d, tk, 1.0f, ds, tk, kb + kt.start * ld, ld, 1.0f, w.acc.data(), d);
   }
   for (int64_t e = 0; e < rows * d; ++e) w.acc[e] *= p.scale;
   UnpackRows(p, w.acc.data(), nullptr, b, h, qt, g.dq, nullptr);
@@ -311,11 +330,14 @@ std::vector<int64_t> ItemOrder(const Problem &p) {
   return order;
 }
 
-// cfg (float32, 6): scale, causal, docs, threads, block_q, block_k.
+// cfg (float32, 7): scale, causal, docs, threads, block_q, block_k, token_major.
 Problem MakeProblem(const int64_t *q_shape, const int64_t *k_shape, void **pos, const float *cfg) {
   Problem p;
-  p.b = q_shape[0]; p.n = q_shape[1]; p.sq = q_shape[2]; p.d = q_shape[3];
-  p.kv = k_shape[1]; p.sk = k_shape[2]; p.g = p.n / p.kv;
+  p.token_major = cfg[6] != 0.0f;
+  const int seq = p.token_major ? 1 : 2, heads = p.token_major ? 2 : 1;
+  p.b = q_shape[0]; p.n = q_shape[heads]; p.sq = q_shape[seq]; p.d = q_shape[3];
+  p.kv = k_shape[heads]; p.sk = k_shape[seq]; p.g = p.n / p.kv;
+  p.k_ld = p.token_major ? p.kv * p.d : p.d;
   p.q_pos = static_cast<const int32_t *>(pos[0]); p.k_pos = static_cast<const int32_t *>(pos[1]);
   p.q_doc = static_cast<const int32_t *>(pos[2]); p.k_doc = static_cast<const int32_t *>(pos[3]);
   p.scale = cfg[0]; p.causal = cfg[1] != 0.0f; p.docs = cfg[2] != 0.0f;
