@@ -187,6 +187,8 @@ def bind_rank_cores(device_target: str) -> Optional[list]:
     spinning threads run on the core where the other rank computes - 25-40 % of a rank's CPU samples were those
     yields.  Bound, they only take turns with their own rank.  msrun's ``--bind_core True`` binds the same way
     (one CPU per local worker, with taskset); this does it inside the worker so that every launch gets it.
+    MindSpore's own ``mindspore.runtime.set_cpu_affinity(True, affinity_cpu_list=[...])`` binds nothing on the CPU
+    backend (2.9, checked: every thread kept all CPUs), so it cannot be used here.
     """
     if device_target != "CPU" or not hasattr(os, "sched_setaffinity"):
         return None
