@@ -191,14 +191,13 @@ class LongSeqConfig:
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_types(self):
-        ints = ("data_parallel", "model_parallel", "context_parallel", "pipeline_stage", "micro_batch_num",
-                "ulysses_degree_in_cp", "block_size")
-        _check_counts({name: getattr(self, name) for name in ints})
+        settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        _check_counts(settings)                                  # those of COUNT_KEYS and FLAG_KEYS it holds
         num = self.device_num
         if num is not None and (isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_COUNT):
             _fail(_KEY_PATHS["device_num"], num, "must be a positive integer", "set it to the number of devices "
                   "or remove it (default: the product of the parallel degrees)")
-        _check_bools({name: getattr(self, name) for name in ("use_seq_parallel", "enable_alltoall")})
+        _check_bools(settings)
         if isinstance(self.context_parallel_algo, str) and self.context_parallel_algo in LEGACY_ALGO_SPELLINGS:
             _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo,
                   "is the old spelling, which MindFormers 1.9 refuses ('hybird_cp' is not a valid ContextParallelAlgo)",
@@ -234,8 +233,8 @@ class LongSeqConfig:
 
     @staticmethod
     def _check_model_types(facts: dict) -> None:
-        _check_counts({name: facts[name] for name in ("seq_length", "num_heads", "n_kv_heads", "num_layers")})
-        _check_bools({"use_flash_attention": facts["use_flash_attention"]})
+        _check_counts(facts)
+        _check_bools(facts)
 
     def _check_heads(self, heads: int, kv: int) -> None:
         mp, u = self.model_parallel, self.ulysses_degree
