@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from mf_longseq.tools import supervise
 from mf_longseq.tools.msrun import free_port, msrun_command, msrun_env
+from mf_longseq.train.files import safe_path, write_atomic
 
 _LOG_LINE = re.compile(r"^\[(WARNING|INFO|DEBUG)\]")
 
@@ -29,11 +30,10 @@ def entry_path(run_dir: str) -> str:
 def write_entry(run_dir: str) -> str:
     """The worker entry script: ``python entry.py ARGS`` runs ``mf-longseq ARGS``."""
     path = entry_path(run_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("import sys\nfrom mf_longseq.tools.workers import worker_main\n"
-                     "sys.exit(worker_main(sys.argv[1:]))\n")
-    return path
+    os.makedirs(safe_path(run_dir, os.path.basename(os.path.dirname(path))), exist_ok=True)
+    return write_atomic(safe_path(run_dir, *os.path.relpath(path, run_dir).split(os.sep)),
+                        "import sys\nfrom mf_longseq.tools.workers import worker_main\n"
+                        "sys.exit(worker_main(sys.argv[1:]))\n")
 
 
 def worker_main(argv: List[str]) -> int:

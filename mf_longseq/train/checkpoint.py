@@ -3,35 +3,61 @@
     <output_dir>/checkpoints/step_000005/
         rank_0.ckpt  rank_1.ckpt ...   weights + AdamW moments of that rank (mindspore.save_checkpoint)
         config.yaml                    the run's config, as resolved
-        meta.json                      step, layout, data/rng state, optimizer settings, loss history
+        meta.json                      step, layout, data/rng state, optimizer settings, loss history, save_id
 
-``meta.json`` is written last, by rank 0, after every rank has written its file (the caller passes a barrier):
-a step directory without it is incomplete and is never resumed from.
+A save is atomic: every rank writes its file into a fresh directory ``checkpoints/.step_000005.partial-<save_id>``
+(``save_id``: 12 hex digits drawn by rank 0 and shared with every rank by the caller, a world collective), then a
+barrier; rank 0 writes ``config.yaml`` and ``meta.json`` there and makes the directory visible as ``step_000005``
+with one ``os.rename`` (an older ``step_000005`` is first renamed away and deleted after).  A save that dies at any
+point leaves at most a ``.step_*.partial-*`` directory, which nothing reads: resume only looks at ``step_NNNNNN``
+directories, and those only ever hold files of one save.  Why a fresh directory and one rename rather than
+per-file save ids: ranks are separate processes (on one or several nodes), a rank can die between any two
+writes, and a rename is the one step that is atomic on a POSIX file system and on NFS; no rank ever writes into a
+directory another save may have made visible.  Several nodes need ``output_dir`` on a shared file system (every
+rank's file must end up in one step directory); after the rename every rank checks that its file is there and
+refuses otherwise, so a node-local ``output_dir`` is found at the first save, not at the resume.
+
+"The latest" checkpoint of an output directory is the highest ``step_NNNNNN``.  A run never leaves steps of an
+abandoned history there: when it starts with checkpointing on, rank 0 moves aside (``checkpoints/abandoned/``)
+every step directory that is not on its own history - all of them for a fresh run or a run resumed from another
+directory, those after the resumed step for a run resumed from its own output directory
+(``retire_abandoned``).
 
 Weights are replicated over the dp x cp ranks, cut over mp (each split tensor as its ``ShardSpec`` says) and held
 by one pipeline stage (a rank file under pp holds only its stage's weights and moments).  ``meta.json`` records
 the layout, the shard spec of every mp-split tensor (``shard_specs``) and ``num_layers``, so ``state_for_rank``
 can resume under any layout: with the same mp and pp a rank reads one file (its own, or the dp x cp replica with
 its stage and mp index); with another mp or pp every file is merged and cut again (``parallel/reshard.py``).
+After a resume the dp x cp replicas compare a digest of what they loaded (``state_digest``, exchanged by the
+runner over the dp x cp group) and refuse, naming the step directory, when they differ.
 """
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from typing import Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 
 from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.train.files import OutputError, os_error, remove_quietly, safe_path, write_atomic
 
 
 FORMAT = "mf_longseq.checkpoint/1"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+ABANDONED = "abandoned"
 
 
 def step_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, "checkpoints", f"step_{step:06d}")
+
+
+def partial_dir(output_dir: str, step: int, save_id: str) -> str:
+    """Where the ranks write the save ``save_id`` of ``step`` before it is published (never read by a resume)."""
+    return os.path.join(output_dir, "checkpoints", f".step_{step:06d}.partial-{save_id}")
 
 
 def rank_file(directory: str, rank: int) -> str:
@@ -39,27 +65,32 @@ def rank_file(directory: str, rank: int) -> str:
 
 
 def save_rank(directory: str, rank: int, parameters) -> str:
-    """Write this rank's Parameters (weights and optimizer state) to ``rank_<rank>.ckpt``; returns the path."""
+    """Write this rank's Parameters (weights and optimizer state) to ``rank_<rank>.ckpt``; returns the path.
+
+    Raises:
+        OutputError: the write failed (a full disk: ENOSPC named); the rank's partial files are removed.
+    """
     import mindspore as ms
-    os.makedirs(directory, exist_ok=True)
     path = rank_file(directory, rank)
-    tmp = path + ".tmp.ckpt"
-    ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], tmp)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], path)
+    except OSError as err:
+        remove_quietly([path, os.path.splitext(path)[0] + ".tmp"])         # MindSpore writes <name>.tmp first
+        raise os_error(path, err) from None
     return path
 
 
 def write_meta(directory: str, *, step: int, layout: RunPlan, config_tree: dict, data: dict, optimizer: dict,
                losses: List[float], shard_specs: Mapping[str, dict], num_layers: Optional[int],
                extra: Optional[dict] = None) -> str:
-    """Write ``config.yaml`` and then ``meta.json`` (which marks the step directory complete).
+    """Write ``config.yaml`` and then ``meta.json`` into ``directory`` (a save's partial directory).
 
     ``shard_specs``: weight name -> ``ShardSpec.to_dict()`` of every mp-split tensor; ``num_layers``: decoder
     layers (which stage holds which layer).  Both are what resharding to another mp / pp needs.
     """
     import yaml
-    with open(os.path.join(directory, "config.yaml"), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config_tree, handle, sort_keys=False)
+    write_atomic(os.path.join(directory, "config.yaml"), yaml.safe_dump(config_tree, sort_keys=False))
     files = {str(r): os.path.basename(rank_file(directory, r)) for r in range(layout.world_size)}
     meta = {"format": FORMAT, "step": int(step), "config": "config.yaml", "layout": layout.as_dict(),
             "rank_files": files, "replicated_over": "dp_cp", "data": data, "optimizer": optimizer,
@@ -68,25 +99,121 @@ def write_meta(directory: str, *, step: int, layout: RunPlan, config_tree: dict,
                             "after initialisation"},
             "losses": [float(x) for x in losses], "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "shard_specs": dict(shard_specs), "num_layers": num_layers, **(extra or {})}
-    tmp = os.path.join(directory, META + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(meta, handle, indent=2)
-    os.replace(tmp, os.path.join(directory, META))
-    return os.path.join(directory, META)
+    return write_atomic(os.path.join(directory, META), json.dumps(meta, indent=2))
 
 
-def save(output_dir: str, *, step: int, rank: int, parameters, barrier: Callable[[], None], layout: RunPlan,
-         config_tree: dict, data: dict, optimizer: dict, losses: List[float], shard_specs: Mapping[str, dict],
-         num_layers: Optional[int]) -> str:
-    """Every rank calls this at the same step: rank files, a barrier, then rank 0 writes the metadata."""
-    directory = step_dir(output_dir, step)
-    save_rank(directory, rank, parameters)
+def publish(output_dir: str, step: int, save_id: str) -> str:
+    """Make the save ``save_id`` visible as ``step_NNNNNN`` by one rename (rank 0, after every rank wrote).
+
+    An existing ``step_NNNNNN`` (an earlier save of that step) is renamed away first and deleted after; a crash
+    in between leaves no ``step_NNNNNN`` (the resume then takes the previous step), never a mixed one.  Partial
+    directories of saves that died earlier are deleted.
+    """
+    final, partial = step_dir(output_dir, step), partial_dir(output_dir, step, save_id)
+    old = None
+    if os.path.lexists(final):
+        old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.replaced-{save_id}")
+        os.rename(final, old)
+    os.rename(partial, final)
+    root = os.path.dirname(final)
+    stale = [os.path.join(root, n) for n in os.listdir(root) if n.startswith(".step_")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def save(output_dir: str, *, step: int, rank: int, parameters, barrier: Callable[[], None], save_id: str,
+         layout: RunPlan, config_tree: dict, data: dict, optimizer: dict, losses: List[float],
+         shard_specs: Mapping[str, dict], num_layers: Optional[int], wait_visible: float = 30.0) -> str:
+    """Every rank calls this at the same step with the same ``save_id`` (module docstring: an atomic save).
+
+    Rank files into the partial directory, a barrier, rank 0 writes the metadata and publishes, a barrier, then
+    every rank checks that its file is in the published directory (for up to ``wait_visible`` s: a shared file
+    system may show another node's rename late).
+
+    Raises:
+        OutputError: a write failed (this rank's partial files removed; on rank 0 the partial directory too).
+        ValueError: this rank's file is not in the published directory (``output_dir`` not shared by the nodes).
+    """
+    checkpoints = safe_path(output_dir, "checkpoints")
+    directory = partial_dir(output_dir, step, save_id)
+    os.makedirs(checkpoints, exist_ok=True)
+    try:
+        save_rank(directory, rank, parameters)
+        barrier()
+        if rank == 0:
+            write_meta(directory, step=step, layout=layout, config_tree=config_tree, data=data,
+                       optimizer=optimizer, losses=losses, shard_specs=shard_specs, num_layers=num_layers,
+                       extra={"save_id": save_id})
+            publish(output_dir, step, save_id)
+    except OutputError:
+        if rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     barrier()
-    if rank == 0:
-        write_meta(directory, step=step, layout=layout, config_tree=config_tree, data=data, optimizer=optimizer,
-                   losses=losses, shard_specs=shard_specs, num_layers=num_layers)
-    barrier()
-    return directory
+    final = step_dir(output_dir, step)
+    deadline = time.time() + wait_visible
+    while not os.path.isfile(rank_file(final, rank)):
+        if time.time() > deadline:
+            raise ValueError(f"checkpoint {final}: rank {rank}'s file {os.path.basename(rank_file(final, rank))} "
+                             "is not there after the save. Fix: put --output-dir on a file system every node "
+                             "shares (each rank writes its file into one step directory).")
+        time.sleep(0.2)
+    return final
+
+
+def new_save_id() -> str:
+    """12 hex digits naming one save (rank 0 draws it; the runner shares it with every rank)."""
+    return os.urandom(6).hex()
+
+
+def retire_abandoned(output_dir: str, *, start_step: int, resumed_from: Optional[str]) -> List[str]:
+    """Move aside (into ``checkpoints/abandoned/<time>/``) the step directories not on this run's history.
+
+    ``resumed_from``: the step directory this run resumed from (None: a fresh run).  Kept: the steps up to
+    ``start_step`` when that directory lies in ``output_dir/checkpoints``; everything else is moved, so "the
+    latest" step of ``output_dir`` is always one this run wrote or resumed after.  Returns the moved paths.
+    """
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    own = resumed_from is not None and os.path.realpath(os.path.dirname(resumed_from)) == os.path.realpath(root)
+    moved, target = [], os.path.join(root, ABANDONED, time.strftime("%Y%m%dT%H%M%S") + f"-{new_save_id()[:4]}")
+    for name in sorted(os.listdir(root)):
+        match = _STEP_DIR.match(name)
+        if match and not (own and int(match.group(1)) <= start_step):
+            os.makedirs(target, exist_ok=True)
+            os.rename(os.path.join(root, name), os.path.join(target, name))
+            moved.append(os.path.join(target, name))
+    return moved
+
+
+def state_digest(values: Mapping[str, np.ndarray]) -> List[int]:
+    """A digest of loaded state (names, shapes, dtypes, bytes) as 4 integers < 2**24 (exact in float32, so
+    replicas can exchange it with a float AllReduce).  Cost: one BLAKE2b pass over the state (~1 GB/s)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name in sorted(values):
+        value = np.ascontiguousarray(values[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(memoryview(value).cast("B"))
+    raw = int.from_bytes(digest.digest(), "big")
+    return [(raw >> (24 * i)) & 0xFFFFFF for i in range(4)]
+
+
+def check_replicas(directory: str, digests: List[List[int]], group_ranks) -> None:
+    """Refuse a resume whose dp x cp replicas (global ranks ``group_ranks``) loaded different state.
+
+    ``digests``: ``state_digest`` of every replica, in group order.
+
+    Raises:
+        ValueError: naming the step directory and the ranks whose state differs.
+    """
+    differ = [r for r, d in zip(group_ranks, digests) if list(d) != list(digests[0])]
+    if differ:
+        raise ValueError(f"--resume {directory}: the dp x cp replicas loaded different weights (ranks "
+                         f"{', '.join(map(str, differ))} differ from rank {group_ranks[0]}): the checkpoint mixes "
+                         "files of different saves (a torn save, or files copied from several runs). Fix: resume "
+                         "from another checkpoints/step_NNNNNN directory.")
 
 
 def find_resume_dir(path: str) -> str:

@@ -39,8 +39,7 @@ def demo_tree(seq_length: int = 8192, context_parallel: int = 2) -> dict:
 def write_demo_config(tree: dict, output_dir: str) -> str:
     """Write the demo config into ``output_dir``; returns its path."""
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "demo_config.yaml")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("# mf-longseq demo: tiny LLaMA2, S = 8192, CP = 2 ring (colossalai_cp), zigzag, 2 CPU ranks\n")
-        yaml.safe_dump(tree, handle, sort_keys=False)
-    return path
+    from mf_longseq.train.files import safe_path, write_atomic
+    return write_atomic(safe_path(output_dir, "demo_config.yaml"),
+                        "# mf-longseq demo: tiny LLaMA2, S = 8192, CP = 2 ring (colossalai_cp), zigzag, 2 CPU ranks\n"
+                        + yaml.safe_dump(tree, sort_keys=False))

@@ -24,6 +24,7 @@ from mf_longseq.train import checkpoint as ckpt
 from mf_longseq.train import context as run_context
 from mf_longseq.train import support
 from mf_longseq.train.data import open_source
+from mf_longseq.train.files import safe_path, write_atomic
 from mf_longseq.train.monitor import Monitor
 from mf_longseq.train.optim import AdamW, OptimSettings
 from mf_longseq.train.packing import PackingSettings
@@ -162,8 +163,11 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
                             batch_size=batch_size, packing=packing, max_grad_norm=support.max_grad_norm(tree),
                             pad_token_id=model_config_value(tree, "pad_token_id") if source.kind != "synthetic"
                             else None)
-    trainer.broadcast_weights()
-    start = resume(trainer, run, config, opts.resume) if opts.resume else 0
+    if opts.resume:                 # no broadcast first: the replicas' digests must compare what each one loaded
+        start = resume(trainer, run, config, opts.resume)
+    else:
+        trainer.broadcast_weights()
+        start = 0
     if start >= opts.steps:
         raise ValueError(f"--steps {opts.steps}: the checkpoint is already at step {start}. "
                          f"Fix: pass --steps larger than {start}.")
@@ -174,7 +178,9 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
         raise ValueError("--save-every needs --output-dir. Fix: pass --output-dir DIR.")
     if output_dir and run.rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-        _write_yaml(tree, os.path.join(output_dir, "config.yaml"))
+        _write_yaml(tree, safe_path(output_dir, "config.yaml"))
+        if opts.save_every:
+            _retire_abandoned(output_dir, start, opts.resume)
     monitor = Monitor(run.rank, opts.steps, output_dir, stream=stream, start_step=start)
     monitor.say(f"mf-longseq train: {run.mesh}, algo {config.context_parallel_algo}, layout {config.layout}, "
                 f"seq_length {seq_length}, batch {trainer.batch_size} per dp rank, data "
@@ -195,5 +201,14 @@ def _data_line(described: dict) -> str:
 
 def _write_yaml(tree: dict, path: str) -> None:
     import yaml
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(tree, handle, sort_keys=False)
+    write_atomic(path, yaml.safe_dump(tree, sort_keys=False))
+
+
+def _retire_abandoned(output_dir: str, start: int, resume_path: Optional[str]) -> None:
+    """Move the checkpoints of an abandoned history out of ``output_dir`` (``checkpoint.retire_abandoned``)."""
+    resumed_from = ckpt.find_resume_dir(resume_path) if resume_path else None
+    moved = ckpt.retire_abandoned(output_dir, start_step=start, resumed_from=resumed_from)
+    if moved:
+        logger.warning("moved %d checkpoint(s) of an abandoned run out of the way: %s (this run %s; \"the latest\" "
+                       "checkpoint of %s is now one of this run's history)", len(moved), ", ".join(moved),
+                       f"resumed from {resumed_from}" if resumed_from else "starts fresh", output_dir)

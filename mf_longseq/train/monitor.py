@@ -7,12 +7,17 @@ ru_maxrss can report its parent's memory.
 Rank 0 prints one line per step and appends one JSON object per step to ``<output_dir>/metrics.jsonl``.
 """
 import json
+import logging
 import os
 import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Optional, TextIO
+
+from mf_longseq.train.files import append_text, safe_path, write_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -104,7 +109,7 @@ class Monitor:
                  start_step: int = 0):
         self.rank, self.total_steps, self.start_step = rank, total_steps, start_step
         self.stream = stream or sys.stdout
-        self.path = os.path.join(output_dir, "metrics.jsonl") if output_dir and rank == 0 else None
+        self.path = safe_path(output_dir, "metrics.jsonl") if output_dir and rank == 0 else None
         self.bar = ProgressBar(total_steps, self.stream) if rank == 0 else None
         self.records: List[StepRecord] = []
         if self.path and os.path.exists(self.path):
@@ -123,8 +128,7 @@ class Monitor:
         self.say(rec.line(self.total_steps))
         self.bar.draw(rec.step, self.start_step)
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(rec.as_json() + "\n")
+            append_text(self.path, rec.as_json() + "\n")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -133,13 +137,30 @@ class Monitor:
 
 def _keep_until(path: str, step: int) -> None:
     """Drop the records after ``step`` (a fresh run keeps none; a resumed one keeps the steps it resumes after)."""
-    with open(path, encoding="utf-8") as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
+    kept = [rec for rec in _records(path) if rec["step"] <= step]
+    write_atomic(path, "".join(json.dumps(rec) + "\n" for rec in kept))
+
+
+def _records(path: str) -> List[dict]:
+    """The JSON records of ``path``, one a line; a line that is not one (a write cut short by a full disk) is
+    named (file, line) in a warning and skipped."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "step" not in record:
+                    raise ValueError("not a step record")
+            except ValueError as err:
+                logger.warning("%s line %d: skipped, not a step record (%s; a write cut short?): %.60r", path, number,
+                               err, line)
+                continue
+            out.append(record)
+    return out
 
 
 def read_metrics(output_dir: str) -> List[dict]:
-    """The step records of a run's ``metrics.jsonl`` (a resumed run appends to it)."""
-    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The step records of a run's ``metrics.jsonl`` (a resumed run appends to it); torn lines are skipped."""
+    return _records(os.path.join(output_dir, "metrics.jsonl"))

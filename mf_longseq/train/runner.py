@@ -169,6 +169,23 @@ def barrier(world_size: int) -> Callable[[], None]:
     return wait
 
 
+def shared_from_rank0(values: List[int], rank: int, world_size: int) -> List[int]:
+    """Rank 0's integers (each < 2**24: exact in float32) on every rank (a world AllReduce, the others add 0)."""
+    if world_size == 1:
+        return list(values)
+    import mindspore as ms
+    from mf_longseq.parallel.comm import all_reduce_world
+    vec = np.array(values if rank == 0 else [0] * len(values), np.float32)
+    return [int(x) for x in all_reduce_world(ms.Tensor(vec)).asnumpy()]
+
+
+def agree_save_id(rank: int, world_size: int) -> str:
+    """One save id for every rank: 12 hex digits drawn by rank 0 (``checkpoint.new_save_id``)."""
+    raw = int(ckpt.new_save_id(), 16)
+    a, b = shared_from_rank0([raw >> 24, raw & 0xFFFFFF], rank, world_size)
+    return f"{(a << 24) | b:012x}"
+
+
 @dataclass
 class LoopSettings:
     """The loop of one run: steps [start_step, end_step), checkpoint period, where results go."""
@@ -206,7 +223,8 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: 
     opt = trainer.optimizer.settings
     num_layers = ((tree.get("model") or {}).get("model_config") or {}).get("num_layers")
     return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
-                     barrier=barrier(run.world_size), layout=config.plan, config_tree=tree, data=data,
+                     barrier=barrier(run.world_size), save_id=agree_save_id(run.rank, run.world_size),
+                     layout=config.plan, config_tree=tree, data=data,
                      optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
                                 "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
                                 "weight_decay": opt.weight_decay, "lr_schedule": opt.lr_schedule,
@@ -220,13 +238,19 @@ def resume(trainer: Trainer, run, config, path: str) -> int:
     """Load a checkpoint into the trainer, under this run's layout; returns the step to continue from.
 
     Another dp / cp reads one replica; another mp or pp reshards the whole checkpoint for this rank
-    (``checkpoint.state_for_rank``).  The weights and moments are then exactly those of the saved run.
+    (``checkpoint.state_for_rank``).  The dp x cp replicas then compare a digest of what they loaded
+    (``verify_replicas``): the weights and moments are exactly those of the saved run, the same on every replica.
+
+    Raises:
+        ValueError: no complete checkpoint, a layout it cannot be resharded to, or replicas that loaded
+            different state (naming the step directory).
     """
     directory = ckpt.find_resume_dir(path)
     meta = ckpt.read_meta(directory)
     layout = config.plan
-    load_trainer_state(trainer, ckpt.state_for_rank(directory, meta, run.rank, layout),
-                       meta["optimizer"]["step_count"], source=directory)
+    values = ckpt.state_for_rank(directory, meta, run.rank, layout)
+    verify_replicas(trainer, values, directory)
+    load_trainer_state(trainer, values, meta["optimizer"]["step_count"], source=directory)
     trainer.losses = list(meta["losses"])
     if run.rank == 0:
         saved = meta["layout"]
@@ -234,6 +258,24 @@ def resume(trainer: Trainer, run, config, path: str) -> int:
             f", resharded from mp {saved['mp']} x pp {saved['pp']} to mp {layout.mp} x pp {layout.pp}")
         logger.info("resumed from %s (step %d%s)", directory, meta["step"], how)
     return int(meta["step"])
+
+
+def verify_replicas(trainer: Trainer, values, directory: str) -> None:
+    """Refuse (``checkpoint.check_replicas``) when the dp x cp ranks of this rank's group loaded different state.
+
+    Each rank puts the 4-integer ``state_digest`` of its loaded values in its slot of a (group size, 4) float32
+    buffer; one AllReduce over the dp x cp group (the others add zeros) gives every rank every digest, exactly.
+    """
+    group = trainer.group
+    if group.size == 1:
+        return
+    import mindspore as ms
+    from mf_longseq.parallel.comm import all_reduce
+    names = {p.name for p in trainer.state_parameters()}
+    mine = np.zeros((group.size, 4), np.float32)
+    mine[group.index] = ckpt.state_digest({k: v for k, v in values.items() if k in names})
+    digests = all_reduce(ms.Tensor(mine), group).asnumpy().astype(np.int64).tolist()
+    ckpt.check_replicas(directory, digests, list(group.ranks))
 
 
 def load_trainer_state(trainer: Trainer, values, step_count: int, *, source: str) -> None:
