@@ -318,7 +318,7 @@ class LongSeqForCausalLM(PreTrainedModel):
         """Global mean loss (float32 scalar, same on every rank) of MindFormers' whole-sequence columns."""
         del position_ids                                  # derived from actual_seq_len (mf_inputs docstring)
         whole = mf_inputs.whole_batch(self.config.seq_length, getattr(self.config, "pad_token_id", None),
-                                      input_ids, labels, loss_mask)
+                                      input_ids, labels, loss_mask, vocab_size=self.config.vocab_size)
         batch = ShardedBatch.from_whole(self.batch_spec, *whole, actual_seq_len)          # (B, S/CP) shards
         count = mf_inputs.global_count(batch.loss_mask, self.global_loss.group)
         loss_sum, _ = self.forward_batch(batch)

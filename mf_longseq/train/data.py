@@ -148,6 +148,13 @@ class ArrayTokens:
         data = self.rows if self.rows is not None else self.stream
         return int(data.max())
 
+    def padding_samples(self, pad_token_id: int) -> np.ndarray:
+        """Indices of the samples whose every label (tokens 1 .. seq_length) is ``pad_token_id`` (one pass)."""
+        s = self.seq_length
+        labels = (self.rows[:, 1:s + 1] if self.rows is not None
+                  else self.stream[1:self.count * s + 1].reshape(self.count, s))          # (samples, S)
+        return np.flatnonzero((np.asarray(labels) == pad_token_id).all(axis=1))
+
     def describe(self) -> dict:
         return {"kind": self.kind, "path": os.path.abspath(self.path), "samples": self.count}
 
@@ -195,10 +202,15 @@ def default_bin_dtype(vocab_size: int) -> str:
 
 
 def open_source(path: Optional[str], *, vocab_size: int, seq_length: int, seed: int = 0,
-                dtype: Optional[str] = None, eod_token_id: Optional[int] = None):
-    """The token source of a run: synthetic when ``path`` is None, else the file (ids checked against vocab).
+                dtype: Optional[str] = None, eod_token_id: Optional[int] = None,
+                pad_token_id: Optional[int] = None):
+    """The token source of a run: synthetic when ``path`` is None, else the file, checked before any step: ids
+    in [0, vocab_size), no all-padding sample (every label ``pad_token_id``: it would end the run when drawn).
 
     ``eod_token_id`` (packed training): synthetic samples then contain EOD tokens; a file is read as it is.
+
+    Raises:
+        ValueError: naming ``--data``, the id or the sample, and the fix.
     """
     if path is None:
         return SyntheticTokens(vocab_size, seq_length, seed, eod_token_id=eod_token_id)
@@ -208,6 +220,11 @@ def open_source(path: Optional[str], *, vocab_size: int, seq_length: int, seed: 
     if top >= vocab_size:
         raise ValueError(f"--data {path}: token id {top} >= model.model_config.vocab_size = {vocab_size}. "
                          "Fix: use data tokenized for this model (or check --data-dtype for .bin files).")
+    empty = source.padding_samples(pad_token_id) if pad_token_id is not None else []
+    if len(empty):
+        raise ValueError(f"--data {path}: sample {int(empty[0])} ({len(empty)} of {source.count} samples) has no "
+                         f"label that counts: every label is model.model_config.pad_token_id = {pad_token_id}. "
+                         "Fix: drop all-padding samples from the data (or check pad_token_id).")
     return source
 
 

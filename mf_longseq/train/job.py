@@ -135,9 +135,11 @@ def open_job_source(opts: "JobOptions", tree: dict, mesh, *, vocab: int, seq_len
     if opts.data is None and directory:
         from mf_longseq.train.mf_data import DatasetDirTokens
         return DatasetDirTokens(tree, dp_id=mesh.coords()["dp_id"], dp=mesh.dp, batch_size=batch_size,
-                                seq_length=seq_length)
+                                seq_length=seq_length, vocab_size=vocab, steps=opts.steps,
+                                pad_token_id=model_config_value(tree, "pad_token_id"))
     return open_source(opts.data, vocab_size=vocab, seq_length=seq_length, seed=seed, dtype=opts.data_dtype,
-                       eod_token_id=packing.eod_token_id if packing else None)
+                       eod_token_id=packing.eod_token_id if packing else None,
+                       pad_token_id=model_config_value(tree, "pad_token_id"))
 
 
 def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, stream=None):

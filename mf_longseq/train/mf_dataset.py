@@ -6,10 +6,17 @@ dp group must read the *same* samples and each keeps its cut of the sequence.  T
 ``shard_id = dp_id`` and ``num_shards = dp``, given explicitly as ``dp_shard = (dp_id, dp)`` by ``LongSeqTrainer``
 (``train/mf_trainer.py``); everything else (MindRecord reading, ``dataset_dir``, batching, columns) is
 MindFormers' own.  With ``dp_shard`` absent it is MindFormers' dataset unchanged (one rank, or plain dp).
+
+``data_check`` (given by ``LongSeqTrainer`` and ``mf-longseq train``'s ``dataset_dir`` route) scans the rows this
+rank will read before the first step (``scan_dataset``): shapes, ids and labels in [0, vocab_size), loss_mask
+finite and >= 0, no all-padding sample, at least one batch.  Its cost is one extra read of this rank's shard
+(one epoch, or the batches the run reads if fewer) through the same pipeline, no device work.
 """
 from typing import Optional, Tuple
 
 from mindformers.dataset.causal_language_model_dataset import CausalLanguageModelDataset
+
+from mf_longseq.models.mf_inputs import padding_rows, whole_batch
 
 
 def _check_shard(dp_shard) -> Tuple[int, int]:
@@ -32,13 +39,60 @@ class LongSeqCausalLanguageModelDataset(CausalLanguageModelDataset):
         The MindSpore dataset, each sample read by exactly the ranks of one dp group.
     """
 
-    def __new__(cls, dataset_config: Optional[dict] = None, dp_shard: Optional[Tuple[int, int]] = None, **kwargs):
+    def __new__(cls, dataset_config: Optional[dict] = None, dp_shard: Optional[Tuple[int, int]] = None,
+                data_check: Optional[dict] = None, **kwargs):
         if dp_shard is None:
-            return CausalLanguageModelDataset.__new__(CausalLanguageModelDataset, dataset_config, **kwargs)
-        shard = _check_shard(dp_shard)
-        sharded = type("DataParallelShardedDataset", (CausalLanguageModelDataset,),
-                       {"_generate_shard_info": classmethod(lambda _cls: shard)})
-        return CausalLanguageModelDataset.__new__(sharded, dataset_config, **kwargs)
+            dataset = CausalLanguageModelDataset.__new__(CausalLanguageModelDataset, dataset_config, **kwargs)
+        else:
+            shard = _check_shard(dp_shard)
+            sharded = type("DataParallelShardedDataset", (CausalLanguageModelDataset,),
+                           {"_generate_shard_info": classmethod(lambda _cls: shard)})
+            dataset = CausalLanguageModelDataset.__new__(sharded, dataset_config, **kwargs)
+        if data_check is not None:
+            scan_dataset(dataset, **data_check)
+        return dataset
 
 
-__all__ = ["LongSeqCausalLanguageModelDataset"]
+def data_check_of(tree: dict, *, batch_size: int, dp: int, max_batches: Optional[int] = None) -> dict:
+    """The ``data_check`` arguments of a run's config: ``model.model_config`` vocab_size / seq_length /
+    pad_token_id, ``train_dataset.data_loader.dataset_dir`` (named in errors), the batch of this rank."""
+    model = (tree.get("model") or {}).get("model_config") or {}
+    directory = ((tree.get("train_dataset") or {}).get("data_loader") or {}).get("dataset_dir")
+    return {"vocab_size": model.get("vocab_size"), "seq_length": model.get("seq_length"),
+            "pad_token_id": model.get("pad_token_id"), "max_batches": max_batches,
+            "where": f"train_dataset.data_loader.dataset_dir {directory}",
+            "batch_rows": f"runner_config.batch_size x data_parallel = {batch_size} x {dp} = {batch_size * dp}"}
+
+
+def scan_dataset(dataset, *, vocab_size: Optional[int], seq_length: int, pad_token_id: Optional[int], where: str,
+                 max_batches: Optional[int] = None, batch_rows: str = "one batch") -> int:
+    """Check the first ``max_batches`` batches (None: one epoch) of ``dataset`` before any step; returns the
+    batches checked.  Each batch goes through ``mf_inputs.whole_batch`` (shapes, id range, loss_mask) and must
+    hold no all-padding sample (no label that counts: it would end the run when drawn alone).
+
+    Raises:
+        ValueError: naming ``where``, the batch (= update number - 1 of the first epoch), the row and the fix;
+            or the dataset gives no batch at all.
+    """
+    batches = dataset.get_dataset_size()
+    if batches < 1:
+        raise ValueError(f"{where}: the data make no batch of {batch_rows} rows (MindFormers drops an incomplete "
+                         "batch; an empty MindRecord makes none). Fix: write more rows, or lower "
+                         "runner_config.batch_size.")
+    limit = batches if max_batches is None else min(batches, max_batches)
+    iterator = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
+    try:
+        for index, columns in zip(range(limit), iterator):
+            prefix = f"{where}: batch {index} (update {index + 1} of an epoch), "
+            _, _, mask = whole_batch(seq_length, pad_token_id, *columns[:3], vocab_size=vocab_size, where=prefix)
+            empty = padding_rows(mask)
+            if empty.size:
+                raise ValueError(f"{prefix}row {int(empty[0])}: no label counts (every label is "
+                                 f"model.model_config.pad_token_id = {pad_token_id}, -100 or masked): an all-padding "
+                                 "sample. Fix: drop all-padding rows from the data (or check pad_token_id).")
+    finally:
+        iterator.stop()
+    return limit
+
+
+__all__ = ["LongSeqCausalLanguageModelDataset", "data_check_of", "scan_dataset"]

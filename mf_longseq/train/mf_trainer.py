@@ -9,7 +9,8 @@ ranks that run, and hands them on explicitly:
 * the network: ``create_network`` builds the YAML's ``model`` with ``mf_longseq.models.build_model`` on this
   rank's ``Mesh`` (no layer reads global state);
 * the dataset: ``create_train_dataset`` gives the registered ``LongSeqCausalLanguageModelDataset`` the dp shard
-  of this rank (``dp_shard = (dp_id, dp)``), so the CP / MP ranks of one dp group read the same samples;
+  of this rank (``dp_shard = (dp_id, dp)``), so the CP / MP ranks of one dp group read the same samples, and
+  the model's vocab_size / pad_token_id, so its rows are checked before the first step (``data_check``);
 * the runner wrapper (``LongSeqTrainOneStepCell``) finds the mesh on the network and sums gradients over dp x cp.
 
 Refused before any device work (the message names key, value and fix): ``parallel_config.pipeline_stage`` > 1
@@ -121,8 +122,11 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         """The train dataset, sharded over dp only (``LongSeqCausalLanguageModelDataset``'s ``dp_shard``)."""
         if self.mesh is None or self.config.train_dataset_task.type != OUR_DATASET:
             return super().create_train_dataset(default_args)
+        from mf_longseq.train.mf_dataset import data_check_of
         args = dict(default_args or {})
         args["dp_shard"] = (self.mesh.coords()["dp_id"], self.mesh.dp)
+        batch_size = (self.tree.get("runner_config") or {}).get("batch_size", 1)
+        args["data_check"] = data_check_of(self.tree, batch_size=batch_size, dp=self.mesh.dp)   # before step 1
         return super().create_train_dataset(args)
 
 

@@ -71,6 +71,7 @@ def load_tree(source: Any) -> dict:
     if isinstance(source, str):
         tree = _read_yaml(source)
         if isinstance(tree, dict) and "base_config" in tree:
+            import yaml
             from mindformers import MindFormerConfig
             try:
                 tree = MindFormerConfig(source)
@@ -80,6 +81,8 @@ def load_tree(source: Any) -> dict:
             except (ValueError, TypeError, KeyError, AttributeError) as err:
                 raise ConfigError("base_config", tree["base_config"], f"MindFormers cannot merge it ({err})",
                                   "point base_config at a MindFormers YAML mapping") from None
+            except yaml.YAMLError as err:           # e.g. a !!python/... tag: safe_load refuses it, we name it
+                raise _base_config_yaml_error(tree["base_config"], err) from None
     else:
         import copy
         tree = copy.deepcopy(source)
@@ -90,6 +93,20 @@ def load_tree(source: Any) -> dict:
                           "a MindFormers config must be a mapping of sections",
                           "start the YAML with sections such as model:, parallel_config:, long_seq:")
     return tree
+
+
+def _base_config_yaml_error(base_config, err) -> ConfigError:
+    """A YAML error of a ``base_config`` file (MindFormers reads it with a safe loader) as a ConfigError naming the
+    file, the line and the tag or problem."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name} line {mark.line + 1}" if mark is not None else "the file"
+    problem = getattr(err, "problem", None) or str(err)
+    tag = re.search(r"tag '([^']+)'", problem)
+    if tag:
+        return ConfigError("base_config", base_config, f"{where}: the tag {tag.group(1)!r} is not plain YAML (a "
+                           "Python object tag; configs are read with a safe loader)",
+                           "remove the tag and write a plain value")
+    return ConfigError("base_config", base_config, f"{where} is not valid YAML ({problem})", "fix the YAML syntax")
 
 
 def _read_yaml(path: str) -> Any:
