@@ -92,7 +92,7 @@ class DatasetDirTokens:
         from mindformers.dataset import build_dataset
         from mindformers.tools.register import MindFormerConfig
         from mf_longseq.train.mf_dataset import LongSeqCausalLanguageModelDataset  # noqa: F401  (registered)
-        from mf_longseq.train.mf_dataset import data_check_of
+        from mf_longseq.train.mf_dataset import data_check_of, scan_dataset
         section = dict(tree["train_dataset"])
         section["batch_size"] = batch_size
         self.path = section["data_loader"]["dataset_dir"]
@@ -105,7 +105,8 @@ class DatasetDirTokens:
         check = {**data_check_of(tree, batch_size=batch_size, dp=dp, max_batches=steps),
                  "seq_length": seq_length, "vocab_size": vocab_size, "pad_token_id": pad_token_id}
         task = MindFormerConfig(type="LongSeqCausalLanguageModelDataset", dataset_config=MindFormerConfig(**section))
-        self.dataset = build_dataset(task, default_args={"dp_shard": (dp_id, dp), "data_check": check})
+        self.dataset = build_dataset(task, default_args={"dp_shard": (dp_id, dp)})
+        scan_dataset(self.dataset, **check)                      # before the first step
         self.dp, self.batch_size, self.seq_length = dp, batch_size, seq_length
         self.batches = self.dataset.get_dataset_size()
         self._iterator, self._step, self._rows = None, -1, None

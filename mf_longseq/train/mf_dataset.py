@@ -7,16 +7,17 @@ dp group must read the *same* samples and each keeps its cut of the sequence.  T
 (``train/mf_trainer.py``); everything else (MindRecord reading, ``dataset_dir``, batching, columns) is
 MindFormers' own.  With ``dp_shard`` absent it is MindFormers' dataset unchanged (one rank, or plain dp).
 
-``data_check`` (given by ``LongSeqTrainer`` and ``mf-longseq train``'s ``dataset_dir`` route) scans the rows this
-rank will read before the first step (``scan_dataset``): shapes, ids and labels in [0, vocab_size), loss_mask
-finite and >= 0, no all-padding sample, at least one batch.  Its cost is one extra read of this rank's shard
-(one epoch, or the batches the run reads if fewer) through the same pipeline, no device work.
+``scan_dataset`` (called on the built dataset by ``LongSeqTrainer`` and by ``mf-longseq train``'s ``dataset_dir``
+route, with ``data_check_of``) checks the rows this rank will read before the first step: shapes, ids and
+labels in [0, vocab_size), loss_mask finite and >= 0, no all-padding sample, at least one batch.  Its cost is one
+extra read of this rank's shard (one epoch, or the batches the run reads if fewer) through the same pipeline, no
+device work.
 """
 from typing import Optional, Tuple
 
 from mindformers.dataset.causal_language_model_dataset import CausalLanguageModelDataset
 
-from mf_longseq.models.mf_inputs import padding_rows, whole_batch
+from mf_longseq.models.mf_inputs import check_pretraining_rows, padding_rows, whole_batch
 
 
 def _check_shard(dp_shard) -> Tuple[int, int]:
@@ -39,18 +40,13 @@ class LongSeqCausalLanguageModelDataset(CausalLanguageModelDataset):
         The MindSpore dataset, each sample read by exactly the ranks of one dp group.
     """
 
-    def __new__(cls, dataset_config: Optional[dict] = None, dp_shard: Optional[Tuple[int, int]] = None,
-                data_check: Optional[dict] = None, **kwargs):
+    def __new__(cls, dataset_config: Optional[dict] = None, dp_shard: Optional[Tuple[int, int]] = None, **kwargs):
         if dp_shard is None:
-            dataset = CausalLanguageModelDataset.__new__(CausalLanguageModelDataset, dataset_config, **kwargs)
-        else:
-            shard = _check_shard(dp_shard)
-            sharded = type("DataParallelShardedDataset", (CausalLanguageModelDataset,),
-                           {"_generate_shard_info": classmethod(lambda _cls: shard)})
-            dataset = CausalLanguageModelDataset.__new__(sharded, dataset_config, **kwargs)
-        if data_check is not None:
-            scan_dataset(dataset, **data_check)
-        return dataset
+            return CausalLanguageModelDataset.__new__(CausalLanguageModelDataset, dataset_config, **kwargs)
+        shard = _check_shard(dp_shard)
+        sharded = type("DataParallelShardedDataset", (CausalLanguageModelDataset,),
+                       {"_generate_shard_info": classmethod(lambda _cls: shard)})
+        return CausalLanguageModelDataset.__new__(sharded, dataset_config, **kwargs)
 
 
 def data_check_of(tree: dict, *, batch_size: int, dp: int, max_batches: Optional[int] = None) -> dict:
@@ -83,6 +79,8 @@ def scan_dataset(dataset, *, vocab_size: Optional[int], seq_length: int, pad_tok
     iterator = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
     try:
         for index, columns in zip(range(limit), iterator):
+            if len(columns) == 1:                                 # pretraining: (B, seq_length + 1)
+                check_pretraining_rows(columns[0].shape, seq_length, where=f"{where}: input_ids")
             prefix = f"{where}: batch {index} (update {index + 1} of an epoch), "
             _, _, mask = whole_batch(seq_length, pad_token_id, *columns[:3], vocab_size=vocab_size, where=prefix)
             empty = padding_rows(mask)

@@ -10,7 +10,7 @@ ranks that run, and hands them on explicitly:
   rank's ``Mesh`` (no layer reads global state);
 * the dataset: ``create_train_dataset`` gives the registered ``LongSeqCausalLanguageModelDataset`` the dp shard
   of this rank (``dp_shard = (dp_id, dp)``), so the CP / MP ranks of one dp group read the same samples, and
-  the model's vocab_size / pad_token_id, so its rows are checked before the first step (``data_check``);
+  and checks the rows it will read against the model's vocab_size / pad_token_id (``scan_dataset``);
 * the runner wrapper (``LongSeqTrainOneStepCell``) finds the mesh on the network and sums gradients over dp x cp.
 
 Refused before any device work (the message names key, value and fix): ``parallel_config.pipeline_stage`` > 1
@@ -122,12 +122,13 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         """The train dataset, sharded over dp only (``LongSeqCausalLanguageModelDataset``'s ``dp_shard``)."""
         if self.mesh is None or self.config.train_dataset_task.type != OUR_DATASET:
             return super().create_train_dataset(default_args)
-        from mf_longseq.train.mf_dataset import data_check_of
+        from mf_longseq.train.mf_dataset import data_check_of, scan_dataset
         args = dict(default_args or {})
         args["dp_shard"] = (self.mesh.coords()["dp_id"], self.mesh.dp)
+        dataset = super().create_train_dataset(args)
         batch_size = (self.tree.get("runner_config") or {}).get("batch_size", 1)
-        args["data_check"] = data_check_of(self.tree, batch_size=batch_size, dp=self.mesh.dp)   # before step 1
-        return super().create_train_dataset(args)
+        scan_dataset(dataset, **data_check_of(self.tree, batch_size=batch_size, dp=self.mesh.dp))   # before step 1
+        return dataset
 
 
 __all__ = ["LongSeqTrainer", "route_refusals", "plain_tree", "OUR_DATASET", "OUR_WRAPPER"]
