@@ -29,10 +29,9 @@ def entry_path(run_dir: str) -> str:
 
 def write_entry(run_dir: str) -> str:
     """The worker entry script: ``python entry.py ARGS`` runs ``mf-longseq ARGS``."""
-    path = entry_path(run_dir)
-    os.makedirs(safe_path(run_dir, os.path.basename(os.path.dirname(path))), exist_ok=True)
-    return write_atomic(safe_path(run_dir, *os.path.relpath(path, run_dir).split(os.sep)),
-                        "import sys\nfrom mf_longseq.tools.workers import worker_main\n"
+    parts = os.path.relpath(entry_path(run_dir), run_dir).split(os.sep)      # launch/worker_entry.py
+    os.makedirs(safe_path(run_dir, *parts[:-1]), exist_ok=True)               # links below run_dir refused
+    return write_atomic(safe_path(run_dir, *parts), "import sys\nfrom mf_longseq.tools.workers import worker_main\n"
                         "sys.exit(worker_main(sys.argv[1:]))\n")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mf_longseq.train import checkpoint as ckpt
-from mf_longseq.train import files, runner
+from mf_longseq.train import runner
 from mf_longseq.train.job import JobOptions, run_job
 from mf_longseq.train.monitor import Monitor, read_metrics
 
@@ -86,6 +86,7 @@ def test_a_torn_metrics_line_is_named_and_skipped(tmp_path, caplog):
 
 def test_links_inside_the_output_directory_are_refused(tmp_path):
     from mf_longseq.tools.workers import write_entry
+    from mf_longseq.train import files
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     out = tmp_path / "out"
@@ -108,6 +109,7 @@ def _full_disk(monkeypatch, what):
     """Writes fail with ENOSPC: MindSpore's checkpoint writer (after leaving its temporary file, as it does) or
     every other output file (after its first 16 bytes)."""
     import mindspore as ms
+    from mf_longseq.train import files
     real = ms.save_checkpoint
 
     def enospc(fd, data):
@@ -126,6 +128,7 @@ def _full_disk(monkeypatch, what):
 
 @pytest.mark.parametrize("what", ["checkpoint", "config"])
 def test_a_full_disk_leaves_no_temporary_file_and_names_enospc(tmp_path, monkeypatch, what):
+    from mf_longseq.train import files
     out = tmp_path / "out"
     run_job(JobOptions(config=job_tree(), steps=2, save_every=2, output_dir=str(out)), model_factory=bigram_factory)
     before = rank0(ckpt.step_dir(str(out), 2))
