@@ -69,6 +69,8 @@ def check_token_ids(values: np.ndarray, column: str, vocab_size: Optional[int], 
         ValueError: naming ``where``, the column, the first bad (row, position), its value and the fix.
     """
     values = np.asarray(values)
+    if not values.size or (values.min() >= 0 and (vocab_size is None or values.max() < vocab_size)):
+        return                                                  # the common case: two reductions, no masks
     bad = values < 0 if vocab_size is None else (values < 0) | (values >= vocab_size)
     if ignore_index:
         bad &= values != IGNORE_INDEX
