@@ -10,7 +10,8 @@ set up before then are not the model's).
 One msrun launch per case: MindSpore's CPU memory pool keeps what a case freed (``ms.runtime.empty_cache`` and
 ``malloc_trim`` return none of it), so a second case in the same process would reuse the first one's pool and
 measure too little.  The cases are the layouts CP 1 / 2 / 4, ring / Ulysses / hybrid, with recompute, and a
-Qwen-size vocabulary (151936) with a small hidden size, where the logits dominate.
+Qwen-size vocabulary (151936) with a small hidden size, where the logits dominate.  A case with a ``known_gap``
+is expected to fail (strict xfail, the reason names the gap): the Qwen-vocabulary cases are 25 % over today.
 """
 import json
 from pathlib import Path
@@ -24,7 +25,8 @@ TOLERANCE = 0.15
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", [c for c in CASES if c.compare], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=pytest.mark.xfail(strict=True, reason=c.known_gap))
+                                  if c.known_gap else pytest.param(c, id=c.name) for c in CASES])
 def test_measured_memory_within_15_percent_of_planned(msrun, tmp_path, case):
     msrun(WORKER, [tmp_path, case.name], workers=case.world, timeout=900)
     for rank in range(case.world):
