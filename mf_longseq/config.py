@@ -8,7 +8,7 @@ MindFormers rejects unknown keys under ``parallel_config``::
                       context_parallel_algo, ulysses_degree_in_cp, use_seq_parallel}
     parallel: {enable_alltoall}
     context: {device_target}
-    long_seq: {layout, block_size, device_num}
+    long_seq: {layout, block_size, device_num, loss_tile, mlp_tile, offload_layer_inputs}
 
 The model's facts (``model.model_config``: seq_length, num_heads, n_kv_heads, num_layers, use_flash_attention,
 use_attn_mask_compression) have one home, the model config (``LongSeqModelConfig``); ``LongSeqConfig.check_model``
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
 
 # Keys a user may put in the plugin's own ``long_seq:`` section.
-LONG_SEQ_KEYS = ("layout", "block_size", "device_num")
+LONG_SEQ_KEYS = ("layout", "block_size", "device_num", "loss_tile", "mlp_tile", "offload_layer_inputs")
 
 
 class ConfigError(ValueError):
@@ -131,6 +131,12 @@ class LongSeqConfig:
     """long_seq.layout: how a sequence is split across CP ranks, contiguous or zigzag (causal load balance)."""
     block_size: int = 2048
     """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
+    loss_tile: int = 0
+    """long_seq.loss_tile: tokens per tile of the LM head + cross entropy (0 = off); `mf-longseq plan` picks one."""
+    mlp_tile: int = 0
+    """long_seq.mlp_tile: tokens per tile of the MLP, intermediates recomputed in backward (0 = off)."""
+    offload_layer_inputs: bool = False
+    """long_seq.offload_layer_inputs: layer inputs to host memory, back one layer ahead (with recompute)."""
 
     def __post_init__(self):
         self._check_types()
@@ -198,6 +204,7 @@ class LongSeqConfig:
             _fail(_KEY_PATHS["device_num"], num, "must be a positive integer", "set it to the number of devices "
                   "or remove it (default: the product of the parallel degrees)")
         _check_bools(settings)
+        _check_tiles(settings)
         if isinstance(self.context_parallel_algo, str) and self.context_parallel_algo in LEGACY_ALGO_SPELLINGS:
             _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo,
                   "is the old spelling, which MindFormers 1.9 refuses ('hybird_cp' is not a valid ContextParallelAlgo)",
@@ -350,6 +357,9 @@ _KEY_PATHS = {
     "device_num": "long_seq.device_num",
     "layout": "long_seq.layout",
     "block_size": "long_seq.block_size",
+    "loss_tile": "long_seq.loss_tile",
+    "mlp_tile": "long_seq.mlp_tile",
+    "offload_layer_inputs": "long_seq.offload_layer_inputs",
 }
 
 
@@ -387,7 +397,9 @@ def model_facts(model: Any) -> dict:
 # Settings and model facts that count something (positive int32), and the flags (True / False).
 COUNT_KEYS = ("data_parallel", "model_parallel", "context_parallel", "pipeline_stage", "micro_batch_num",
               "ulysses_degree_in_cp", "block_size", "seq_length", "num_heads", "n_kv_heads", "num_layers")
-FLAG_KEYS = ("use_seq_parallel", "enable_alltoall", "use_flash_attention")
+FLAG_KEYS = ("use_seq_parallel", "enable_alltoall", "use_flash_attention", "offload_layer_inputs")
+# Settings that count tokens and may be 0 (= off): non-negative int32.
+TILE_KEYS = ("loss_tile", "mlp_tile")
 
 
 def _check_counts(values: Mapping) -> None:
@@ -401,6 +413,15 @@ def _check_counts(values: Mapping) -> None:
         if value > MAX_COUNT:
             _fail(_KEY_PATHS[name], value, f"is larger than {MAX_COUNT} (MindSpore shapes and ids are int32)",
                   f"set {_KEY_PATHS[name]} to at most {MAX_COUNT}")
+
+
+def _check_tiles(values: Mapping) -> None:
+    """Each of ``TILE_KEYS`` in ``values`` an int in [0, ``MAX_COUNT``] (0 = off); ConfigError on its key."""
+    for name in TILE_KEYS:
+        value = values.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            _fail(_KEY_PATHS[name], value, "must be an integer >= 0 (tokens per tile; 0 = off)",
+                  f"set {_KEY_PATHS[name]} to 0 (off) or a number of tokens, e.g. 4096")
 
 
 def _check_bools(values: Mapping) -> None:

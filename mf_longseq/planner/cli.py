@@ -3,22 +3,29 @@
     mf-longseq plan --model llama2-70b --seq-len 131072 --devices 64 --device-memory 64GiB
     mf-longseq plan --model qwen1_5-72b --seq-len 32768 --devices 32 --emit-yaml run.yaml --json
 
-Prints the model, the per-device memory of the best layout item by item (with and without recompute, the
-attention buffers of every CP algorithm), the bytes each CP algorithm moves per step at that layout, and the
-ranked layouts that fit.  ``--emit-yaml`` writes the best one as a MindFormers YAML (checked by
-``mf-longseq validate`` rules before it is written).
+Prints the model, the per-device memory of the best layout item by item (with and without recompute, with and
+without the memory features, the attention buffers of every CP algorithm), the bytes each CP algorithm moves
+per step at that layout, and the ranked layouts that fit.  ``--emit-yaml`` writes the best one as a MindFormers
+YAML (checked by ``mf-longseq validate`` rules before it is written).
+
+The memory features (``long_seq.loss_tile``, ``long_seq.mlp_tile``, ``parallel_config.use_seq_parallel``,
+``long_seq.offload_layer_inputs``): each flag is ``auto`` (the planner picks, the default), or a value that
+fixes it; a ``--model`` YAML that sets one of those keys fixes it too (a flag other than ``auto`` wins).
+``--no-features`` turns all four off (the planner as it was before them).
 """
 import contextlib
 import json
 import re
 import sys
 from dataclasses import asdict, replace
+from typing import Optional
 
 from mf_longseq.planner import comm
 from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import memory_per_device
-from mf_longseq.planner.recommend import Hardware, check, closest, recommend, step_traffic, ulysses_split
+from mf_longseq.planner.recommend import (Choices, Hardware, check, closest, recommend, step_traffic,
+                                          ulysses_split)
 from mf_longseq.planner.shapes import model_shape
 from mf_longseq.planner.template import emit_yaml
 
@@ -52,6 +59,39 @@ def _settings(args) -> Settings:
                     use_alltoall=not args.allgather, backend=args.backend, block_size=args.block_size)
 
 
+_SWITCH = {"auto": None, "on": True, "off": False}
+# CLI flag -> (Choices field, the YAML key that can fix it)
+FEATURE_KEYS = {"loss_tile": "long_seq.loss_tile", "mlp_tile": "long_seq.mlp_tile",
+                "seq_parallel": "parallel_config.use_seq_parallel",
+                "offload_layer_inputs": "long_seq.offload_layer_inputs"}
+
+
+def _tile(flag: str, text) -> Optional[int]:
+    if text is None or str(text) == "auto":
+        return None
+    if str(text).isdigit():
+        return int(text)
+    raise ValueError(f"--{flag.replace('_', '-')} = {text!r}: not a tile. Fix: write auto, 0 (off) or a number of "
+                     "tokens, e.g. 4096")
+
+
+def choices(args) -> Choices:
+    """The features the planner may pick (``Choices``): the flags, then the ``--model`` YAML's keys, else auto."""
+    if args.no_features:
+        return Choices.off()
+    fixed = {"loss_tile": _tile("loss_tile", args.loss_tile), "mlp_tile": _tile("mlp_tile", args.mlp_tile),
+             "seq_parallel": _SWITCH[args.seq_parallel], "offload_layer_inputs": _SWITCH[args.offload_layer_inputs]}
+    if str(args.model).endswith((".yaml", ".yml")):
+        from mf_longseq.config import LongSeqConfig, node_at
+        from mf_longseq.train.validation import load_tree
+        tree = load_tree(args.model)
+        config = LongSeqConfig.from_mindformers(tree, use_seq_parallel=False)     # the keys, validated
+        for name, path in FEATURE_KEYS.items():
+            if fixed[name] is None and node_at(tree, path) is not None:
+                fixed[name] = node_at(tree, path) if name == "seq_parallel" else getattr(config, name)
+    return Choices(**fixed)
+
+
 def _algo_rows(shape, best, settings):
     """The CP exchanges of every algorithm at the best layout's degrees: (label, bytes per layer fwd, per step)."""
     rows = []
@@ -81,14 +121,20 @@ def report(args) -> dict:
     hw = Hardware(memory=parse_size(args.device_memory), reserve=args.reserve, tflops=args.tflops,
                   devices_per_node=args.devices_per_node)
     algos = [args.algo] if args.algo else list(CP_ALGOS)
-    ranked = recommend(shape, args.devices, settings, hw, algos, max_mp=args.max_mp)
+    picks = choices(args)
+    ranked = recommend(shape, args.devices, settings, hw, algos, max_mp=args.max_mp, choices=picks)
     out = {"model": asdict(shape) | {"total_params": shape.total_params}, "settings": asdict(settings),
-           "devices": args.devices, "usable_memory": hw.usable, "recommendations": [], "best": None,
-           "closest": None}
+           "choices": asdict(picks), "devices": args.devices, "usable_memory": hw.usable, "recommendations": [],
+           "best": None, "closest": None}
     out["recommendations"] = [_candidate_dict(c, shape) for c in ranked[:args.top]]
-    shown = ranked[0] if ranked else closest(shape, args.devices, settings, hw, algos, max_mp=args.max_mp)
+    shown = ranked[0] if ranked else closest(shape, args.devices, settings, hw, algos, max_mp=args.max_mp,
+                                             choices=picks)
     if shown is not None:
         out["best" if ranked else "closest"] = _candidate_dict(shown, shape)
+        plain = replace(shown.settings, loss_tile=0, mlp_tile=0, seq_parallel=False, offload_layer_inputs=False)
+        out["without_features"] = dict(memory_per_device(shape, shown.layout, plain).rows())
+        today = recommend(shape, args.devices, settings, hw, algos, max_mp=args.max_mp, choices=Choices.off())
+        out["best_without_features"] = _candidate_dict(today[0], shape) if today else None
         out["algorithms_at_best"] = [dict(zip(("label", "cp_bytes_per_layer_forward", "cp_bytes_per_step",
                                                "attention_buffers", "invalid", "ulysses_heads",
                                                "replicated_kv_bytes_per_layer_forward"), row))
@@ -100,7 +146,7 @@ def _candidate_dict(cand, shape) -> dict:
     split = ulysses_split(shape, cand.layout)
     return {"ulysses_heads": split.describe() if split else None, "head_imbalance": split.imbalance if split else 1.0,
             "layout": asdict(cand.layout), "label": cand.layout.label(), "settings": asdict(cand.settings),
-            "recompute": cand.recompute, "memory_total": cand.memory_total, "memory": dict(cand.memory.rows()),
+            "features": cand.settings.features(), "recompute": cand.recompute, "memory_total": cand.memory_total, "memory": dict(cand.memory.rows()),
             "comm_bytes_per_step": cand.comm_bytes, "step_seconds_estimate": cand.step_seconds}
 
 
@@ -115,14 +161,14 @@ def _print(out: dict, args) -> None:
         print("no valid layout: the heads, sequence length and device count admit none (see mf-longseq validate)")
         return
     if out["best"]:
-        print(f"\nbest: {best['label']}{' with recompute' if best['recompute'] else ''}: memory per device")
+        print(f"\nbest: {best['label']}{' with recompute' if best['recompute'] else ''}, features: "
+              f"{best['features']}: memory per device")
     else:
-        print(f"\nNO LAYOUT FITS. The one needing least memory is {best['label']} with recompute, "
-              f"{gib(best['memory_total']).strip()} per device > {gib(out['usable_memory']).strip()} usable. "
-              "Fix: more devices, more --device-memory, or a higher --zero (3 splits the weights too).")
-    for name, value in best["memory"].items():
-        print(f"  {name:24s}{gib(value)}")
-    print(f"  {'total':24s}{gib(best['memory_total'])}")
+        print(f"\nNO LAYOUT FITS. The one needing least memory is {best['label']} with recompute, features: "
+              f"{best['features']}, {gib(best['memory_total']).strip()} per device > "
+              f"{gib(out['usable_memory']).strip()} usable. Fix: more devices, more --device-memory, or a higher "
+              "--zero (3 splits the weights too).")
+    _print_items(out, best)
     print(f"\nCP exchanges per device at dp{best['layout']['dp']} mp{best['layout']['mp']} cp{best['layout']['cp']} "
           f"pp{best['layout']['pp']} (bytes this device sends):")
     print(f"  {'algorithm':34s}{'per layer fwd':>16s}{'per step':>16s}{'attn buffers':>14s}")
@@ -143,6 +189,22 @@ def _print(out: dict, args) -> None:
               + (f"  uneven heads: busiest {rec['head_imbalance']:.2f}x the mean" if rec["head_imbalance"] > 1 else ""))
 
 
+def _print_items(out: dict, best: dict) -> None:
+    """Each memory item at the shown layout, without and with the chosen features."""
+    plain = out["without_features"]
+    print(f"  {'item':24s}{'no features':>12s}{'chosen':>12s}")
+    for name, value in best["memory"].items():
+        note = "  (host memory, not counted)" if name == "host" else ""
+        print(f"  {name:24s}{gib(plain[name])}{gib(value)}{note}")
+    recompute = best["recompute"]
+    total_plain = sum(v for k, v in plain.items() if k not in ("host", "activations" if recompute else
+                                                                "activations_recompute"))
+    print(f"  {'total':24s}{gib(total_plain)}{gib(best['memory_total'])}")
+    today = out.get("best_without_features")
+    print("  without the features: " + (f"best {today['label']}{' with recompute' if today['recompute'] else ''}, "
+                                        f"{gib(today['memory_total']).strip()}" if today else "no layout fits"))
+
+
 def run(args) -> int:
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr if args.json else stdout):   # library logs must not mix with JSON
@@ -156,8 +218,7 @@ def _run(args, stdout) -> int:
             raise ValueError(f"--emit-yaml {args.emit_yaml}: no layout fits, nothing to write. Fix: more devices or "
                              "more --device-memory")
         best = out["best"]
-        emit_yaml(args.emit_yaml, args.model, RunPlan(**best["layout"]), Settings(**best["settings"]),
-                  recompute=best["recompute"])
+        emit_yaml(args.emit_yaml, args.model, RunPlan(**best["layout"]), Settings(**best["settings"]))
         out["emitted_yaml"] = args.emit_yaml
     if args.json:
         print(json.dumps(out, indent=2, default=str), file=stdout)
@@ -189,6 +250,15 @@ def register(subparsers) -> None:
     p.add_argument("--no-mask-compression", action="store_true", help="dense S x S mask")
     p.add_argument("--backend", choices=("ascend", "cpu"), default="ascend")
     p.add_argument("--block-size", type=int, default=2048, help="blockwise kernel tile (backend cpu)")
+    p.add_argument("--loss-tile", default="auto", help="long_seq.loss_tile: auto (default: the planner picks), "
+                   "0 (off) or tokens per tile")
+    p.add_argument("--mlp-tile", default="auto", help="long_seq.mlp_tile: auto (default), 0 (off) or tokens per tile")
+    p.add_argument("--seq-parallel", choices=tuple(_SWITCH), default="auto",
+                   help="parallel_config.use_seq_parallel (with model_parallel > 1): auto (default), on, off")
+    p.add_argument("--offload-layer-inputs", choices=tuple(_SWITCH), default="auto",
+                   help="long_seq.offload_layer_inputs (with recompute): auto (default), on, off")
+    p.add_argument("--no-features", action="store_true", help="all four memory features off (the planner as "
+                   "before them)")
     p.add_argument("--tflops", type=float, default=280.0, help="peak TFLOP/s per device for the time estimate")
     p.add_argument("--devices-per-node", type=int, default=8)
     p.add_argument("--max-mp", type=int, default=8, help="largest model-parallel degree tried (default 8)")

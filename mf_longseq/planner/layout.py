@@ -21,6 +21,11 @@ class Settings:
         use_alltoall: parallel.enable_alltoall (the Ulysses exchange).
         backend: "ascend" (FlashAttentionScore) or "cpu" (blockwise kernel, tiles of ``block_size``).
         block_size: tile size of the blockwise kernel.
+        loss_tile: ``long_seq.loss_tile``, tokens per tile of the LM head + cross entropy (0 = off).
+        mlp_tile: ``long_seq.mlp_tile``, tokens per tile of the MLP (0 = off).
+        seq_parallel: ``parallel_config.use_seq_parallel`` (Megatron sequence parallelism over the mp ranks; it
+            changes nothing when mp = 1).
+        offload_layer_inputs: ``long_seq.offload_layer_inputs`` (layer inputs kept on the host, with recompute).
     """
 
     seq_len: int
@@ -35,6 +40,18 @@ class Settings:
     use_alltoall: bool = True
     backend: str = "ascend"
     block_size: int = 2048
+    loss_tile: int = 0
+    mlp_tile: int = 0
+    seq_parallel: bool = False
+    offload_layer_inputs: bool = False
 
     def bytes_of(self, which: str) -> int:
         return DTYPE_BYTES[getattr(self, f"{which}_dtype")]
+
+    def features(self) -> str:
+        """The memory features in force, e.g. 'loss_tile 2048, mlp_tile 1024, seq_parallel, offload' ('none')."""
+        parts = [f"loss_tile {self.loss_tile}"] if self.loss_tile else []
+        parts += [f"mlp_tile {self.mlp_tile}"] if self.mlp_tile else []
+        parts += [name for name, on in (("seq_parallel", self.seq_parallel), ("offload", self.offload_layer_inputs))
+                  if on]
+        return ", ".join(parts) or "none"

@@ -11,22 +11,30 @@ copy when the weights are half precision.  ``zero`` >= 1 / 2 / 3 splits the opti
 over the dp x cp ranks.
 
 Activations kept for backward, per layer (what the decoder in ``models/decoder.py`` and the engine keep alive
-in PyNative: every op's inputs that its backward reads, custom-bprop Cells' inputs and outputs):
+in PyNative: every op's inputs that its backward reads, custom-bprop Cells' inputs and outputs); r = t with
+sequence parallelism (``seq_parallel`` and t > 1), else 1:
 
-    norms      2 x (s h 4 + s h e)      float32 input copy and the normalised output, twice per layer
+    norms      2 x (s h 4 + s h e) / r  float32 input copy and the normalised output, twice per layer
+               (+ SP: 2 s h e, the all-gathered normalised inputs of the q/k/v and gate/up projections, which
+               their weight gradients read)
     q, k, v    s (Nt + 2 Kt) D e        projections
     RoPE       2 s (Nt + Kt) D e        rotated halves and the rotated q, k
     attention  s (Nt + 2 Kt) D e + 2 s Nt D e + 4 s Nt     BNSD q, k, v, the output in both layouts, lse
                (+ Ulysses: the head-layout q, k, v and output of the busiest Ulysses rank, s U (2 n_max +
                2 k_max) D e; n_max = ceil(Nt/U), k_max its most kv heads, ``attention/head_split.py``)
-    MLP        s (F/t) (4 e + 4)        gate, its float32 copy, silu, up, their product
+    MLP        s (F/t) (4 e + 4)        gate, its float32 copy, silu, up, their product (0 with ``mlp_tile``:
+                                        the tile's intermediates are recomputed in the backward)
 
-With recompute only each layer's input (s h e) is kept, and one layer's activations live during its backward.
-1F1B keeps min(pp, micro_batch_num) micro-batches in flight on the first stage.
+Each layer's input (the recompute checkpoint) is s h e / r.  Without recompute every layer keeps its
+activations and input; with recompute only the inputs are kept, and one layer's activations live during its
+backward.  1F1B keeps m = min(pp, micro_batch_num) micro-batches in flight on the first stage.  With
+``offload_layer_inputs`` the inputs go to the host after their layer's forward and come back one layer ahead of
+its backward: the device holds min(m L_s, 2) of them, the host the rest (``host``, not part of the total).
 
 Backward working set: while a layer's backward runs, the gradients of its largest block exist next to the
-activations not yet released: the MLP's d(product), d(silu), d(up) (3 s F/t e) and the hidden-state gradient in
-and out (2 s h e).
+activations not yet released: the MLP's d(product), d(silu), d(up) (3 s F/t e; with ``mlp_tile`` T those of
+one tile plus its recomputed intermediates, T F/t (3 e + 4 e + 4)) and the hidden-state gradient in and out
+(2 s h e / r; + SP: s h e, the full gradient of a gathered input before its reduce-scatter).
 
 Attention buffers (transient, the backward of one layer): ring: kv and the incoming kv (2 x 2 s Kh D e), the
 float32 dK/dV buffer and its shifted copy (2 x 2 s Kh D 4), the float32 dq (s Nt D 4), Kh the kv heads a ring
@@ -35,10 +43,16 @@ gathered tensor, U times the larger of the busiest rank's output (U s n_max) and
 its float32 tiles, T = min(block_size, S/R): in the backward of one tile the scores, their masked copy, p,
 dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4); and float32 copies of
 q, k, v when the compute dtype is half.
-Mask: dense b S^2 bytes (uint8) without compression, 2048^2 with (none on the CPU kernel).  Logits on the last
-stage, s V/t elements: the compute-dtype logits, two float32 copies kept by the cross entropy (the cast and
-logsumexp's input) and three float32 tensors of its backward (softmax, the gathered target's gradient, their
-sum): s V/t (e + 20).
+Mask: dense b S^2 bytes (uint8) without compression, 2048^2 with (none on the CPU kernel).
+
+Logits on the last stage, per (token, vocabulary entry of this mp rank) ``LOGIT_BYTES`` = 16: at the peak
+(the backward of exp inside logsumexp) four float32 arrays of s x V/t are alive: the float32 logits (kept by
+ReduceMax's backward), exp(logits - max) (kept by Exp's backward), its incoming gradient and the outgoing one.
+The compute-dtype logits are dead by then (Cast's backward keeps nothing): the earlier 22 = e + 5 x 4 counted
+them and one float32 array too many.  Measured: the Ascend dry-run allocator (``ms.runtime.max_memory_allocated``)
+16.2 bytes per entry at vocabulary 151936 (issue 19); CPU ranks: ``tests/dist/test_planner_memory.py``.
+With ``loss_tile`` T the tile's logits are recomputed in the backward, so the term is min(T, s) V/t x 16, plus
+the per-token float32 logsumexp and target logit the tiles keep (8 s).
 """
 import math
 from dataclasses import dataclass, fields
@@ -63,6 +77,7 @@ class Memory:
     attention: int
     mask: int
     logits: int
+    host: int = 0               # layer inputs offloaded to host memory (not device memory, not in the total)
 
     def total(self, recompute: bool) -> int:
         acts = self.activations_recompute if recompute else self.activations
@@ -71,6 +86,14 @@ class Memory:
 
     def rows(self) -> List[Tuple[str, int]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+LOGIT_BYTES = {"ascend": 16, "cpu": 48}     # per (token, vocabulary entry) at the cross entropy's peak (module doc)
+
+
+def sp_split(layout: RunPlan, settings: Settings) -> int:
+    """r: what sequence parallelism divides the residual stream, norms and layer inputs by (mp, or 1 when off)."""
+    return layout.mp if settings.seq_parallel else 1
 
 
 def local_heads(heads: int, mp: int) -> int:
@@ -102,14 +125,15 @@ def layer_activations(shape: ModelShape, layout: RunPlan, settings: Settings) ->
     e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
     h, d, f = shape.hidden, shape.head_dim, shape.ffn // layout.mp
     nt, kt = local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp)
-    norms = 2 * (s * h * 4 + s * h * e)
+    r = sp_split(layout, settings)
+    norms = 2 * (s * h * 4 + s * h * e) // r + (2 * s * h * e if r > 1 else 0)
     qkv = s * (nt + 2 * kt) * d * e
     rope = 2 * s * (nt + kt) * d * e
     attention = s * (nt + 2 * kt) * d * e + 2 * s * nt * d * e + 4 * s * nt
     if layout.ulysses > 1:
         split = HeadSplit(nt, kt, layout.ulysses)                           # the busiest Ulysses rank's heads
         attention += s * layout.ulysses * (2 * split.busiest + 2 * _most_kv(split)) * d * e
-    mlp = s * f * (4 * e + 4)
+    mlp = 0 if settings.mlp_tile else s * f * (4 * e + 4)
     return norms + qkv + rope + attention + mlp
 
 
@@ -132,23 +156,44 @@ def attention_buffers(shape: ModelShape, layout: RunPlan, settings: Settings) ->
     return out
 
 
+def backward_working_set(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
+    """Bytes of a layer's backward beyond what it keeps: the MLP's gradients (one tile's with ``mlp_tile``, and
+    its recomputed intermediates) and the hidden-state gradient in and out (module docstring)."""
+    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
+    f, h, r = shape.ffn // layout.mp, shape.hidden, sp_split(layout, settings)
+    mlp = 3 * s * f * e
+    if settings.mlp_tile:
+        tile = min(settings.mlp_tile, s)
+        mlp = tile * f * (3 * e + 4 * e + 4)
+    return mlp + 2 * s * h * e // r + (s * h * e if r > 1 else 0)
+
+
+def logits_bytes(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
+    """The cross entropy's peak on the last stage: s V/t x ``LOGIT_BYTES``, or one tile's with ``loss_tile`` plus
+    the per-token statistics the tiles keep (module docstring)."""
+    s, vt = settings.micro_batch * settings.seq_len // layout.cp, shape.vocab // layout.mp
+    if settings.loss_tile:
+        return min(settings.loss_tile, s) * vt * LOGIT_BYTES[settings.backend] + 8 * s
+    return s * vt * LOGIT_BYTES[settings.backend]
+
+
 def memory_per_device(shape: ModelShape, layout: RunPlan, settings: Settings) -> Memory:
     """Every item of the per-device memory of ``layout`` (bytes, worst pipeline stage)."""
     params, group = stage_params(shape, layout), layout.dp * layout.cp
     split = lambda stage: group if settings.zero >= stage else 1                          # noqa: E731
     optimizer = params * (8 + (4 if settings.bytes_of("param") < 4 else 0)) // split(1)
-    layers = math.ceil(shape.layers / layout.pp)
-    in_flight = min(layout.pp, max(settings.micro_batch_num, 1))
+    inputs = math.ceil(shape.layers / layout.pp) * min(layout.pp, max(settings.micro_batch_num, 1))
     per_layer = layer_activations(shape, layout, settings)
     s = settings.micro_batch * settings.seq_len // layout.cp
-    layer_input = s * shape.hidden * settings.bytes_of("compute")
+    layer_input = s * shape.hidden * settings.bytes_of("compute") // sp_split(layout, settings)
+    on_device = min(inputs, 2) if settings.offload_layer_inputs else inputs
     mask = 2048 * 2048 if settings.mask_compression else settings.micro_batch * settings.seq_len ** 2
     if settings.mask_compression and settings.backend == "cpu":
         mask = 0                                                  # the blockwise kernel decides from positions
-    logits = s * (shape.vocab // layout.mp) * (settings.bytes_of("compute") + 20)
     return Memory(weights=params * settings.bytes_of("param") // split(3),
                   gradients=params * settings.bytes_of("grad") // split(2),
-                  optimizer=optimizer, activations=in_flight * layers * (per_layer + layer_input),
-                  activations_recompute=in_flight * layers * layer_input + per_layer,
-                  backward=3 * s * (shape.ffn // layout.mp) * settings.bytes_of("compute") + 2 * layer_input,
-                  attention=attention_buffers(shape, layout, settings), mask=mask, logits=logits)
+                  optimizer=optimizer, activations=inputs * per_layer + on_device * layer_input,
+                  activations_recompute=on_device * layer_input + per_layer,
+                  backward=backward_working_set(shape, layout, settings),
+                  attention=attention_buffers(shape, layout, settings), mask=mask,
+                  logits=logits_bytes(shape, layout, settings), host=(inputs - on_device) * layer_input)

@@ -9,8 +9,19 @@ Time model (an estimate for ranking, not a measurement): compute = model FLOPs o
 attention part is the busiest rank's, x ceil(N/U) / (N/U) of the mean when the heads split unevenly) at
 ``tflops`` x ``efficiency``; communication = the bytes of ``comm.py`` (CP exchanges, tensor-parallel
 all-reduces, gradient all-reduce) over the group's bandwidth, not overlapped; the 1F1B pipeline adds
-(pp - 1) / micro_batch_num of the compute.
+(pp - 1) / micro_batch_num of the compute.  The memory features cost: ``mlp_tile`` one more MLP forward
+(6 h F flops per token and layer), ``loss_tile`` one more LM-head forward (2 h V per token), sequence parallelism
+nothing (its all-gather + reduce-scatter move the bytes of the all-reduce they replace), ``offload_layer_inputs``
+the part of each layer input's two host copies (out and back, at ``host_gbps``) that one layer's compute does
+not hide.
+
+Feature choice (``Choices``): a feature the user fixed (CLI flag or YAML key) is used as given; one left to the
+planner ("auto") is tried off and on (tiles from ``default_tile``), and each layout keeps the fastest combination
+that fits (ties: the least memory), recompute only where needed.  Offload is tried only with recompute; sequence
+parallelism only with mp > 1, and on "auto" only where ``LongSeqConfig`` accepts it with the layout's CP degree
+(``--seq-parallel on`` models it everywhere, as issue 19 specifies it).
 """
+import itertools
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence
 
@@ -34,6 +45,7 @@ class Hardware:
     intra_node_gbps: float = 100.0          # GB/s per device inside a node
     inter_node_gbps: float = 25.0           # GB/s per device across nodes
     devices_per_node: int = 8
+    host_gbps: float = 20.0                 # GB/s per device between device and host memory (offload)
 
     @property
     def usable(self) -> int:
@@ -54,6 +66,62 @@ class Candidate:
     @property
     def memory_total(self) -> int:
         return self.memory.total(self.recompute)
+
+
+TILE_BUDGET = 256 * 2 ** 20        # bytes: one tile's float32 logits (loss_tile) / intermediates (mlp_tile)
+
+
+def default_tile(bytes_per_token: int, tokens: int) -> int:
+    """The tile the planner picks: the largest power of two T >= 128 with T x ``bytes_per_token`` <=
+    ``TILE_BUDGET`` (256 MiB), at most ``tokens`` (this rank's s).  loss_tile: bytes_per_token = V/t x 4 (one
+    float32 logits row); mlp_tile: F/t x (4 e + 4) (one token's MLP intermediates)."""
+    tile = 128
+    while tile * 2 * bytes_per_token <= TILE_BUDGET and tile * 2 <= tokens:
+        tile *= 2
+    return min(tile, tokens)
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The memory features the planner may use: None = it picks (off or on), a value = fixed by the user.
+
+    Attributes:
+        loss_tile, mlp_tile: tokens per tile (0 = off), or None.
+        seq_parallel, offload_layer_inputs: True / False, or None.
+    """
+
+    loss_tile: Optional[int] = None
+    mlp_tile: Optional[int] = None
+    seq_parallel: Optional[bool] = None
+    offload_layer_inputs: Optional[bool] = None
+
+    @classmethod
+    def off(cls) -> "Choices":
+        """Every feature off: the run as it was before them."""
+        return cls(loss_tile=0, mlp_tile=0, seq_parallel=False, offload_layer_inputs=False)
+
+    def variants(self, shape: ModelShape, layout: RunPlan, settings: Settings) -> Iterator[Settings]:
+        """``settings`` with every combination of the features left to the planner (module docstring)."""
+        s, e = settings.micro_batch * settings.seq_len // layout.cp, settings.bytes_of("compute")
+        loss = default_tile(shape.vocab // layout.mp * 4, s)
+        mlp = default_tile(shape.ffn // layout.mp * (4 * e + 4), s)
+        options = [[0, loss] if self.loss_tile is None else [self.loss_tile],
+                   [0, mlp] if self.mlp_tile is None else [self.mlp_tile],
+                   [False] if layout.mp == 1 else ([False, True] if _sp_accepted(layout) else [False])
+                   if self.seq_parallel is None else [self.seq_parallel],
+                   [False, True] if self.offload_layer_inputs is None else [self.offload_layer_inputs]]
+        for loss_tile, mlp_tile, sp, offload in itertools.product(*options):
+            yield replace(settings, loss_tile=loss_tile, mlp_tile=mlp_tile, seq_parallel=sp,
+                          offload_layer_inputs=offload)
+
+
+def _sp_accepted(layout: RunPlan) -> bool:
+    """Whether ``LongSeqConfig`` accepts ``use_seq_parallel`` with this layout's degrees (the rule lives there)."""
+    try:
+        LongSeqConfig(model_parallel=layout.mp, context_parallel=layout.cp, use_seq_parallel=True)
+    except ValueError:
+        return False
+    return True
 
 
 def _divisors(n: int) -> List[int]:
@@ -132,7 +200,10 @@ def step_seconds(shape: ModelShape, layout: RunPlan, settings: Settings, recompu
     split = ulysses_split(shape, layout)
     imbalance = split.imbalance if split else 1.0                                # busiest Ulysses rank's heads
     flops = tokens * (6 * shape.total_params + 6 * shape.layers * shape.hidden * settings.seq_len * imbalance)
-    flops *= (4 / 3 if recompute else 1) / (layout.mp * layout.cp * layout.pp)
+    flops *= (4 / 3 if recompute else 1)
+    flops += tokens * shape.layers * 6 * shape.hidden * shape.ffn if settings.mlp_tile else 0   # MLP again
+    flops += tokens * 2 * shape.hidden * shape.vocab if settings.loss_tile else 0            # LM head again
+    flops /= layout.mp * layout.cp * layout.pp
     compute = flops / (hw.tflops * 1e12 * hw.efficiency)
     traffic = step_traffic(shape, layout, settings)
     spans = {"all_to_all": layout.mp * layout.ulysses, "all_gather": layout.mp * layout.ulysses,
@@ -140,35 +211,73 @@ def step_seconds(shape: ModelShape, layout: RunPlan, settings: Settings, recompu
              "grad_all_reduce": layout.mp * layout.cp * layout.dp}
     network = sum(n / _bandwidth(spans[kind], hw) for kind, n in traffic.items())
     bubble = compute * (layout.pp - 1) / micro
-    return compute + network + bubble
+    return compute + network + bubble + _offload_exposed(shape, layout, settings, compute, hw)
+
+
+def _offload_exposed(shape: ModelShape, layout: RunPlan, settings: Settings, compute: float, hw: Hardware) -> float:
+    """Seconds of layer-input copies (out after the forward, back before the backward) one layer's compute does
+    not hide."""
+    if not settings.offload_layer_inputs:
+        return 0.0
+    layers = -(-shape.layers // layout.pp) * max(settings.micro_batch_num, layout.pp)
+    s = settings.micro_batch * settings.seq_len // layout.cp
+    nbytes = s * shape.hidden * settings.bytes_of("compute") // (layout.mp if settings.seq_parallel else 1)
+    per_layer = compute / layers
+    return layers * max(0.0, 2 * nbytes / (hw.host_gbps * 1e9) - per_layer)
+
+
+def _fitting(shape: ModelShape, layout: RunPlan, settings: Settings, hw: Hardware,
+             choices: Choices) -> Optional[Candidate]:
+    """The fastest feature combination and recompute setting of ``layout`` that fits (None: none fits)."""
+    best = None
+    for variant in choices.variants(shape, layout, settings):
+        memory = memory_per_device(shape, layout, variant)
+        for recompute in (False, True):
+            if variant.offload_layer_inputs and not recompute or memory.total(recompute) > hw.usable:
+                continue
+            run = replace(variant, recompute=recompute)
+            cand = Candidate(layout, run, memory, recompute, step_traffic(shape, layout, run),
+                             step_seconds(shape, layout, run, recompute, hw))
+            if best is None or (cand.step_seconds, cand.memory_total) < (best.step_seconds, best.memory_total):
+                best = cand
+            break
+    return best
 
 
 def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = CP_ALGOS,
-              max_mp: int = 8) -> List[Candidate]:
-    """Layouts that fit ``hw.usable`` bytes, fastest first (recompute only where needed to fit)."""
+              max_mp: int = 8, choices: Choices = Choices.off()) -> List[Candidate]:
+    """Layouts that fit ``hw.usable`` bytes, fastest first, each with its fastest fitting features (``choices``:
+    the default uses none of them, as before they existed) and recompute only where needed."""
     out = []
     for layout in layouts(devices, shape, algos, max_mp):
         if check(layout, shape, settings) is not None:
             continue
         s = replace(settings, micro_batch_num=max(settings.micro_batch_num, layout.pp))
-        memory = memory_per_device(shape, layout, s)
-        for recompute in (False, True):
-            if memory.total(recompute) <= hw.usable:
-                out.append(Candidate(layout, s, memory, recompute, step_traffic(shape, layout, s),
-                                     step_seconds(shape, layout, s, recompute, hw)))
-                break
+        found = _fitting(shape, layout, s, hw, choices)
+        if found is not None:
+            out.append(found)
     return sorted(out, key=lambda c: (c.step_seconds, c.memory_total))
 
 
+def _least(choices: Choices) -> Choices:
+    """Every feature the planner may pick, on (the least memory ``choices`` allow)."""
+    return Choices(loss_tile=choices.loss_tile, mlp_tile=choices.mlp_tile,
+                   seq_parallel=True if choices.seq_parallel is None else choices.seq_parallel,
+                   offload_layer_inputs=True if choices.offload_layer_inputs is None
+                   else choices.offload_layer_inputs)
+
+
 def closest(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = CP_ALGOS,
-            max_mp: int = 8) -> Optional[Candidate]:
-    """The valid layout that needs the least memory (with recompute), whether it fits or not."""
+            max_mp: int = 8, choices: Choices = Choices.off()) -> Optional[Candidate]:
+    """The valid layout (and features ``choices`` allow) that needs the least memory, with recompute, whether it
+    fits or not."""
     best = None
     for layout in layouts(devices, shape, algos, max_mp):
         if check(layout, shape, settings) is None:
-            s = replace(settings, micro_batch_num=max(settings.micro_batch_num, layout.pp))
-            memory = memory_per_device(shape, layout, s)
-            if best is None or memory.total(True) < best.memory_total:
-                best = Candidate(layout, s, memory, True, step_traffic(shape, layout, s),
-                                 step_seconds(shape, layout, s, True, hw))
+            s = replace(settings, micro_batch_num=max(settings.micro_batch_num, layout.pp), recompute=True)
+            for variant in _least(choices).variants(shape, layout, s):
+                memory = memory_per_device(shape, layout, variant)
+                if best is None or memory.total(True) < best.memory_total:
+                    best = Candidate(layout, variant, memory, True, step_traffic(shape, layout, variant),
+                                     step_seconds(shape, layout, variant, True, hw))
     return best

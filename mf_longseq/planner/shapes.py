@@ -68,8 +68,12 @@ def _config_of(name: str):
 
 def model_shape(name: str) -> ModelShape:
     """The shape of a preset ("llama2-70b") or of a YAML's ``model.model_config``."""
+    return shape_of(_config_of(name), name)
+
+
+def shape_of(config, name: str) -> ModelShape:
+    """The shape of a model config object (``LongSeqModelConfig``), called ``name``."""
     from mf_longseq.models import parameter_shapes
-    config = _config_of(name)
     sizes = {key: _numel(shape) for key, shape in parameter_shapes(config).items()}
     layer = sum(n for key, n in sizes.items() if key.startswith("model.layers.0."))
     return ModelShape(name=name, hidden=config.hidden_size, layers=config.num_layers, heads=config.num_heads,

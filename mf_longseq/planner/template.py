@@ -5,7 +5,7 @@ The file is checked before it is written: ``LongSeqConfig.from_mindformers`` (ev
 """
 import yaml
 
-from mf_longseq.config import LongSeqConfig
+from mf_longseq.config import ConfigError, LongSeqConfig
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner.layout import Settings
 
@@ -14,7 +14,7 @@ _CLASSES = {"llama2": ("LlamaLongSeqConfig", "LlamaLongSeqForCausalLM"),
             "qwen1_5": ("Qwen2LongSeqConfig", "Qwen2LongSeqForCausalLM")}
 
 
-def template(model: str, layout: RunPlan, settings: Settings, recompute: bool) -> dict:
+def template(model: str, layout: RunPlan, settings: Settings) -> dict:
     """The YAML tree of one run."""
     from mf_longseq.planner.shapes import _config_of
     config = _config_of(model)
@@ -33,12 +33,13 @@ def template(model: str, layout: RunPlan, settings: Settings, recompute: bool) -
                             "context_parallel": layout.cp, "pipeline_stage": layout.pp,
                             "micro_batch_num": settings.micro_batch_num, "context_parallel_algo": layout.algo,
                             "ulysses_degree_in_cp": layout.ulysses_degree_in_cp,
-                            "use_seq_parallel": False, "vocab_emb_dp": True},
-        "recompute_config": {"recompute": recompute},
+                            "use_seq_parallel": settings.seq_parallel, "vocab_emb_dp": True},
+        "recompute_config": {"recompute": settings.recompute},
         "runner_config": {"batch_size": settings.micro_batch},
         "model": {"model_config": model_config, "arch": {"type": arch_type}},
         "long_seq": {"layout": layout.seq_layout, "block_size": settings.block_size,
-                     "device_num": layout.world_size},
+                     "device_num": layout.world_size, "loss_tile": settings.loss_tile,
+                     "mlp_tile": settings.mlp_tile, "offload_layer_inputs": settings.offload_layer_inputs},
     }
 
 
@@ -46,14 +47,27 @@ _MODEL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_hea
                "rms_norm_eps", "theta", "qkv_has_bias", "tie_word_embeddings")
 
 
-def emit_yaml(path: str, model: str, layout: RunPlan, settings: Settings, recompute: bool) -> dict:
-    """Write the template of ``layout`` to ``path`` after checking it; returns the tree."""
+def emit_yaml(path: str, model: str, layout: RunPlan, settings: Settings) -> dict:
+    """Write the template of ``layout`` (recompute and memory features from ``settings``) to ``path`` after
+    checking it; returns the tree.
+
+    Raises:
+        ConfigError: a rule of this build refuses the tree (e.g. a build whose ``use_seq_parallel`` cannot run
+            with context_parallel > 1: then plan with ``--seq-parallel off``).
+    """
     from mf_longseq.models import model_config_from
-    tree = template(model, layout, settings, recompute)
-    LongSeqConfig.from_mindformers(tree)
+    tree = template(model, layout, settings)
+    try:
+        LongSeqConfig.from_mindformers(tree)
+    except ConfigError as err:
+        if err.key != "parallel_config.use_seq_parallel":
+            raise
+        raise ConfigError(err.key, True, f"{err.problem} in this build, so the planned run cannot be written",
+                          "plan again with --seq-parallel off") from err
     model_config_from(tree)
     header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {layout.world_size}: "
-              f"{layout.label()}{' with recompute' if recompute else ''}\n")
+              f"{layout.label()}{' with recompute' if settings.recompute else ''}, features: "
+              f"{settings.features()}\n")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(header + yaml.safe_dump(tree, sort_keys=False))
     return tree

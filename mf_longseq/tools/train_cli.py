@@ -111,6 +111,12 @@ def print_summary(output_dir: str, seconds: float, out=None) -> None:
     print(f"\nsummary: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
           f"{rate:,.0f} tok/s; peak RSS per rank (MiB): "
           + ", ".join(f"rank {i} {m:.0f}" for i, m in enumerate(peak)) + f"; wall time {seconds:.0f} s", file=out)
+    if last.get("memory_planned_mib") and last.get("memory_measured_mib"):
+        measured = [max(r["memory_measured_mib"][i] for r in records if r.get("memory_measured_mib"))
+                    for i in range(len(last["memory_measured_mib"]))]
+        print("model memory per rank, measured (peak RSS - RSS before the model) / planned (mf-longseq plan), "
+              "MiB: " + ", ".join(f"rank {i} {m:.0f} / {p:.0f} ({m / p - 1:+.0%})" for i, (m, p) in
+                                  enumerate(zip(measured, last["memory_planned_mib"]))), file=out)
 
 
 def run_demo(args) -> int:

@@ -25,7 +25,7 @@ from mf_longseq.train import context as run_context
 from mf_longseq.train import support
 from mf_longseq.train.data import open_source
 from mf_longseq.train.files import safe_path, write_atomic
-from mf_longseq.train.monitor import Monitor
+from mf_longseq.train.monitor import Monitor, rss_mib
 from mf_longseq.train.optim import AdamW, OptimSettings
 from mf_longseq.train.packing import PackingSettings
 from mf_longseq.train.runner import LoopSettings, Trainer, resume, save_checkpoint, train_loop
@@ -154,6 +154,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     seed = int(tree.get("seed", 0) or 0) if opts.seed is None else opts.seed
     ms.set_seed(seed)
     np.random.seed(seed)
+    memory_before, memory_planned = rss_mib(), planned_memory_mib(tree)
     model = model_factory(tree, run.mesh)
     settings = OptimSettings.from_mindformers(tree, opts.steps)
     vocab = checked.model.vocab_size                         # what the model builds (class default if unset)
@@ -192,8 +193,20 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     def save(step):
         save_checkpoint(trainer, run, output_dir=output_dir, step=step, tree=tree, config=config, data=data_state)
 
-    loop = LoopSettings(end_step=opts.steps, start_step=start, save_every=opts.save_every, output_dir=output_dir)
+    loop = LoopSettings(end_step=opts.steps, start_step=start, save_every=opts.save_every, output_dir=output_dir,
+                        memory_before_mib=memory_before, memory_planned_mib=memory_planned)
     return train_loop(trainer, run, loop, monitor=monitor, save=save if opts.save_every else None)
+
+
+def planned_memory_mib(tree: dict) -> Optional[float]:
+    """The planner's peak per device for this run, MiB (``planner/run.py``); None, with a warning, for a model
+    the planner cannot describe (a custom model factory's)."""
+    from mf_longseq.planner.run import planned_mib
+    try:
+        return planned_mib(tree)
+    except (ValueError, KeyError, TypeError) as err:
+        logger.warning("memory_planned_mib: the planner cannot describe this run (%s); not logged", err)
+        return None
 
 
 def _data_line(described: dict) -> str:

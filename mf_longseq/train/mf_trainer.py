@@ -111,10 +111,14 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
     def create_network(self, default_args: Optional[dict] = None):
         """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``)."""
         from mf_longseq.models import build_model
+        from mf_longseq.train.job import planned_memory_mib
+        from mf_longseq.train.monitor import rss_mib
         if (default_args or {}).get("calculate_per_token_loss"):
             raise ConfigError("calculate_per_token_loss", True, "the plugin's models return the global mean loss",
                               "set calculate_per_token_loss: False")
+        before, planned = rss_mib(), planned_memory_mib(self.tree)
         network = build_model(self.tree, mesh=self.mesh, long_seq_config=self.long_seq)
+        network.memory_before_mib, network.memory_planned_mib = before, planned   # read by the runner wrapper
         self.real_model = network
         return network
 

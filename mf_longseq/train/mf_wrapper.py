@@ -17,16 +17,24 @@ model_parallel = 1 and ``parallel.parallel_mode`` is data_parallel with ``gradie
 
 The mesh is the network's own (``network.mesh``, set when the model was built): the gradient group is
 ``mesh.group("dp_cp")``; model-parallel shards are not summed.
+
+Memory: when ``LongSeqTrainer`` built the network it left the planner's peak and the resident memory before the
+build on the model (``memory_planned_mib``, ``memory_before_mib``); after each step every rank logs
+``memory_planned_mib`` and ``memory_measured_mib`` (peak RSS minus that resident memory; ``train/monitor.py``).
 """
+import logging
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+from mindformers.tools.logger import logger          # the Trainer route's log (MindFormers' own)
 
 from mf_longseq.config import ConfigError
 from mf_longseq.parallel.comm import all_reduce
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.tensor_parallel import shard_specs
 from mf_longseq.train.clip import clip_grads
+from mf_longseq.train.monitor import peak_rss_mib
 
 
 def plugin_model(network):
@@ -86,6 +94,8 @@ class LongSeqTrainOneStepCell(nn.Cell):
         self.max_grad_norm = float(max_grad_norm) if use_clip_grad else None
         self.names = [p.name for p in self.weights]
         self.sizes = [int(np.prod(p.shape)) for p in self.weights]
+        self.memory = (getattr(model, "memory_planned_mib", None), getattr(model, "memory_before_mib", None))
+        self.steps = 0
 
     def sum_gradients(self, grads):
         """Gradients summed over dp x cp in one flat float32 collective, split back in parameter order."""
@@ -104,6 +114,11 @@ class LongSeqTrainOneStepCell(nn.Cell):
         if self.max_grad_norm is not None:
             grads, _ = clip_grads(grads, self.names, self.mesh, self.max_grad_norm, self.sharded)
         self.optimizer(grads)
+        self.steps += 1
+        planned, before = self.memory
+        if planned is not None and before is not None:
+            logger.info("step %d rank %d: memory_planned_mib %.0f memory_measured_mib %.0f", self.steps,
+                        self.mesh.rank, planned, peak_rss_mib() - before)
         return loss, Tensor(False), Tensor(np.float32(1.0))
 
 

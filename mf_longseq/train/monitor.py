@@ -5,6 +5,12 @@ Peak memory is the process's peak resident set size (``VmHWM`` of ``/proc/self/s
 Linux carries a parent's peak into a child started by fork + exec (msrun's, or pytest's), so a worker's
 ru_maxrss can report its parent's memory.
 Rank 0 prints one line per step and appends one JSON object per step to ``<output_dir>/metrics.jsonl``.
+
+The planner against the run, per rank (``memory_planned_mib``, ``memory_measured_mib``): planned is
+``mf_longseq.planner.run.planned_mib`` of the run's config (the planner's tensors: weights, gradients, optimizer
+states, activations, buffers, logits; worst pipeline stage); measured is this rank's peak resident memory so far
+minus its resident memory just before the model was built, so MindSpore's own runtime (libraries, kernels,
+communication) loaded before then is not counted as the model's.
 """
 import json
 import logging
@@ -52,6 +58,8 @@ class StepRecord:
     seconds: float               # wall time of the step
     lr: float
     peak_rss_mib: List[float]    # per rank, in rank order
+    memory_planned_mib: Optional[List[float]] = None    # per rank: the planner's peak (module docstring)
+    memory_measured_mib: Optional[List[float]] = None   # per rank: peak RSS - RSS before the model was built
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,9 +67,13 @@ class StepRecord:
 
     def line(self, total_steps: int) -> str:
         mem = " ".join(f"{m:.0f}" for m in self.peak_rss_mib)
+        planned = ""
+        if self.memory_planned_mib and self.memory_measured_mib:
+            planned = " | model memory measured/planned (MiB): " + " ".join(
+                f"{m:.0f}/{p:.0f}" for m, p in zip(self.memory_measured_mib, self.memory_planned_mib))
         return (f"step {self.step:>{len(str(total_steps))}}/{total_steps} | loss {self.loss:.6f} | "
                 f"{self.tokens_per_second:,.0f} tok/s | {self.seconds:.2f} s | lr {self.lr:.3g} | "
-                f"peak RSS per rank (MiB): {mem}")
+                f"peak RSS per rank (MiB): {mem}{planned}")
 
     def as_json(self) -> str:
         return json.dumps({**asdict(self), "tokens_per_second": self.tokens_per_second})

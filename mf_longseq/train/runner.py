@@ -194,6 +194,8 @@ class LoopSettings:
     start_step: int = 0
     save_every: int = 0
     output_dir: Optional[str] = None
+    memory_before_mib: Optional[float] = None     # this rank's RSS just before the model was built
+    memory_planned_mib: Optional[float] = None    # the planner's peak for this run (``planner/run.py``)
 
 
 def train_loop(trainer: Trainer, run, loop: LoopSettings, *, monitor: Monitor,
@@ -203,9 +205,15 @@ def train_loop(trainer: Trainer, run, loop: LoopSettings, *, monitor: Monitor,
         start = time.perf_counter()
         result = trainer.step(step)
         seconds = time.perf_counter() - start
-        rss = world_gather([peak_rss_mib()], run.rank, run.world_size)
+        peak = peak_rss_mib()
+        rss = world_gather([peak], run.rank, run.world_size)
+        planned = measured = None
+        if loop.memory_planned_mib is not None and loop.memory_before_mib is not None:
+            planned = world_gather([loop.memory_planned_mib], run.rank, run.world_size)
+            measured = world_gather([peak - loop.memory_before_mib], run.rank, run.world_size)
         monitor.record(StepRecord(step=step + 1, loss=result.loss, tokens=result.tokens, seconds=seconds,
-                                  lr=result.lr, peak_rss_mib=rss))
+                                  lr=result.lr, peak_rss_mib=rss, memory_planned_mib=planned,
+                                  memory_measured_mib=measured))
         done = step + 1
         if save is not None and loop.save_every and (done % loop.save_every == 0 or done == loop.end_step):
             save(done)

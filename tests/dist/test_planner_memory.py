@@ -1,43 +1,36 @@
-"""The planner's memory model against the measured peak memory of a real training step on 2 CPU ranks
-(CP = 2, ring, zigzag; a tiny LLaMA2 whose step is dominated by attention tiles, activations and logits).
+"""The planner against measured memory: each case of ``planner_sweep_worker.CASES`` trains one step through
+``mf-longseq train``'s job (``run_job``) on CPU ranks, and the ``memory_measured_mib`` each rank logs must lie
+within 15 % of the ``memory_planned_mib`` it logs beside it.
 
-What is compared: the rise of each rank's peak resident memory over its resident memory before the model was
-built (``planner_memory_worker.py``), against ``memory_per_device(...).total()`` for backend "cpu", float32,
-no optimizer sharding (mf_longseq's runner keeps everything on every rank).  Tolerance: 15%.
+Definitions (``train/monitor.py``): planned = ``planner.run.planned_mib`` of the case's config, the planner's
+tensors (backend "cpu", nothing sharded over dp x cp, as the runner keeps it); measured = the rank's peak resident
+memory minus its resident memory just before the model was built (MindSpore's runtime, kernels and communication
+set up before then are not the model's).
+
+One msrun launch per case: MindSpore's CPU memory pool keeps what a case freed (``ms.runtime.empty_cache`` and
+``malloc_trim`` return none of it), so a second case in the same process would reuse the first one's pool and
+measure too little.  The cases are the layouts CP 1 / 2 / 4, ring / Ulysses / hybrid, with recompute, and a
+Qwen-size vocabulary (151936) with a small hidden size, where the logits dominate.  A case with a ``known_gap``
+is expected to fail (strict xfail, the reason names the gap): the Qwen-vocabulary cases are 25 % over today.
 """
 import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from mf_longseq.parallel.plan import RunPlan
-from mf_longseq.planner.layout import Settings
-from mf_longseq.planner.memory import memory_per_device
-from mf_longseq.planner.shapes import model_shape
+from planner_sweep_worker import CASES
 
-WORKER = Path(__file__).resolve().parent / "planner_memory_worker.py"
-SEQ, BLOCK = 4096, 1024
-CONFIG = {
-    "context": {"device_target": "CPU"},
-    "parallel_config": {"data_parallel": 1, "model_parallel": 1, "context_parallel": 2, "pipeline_stage": 1,
-                        "context_parallel_algo": "colossalai_cp", "use_seq_parallel": False},
-    "long_seq": {"layout": "zigzag", "block_size": BLOCK},
-    "model": {"model_config": {"type": "LlamaLongSeqConfig", "vocab_size": 4096, "hidden_size": 256,
-                               "num_layers": 2, "num_heads": 8, "n_kv_heads": 2, "intermediate_size": 704,
-                               "seq_length": SEQ, "compute_dtype": "float32", "param_init_type": "float32"},
-              "arch": {"type": "LlamaLongSeqForCausalLM"}},
-}
+WORKER = Path(__file__).resolve().parent / "planner_sweep_worker.py"
+TOLERANCE = 0.15
 
 
 @pytest.mark.dist
-def test_memory_model_within_15_percent_of_measured_peak(msrun, tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
-    msrun(WORKER, [path, tmp_path / "out"], workers=2, timeout=900)
-    predicted = memory_per_device(model_shape(str(path)), RunPlan(cp=2, algo="colossalai_cp"), Settings(
-        seq_len=SEQ, param_dtype="float32", grad_dtype="float32", compute_dtype="float32", zero=0, backend="cpu",
-        block_size=BLOCK)).total(recompute=False)
-    for rank in range(2):
-        measured = json.loads((tmp_path / "out" / f"rank{rank}.json").read_text())["peak_delta"]
-        assert abs(measured - predicted) <= 0.15 * measured, (rank, measured / 2 ** 20, predicted / 2 ** 20)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=pytest.mark.xfail(strict=True, reason=c.known_gap))
+                                  if c.known_gap else pytest.param(c, id=c.name) for c in CASES])
+def test_measured_memory_within_15_percent_of_planned(msrun, tmp_path, case):
+    msrun(WORKER, [tmp_path, case.name], workers=case.world, timeout=900)
+    for rank in range(case.world):
+        logged = json.loads((tmp_path / case.name / f"rank{rank}.json").read_text())
+        planned, measured = logged["planned_mib"], logged["measured_mib"]
+        assert planned > 0 and measured > 0, logged
+        assert abs(measured - planned) <= TOLERANCE * planned, (case.name, rank, round(measured), round(planned))
