@@ -8,7 +8,7 @@ MindFormers rejects unknown keys under ``parallel_config``::
                       context_parallel_algo, ulysses_degree_in_cp, use_seq_parallel}
     parallel: {enable_alltoall}
     context: {device_target}
-    long_seq: {layout, block_size, device_num}
+    long_seq: {layout, block_size, device_num, offload_layer_inputs}
 
 The model's facts (``model.model_config``: seq_length, num_heads, n_kv_heads, num_layers, use_flash_attention,
 use_attn_mask_compression) have one home, the model config (``LongSeqModelConfig``); ``LongSeqConfig.check_model``
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
 
 # Keys a user may put in the plugin's own ``long_seq:`` section.
-LONG_SEQ_KEYS = ("layout", "block_size", "device_num")
+LONG_SEQ_KEYS = ("layout", "block_size", "device_num", "offload_layer_inputs")
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,9 @@ class LongSeqConfig:
     ulysses_degree_in_cp: int = 1
     """parallel_config.ulysses_degree_in_cp: Ulysses part of CP for hybrid_cp (ring part = CP / this)."""
     use_seq_parallel: bool = False
-    """parallel_config.use_seq_parallel: Megatron sequence parallel; incompatible with CP."""
+    """parallel_config.use_seq_parallel: Megatron sequence parallelism: norms, residual adds and each layer's saved
+    input split over the model_parallel ranks along this rank's S/CP tokens (layer checkpoints cost
+    (S/CP)*H/MP per rank); works with every CP algorithm; no effect when model_parallel = 1."""
     enable_alltoall: bool = False
     """parallel.enable_alltoall: Ulysses uses AlltoAll if True, an AllGather-based exchange if False."""
     device_target: str = "CPU"
@@ -131,6 +133,10 @@ class LongSeqConfig:
     """long_seq.layout: how a sequence is split across CP ranks, contiguous or zigzag (causal load balance)."""
     block_size: int = 2048
     """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
+    offload_layer_inputs: bool = False
+    """long_seq.offload_layer_inputs: with recompute_config.recompute, each layer's saved input moves to host memory
+    after its forward and is copied back one layer ahead of its backward (host memory per node: ranks per node x
+    layers per stage x B x S/CP/SP x H x bytes of compute_dtype)."""
 
     def __post_init__(self):
         self._check_types()
@@ -220,10 +226,6 @@ class LongSeqConfig:
                   f"device_num must equal data_parallel x model_parallel x context_parallel x pipeline_stage = "
                   f"{self.data_parallel} x {self.model_parallel} x {cp} x {self.pipeline_stage} = {self.world_size}",
                   "change the parallel degrees so that their product is the number of devices")
-        if cp > 1 and self.use_seq_parallel:
-            _fail(_KEY_PATHS["use_seq_parallel"], True,
-                  f"Megatron sequence parallel cannot be combined with context_parallel = {cp}",
-                  "set parallel_config.use_seq_parallel: False")
         if self.context_parallel_algo == "hybrid_cp" and cp > 1:
             u = self.ulysses_degree_in_cp
             if cp % u != 0:
@@ -260,7 +262,13 @@ class LongSeqConfig:
                   f"parallelism in the ring), or a smaller model_parallel")
 
     def _check_sequence(self, s: int) -> None:
-        cp = self.context_parallel
+        cp, mp = self.context_parallel, self.model_parallel
+        if self.use_seq_parallel and mp > 1 and s % (cp * mp) != 0:
+            _fail(_KEY_PATHS["seq_length"], s,
+                  f"parallel_config.use_seq_parallel splits each rank's seq_length / context_parallel tokens over "
+                  f"model_parallel = {mp} ranks, so seq_length must be divisible by context_parallel x "
+                  f"model_parallel = {cp * mp}",
+                  f"use a seq_length divisible by {cp * mp}, or set parallel_config.use_seq_parallel: False")
         if cp == 1:
             return
         # zigzag cuts the sequence into 2 x ring_degree chunks, each rank's pair then into Ulysses pieces;
@@ -317,6 +325,9 @@ class LongSeqConfig:
                        f"{s * s / 2 ** 30:.2f} GiB per device; set it True to use the 2048 x 2048 compressed mask")
         if cp == 1:
             out.append(f"{_KEY_PATHS['context_parallel']} = 1: context parallelism is off")
+        if self.use_seq_parallel and self.model_parallel == 1:
+            out.append(f"{_KEY_PATHS['use_seq_parallel']} = True with {_KEY_PATHS['model_parallel']} = 1: there are "
+                       "no model-parallel ranks to split the tokens over, so it has no effect")
         if cp > 1 and self.layout == "contiguous" and self.ring_degree > 1:
             out.append(f"{_KEY_PATHS['layout']} = 'contiguous': with causal attention the last ring rank does about "
                        f"{2 * self.ring_degree - 1}x the work of the first; 'zigzag' balances it")
@@ -350,6 +361,7 @@ _KEY_PATHS = {
     "device_num": "long_seq.device_num",
     "layout": "long_seq.layout",
     "block_size": "long_seq.block_size",
+    "offload_layer_inputs": "long_seq.offload_layer_inputs",
 }
 
 
@@ -387,7 +399,7 @@ def model_facts(model: Any) -> dict:
 # Settings and model facts that count something (positive int32), and the flags (True / False).
 COUNT_KEYS = ("data_parallel", "model_parallel", "context_parallel", "pipeline_stage", "micro_batch_num",
               "ulysses_degree_in_cp", "block_size", "seq_length", "num_heads", "n_kv_heads", "num_layers")
-FLAG_KEYS = ("use_seq_parallel", "enable_alltoall", "use_flash_attention")
+FLAG_KEYS = ("use_seq_parallel", "enable_alltoall", "use_flash_attention", "offload_layer_inputs")
 
 
 def _check_counts(values: Mapping) -> None:

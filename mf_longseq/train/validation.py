@@ -231,8 +231,11 @@ def _train_refusals(tree: Mapping) -> List[ConfigError]:
 
 def _recompute_refusals(tree: Mapping) -> List[ConfigError]:
     from mf_longseq.models.build import check_recompute
+    from mf_longseq.models.offload import check_offload
+    recompute = (node_at(tree, "recompute_config") or {}).get("recompute", False)
     try:
-        check_recompute((node_at(tree, "recompute_config") or {}).get("recompute", False))   # null refused, as build
+        check_recompute(recompute)                                                     # null refused, as build
+        check_offload(node_at(tree, "long_seq.offload_layer_inputs", False), recompute)
     except ConfigError as err:
         return [err]
     return []
