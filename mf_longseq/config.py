@@ -301,6 +301,7 @@ class LongSeqConfig:
         values.update(overrides)
         config = cls(**values)
         config.check_model(model_section)
+        check_offload(config.offload_layer_inputs, node_at(tree, "recompute_config.recompute", False))
         return config
 
     def describe(self) -> str:
@@ -421,6 +422,15 @@ def _check_bools(values: Mapping) -> None:
         if name in values and not isinstance(values[name], bool):
             value = values[name]
             _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
+
+
+def check_offload(offload: bool, recompute: Any) -> None:
+    """long_seq.offload_layer_inputs moves the one input a recomputed layer keeps: it needs
+    recompute_config.recompute: True (ConfigError otherwise)."""
+    if offload and recompute is not True:
+        _fail(_KEY_PATHS["offload_layer_inputs"], offload,
+              f"offloads the one input each recomputed layer keeps, but recompute_config.recompute is {recompute!r}",
+              "set recompute_config.recompute: True, or long_seq.offload_layer_inputs: False")
 
 
 def check_world_size(config: "LongSeqConfig", world_size: int) -> None:

@@ -11,11 +11,11 @@ from typing import Any, Optional
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mf_longseq.config import ConfigError, LongSeqConfig, _as_dict, model_config_section
+from mf_longseq.config import ConfigError, LongSeqConfig, _as_dict, check_offload, model_config_section
 from mf_longseq.models.decoder import LongSeqForCausalLM
 from mf_longseq.models.llama2 import LlamaLongSeqConfig, LlamaLongSeqForCausalLM
 from mf_longseq.models.model_config import LongSeqModelConfig
-from mf_longseq.models.offload import apply_offload, check_offload
+from mf_longseq.models.offload import apply_offload
 from mf_longseq.models.qwen import QwenLongSeqConfig, QwenLongSeqForCausalLM
 from mf_longseq.models.qwen1_5 import Qwen2LongSeqConfig, Qwen2LongSeqForCausalLM
 

@@ -26,7 +26,7 @@ import weakref
 
 import mindspore as ms
 
-from mf_longseq.config import ConfigError
+from mf_longseq.config import check_offload
 
 
 class _HostCopy:
@@ -102,13 +102,4 @@ def apply_offload(model, recompute: bool) -> None:
     model.model.layer_offload = LayerInputOffload(model.long_seq.device_target)
 
 
-def check_offload(offload, recompute) -> None:
-    """long_seq.offload_layer_inputs needs recompute_config.recompute (ConfigError otherwise)."""
-    if offload and recompute is not True:
-        raise ConfigError("long_seq.offload_layer_inputs", offload,
-                          f"offloads the one input each recomputed layer keeps, but recompute_config.recompute is "
-                          f"{recompute!r}", "set recompute_config.recompute: True, or "
-                          "long_seq.offload_layer_inputs: False")
-
-
-__all__ = ["LayerInputOffload", "apply_offload", "check_offload"]
+__all__ = ["LayerInputOffload", "apply_offload"]
