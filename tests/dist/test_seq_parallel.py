@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 
 import sp_worker as sw
+from test_compose import RTOL, rel_err
 
 WORKER = Path(__file__).with_name("sp_worker.py")
-RTOL = 1e-5
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 @pytest.fixture(scope="module")
