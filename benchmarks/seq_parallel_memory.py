@@ -12,8 +12,11 @@ Cases (every one trains the same tiny LLaMA-shaped model with AdamW, batch 1, fl
 
 Memory: one msrun launch per case (fresh processes: MindSpore's CPU memory pool keeps what it once held, so two
 cases in one process would share a pool).  Per rank, ``peak_delta`` = the largest peak RSS (VmHWM, reset through
-/proc/self/clear_refs before each step) minus the RSS just before that step, over ``--steps`` steps: the memory
-one training step adds on top of the weights and optimizer state.  Not distorted by the host's load.
+/proc/self/clear_refs before each step) minus the RSS just before that step, over the warm-up and timed steps: the
+memory a training step adds on top of the weights and optimizer state.  MindSpore's CPU pool keeps the blocks
+it once took, so the first step (which grows the pool to the step's need) gives the peak and later steps add
+little; the figure includes the one-time cost of the first step (kernel set-up) in every case alike.  Not
+distorted by the host's load.
 On CPU the host is the device, so offload's copies stay in the same RSS: its figure shows the code path's cost,
 not the device memory it saves on Ascend.
 
