@@ -117,7 +117,11 @@ def launch(args, names, workdir: str) -> dict:
                          "--hidden", args.hidden, "--layers", args.layers, "--algo", args.algo, "--steps",
                          args.steps, "--warmup", args.warmup], worker_num=WORLD, master_port=free_port(),
                         log_dir=os.path.join(workdir, "logs_" + "_".join(names)), cluster_time_out=1800, guard=False)
-    subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=workdir, check=True)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=workdir, check=False)
+    if proc.returncode != 0:
+        tails = [f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                 for log in sorted(Path(workdir, "logs_" + "_".join(names)).glob("worker_*.log"))]
+        raise RuntimeError(f"msrun exited with {proc.returncode}: {' '.join(map(str, cmd))}\n" + "\n".join(tails))
     key = "_".join(names)
     return {r: json.loads(Path(workdir, f"rank{r}_{key}.json").read_text(encoding="utf-8")) for r in range(WORLD)}
 
