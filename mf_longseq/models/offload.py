@@ -19,7 +19,9 @@ model_parallel under sequence parallelism else 1, H hidden, e = bytes of compute
 I = B * S * H * e):
     device, kept layer inputs:  L_s * I  ->  2 * I  (the layer in backward and the one prefetched)
     host:                        L_s * I  pinned by this rank (per node: ranks per node x L_s * I)
-Saved per layer: I bytes of device memory, for all but two layers.  Pipeline schedules keeping several
+Saved per layer: I bytes of device memory, for all but two layers (the design; not yet observed: on the Ascend
+dry-run tier the pool peak with offload was not below the same non-reentrant recompute without it, see
+tests/ascend_sim/cases_sp_offload.py; something may still hold the device inputs).  Pipeline schedules keeping several
 micro-batches in flight multiply both sides by the micro-batches in flight (1F1B: at most P - s on stage s).
 """
 import weakref
