@@ -120,7 +120,9 @@ class LongSeqConfig:
     ulysses_degree_in_cp: int = 1
     """parallel_config.ulysses_degree_in_cp: Ulysses part of CP for hybrid_cp (ring part = CP / this)."""
     use_seq_parallel: bool = False
-    """parallel_config.use_seq_parallel: Megatron sequence parallel; incompatible with CP."""
+    """parallel_config.use_seq_parallel: Megatron sequence parallelism: norms, residual adds and each layer's saved
+    input split over the model_parallel ranks along this rank's S/CP tokens (layer checkpoints cost
+    (S/CP)*H/MP per rank); works with every CP algorithm; no effect when model_parallel = 1."""
     enable_alltoall: bool = False
     """parallel.enable_alltoall: Ulysses uses AlltoAll if True, an AllGather-based exchange if False."""
     device_target: str = "CPU"
@@ -136,7 +138,9 @@ class LongSeqConfig:
     mlp_tile: int = 0
     """long_seq.mlp_tile: tokens per tile of the MLP, intermediates recomputed in backward (0 = off)."""
     offload_layer_inputs: bool = False
-    """long_seq.offload_layer_inputs: layer inputs to host memory, back one layer ahead (with recompute)."""
+    """long_seq.offload_layer_inputs: with recompute_config.recompute, each layer's saved input moves to host memory
+    after its forward and is copied back one layer ahead of its backward (host memory per node: ranks per node x
+    layers per stage x B x S/CP/SP x H x bytes of compute_dtype)."""
 
     def __post_init__(self):
         self._check_types()
@@ -227,10 +231,6 @@ class LongSeqConfig:
                   f"device_num must equal data_parallel x model_parallel x context_parallel x pipeline_stage = "
                   f"{self.data_parallel} x {self.model_parallel} x {cp} x {self.pipeline_stage} = {self.world_size}",
                   "change the parallel degrees so that their product is the number of devices")
-        if cp > 1 and self.use_seq_parallel:
-            _fail(_KEY_PATHS["use_seq_parallel"], True,
-                  f"Megatron sequence parallel cannot be combined with context_parallel = {cp}",
-                  "set parallel_config.use_seq_parallel: False")
         if self.context_parallel_algo == "hybrid_cp" and cp > 1:
             u = self.ulysses_degree_in_cp
             if cp % u != 0:
@@ -267,7 +267,13 @@ class LongSeqConfig:
                   f"parallelism in the ring), or a smaller model_parallel")
 
     def _check_sequence(self, s: int) -> None:
-        cp = self.context_parallel
+        cp, mp = self.context_parallel, self.model_parallel
+        if self.use_seq_parallel and mp > 1 and s % (cp * mp) != 0:
+            _fail(_KEY_PATHS["seq_length"], s,
+                  f"parallel_config.use_seq_parallel splits each rank's seq_length / context_parallel tokens over "
+                  f"model_parallel = {mp} ranks, so seq_length must be divisible by context_parallel x "
+                  f"model_parallel = {cp * mp}",
+                  f"use a seq_length divisible by {cp * mp}, or set parallel_config.use_seq_parallel: False")
         if cp == 1:
             return
         # zigzag cuts the sequence into 2 x ring_degree chunks, each rank's pair then into Ulysses pieces;
@@ -300,6 +306,7 @@ class LongSeqConfig:
         values.update(overrides)
         config = cls(**values)
         config.check_model(model_section)
+        check_offload(config.offload_layer_inputs, node_at(tree, "recompute_config.recompute", False))
         return config
 
     def describe(self) -> str:
@@ -324,6 +331,9 @@ class LongSeqConfig:
                        f"{s * s / 2 ** 30:.2f} GiB per device; set it True to use the 2048 x 2048 compressed mask")
         if cp == 1:
             out.append(f"{_KEY_PATHS['context_parallel']} = 1: context parallelism is off")
+        if self.use_seq_parallel and self.model_parallel == 1:
+            out.append(f"{_KEY_PATHS['use_seq_parallel']} = True with {_KEY_PATHS['model_parallel']} = 1: there are "
+                       "no model-parallel ranks to split the tokens over, so it has no effect")
         if cp > 1 and self.layout == "contiguous" and self.ring_degree > 1:
             out.append(f"{_KEY_PATHS['layout']} = 'contiguous': with causal attention the last ring rank does about "
                        f"{2 * self.ring_degree - 1}x the work of the first; 'zigzag' balances it")
@@ -430,6 +440,15 @@ def _check_bools(values: Mapping) -> None:
         if name in values and not isinstance(values[name], bool):
             value = values[name]
             _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
+
+
+def check_offload(offload: bool, recompute: Any) -> None:
+    """long_seq.offload_layer_inputs moves the one input a recomputed layer keeps: it needs
+    recompute_config.recompute: True (ConfigError otherwise)."""
+    if offload and recompute is not True:
+        _fail(_KEY_PATHS["offload_layer_inputs"], offload,
+              f"offloads the one input each recomputed layer keeps, but recompute_config.recompute is {recompute!r}",
+              "set recompute_config.recompute: True, or long_seq.offload_layer_inputs: False")
 
 
 def check_world_size(config: "LongSeqConfig", world_size: int) -> None:

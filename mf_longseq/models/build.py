@@ -11,10 +11,11 @@ from typing import Any, Optional
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mf_longseq.config import ConfigError, LongSeqConfig, _as_dict, model_config_section
+from mf_longseq.config import ConfigError, LongSeqConfig, _as_dict, check_offload, model_config_section
 from mf_longseq.models.decoder import LongSeqForCausalLM
 from mf_longseq.models.llama2 import LlamaLongSeqConfig, LlamaLongSeqForCausalLM
 from mf_longseq.models.model_config import LongSeqModelConfig
+from mf_longseq.models.offload import apply_offload
 from mf_longseq.models.qwen import QwenLongSeqConfig, QwenLongSeqForCausalLM
 from mf_longseq.models.qwen1_5 import Qwen2LongSeqConfig, Qwen2LongSeqForCausalLM
 
@@ -98,9 +99,17 @@ def build_model(config: Any, *, mesh=None, long_seq_config: Optional[LongSeqConf
 
 def apply_recompute(model: LongSeqForCausalLM, recompute) -> None:
     """``recompute_config.recompute: True``: every decoder layer keeps only its input for backward and recomputes
-    the rest (``Cell.recompute``, which MindSpore also runs in PyNative mode)."""
+    the rest (``Cell.recompute``, which MindSpore also runs in PyNative mode); with
+    ``long_seq.offload_layer_inputs`` that input waits in host memory (``models/offload.py``).
+
+    Raises:
+        ConfigError: recompute not True or False; offload without recompute.
+    """
     check_recompute(recompute)
-    if recompute:
+    check_offload(model.long_seq.offload_layer_inputs, recompute)
+    if recompute and model.long_seq.offload_layer_inputs:
+        apply_offload(model, recompute)
+    elif recompute:
         for layer in model.model.layers:
             layer.recompute()
 

@@ -52,6 +52,7 @@ from mf_longseq.models.rope import apply_rope
 from mf_longseq.models.mf_adapter import builder_settings
 from mf_longseq.models.model_config import check_model_parallel
 from mf_longseq.parallel.mesh import Mesh
+from mf_longseq.parallel.sequence_parallel import Identity, SequenceParallel
 from mf_longseq.parallel.tensor_parallel import (ColumnParallelLinear, CopyToMP, RowParallelLinear,
                                                  SharedInputColumns, VocabParallelEmbedding, local_units,
                                                  shard_array, shard_specs, vocab_parallel_cross_entropy)
@@ -89,10 +90,14 @@ class RMSNorm(nn.Cell):
         self.eps = eps
         self.weight = Parameter(Tensor(np.ones((hidden,), np.float32), param_dtype))
 
-    def construct(self, x):
+    def normalize(self, x):
+        """x / sqrt(mean(x^2) + eps) in x's dtype (per token: sequence parallelism runs it on split tokens)."""
         x32 = x.astype(ms.float32)
-        normed = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
-        return normed.astype(x.dtype) * self.weight.astype(x.dtype)
+        return (x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)).astype(x.dtype)
+
+    def construct(self, x):
+        normed = self.normalize(x)
+        return normed * self.weight.astype(normed.dtype)
 
 
 class Attention(nn.Cell):
@@ -148,7 +153,12 @@ class MLP(nn.Cell):
 
 
 class DecoderLayer(nn.Cell):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+
+    Under sequence parallelism (``parallel/sequence_parallel.py``) x, the norms' statistics and the residual
+    adds hold this rank's S/MP tokens: each norm's output is gathered before attention / MLP, their row-parallel
+    partial sums are reduce-scattered back.
+    """
 
     def __init__(self, config: LongSeqModelConfig, long_seq: LongSeqConfig, mesh: Mesh):
         super().__init__()
@@ -157,11 +167,15 @@ class DecoderLayer(nn.Cell):
         self.self_attn = Attention(config, long_seq, mesh)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.mlp = MLP(config, mesh)
+        self.sp = SequenceParallel(mesh.group("mp"), long_seq.use_seq_parallel)
+        self.sp.replace_tensor_parallel_exchanges(columns=(self.self_attn.qkv, self.mlp.gate_up),
+                                                  rows=(self.self_attn.o_proj, self.mlp.down_proj))
 
     def construct(self, x, cos, sin, plan=None):
-        """x (B, S, H) -> (B, S, H); cos, sin, plan: the step's (``ShardedBatch.cos/sin/attention``)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x (B, S/SP, H) -> (B, S/SP, H), SP = MP under sequence parallelism, else 1; cos, sin, plan: the
+        step's (``ShardedBatch.cos/sin/attention``, all S tokens)."""
+        x = x + self.sp.scatter(self.self_attn(self.sp.norm(self.input_layernorm, x), cos, sin, plan))
+        return x + self.sp.scatter(self.mlp(self.sp.norm(self.post_attention_layernorm, x)))
 
 
 class DecoderModel(nn.Cell):
@@ -174,14 +188,27 @@ class DecoderModel(nn.Cell):
                                                    param_dtype=param_dtype, compute_dtype=compute_dtype)
         self.layers = nn.CellList([DecoderLayer(config, long_seq, mesh) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.sp = SequenceParallel(mesh.group("mp"), long_seq.use_seq_parallel)
+        self.sp.replace_tensor_parallel_exchanges(embedding=self.embed_tokens)   # (B, S/SP, H) to the layers
+        self.layer_offload = None            # a LayerInputOffload (models/offload.py), set by apply_recompute
+
+    def run_layer(self, layer, x, batch: ShardedBatch):
+        """One decoder layer on the batch; its saved input goes to host memory when offload is on."""
+        if self.layer_offload is not None:
+            return self.layer_offload.run(layer, x, batch.cos, batch.sin, batch.attention)
+        return layer(x, batch.cos, batch.sin, batch.attention)
+
+    def final_norm(self, x):
+        """Last layer's output (B, S/SP, H) -> normed final hidden (B, S/CP, H), gathered under SP."""
+        return self.sp.norm(self.norm, x)
 
     def construct(self, batch: ShardedBatch):
         """The step's ``ShardedBatch`` -> final hidden (B, S/CP, H); every layer reads the batch's RoPE tables
         and attention plan."""
         x = self.embed_tokens(batch.input_ids)
         for layer in self.layers:
-            x = layer(x, batch.cos, batch.sin, batch.attention)
-        return self.norm(x)
+            x = self.run_layer(layer, x, batch)
+        return self.final_norm(x)
 
 
 def cross_entropy(logits, labels):
@@ -234,7 +261,9 @@ class LongSeqForCausalLM(PreTrainedModel):
         self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(
             config.hidden_size, config.vocab_size, group=self.mp_group, has_bias=False,
             param_dtype=MS_DTYPES[config.param_init_type], compute_dtype=self.compute_dtype)
-        self.head_copy = CopyToMP(self.mp_group)
+        # f of a tied head; under SP the final norm's gather takes its place (and that of the LM head's f)
+        self.head_copy = Identity() if self.model.sp.on else CopyToMP(self.mp_group)
+        self.model.sp.replace_tensor_parallel_exchanges(columns=[self.lm_head.shared] if self.lm_head else [])
         self.global_loss = mf_inputs.GlobalMeanLoss(self.mesh.group("dp_cp"))
         self.head_matmul = MatMulNT(self.compute_dtype)
         self.batch_spec = BatchSpec(mesh=self.mesh, layout=self.mesh.plan.seq_layout, head_dim=config.head_dim,
@@ -276,9 +305,10 @@ class LongSeqForCausalLM(PreTrainedModel):
         return self.head_loss(self.model(batch), batch.labels, batch.loss_mask)
 
     def embed(self, batch: ShardedBatch):
-        """The first stage of a pipeline: the batch's ids -> (B, S/CP, H) embeddings in compute dtype.
-        Layer i then runs ``self.model.layers[i](hidden, batch.cos, batch.sin, batch.attention)``, the last stage
-        ``self.head_loss(self.model.norm(hidden), batch.labels, batch.loss_mask)``."""
+        """The first stage of a pipeline: the batch's ids -> (B, S/CP/SP, H) embeddings in compute dtype (SP =
+        model_parallel under sequence parallelism, else 1).  Layer i then runs
+        ``self.model.run_layer(self.model.layers[i], hidden, batch)``, the last stage
+        ``self.head_loss(self.model.final_norm(hidden), batch.labels, batch.loss_mask)``."""
         return self.model.embed_tokens(batch.input_ids)
 
     def logits(self, input_ids, actual_seq_len=None):

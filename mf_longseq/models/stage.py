@@ -21,7 +21,8 @@ class DecoderStage(nn.Cell):
     Inputs of ``construct``: first stage ``(batch,)``; other stages ``(hidden, batch)``; plus, on the last stage,
     ``inv_count``.  ``batch`` is the micro-batch's ``ShardedBatch`` (``batch.py``): ids on the first stage, RoPE
     tables and the attention plan (document ids of packed samples) on every stage, labels and loss mask on the
-    last.  Outputs: the hidden state (B, S/CP, H) for the next stage, or on the last stage
+    last.  Outputs: the hidden state (B, S/CP/SP, H) for the next stage (SP = model_parallel under sequence
+    parallelism, else 1), or on the last stage
     ``(loss_sum * inv_count, loss_sum)`` (the objective and, for logging, the unscaled sum).
 
     Raises:
@@ -50,11 +51,11 @@ class DecoderStage(nn.Cell):
         else:
             hidden, batch, extra = inputs[0], inputs[1], inputs[2:]
         for layer in self.layers:
-            hidden = layer(hidden, batch.cos, batch.sin, batch.attention)
+            hidden = model.model.run_layer(layer, hidden, batch)
         if not self.last:
             return hidden
         inv_count, = extra
-        loss_sum, _ = model.head_loss(self.norm(hidden), batch.labels, batch.loss_mask)
+        loss_sum, _ = model.head_loss(model.model.final_norm(hidden), batch.labels, batch.loss_mask)
         return loss_sum * inv_count, loss_sum
 
 

@@ -23,8 +23,9 @@ returns a Tensor.  ``ring_shift`` is start-then-wait.
 Base pieces (``CommStats``, ``Pending``, ``is_emulated``, ``all_reduce``, ``all_reduce_world``) live in
 ``comm_core.py`` and are imported from here.
 
-Raw functions (``ring_shift``, ``all_gather``, ``all_to_all``, ``all_reduce``) are not differentiable; the
-Cells at the bottom (``AllToAll``, ``AllGather``) are, each with its backward stated next to it.
+Raw functions (``ring_shift``, ``all_gather``, ``reduce_scatter``, ``all_to_all``, ``all_reduce``) are not
+differentiable; the Cells at the bottom (``AllToAll``, ``AllGather``, ``ReduceScatter``) are, each with its backward
+stated next to it.
 
 Every call counts bytes into ``group.stats``: ``logical`` is what the native primitive sends from this rank,
 ``wire`` is the size of the buffers this rank really hands to collectives (equal to logical on native backends).
@@ -148,14 +149,22 @@ def _chunk(x, n: int, dim: int, i: int):
 
 
 def reduce_scatter(x, group, dim: int):
-    """Sum over the group, then keep this rank's 1/n chunk along ``dim``."""
+    """Sum over the group, then keep this rank's 1/n chunk along ``dim`` (``x.shape[dim]`` divisible by n).
+
+    Native: ReduceScatter along dim 0 (another ``dim`` is moved to the front and back).  Emulated (CPU): an
+    AllReduce of the whole ``x``, then the chunk (n times the received bytes; the result is the same).
+    """
     n = group.size
     if n == 1:
         return x
-    if is_emulated(group) or dim != 0:
+    if x.shape[dim] % n != 0:
+        raise ValueError(f"reduce_scatter: dimension {dim} of shape {tuple(x.shape)} is not divisible by the "
+                         f"group size {n}")
+    if is_emulated(group):
         return _chunk(all_reduce(x, group), n, dim, group.index)
     group.stats.add("reduce_scatter", _nbytes(x) * (n - 1) // n, _nbytes(x) * (n - 1) // n)
-    return ops.ReduceScatter(group=group.name)(x)
+    scattered = ops.ReduceScatter(group=group.name)(x.swapaxes(0, dim))                   # along dim 0
+    return scattered.swapaxes(0, dim)
 
 
 def all_to_all(x, group, scatter_dim: int, gather_dim: int, use_alltoall: bool = True):
@@ -231,6 +240,21 @@ class AllGather(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (reduce_scatter(dout, self.group, self.dim),)
+
+
+class ReduceScatter(nn.Cell):
+    """Differentiable reduce-scatter along ``dim``. Backward: all-gather of the output gradient along ``dim``
+    (every rank's input contributed to every chunk, so each rank's input gradient is the whole gathered one)."""
+
+    def __init__(self, group, dim: int):
+        super().__init__()
+        self.group, self.dim = group, dim
+
+    def construct(self, x):
+        return reduce_scatter(x, self.group, self.dim)
+
+    def bprop(self, x, out, dout):
+        return (all_gather(dout, self.group, self.dim),)
 
 
 # =================================================================================================== variable size

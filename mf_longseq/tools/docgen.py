@@ -97,7 +97,7 @@ class _Rules(ast.NodeVisitor):
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return re.sub(r"\s*\n\s*", " ", text.replace("|", "\\|"))
 
 
 # Type and default of each model fact as the parallel rules read it (``config.model_facts``).
@@ -143,7 +143,8 @@ def generate() -> str:
               "`mf-longseq validate` also prints the advice of `LongSeqConfig.notes()`: compression below 2048 "
               "tokens saves nothing; the dense mask size at long sequences without compression; CP off; the "
               "contiguous layout's causal imbalance; hybrid_cp degenerating to ring or Ulysses; the "
-              "AllGather-based Ulysses exchange on Ascend/GPU.", ""]
+              "AllGather-based Ulysses exchange on Ascend/GPU; use_seq_parallel with model_parallel = 1 (no "
+              "effect).", ""]
     return "\n".join(lines)
 
 

@@ -101,7 +101,8 @@ class PipelinedStep:
             cut = slice(i * mb, (i + 1) * mb)                              # (B, ...) -> (B/M, ...)
             batch = self.model.make_batch(*(x[cut] for x in inputs))       # every stage: its layers need it
             micro.append((batch, inv_count) if self.cell.last else (batch,))
-        runner = PipelineRunner(self.cell, group=self.pp_group, act_shape=(mb, s_loc, self.hidden_size),
+        tokens = s_loc // self.model.model.sp.degree                       # sequence parallel: S/CP/MP
+        runner = PipelineRunner(self.cell, group=self.pp_group, act_shape=(mb, tokens, self.hidden_size),
                                 act_dtype=self.act_dtype)
         outputs, grads = runner.run(micro, self.schedule)
         loss_sum = float(sum(out[1].asnumpy() for out in outputs)) if self.cell.last else 0.0

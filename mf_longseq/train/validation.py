@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
 
 from mf_longseq.config import (MAX_COUNT, MODEL_KEY_ALIASES, PARALLEL_CONFIG_KEYS, ConfigError, LongSeqConfig,
-                               _check_sections, canonical_model_keys, model_config_section, node_at)
+                               _check_sections, canonical_model_keys, check_offload, model_config_section, node_at)
 
 # Sections a run reads besides those LongSeqConfig reads (config._SECTIONS): each must be a mapping when present.
 RUN_SECTIONS = ("runner_config", "optimizer", "lr_schedule", "recompute_config", "swap_config", "train_dataset",
@@ -248,8 +248,10 @@ def _train_refusals(tree: Mapping) -> List[ConfigError]:
 
 def _recompute_refusals(tree: Mapping) -> List[ConfigError]:
     from mf_longseq.models.build import check_recompute
+    recompute = (node_at(tree, "recompute_config") or {}).get("recompute", False)
     try:
-        check_recompute((node_at(tree, "recompute_config") or {}).get("recompute", False))   # null refused, as build
+        check_recompute(recompute)                                                     # null refused, as build
+        check_offload(node_at(tree, "long_seq.offload_layer_inputs", False), recompute)
     except ConfigError as err:
         return [err]
     return []

@@ -187,9 +187,10 @@ BASE = dict(seq_length=64, num_heads=8, num_kv_heads=2, num_layers=4)
      "long_seq.device_num = 4: device_num must equal data_parallel x model_parallel x context_parallel x "
      "pipeline_stage = 2 x 2 x 2 x 1 = 8. Fix: change the parallel degrees so that their product is the number "
      "of devices."),
-    (dict(model_parallel=2, context_parallel=2, use_seq_parallel=True),
-     "parallel_config.use_seq_parallel = True: Megatron sequence parallel cannot be combined with "
-     "context_parallel = 2. Fix: set parallel_config.use_seq_parallel: False."),
+    (dict(model_parallel=4, context_parallel=2, use_seq_parallel=True, seq_length=36),
+     "model.model_config.seq_length = 36: parallel_config.use_seq_parallel splits each rank's seq_length / "
+     "context_parallel tokens over model_parallel = 4 ranks, so seq_length must be divisible by context_parallel "
+     "x model_parallel = 8. Fix: use a seq_length divisible by 8, or set parallel_config.use_seq_parallel: False."),
     (dict(pipeline_stage=4, micro_batch_num=2),
      "parallel_config.micro_batch_num = 2: must be >= parallel_config.pipeline_stage = 4. Fix: set "
      "micro_batch_num to 4 or more."),

@@ -44,8 +44,10 @@ def test_legacy_hybird_spelling_is_refused_as_mindformers_does():
      r"parallel_config\.context_parallel_algo = 'ring_cp': unknown algorithm\. Fix: use one of"),
     (dict(context_parallel_algo="ulyses_cp"), r"did you mean 'ulysses_cp'"),
     (dict(context_parallel=0), r"parallel_config\.context_parallel = 0: must be a positive integer"),
-    (dict(context_parallel=2, use_seq_parallel=True),
-     r"parallel_config\.use_seq_parallel = True: .*Fix: set parallel_config\.use_seq_parallel: False"),
+    (dict(context_parallel=2, model_parallel=2, use_seq_parallel=True, seq_length=4098, layout="contiguous"),
+     r"model\.model_config\.seq_length = 4098: parallel_config\.use_seq_parallel splits .* divisible by "
+     r"context_parallel x model_parallel = 4\. Fix: use a seq_length divisible by 4, or set "
+     r"parallel_config\.use_seq_parallel: False"),
     (dict(context_parallel=2, device_target="Ascend", use_flash_attention=False),
      r"model\.model_config\.use_flash_attention = False: .*Fix: set model\.model_config\.use_flash_attention: True"),
     (dict(context_parallel=4, device_num=8),

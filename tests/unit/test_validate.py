@@ -121,8 +121,9 @@ RULES = [
      "use a seq_length divisible by 16"),
     ("flash attention on Ascend", dict(model_config__use_flash_attention=False),
      "model.model_config.use_flash_attention", "set model.model_config.use_flash_attention: True"),
-    ("use_seq_parallel with CP", dict(parallel_config__use_seq_parallel=True), "parallel_config.use_seq_parallel",
-     "set parallel_config.use_seq_parallel: False"),
+    ("use_seq_parallel: seq vs CP x MP", dict(parallel_config__use_seq_parallel=True,
+                                              model_config__seq_length=131088), "model.model_config.seq_length",
+     "use a seq_length divisible by 32, or set parallel_config.use_seq_parallel: False"),
     ("micro batches vs stages", dict(parallel_config__pipeline_stage=4, parallel_config__data_parallel=1,
                                      parallel_config__micro_batch_num=2),
      "parallel_config.micro_batch_num", "must be >= parallel_config.pipeline_stage = 4"),
@@ -204,6 +205,7 @@ _PLAUSIBLE = {
     ("context", "device_target"): st.sampled_from(["CPU", "CPU", "Ascend", "GPU"]),
     ("long_seq", "layout"): st.sampled_from(["zigzag", "zigzag", "contiguous"]),
     ("long_seq", "block_size"): st.sampled_from([16, 2048]),
+    ("long_seq", "offload_layer_inputs"): st.booleans(),
 }
 _KEYS = sorted(_PLAUSIBLE)
 _SECTIONS = ["parallel_config", "model", "model_config", "parallel", "context", "long_seq"]
@@ -242,8 +244,9 @@ def _oracle_holds(cfg: LongSeqConfig, m: dict) -> None:
     assert m["num_heads"] % cfg.model_parallel == 0
     assert cfg.ulysses_degree <= m["num_heads"] // cfg.model_parallel          # uneven head splits are fine
     assert cfg.ulysses_degree * cfg.ring_degree == cfg.context_parallel
+    if cfg.use_seq_parallel and cfg.model_parallel > 1:                      # SP splits each CP part over mp
+        assert m["seq_length"] % (cfg.context_parallel * cfg.model_parallel) == 0
     if cfg.context_parallel > 1:
-        assert not cfg.use_seq_parallel
         parts = 2 * cfg.context_parallel if (cfg.layout == "zigzag" and cfg.ring_degree > 1) else cfg.context_parallel
         assert m["seq_length"] % parts == 0
         assert cfg.device_target != "Ascend" or m["use_flash_attention"]
