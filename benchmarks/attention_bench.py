@@ -1,22 +1,22 @@
-"""Context-parallel attention forward + backward: CP = 2 (ring, Ulysses) against CP = 1, per-rank time and
-steady-state peak memory, every rank on a fixed number of threads.
+"""Context-parallel attention forward + backward, ours beside the peers in one run: CP = 2 (ring, Ulysses) and
+CP = 1, against torch SDPA, a torch ring and DeepSpeed Ulysses (``peer_attention.py``; ``.[bench]`` extra).
 
-    python benchmarks/attention_bench.py                      # S 4k..32k, kv heads 8 and 2, CP 1 and 2, 1 thread
-    python benchmarks/attention_bench.py --seq 8192 16384 --kv-heads 8 --cp 1 2 --steps 3
+    python benchmarks/attention_bench.py                      # S 16k and 32k, kv heads 8 and 2, CP 1 and 2, peers
+    python benchmarks/attention_bench.py --seq 16384 --kv-heads 8 --steps 3 --no-peers
 
-Shapes: B = 1, ``--heads`` query heads (8), ``--kv-heads`` kv heads, D = 64, causal, zigzag layout, float32.
-CP = 1 is one process; CP > 1 is one msrun launch of CP CPU workers per (S, kv heads, algorithm).  Every
-process sets ``runtime_num_threads`` (and OMP_NUM_THREADS) to ``--threads``, runs one warm-up step and reports the
-median of ``--steps`` steps; a case's time is the maximum over its ranks.  Memory is the steady-state extra peak
-per rank: VmHWM over all steps (``train.monitor.peak_rss_mib``) minus the RSS once the inputs exist.
-The kernel is ``select_kernel("CPU")`` (the fused kernel) unless ``--kernel blockwise``; ops are dispatched as in
-training (``train.context.configure_op_dispatch``: synchronously on CPU) unless ``--async-dispatch``, and msrun
-workers are bound to their own cores as in training (``train.context.bind_rank_cores``).
-``time_vs_cp1`` = per-rank time / CP = 1 time at the same S (ideal 1/CP); ``cpu_vs_cp1`` the same for the CPU
-time of the rank's process (threads included): on a shared, oversubscribed machine it shows the split of the work
-where wall time mostly shows the load.  GFLOP/s counts unmasked FLOPs:
-12 * D * heads * visible (query, key) pairs, per step, divided by the case's time.
-Prints a table and writes benchmarks/results/attention.csv.
+Shapes: B = 1, ``--heads`` query heads (8), ``--kv-heads`` kv heads, D = 64, causal, float32; ours in the zigzag
+layout (Ulysses over the host transport unless ``--exchange allgather``).  CP = 1 is one process with
+``--cp1-threads`` threads (2); CP > 1 is one launch of CP workers with ``--threads`` (1) each, bound to their own
+cores.  Every case runs ``--warmup`` steps and reports the median of ``--steps``; a case's time is the maximum
+over its ranks.  A step is forward + backward with dout as the output's gradient (ours: ``GradOperation`` with
+``sens_param``; torch: ``out.backward(dout)``), nothing of a step outliving it.  Memory (both sides alike): peak
+RSS during the steps (VmHWM, reset before the first) minus the RSS once the inputs exist, per rank.  Every result
+is checked against a float64 oracle on sampled rows (``attention_oracle.py``: out, dq, dk, dv; the worst relative
+error is printed).  Ops are dispatched as in training (``train.context.configure_op_dispatch``) unless
+``--async-dispatch``.  ``time_vs_cp1`` = per-rank time / our CP = 1 time at the same S; ``cpu_vs_cp1`` the same
+for CPU time.  GFLOP/s counts unmasked FLOPs: 12 * D * heads * visible (query, key) pairs per step / time.
+Prints the table of every case (benchmarks/results/<csv>) and, with the peers, ours against them
+(<csv>_peers: time and memory ratios, the least memory of any peer at the same CP, both oracle errors).
 """
 import argparse
 import json

@@ -150,11 +150,8 @@ class UlyssesAttention(nn.Cell):
         segments, self.saved.segments = self.saved.segments, None
         dout_h = self._dout_to_heads(dout)
         axis = 2 if self.token_major else 1
-        grads = []
-        for (qs, ks, vs, out_s, lse), ((q0, q1), _) in zip(segments, split.segments(me)):
-            d_out = _heads(dout_h, q0, q1, axis)
-            grads.append(self.inner.bprop(qs, ks, vs, (out_s, lse), (d_out, ops.zeros_like(lse))))
-        del segments, dout_h
+        grads = self._inner_grads(segments, dout_h, axis)
+        del segments, dout_h                                                  # the head-layout inputs go here
         dq_h, dk_h, dv_h = (self._from_inner(_cat([g[i] for g in grads], axis)) for i in range(3))
         del grads
         s_loc = q.shape[1]
@@ -166,6 +163,16 @@ class UlyssesAttention(nn.Cell):
         del parts
         dq = _cat([_heads(r, 0, split.q_count(i)) for i, r in enumerate(received)], 2)
         return (dq, *self._kv_grads(received, k.dtype))
+
+    def _inner_grads(self, segments, dout_h, axis: int):
+        """``inner.bprop`` of every segment; the list is emptied as it goes, so each segment's saved tensors are
+        released as soon as its gradients exist."""
+        grads = []
+        for (q0, q1), _ in self.split.segments(self.group.index):
+            qs, ks, vs, out_s, lse = segments.pop(0)
+            d_out = _heads(dout_h, q0, q1, axis)
+            grads.append(self.inner.bprop(qs, ks, vs, (out_s, lse), (d_out, ops.zeros_like(lse))))
+        return grads
 
     def _kv_grads(self, received, dtype):
         """dk, dv (B, S_loc, K, D) from every rank's returned [dq | dk | dv]; a kv head several ranks hold (its
