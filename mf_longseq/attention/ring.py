@@ -50,6 +50,8 @@ def _accumulate(total, part):
     """total += part in place (``total`` is a buffer this algorithm owns), or part when there is no total yet."""
     if total is None:
         return part
+    if not total.is_contiguous():                  # a strided view (e.g. a kernel's swapped axes): no in-place op
+        return total + part
     ops.assign_add(total, part)
     return total
 
