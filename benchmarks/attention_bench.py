@@ -1,22 +1,22 @@
-"""Context-parallel attention forward + backward: CP = 2 (ring, Ulysses) against CP = 1, per-rank time and
-steady-state peak memory, every rank on a fixed number of threads.
+"""Context-parallel attention forward + backward, ours beside the peers in one run: CP = 2 (ring, Ulysses) and
+CP = 1, against torch SDPA, a torch ring and DeepSpeed Ulysses (``peer_attention.py``; ``.[bench]`` extra).
 
-    python benchmarks/attention_bench.py                      # S 4k..32k, kv heads 8 and 2, CP 1 and 2, 1 thread
-    python benchmarks/attention_bench.py --seq 8192 16384 --kv-heads 8 --cp 1 2 --steps 3
+    python benchmarks/attention_bench.py                      # S 16k and 32k, kv heads 8 and 2, CP 1 and 2, peers
+    python benchmarks/attention_bench.py --seq 16384 --kv-heads 8 --steps 3 --no-peers
 
-Shapes: B = 1, ``--heads`` query heads (8), ``--kv-heads`` kv heads, D = 64, causal, zigzag layout, float32.
-CP = 1 is one process; CP > 1 is one msrun launch of CP CPU workers per (S, kv heads, algorithm).  Every
-process sets ``runtime_num_threads`` (and OMP_NUM_THREADS) to ``--threads``, runs one warm-up step and reports the
-median of ``--steps`` steps; a case's time is the maximum over its ranks.  Memory is the steady-state extra peak
-per rank: VmHWM over all steps (``train.monitor.peak_rss_mib``) minus the RSS once the inputs exist.
-The kernel is ``select_kernel("CPU")`` (the fused kernel) unless ``--kernel blockwise``; ops are dispatched as in
-training (``train.context.configure_op_dispatch``: synchronously on CPU) unless ``--async-dispatch``, and msrun
-workers are bound to their own cores as in training (``train.context.bind_rank_cores``).
-``time_vs_cp1`` = per-rank time / CP = 1 time at the same S (ideal 1/CP); ``cpu_vs_cp1`` the same for the CPU
-time of the rank's process (threads included): on a shared, oversubscribed machine it shows the split of the work
-where wall time mostly shows the load.  GFLOP/s counts unmasked FLOPs:
-12 * D * heads * visible (query, key) pairs, per step, divided by the case's time.
-Prints a table and writes benchmarks/results/attention.csv.
+Shapes: B = 1, ``--heads`` query heads (8), ``--kv-heads`` kv heads, D = 64, causal, float32; ours in the zigzag
+layout (Ulysses over the host transport unless ``--exchange allgather``).  CP = 1 is one process with
+``--cp1-threads`` threads (2); CP > 1 is one launch of CP workers with ``--threads`` (1) each, bound to their own
+cores.  Every case runs ``--warmup`` steps and reports the median of ``--steps``; a case's time is the maximum
+over its ranks.  A step is forward + backward with dout as the output's gradient (ours: ``GradOperation`` with
+``sens_param``; torch: ``out.backward(dout)``), nothing of a step outliving it.  Memory (both sides alike): peak
+RSS during the steps (VmHWM, reset before the first) minus the RSS once the inputs exist, per rank.  Every result
+is checked against a float64 oracle on sampled rows (``attention_oracle.py``: out, dq, dk, dv; the worst relative
+error is printed).  Ops are dispatched as in training (``train.context.configure_op_dispatch``) unless
+``--async-dispatch``.  ``time_vs_cp1`` = per-rank time / our CP = 1 time at the same S; ``cpu_vs_cp1`` the same
+for CPU time.  GFLOP/s counts unmasked FLOPs: 12 * D * heads * visible (query, key) pairs per step / time.
+Prints the table of every case (benchmarks/results/<csv>) and, with the peers, ours against them
+(<csv>_peers: time and memory ratios, the least memory of any peer at the same CP, both oracle errors).
 """
 import argparse
 import json
@@ -34,24 +34,42 @@ from bench_table import write_table
 
 HERE = Path(__file__).resolve().parent
 ALGOS = {1: ["local"], 2: ["colossalai_cp", "ulysses_cp"], 4: ["colossalai_cp", "ulysses_cp", "hybrid_cp"]}
+PEERS = {1: ["torch_sdpa"], 2: ["torch_ring", "ds_ulysses"]}             # peer_attention.py
+PEER_OF = {"local": "torch_sdpa", "colossalai_cp": "torch_ring", "ulysses_cp": "ds_ulysses"}
 
 
 # --------------------------------------------------------------------------------------------------- worker side
+def _attention_cell(args, mesh, kernel):
+    """A Cell (q, k, v) -> out of our attention for ``args.algo`` (CP = 1: the same call on a one-rank mesh)."""
+    from mindspore import nn
+    from mf_longseq.attention import context_parallel_attention
+    algo = "colossalai_cp" if args.algo == "local" else args.algo
+
+    class Attention(nn.Cell):
+        def construct(self, q, k, v):
+            return context_parallel_attention(q, k, v, mesh=mesh, algo=algo, kernel=kernel, layout="zigzag",
+                                              use_alltoall=args.exchange == "alltoall")
+    return Attention()
+
+
 def run_case(args, mesh):
-    """Warm-up + ``args.steps`` timed steps on this rank; returns its result row."""
+    """Warm-up + ``args.steps`` timed steps on this rank; returns its result row (and saves its sampled rows).
+
+    A step is forward + backward with ``dout`` as the output's gradient (sens): what torch's ``out.backward(dout)``
+    does, so both sides hold the same tensors.
+    """
     import mindspore as ms
     from mindspore import Tensor
-    from mf_longseq.attention import BlockwiseKernel, context_parallel_attention, select_kernel
+    from attention_oracle import inputs, save_rows
+    from mf_longseq.attention import BlockwiseKernel, select_kernel
+    from mf_longseq.parallel import global_positions
     from mf_longseq.train.monitor import peak_rss_mib, rss_mib
-    local = args.seq // mesh.cp
-    rng = np.random.default_rng(0)
-    q, dout = (Tensor(rng.standard_normal((1, local, args.heads, args.head_dim)).astype(np.float32))
-               for _ in range(2))
-    k, v = (Tensor(rng.standard_normal((1, local, args.kv, args.head_dim)).astype(np.float32)) for _ in range(2))
+    positions = global_positions(args.seq, mesh, "zigzag") if mesh.cp > 1 else np.arange(args.seq)
+    q, k, v, dout = (Tensor(np.ascontiguousarray(x[positions])[None]) for x in
+                     inputs(args.seq, args.heads, args.kv, args.head_dim))
     kernel = BlockwiseKernel(args.block) if args.kernel == "blockwise" else select_kernel("CPU", args.block)
-    algo = "colossalai_cp" if args.algo == "local" else args.algo
-    fn = ms.grad(lambda a, b, c: (context_parallel_attention(a, b, c, mesh=mesh, algo=algo, kernel=kernel,
-                                                             layout="zigzag") * dout).sum(), grad_position=(0, 1, 2))
+    cell = _attention_cell(args, mesh, kernel)
+    grad = ms.ops.GradOperation(get_all=True, sens_param=True)(cell)
     baseline = rss_mib()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")                                        # VmHWM := current RSS
@@ -59,14 +77,22 @@ def run_case(args, mesh):
     for i in range(args.warmup + args.steps):
         mesh.stats.reset()
         start, start_cpu = time.perf_counter(), time.process_time()
-        _ = [g.asnumpy() for g in fn(q, k, v)]
+        grads = grad(q, k, v, dout)
+        for g in grads:
+            g.asnumpy()                                        # waits; shares the tensor's memory (no copy)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
+        if i + 1 < args.warmup + args.steps:
+            del grads                                          # nothing of a step outlives it
+    peak = peak_rss_mib() - baseline
+    out = cell(q, k, v)
+    rows = os.path.join(args.rows_dir, f"{args.algo}_{args.seq}_{args.kv}_rank{mesh.rank}.npz")
+    save_rows(rows, positions, *(x.asnumpy()[0] for x in (out, *grads)), seq=args.seq)
     return {"seq_len": args.seq, "kv_heads": args.kv, "cp": mesh.cp, "algo": args.algo, "rank": mesh.rank,
-            "kernel": kernel.name, "seconds": statistics.median(times), "all_seconds": times,
-            "cpu_seconds": statistics.median(cpu),
-            "peak_mib": peak_rss_mib() - baseline, "logical_bytes": mesh.stats.total("logical")}
+            "impl": "ours", "kernel": kernel.name, "seconds": statistics.median(times), "all_seconds": times,
+            "cpu_seconds": statistics.median(cpu), "peak_mib": peak, "rows": rows,
+            "logical_bytes": mesh.stats.total("logical")}
 
 
 def worker_main(args):
@@ -93,15 +119,21 @@ def _results(text: str):
     return [json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines() if "RESULT " in line]
 
 
+def _env(args, workdir):
+    from mf_longseq.tools.msrun import msrun_env
+    return msrun_env(dict(os.environ, LOCAL_DEFAULT_PATH=os.path.join(workdir, "mfout"), GLOG_v="3",
+                          OMP_NUM_THREADS=str(args.threads)), root=HERE.parent)
+
+
 def launch(args, cp, seq, kv, algo, workdir):
     """One fresh process (CP = 1) or msrun launch (CP > 1); returns the ranks' result rows."""
     common = ["--seq", str(seq), "--kv", str(kv), "--algo", algo, "--cp", str(cp), "--heads", str(args.heads),
               "--head-dim", str(args.head_dim), "--block", str(args.block), "--threads", str(args.threads),
-              "--steps", str(args.steps), "--warmup", str(args.warmup), "--kernel", args.kernel, "--as-worker"]
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--kernel", args.kernel,
+              "--exchange", args.exchange, "--rows-dir", args.rows_dir, "--as-worker"]
     common += ["--async-dispatch"] if args.async_dispatch else []
-    from mf_longseq.tools.msrun import free_port, msrun_command, msrun_env
-    env = msrun_env(dict(os.environ, LOCAL_DEFAULT_PATH=os.path.join(workdir, "mfout"), GLOG_v="3",
-                         OMP_NUM_THREADS=str(args.threads)), root=HERE.parent)
+    from mf_longseq.tools.msrun import free_port, msrun_command
+    env = _env(args, workdir)
     if cp == 1:
         proc = subprocess.run([sys.executable, __file__, *common], capture_output=True, text=True, env=env,
                               cwd=workdir)
@@ -117,8 +149,9 @@ def launch(args, cp, seq, kv, algo, workdir):
     return rows
 
 
-def report(rows, args):
-    """One row per (S, kv heads, CP, algorithm): max over ranks of time and memory, ratios to CP = 1."""
+def report(rows, args, errors):
+    """One row per (S, kv heads, CP, implementation): max over ranks of time and memory, ratios to our CP = 1,
+    the worst relative error against the float64 oracle."""
     from mf_longseq.attention.mask import AttentionMask
     key = lambda r: (r["seq_len"], r["kv_heads"], r["cp"], r["algo"])            # noqa: E731
     cases = {}
@@ -139,19 +172,47 @@ def report(rows, args):
                       "peak_mib_per_rank": round(peak, 1),
                       "mem_vs_cp1": round(peak / max(r["peak_mib"] for r in base), 3) if base else "",
                       "gflops_total": round(flops / seconds / 1e9, 1),
-                      "comm_mib_per_rank": round(max(r["logical_bytes"] for r in ranks) / 2**20, 2)})
+                      "comm_mib_per_rank": round(max(r["logical_bytes"] for r in ranks) / 2**20, 2),
+                      "oracle_rel_error": f"{errors[(seq, kv, cp, algo)]:.1e}"})
     return table
 
 
-def main():
+def compare(table):
+    """Ours against the peers, side by side: our ring vs torch ring, Ulysses vs DeepSpeed Ulysses, CP = 1 vs SDPA;
+    ``best_peer_mib``: the least memory of any peer at the same CP (ring and Ulysses are both CP = 2 peers)."""
+    by = {(r["seq_len"], r["kv_heads"], r["algo"]): r for r in table}
+    rows = []
+    for (seq, kv, algo), ours in sorted(by.items()):
+        peer = by.get((seq, kv, PEER_OF.get(algo)))
+        if peer is None:
+            continue
+        same_cp = [r for r in table if r["seq_len"] == seq and r["kv_heads"] == kv and r["cp"] == ours["cp"]
+                   and r["algo"] in PEERS.get(ours["cp"], [])]
+        best = min(r["peak_mib_per_rank"] for r in same_cp)
+        rows.append({"seq_len": seq, "kv_heads": kv, "cp": ours["cp"], "ours": algo, "ours_s": ours["seconds_per_rank"],
+                     "ours_mib": ours["peak_mib_per_rank"], "peer": peer["algo"], "peer_s": peer["seconds_per_rank"],
+                     "peer_mib": peer["peak_mib_per_rank"],
+                     "time_ratio": round(ours["seconds_per_rank"] / peer["seconds_per_rank"], 2),
+                     "mem_ratio": round(ours["peak_mib_per_rank"] / peer["peak_mib_per_rank"], 2),
+                     "best_peer_mib": best, "mem_vs_best_peer": round(ours["peak_mib_per_rank"] / best, 2),
+                     "oracle_rel_error": f"{ours['oracle_rel_error']} / {peer['oracle_rel_error']}"})
+    return rows
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--seq", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads of every process (rank)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of every CP > 1 process (rank)")
+    parser.add_argument("--cp1-threads", type=int, default=2, help="CPU threads of the CP = 1 process")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--kernel", choices=["fused", "blockwise"], default="fused")
+    parser.add_argument("--exchange", choices=["alltoall", "allgather"], default="alltoall",
+                        help="Ulysses exchange (parallel.enable_alltoall True / False)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="run torch SDPA, a torch ring and DeepSpeed Ulysses beside ours (needs .[bench])")
     parser.add_argument("--async-dispatch", action="store_true",
                         help="keep PyNative's asynchronous dispatch (the Python thread busy-waits beside the kernel)")
     parser.add_argument("--csv", default="attention.csv", help="file name under benchmarks/results/")
@@ -160,21 +221,43 @@ def main():
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--algo", default="local", help=argparse.SUPPRESS)
     parser.add_argument("--kv", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rows-dir", help=argparse.SUPPRESS)
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.as_worker:
         args.seq, args.cp = args.seq[0], args.cp[0]
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.as_worker:
         return worker_main(args)
+    import peer_attention
+    from attention_oracle import error, oracle
     workdir = tempfile.mkdtemp(prefix="mfls_bench_")
-    rows = []
+    args.rows_dir = workdir
+    rows, errors = [], {}
     for seq in args.seq:
         for kv in args.kv_heads:
-            for cp in args.cp:                                 # interleaved: load drift hits every CP alike
-                for algo in ALGOS[cp]:
-                    rows += launch(args, cp, seq, kv, algo, workdir)
-                    print(f"  S={seq} kv={kv} CP={cp} {algo}: {max(r['seconds'] for r in rows[-cp:]):.2f} s",
-                          flush=True)
-    write_table(report(rows, args), args.csv)
+            reference = oracle(seq, args.heads, kv, args.head_dim, cache_dir=workdir)
+            for cp in args.cp:                                 # interleaved: load drift hits every case alike
+                threads = args.threads
+                args.threads = args.cp1_threads if cp == 1 else threads
+                runs = [(algo, False) for algo in ALGOS[cp]] + [(impl, True) for impl in PEERS.get(cp, []) if args.peers]
+                for algo, peer in runs:
+                    got = (peer_attention.launch(args, algo, cp, seq, kv, _env(args, workdir), workdir) if peer
+                           else launch(args, cp, seq, kv, algo, workdir))
+                    errors[(seq, kv, cp, algo)] = error([r["rows"] for r in got], reference)
+                    rows += got
+                    print(f"  S={seq} kv={kv} CP={cp} {algo}: {max(r['seconds'] for r in got):.2f} s, "
+                          f"{max(r['peak_mib'] for r in got):.0f} MiB, oracle error "
+                          f"{errors[(seq, kv, cp, algo)]:.1e}  (load {os.getloadavg()[0]:.1f})", flush=True)
+                args.threads = threads
+    table = report(rows, args, errors)
+    write_table(table, args.csv)
+    if args.peers:
+        write_table(compare(table), args.csv.replace(".csv", "_peers.csv"))
 
 
 if __name__ == "__main__":

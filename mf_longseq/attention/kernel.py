@@ -172,6 +172,15 @@ class BlockwiseKernel:
         return ops.cat(pieces, axis=2) if len(pieces) > 1 else pieces[0]
 
 
+def _cast(x, dtype):
+    """x in ``dtype``; no copy when it already is (a float32 gradient is returned as it is)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _f32(x):
+    return _cast(x, ms.float32)
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
@@ -191,6 +200,6 @@ class LocalAttention(nn.Cell):
 
     def bprop(self, q, k, v, out, dout):
         d_out, d_lse = dout
-        delta = (d_out.astype(ms.float32) * out[0].astype(ms.float32)).sum(-1) - d_lse
+        delta = (_f32(d_out) * _f32(out[0])).sum(-1) - d_lse
         dq, dk, dv = self.kernel.backward(q, k, v, d_out, out[1], delta, self.mask, self.scale)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        return _cast(dq, q.dtype), _cast(dk, k.dtype), _cast(dv, v.dtype)

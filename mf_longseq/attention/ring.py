@@ -17,7 +17,13 @@ while the kernel computes the block gradients of step t+1; the buffer is waited 
 The first block computed starts the running (out, lse) and the first block gradients start dQ and dK/dV: no
 zero buffers and no merge with them (merging with lse = -inf gives the block exactly).
 
-Shapes: q (B, N, S_loc, D), k and v (B, K, S_loc, D); kv travel stacked as (2, B, K, S_loc, D).  With a
+Shapes: q (B, N, S_loc, D), k and v (B, K, S_loc, D); k and v travel as two transfers of their own (no stacked
+copy).
+
+Working set (per rank, besides the inputs and what PyNative keeps for the backward: q, k, v, out, lse): forward
+the K/V block computed and the one arriving, the block's output and one scaled copy during the merge
+(``merge_into``); backward the same two K/V blocks, the block gradients, dQ, and the dK/dV buffers leaving and
+arriving, every accumulation in place (``ops.assign_add``).  With a
 token-major kernel (``FusedCpuKernel.with_layout("BSND")``) the same code runs on q (B, S_loc, N, D), k and v
 (B, S_loc, K, D) and lse (B, S_loc, N): nothing here depends on the order of the sequence and head axes.
 """
@@ -26,7 +32,7 @@ from typing import Sequence
 import mindspore as ms
 from mindspore import nn, ops
 
-from mf_longseq.attention.merge import merge
+from mf_longseq.attention.merge import merge_into
 from mf_longseq.attention.mask import AttentionMask
 from mf_longseq.parallel.comm import ring_shift_start
 
@@ -41,8 +47,24 @@ def _as(x, dtype):
 
 
 def _accumulate(total, part):
-    """total + part, or part when there is no total yet."""
-    return part if total is None else total + part
+    """total += part in place (``total`` is a buffer this algorithm owns), or part when there is no total yet."""
+    if total is None:
+        return part
+    if not total.is_contiguous():                  # a strided view (e.g. a kernel's swapped axes): no in-place op
+        return total + part
+    ops.assign_add(total, part)
+    return total
+
+
+class _Pair:
+    """The started ring shifts of a K and a V block (or of their float32 gradients): two transfers, no stacked copy
+    of the two; ``wait()`` returns the received (k, v)."""
+
+    def __init__(self, k, v, group):
+        self.k, self.v = ring_shift_start(k, group), ring_shift_start(v, group)
+
+    def wait(self):
+        return self.k.wait(), self.v.wait()
 
 
 class RingAttention(nn.Cell):
@@ -61,21 +83,21 @@ class RingAttention(nn.Cell):
     def _source(self, step: int) -> int:
         return (self.group.index - step) % self.group.size
 
-    def _start_next(self, kv, step: int):
-        """Start the transfer of the K/V block the next step needs (None at the last step)."""
-        return ring_shift_start(kv, self.group) if step + 1 < self.group.size else None
+    def _start_next(self, k, v, step: int):
+        """Start the transfers of the K and V blocks the next step needs (None at the last step)."""
+        return _Pair(k, v, self.group) if step + 1 < self.group.size else None
 
     def construct(self, q, k, v):
         out = lse = None
-        kv = ops.stack([k, v])                                                   # (2, B, K, S_loc, D)
         for step in range(self.group.size):
             src = self._source(step)
-            incoming = self._start_next(kv, step)                                # transfer of step + 1 ...
+            incoming = self._start_next(k, v, step)                              # transfer of step + 1 ...
             if self.work[src]:                                                   # ... overlaps this block
-                block_out, block_lse = self.kernel.forward(q, kv[0], kv[1], self.masks[src], self.scale)
-                block_out = _as(block_out, ms.float32)
-                out, lse = (block_out, block_lse) if out is None else merge(out, lse, block_out, block_lse)
-            kv = incoming.wait() if incoming is not None else None
+                block = list(self.kernel.forward(q, k, v, self.masks[src], self.scale))
+                block[0] = _as(block[0], ms.float32)
+                out, lse = block if out is None else merge_into(out, lse, block)
+                del block
+            k, v = incoming.wait() if incoming is not None else (None, None)
         if out is None:                                                          # no visible key at all
             out, lse = ops.zeros(q.shape, ms.float32), ops.full(q.shape[:-1], float("-inf"), dtype=ms.float32)
         return _as(out, q.dtype), lse
@@ -84,24 +106,26 @@ class RingAttention(nn.Cell):
         d_out, d_lse = dout
         o, lse = out
         delta = (_as(d_out, ms.float32) * _as(o, ms.float32)).sum(-1) - d_lse      # (B, N, S_loc)
-        dq = dkv = None                                                          # dkv travels with kv
-        kv = ops.stack([k, v])
-        dkv_moving = None                                                        # dK/dV in flight from step - 1
+        dq = dk = dv = None                                                      # dk, dv travel with k, v
+        kv_shape, k_dtype, v_dtype = k.shape, k.dtype, v.dtype
+        moving = None                                                            # dK/dV in flight from step - 1
         for step in range(self.group.size):
             src = self._source(step)
-            incoming = self._start_next(kv, step)
+            incoming = self._start_next(k, v, step)
             grads = None
             if self.work[src]:                                                   # overlaps both transfers
-                grads = self.kernel.backward(q, kv[0], kv[1], d_out, lse, delta, self.masks[src], self.scale)
-            if dkv_moving is not None:
-                dkv = dkv_moving.wait()                                          # block src's buffer arrives
+                grads = list(self.kernel.backward(q, k, v, d_out, lse, delta, self.masks[src], self.scale))
+            if moving is not None:
+                dk, dv = moving.wait()                                           # block src's buffers arrive
             if grads is not None:
-                dq = _accumulate(dq, grads[0])
-                dkv = _accumulate(dkv, ops.stack([grads[1], grads[2]]))
-            if dkv is None:                                                      # nothing for block src yet
-                dkv = ops.zeros(kv.shape, ms.float32)
-            dkv_moving = ring_shift_start(dkv, self.group)                       # after R shifts: back home
-            kv = incoming.wait() if incoming is not None else None
-        dkv = dkv_moving.wait()
+                dq = _accumulate(dq, grads.pop(0))
+                dk = _accumulate(dk, grads.pop(0))
+                dv = _accumulate(dv, grads.pop(0))
+            if dk is None:                                                       # nothing for block src yet
+                dk, dv = ops.zeros(kv_shape, ms.float32), ops.zeros(kv_shape, ms.float32)
+            moving = _Pair(dk, dv, self.group)                                   # after R shifts: back home
+            dk = dv = None
+            k, v = incoming.wait() if incoming is not None else (None, None)
+        dk, dv = moving.wait()
         dq = ops.zeros(q.shape, ms.float32) if dq is None else dq
-        return _as(dq, q.dtype), _as(dkv[0], k.dtype), _as(dkv[1], v.dtype)
+        return _as(dq, q.dtype), _as(dk, k_dtype), _as(dv, v_dtype)

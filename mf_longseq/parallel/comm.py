@@ -6,10 +6,11 @@ outside the world group, so there:
 
 * ring shift: the host transport (``host_p2p.py``: TCP between the ranks, on background threads, so the
   transfer runs while the caller computes);
-* other point-to-point transfers (pipeline ``send_recv``, pairwise all-to-all): an AllReduce in the two-rank
-  group of sender and receiver, the receiver adding zeros.  Per-rank buffers stay the size of what moves.
+* all-to-all and all-to-all-v (Ulysses): the host transport too, one transfer per pair of ranks, all started
+  before the first is waited for (``_exchange_host``); each rank moves only the parts it sends;
+* pipeline ``send_recv``: an AllReduce in the two-rank group of sender and receiver, the receiver adding zeros.
+  Per-rank buffers stay the size of what moves.
 * all-gather: an AllReduce of a zero buffer holding this rank's part in its slot.
-* all-to-all: P-1 rounds of pairwise transfers (round r: send to index+r, receive from index-r).
 
 The decision native-or-emulated is made here, from ``group.device_target``, and nowhere else.
 
@@ -33,7 +34,6 @@ Every call counts bytes into ``group.stats``: ``logical`` is what the native pri
 """
 import logging
 import math
-import warnings
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -43,12 +43,6 @@ from mf_longseq.parallel.comm_core import (CommStats, Pending, _nbytes, all_redu
                                            allreduce_sum as _allreduce_sum, is_emulated)
 
 logger = logging.getLogger(__name__)
-
-
-def _pair_transfer(x, group, peer: int, sending: bool):
-    """One point-to-point transfer between this rank and ``peer`` (group indices), built on AllReduce."""
-    payload = x if sending else ops.zeros_like(x)
-    return _allreduce_sum(payload, group.pair(group.index, peer))
 
 
 def _shift_native(x, group, offset: int):
@@ -173,6 +167,7 @@ def all_to_all(x, group, scatter_dim: int, gather_dim: int, use_alltoall: bool =
 
     ``use_alltoall=False`` is the AllGather-based exchange (gather along ``gather_dim``, keep this rank's chunk of
     ``scatter_dim``): more bytes and a transient buffer group.size times larger, but no AlltoAll needed.
+    CPU (no AlltoAll): the chunks move over the host transport (``_exchange_host``), same bytes as AlltoAll.
     """
     n = group.size
     if n == 1:
@@ -185,32 +180,9 @@ def all_to_all(x, group, scatter_dim: int, gather_dim: int, use_alltoall: bool =
     if not is_emulated(group):
         group.stats.add("all_to_all", _nbytes(x) * (n - 1) // n, _nbytes(x) * (n - 1) // n)
         return ops.AlltoAll(split_count=n, split_dim=scatter_dim, concat_dim=gather_dim, group=group.name)(x)
-    warnings.warn("parallel.enable_alltoall = True: this backend (CPU) has no AlltoAll; it is emulated with "
-                  "pairwise transfers (same result and logical bytes). Set it False for the AllGather-based "
-                  "exchange.", RuntimeWarning, stacklevel=2)   # Python shows it once per call site
-    return _all_to_all_pairwise(x, group, scatter_dim, gather_dim)
-
-
-def _all_to_all_pairwise(x, group, scatter_dim: int, gather_dim: int):
-    n, me = group.size, group.index
     chunks = [_chunk(x, n, scatter_dim, j) for j in range(n)]
-    received = [None] * n
-    received[me] = chunks[me]
-    for offset in range(1, n):
-        dst = (me + offset) % n
-        # Round `offset`: what goes to dst is chunk dst; what arrives from src is our chunk of src's tensor.
-        cycle_start = me % math.gcd(n, offset)
-        position = next(k for k in range(n) if (cycle_start + k * offset) % n == me)
-        src = (me - offset) % n
-        if position % 2 == 0:
-            _pair_transfer(chunks[dst], group, dst, sending=True)
-            received[src] = _pair_transfer(chunks[dst], group, src, sending=False)
-        else:
-            received[src] = _pair_transfer(chunks[dst], group, src, sending=False)
-            _pair_transfer(chunks[dst], group, dst, sending=True)
-    chunk_bytes = _nbytes(chunks[0])
-    group.stats.add("all_to_all", chunk_bytes * (n - 1), 2 * chunk_bytes * (n - 1))
-    return ops.cat(received, axis=gather_dim)
+    shapes = [[tuple(chunks[0].shape)] * n for _ in range(n)]
+    return ops.cat(_exchange_host(chunks, group, shapes), axis=gather_dim)
 
 
 # --------------------------------------------------------------------------------------------------- differentiable
@@ -259,7 +231,7 @@ class ReduceScatter(nn.Cell):
 
 # =================================================================================================== variable size
 # All-to-all whose parts differ in size per destination (uneven head splits).  Same transport rules as above:
-# native AlltoAllV where the backend has it; on CPU pairwise two-way transfers (AllReduce in two-rank groups);
+# native AlltoAllV where the backend has it; on CPU the host transport's pairwise transfers (``_exchange_host``);
 # with use_alltoall=False the AllGather-based exchange of padded flat buffers.
 def pair_rounds(n: int):
     """A round-robin schedule of every pair of ``n`` indices: a list of rounds, each {index: partner or None}.
@@ -279,16 +251,33 @@ def pair_rounds(n: int):
     return rounds
 
 
-def _swap_with(send, recv_shape, group, peer: int):
-    """Two-way transfer with group index ``peer`` in ONE AllReduce of [low -> high | high -> low]."""
-    recv_count = int(math.prod(recv_shape))
-    theirs = ops.zeros((recv_count,), send.dtype)
-    low_first = group.index < peer
-    buffer = ops.cat([send.reshape(-1), theirs] if low_first else [theirs, send.reshape(-1)])
-    group.stats.add("all_to_all", _nbytes(send), _nbytes(buffer))
-    total = _allreduce_sum(buffer, group.pair(group.index, peer))
-    start = send.size if low_first else 0
-    return total[start:start + recv_count].reshape(tuple(recv_shape))
+def _exchange_host(parts, group, shapes):
+    """CPU all-to-all(v) over the host transport: ``parts[j]`` to index j, returns ``received[i]`` from i.
+
+    Every transfer is started (``pair_rounds`` order, the same on every rank) before the first is waited for, so
+    the host transport's threads move all of them at once, each only its own bytes.  A pair whose two directions
+    differ in size (uneven head splits) pads the smaller flat part to the larger: the transport receives a
+    tensor like the one it sends.  Received blocks are released by the caller once concatenated.
+    """
+    n, me = group.size, group.index
+    transport, started = host_p2p.transport(), []
+    for partner in pair_rounds(n):
+        peer = partner[me]
+        if peer is None:
+            continue
+        send, recv_shape = parts[peer].reshape(-1), tuple(shapes[peer][me])
+        count = max(send.shape[0], int(math.prod(recv_shape)))
+        if send.shape[0] < count:
+            send = ops.cat([send, ops.zeros((count - send.shape[0],), send.dtype)])
+        group.stats.add("all_to_all", _nbytes(parts[peer]), _nbytes(send))
+        started.append((peer, recv_shape, transport.start(send, group, peer, peer)))
+    received = [None] * n
+    received[me] = parts[me]
+    for peer, recv_shape, transfer in started:
+        flat = transfer.wait()
+        count = int(math.prod(recv_shape))
+        received[peer] = (flat if flat.shape[0] == count else flat[:count]).reshape(recv_shape)
+    return received
 
 
 def _all_to_all_v_gathered(parts, group, shapes):
@@ -329,8 +318,6 @@ def all_to_all_v(parts, group, shapes, use_alltoall: bool = True):
         assert tuple(part.shape) == tuple(shapes[me][j]), (j, part.shape, shapes[me][j])
     if not use_alltoall:
         return _all_to_all_v_gathered(parts, group, shapes)
-    received = [None] * n
-    received[me] = parts[me]
     if not is_emulated(group):
         import mindspore.mint.distributed as dist
         outputs = [ops.zeros(tuple(shapes[i][me]), parts[0].dtype) for i in range(n)]
@@ -344,11 +331,7 @@ def all_to_all_v(parts, group, shapes, use_alltoall: bool = True):
         if handle is not None:
             handle.wait()
         return outputs
-    for partner in pair_rounds(n):
-        peer = partner[me]
-        if peer is not None:
-            received[peer] = _swap_with(parts[peer], shapes[peer][me], group, peer)
-    return received
+    return _exchange_host(parts, group, shapes)
 
 
 class AllToAllV(nn.Cell):

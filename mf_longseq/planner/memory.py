@@ -36,10 +36,13 @@ activations not yet released: the MLP's d(product), d(silu), d(up) (3 s F/t e; w
 one tile plus its recomputed intermediates, T F/t (3 e + 4 e + 4)) and the hidden-state gradient in and out
 (2 s h e / r; + SP: s h e, the full gradient of a gathered input before its reduce-scatter).
 
-Attention buffers (transient, the backward of one layer): ring: kv and the incoming kv (2 x 2 s Kh D e), the
-float32 dK/dV buffer and its shifted copy (2 x 2 s Kh D 4), the float32 dq (s Nt D 4), Kh the kv heads a ring
-carries (under Ulysses the most any Ulysses rank receives); Ulysses with the AllGather-based exchange: the
-gathered tensor, U times the larger of the busiest rank's output (U s n_max) and the packed kv.  The blockwise kernel (backend "cpu") adds
+Attention buffers (transient, the backward of one layer; ``attention/ring.py``, ``ulysses.py``): the kernel's
+float32 block gradients (s Nt D 4 + 2 s Kh D 4) and the float32 dq (s Nt D 4); ring: K and V and the incoming K
+and V (2 x 2 s Kh D e), the float32 dK/dV leaving and arriving (2 x 2 s Kh D 4), every accumulation in place;
+Ulysses: the output gradient in head layout and the returned [dq | dk | dv] leaving and arriving,
+s U (n_max + 2 (n_max + 2 k_max)) D e; Kh the kv heads a ring carries (under Ulysses the most any Ulysses rank
+receives); with the AllGather-based exchange also the gathered tensor, U times the larger of the busiest rank's
+output (U s n_max) and the packed kv.  The blockwise kernel (backend "cpu") adds
 its float32 tiles, T = min(block_size, S/R): in the backward of one tile the scores, their masked copy, p,
 dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4); and float32 copies of
 q, k, v when the compute dtype is half.
@@ -145,9 +148,11 @@ def attention_buffers(shape: ModelShape, layout: RunPlan, settings: Settings) ->
     split = HeadSplit(nt, kt, u) if u > 1 else None
     kr = split.kv_heads_received if split else kt                           # kv heads over the Ulysses ranks
     kh = _most_kv(split) if split else kt                                   # kv heads entering the ring
-    out = s * nt * d * 4                                                     # float32 dq
+    out = 2 * s * nt * d * 4 + 2 * s * kh * d * 4                            # block grads, dq (float32)
     if layout.ring > 1:
         out += 2 * (2 * s * kh * d * e) + 2 * (2 * s * kh * d * 4)
+    if u > 1:
+        out += s * u * (3 * split.busiest + 4 * kh) * d * e                 # dout, [dq | dk | dv] out and in
     if u > 1 and not settings.use_alltoall:
         out += u * s * max(u * split.busiest, kr) * d * e
     if settings.backend == "cpu":

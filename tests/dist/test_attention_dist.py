@@ -37,3 +37,14 @@ def test_ring_moves_only_local_blocks(results):
     block = 2 * b * kv * (s // cp) * d * 4                                  # stacked K and V of one rank, fp32
     expected = (cp - 1) * block + (cp - 1) * block + cp * block              # fwd kv, bwd kv, bwd dkv
     assert int(shard["logical_bytes"]) == expected
+
+
+@pytest.mark.parametrize("name", ["ulysses_cp2_alltoall", "ulysses_cp4_alltoall_gqa_kv_lt_degree"])
+def test_cpu_alltoall_moves_only_its_parts(name, results):
+    """On CPU ranks the all-to-all runs over the host transport: every rank hands the wire exactly the parts it
+    sends (the AllReduce-pair emulation handed twice that, the AllGather form group-size times)."""
+    import numpy as np
+    case = next(c for c in CASES if c.name == name)
+    for rank in range(WORLD):
+        shard = np.load(results / case.name / f"rank{rank}.npz")
+        assert int(shard["wire_bytes"]) == int(shard["logical_bytes"]) > 0, (name, rank)
