@@ -8,7 +8,7 @@ MindFormers rejects unknown keys under ``parallel_config``::
                       context_parallel_algo, ulysses_degree_in_cp, use_seq_parallel}
     parallel: {enable_alltoall}
     context: {device_target}
-    long_seq: {layout, block_size, device_num}
+    long_seq: {layout, block_size, device_num, loss_tile, mlp_tile}
 
 The model's facts (``model.model_config``: seq_length, num_heads, n_kv_heads, num_layers, use_flash_attention,
 use_attn_mask_compression) have one home, the model config (``LongSeqModelConfig``); ``LongSeqConfig.check_model``
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
 
 # Keys a user may put in the plugin's own ``long_seq:`` section.
-LONG_SEQ_KEYS = ("layout", "block_size", "device_num")
+LONG_SEQ_KEYS = ("layout", "block_size", "device_num", "loss_tile", "mlp_tile")
 
 
 class ConfigError(ValueError):
@@ -131,6 +131,13 @@ class LongSeqConfig:
     """long_seq.layout: how a sequence is split across CP ranks, contiguous or zigzag (causal load balance)."""
     block_size: int = 2048
     """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
+    loss_tile: Optional[int] = None
+    """long_seq.loss_tile: tokens per tile of the tiled LM head + cross entropy (models/tiled_loss.py); 0 = off
+    (the whole (tokens, vocabulary / model_parallel) float32 logits at once); None = the largest tile whose
+    float32 logits, tile x vocabulary / model_parallel x 4 bytes, fit 256 MiB (tiled_loss.default_loss_tile)."""
+    mlp_tile: int = 0
+    """long_seq.mlp_tile: tokens per tile of the tiled MLP (models/tiled_mlp.py), which recomputes gate, up and
+    their product in the backward; 0 = off."""
 
     def __post_init__(self):
         self._check_types()
@@ -198,6 +205,7 @@ class LongSeqConfig:
             _fail(_KEY_PATHS["device_num"], num, "must be a positive integer", "set it to the number of devices "
                   "or remove it (default: the product of the parallel degrees)")
         _check_bools(settings)
+        _check_tiles(settings)
         if isinstance(self.context_parallel_algo, str) and self.context_parallel_algo in LEGACY_ALGO_SPELLINGS:
             _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo,
                   "is the old spelling, which MindFormers 1.9 refuses ('hybird_cp' is not a valid ContextParallelAlgo)",
@@ -350,6 +358,8 @@ _KEY_PATHS = {
     "device_num": "long_seq.device_num",
     "layout": "long_seq.layout",
     "block_size": "long_seq.block_size",
+    "loss_tile": "long_seq.loss_tile",
+    "mlp_tile": "long_seq.mlp_tile",
 }
 
 
@@ -409,6 +419,23 @@ def _check_bools(values: Mapping) -> None:
         if name in values and not isinstance(values[name], bool):
             value = values[name]
             _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
+
+
+# Token counts per tile (0 = off); loss_tile may also be None (its default rule, see the field).
+TILE_KEYS = ("loss_tile", "mlp_tile")
+
+
+def _check_tiles(values: Mapping) -> None:
+    """Each of ``TILE_KEYS`` in ``values`` an int from 0 to ``MAX_COUNT`` (loss_tile: or None); ConfigError."""
+    for name in TILE_KEYS:
+        value = values.get(name)
+        if value is None and name == "loss_tile":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            _fail(_KEY_PATHS[name], value, f"must be a whole number of tokens per tile from 0 (off) to {MAX_COUNT}",
+                  f"set {_KEY_PATHS[name]} to 0 to turn the tiling off or to a positive token count such as 1024"
+                  + (", or remove the key for the default (a fixed logits budget per tile)" if name == "loss_tile"
+                     else ""))
 
 
 def check_world_size(config: "LongSeqConfig", world_size: int) -> None:
