@@ -132,12 +132,9 @@ class LongSeqConfig:
     block_size: int = 2048
     """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
     loss_tile: Optional[int] = None
-    """long_seq.loss_tile: tokens per tile of the tiled LM head + cross entropy (models/tiled_loss.py); 0 = off
-    (the whole (tokens, vocabulary / model_parallel) float32 logits at once); None = the largest tile whose
-    float32 logits, tile x vocabulary / model_parallel x 4 bytes, fit 256 MiB (tiled_loss.default_loss_tile)."""
+    """long_seq.loss_tile: tokens per tile of the LM head + cross entropy; 0 = off; None = logits tile <= 256 MiB."""
     mlp_tile: int = 0
-    """long_seq.mlp_tile: tokens per tile of the tiled MLP (models/tiled_mlp.py), which recomputes gate, up and
-    their product in the backward; 0 = off."""
+    """long_seq.mlp_tile: tokens per tile of the MLP, its intermediates recomputed in the backward; 0 = off."""
 
     def __post_init__(self):
         self._check_types()
@@ -433,9 +430,7 @@ def _check_tiles(values: Mapping) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
             _fail(_KEY_PATHS[name], value, f"must be a whole number of tokens per tile from 0 (off) to {MAX_COUNT}",
-                  f"set {_KEY_PATHS[name]} to 0 to turn the tiling off or to a positive token count such as 1024"
-                  + (", or remove the key for the default (a fixed logits budget per tile)" if name == "loss_tile"
-                     else ""))
+                  f"set {_KEY_PATHS[name]} to 0 (off) or to a positive token count such as 1024")
 
 
 def check_world_size(config: "LongSeqConfig", world_size: int) -> None:
