@@ -7,9 +7,13 @@
 The model: a tiny Qwen1.5 shape (hidden 32, 2 layers, 4 heads, 2 kv heads, FFN 64) with Qwen's vocabulary,
 151936; batch 1; AdamW.  Parts, each one msrun launch of 2 fresh workers (peak RSS, VmHWM, is per process):
 
-* ``train16k``: ``mf-longseq train``'s ``run_job`` at S = ``--seq`` (16384) with the default loss tile (one tile's
-  float32 logits <= 256 MiB: 441 tokens) for ``--steps`` steps: the peak RSS per rank (must stay <= 3 GiB) and
-  the step time.  The untiled run at this length needs ~27 GB per rank and is NOT run.
+* ``train16k``: ``mf-longseq train``'s ``run_job`` at S = ``--seq`` (16384) with ``--loss-tile`` (64; 0: the
+  default rule, 441 tokens here) for ``--steps`` steps: the peak RSS per rank (must stay <= 3 GiB) and the step
+  time.  The untiled run at this length needs ~27 GB per rank and is NOT run.  Why 64 on CPU: MindSpore's CPU
+  memory pool holds about 10.7 (tile, V) float32 blocks per tile at its peak in a forward + backward (measured:
+  a 2048-token TiledHeadLoss step over V = 151936 peaks 437 / 845 / 1663 MiB above its start for tiles of
+  64 / 128 / 256 tokens), against the 2 this code keeps alive; with the default 441-token tile that is ~2.8 GiB
+  for the head alone.
 * ``time``: at S = ``--time-seq`` (1024), where the untiled model fits, four trainers in one process (untiled;
   loss tile; MLP tile ``--mlp-tile``; both) step in turn, ``--rounds`` rounds after one warm-up round: the median
   step time of each and its ratio to the untiled one, measured side by side (the same host load); their losses
@@ -112,13 +116,13 @@ def worker(args):
     ms.runtime.launch_blocking()
     rank, part = get_rank(), args.as_worker
     if part == "train16k":
-        run_train(rank, part, tree(args.seq, None, 0), args.steps, args.workdir)
+        run_train(rank, part, tree(args.seq, args.loss_tile or None, 0), args.steps, args.workdir)
     elif part == "time":
         run_time(rank, args)
     else:
         mlp_tile = args.mlp_tile if part == "mlp_on" else 0
-        run_train(rank, part, tree(args.mlp_seq, None, mlp_tile, hidden=64, ffn=args.mlp_ffn), args.steps,
-                  args.workdir)
+        config = tree(args.mlp_seq, args.loss_tile or None, mlp_tile, hidden=64, ffn=args.mlp_ffn)
+        run_train(rank, part, config, args.steps, args.workdir)
 
 
 def load() -> str:
@@ -134,7 +138,7 @@ def launch(part, args, workdir):
     log_dir = os.path.join(workdir, f"log_{part}")
     flags = ["--as-worker", part, "--workdir", workdir, "--seq", args.seq, "--steps", args.steps, "--time-seq",
              args.time_seq, "--rounds", args.rounds, "--mlp-seq", args.mlp_seq, "--mlp-ffn", args.mlp_ffn,
-             "--mlp-tile", args.mlp_tile]
+             "--mlp-tile", args.mlp_tile, "--loss-tile", args.loss_tile]
     cmd = msrun_command([__file__, *map(str, flags)], worker_num=2, master_port=free_port(), log_dir=log_dir,
                         guard=False)
     before = load()
@@ -156,6 +160,7 @@ def main():
     parser.add_argument("--mlp-seq", type=int, default=8192)
     parser.add_argument("--mlp-ffn", type=int, default=2048)
     parser.add_argument("--mlp-tile", type=int, default=512)
+    parser.add_argument("--loss-tile", type=int, default=64, help="loss tile of train16k / mlp_*; 0: the default")
     parser.add_argument("--as-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
