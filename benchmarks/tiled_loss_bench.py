@@ -22,6 +22,10 @@ The model: a tiny Qwen1.5 shape (hidden 32, 2 layers, 4 heads, 2 kv heads, FFN 6
   tiled, MLP untiled / tiled (``--mlp-tile``): peak RSS per rank of each (two launches, so each peak is its own)
   and step time.
 
+Measured (2026-12-07, this shared 2-core host, load average ~35): ``--parts train16k`` (S = 16384, loss tile 64)
+trains, losses 11.93894 -> 11.93613, peak RSS 2175 / 2287 MiB on ranks 0 / 1 (753 MiB before the model was
+built), ~500 s per step.
+
 Prints one JSON line per part and a summary table, with ``uptime``'s load averages before and after each part
 (timings on a shared host move with its load; memory figures do not).
 """
