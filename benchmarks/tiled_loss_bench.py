@@ -24,7 +24,11 @@ The model: a tiny Qwen1.5 shape (hidden 32, 2 layers, 4 heads, 2 kv heads, FFN 6
 
 Measured (2026-12-07, this shared 2-core host, load average ~35): ``--parts train16k`` (S = 16384, loss tile 64)
 trains, losses 11.93894 -> 11.93613, peak RSS 2175 / 2287 MiB on ranks 0 / 1 (753 MiB before the model was
-built), ~500 s per step.
+built), ~500 s per step.  ``--parts time --time-seq 512 --rounds 2 --mlp-tile 128`` (load 12.9 -> 11.4):
+median step untiled 13.53 s, loss tile (default) 7.96 s (0.59x), MLP tile 8.91 s (0.66x), both 7.00 s (0.52x);
+the four loss sequences identical.  Only 2 rounds on a host whose load fell during the run: read the ratios as
+"not slower", not as a speed-up.  At S = 1024 the four trainers in one process were killed (out of memory on the
+shared host); ``mlp_off`` / ``mlp_on`` were not run.
 
 Prints one JSON line per part and a summary table, with ``uptime``'s load averages before and after each part
 (timings on a shared host move with its load; memory figures do not).
