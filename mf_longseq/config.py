@@ -133,10 +133,10 @@ class LongSeqConfig:
     """long_seq.layout: how a sequence is split across CP ranks, contiguous or zigzag (causal load balance)."""
     block_size: int = 2048
     """long_seq.block_size: tile size of the blockwise attention kernel (CPU/GPU)."""
-    loss_tile: int = 0
-    """long_seq.loss_tile: tokens per tile of the LM head + cross entropy (0 = off); `mf-longseq plan` picks one."""
+    loss_tile: Optional[int] = None
+    """long_seq.loss_tile: tokens per tile of the LM head + cross entropy; 0 = off; None = logits tile <= 256 MiB."""
     mlp_tile: int = 0
-    """long_seq.mlp_tile: tokens per tile of the MLP, intermediates recomputed in backward (0 = off)."""
+    """long_seq.mlp_tile: tokens per tile of the MLP, its intermediates recomputed in the backward; 0 = off."""
     offload_layer_inputs: bool = False
     """long_seq.offload_layer_inputs: with recompute_config.recompute, each layer's saved input moves to host memory
     after its forward and is copied back one layer ahead of its backward (host memory per node: ranks per node x
@@ -408,8 +408,6 @@ def model_facts(model: Any) -> dict:
 COUNT_KEYS = ("data_parallel", "model_parallel", "context_parallel", "pipeline_stage", "micro_batch_num",
               "ulysses_degree_in_cp", "block_size", "seq_length", "num_heads", "n_kv_heads", "num_layers")
 FLAG_KEYS = ("use_seq_parallel", "enable_alltoall", "use_flash_attention", "offload_layer_inputs")
-# Settings that count tokens and may be 0 (= off): non-negative int32.
-TILE_KEYS = ("loss_tile", "mlp_tile")
 
 
 def _check_counts(values: Mapping) -> None:
@@ -423,15 +421,6 @@ def _check_counts(values: Mapping) -> None:
         if value > MAX_COUNT:
             _fail(_KEY_PATHS[name], value, f"is larger than {MAX_COUNT} (MindSpore shapes and ids are int32)",
                   f"set {_KEY_PATHS[name]} to at most {MAX_COUNT}")
-
-
-def _check_tiles(values: Mapping) -> None:
-    """Each of ``TILE_KEYS`` in ``values`` an int in [0, ``MAX_COUNT``] (0 = off); ConfigError on its key."""
-    for name in TILE_KEYS:
-        value = values.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-            _fail(_KEY_PATHS[name], value, "must be an integer >= 0 (tokens per tile; 0 = off)",
-                  f"set {_KEY_PATHS[name]} to 0 (off) or a number of tokens, e.g. 4096")
 
 
 def _check_bools(values: Mapping) -> None:
@@ -449,6 +438,49 @@ def check_offload(offload: bool, recompute: Any) -> None:
         _fail(_KEY_PATHS["offload_layer_inputs"], offload,
               f"offloads the one input each recomputed layer keeps, but recompute_config.recompute is {recompute!r}",
               "set recompute_config.recompute: True, or long_seq.offload_layer_inputs: False")
+
+
+# The one home of the default rule: one tile's float32 logits (tile x V/MP x 4 bytes) stay under this budget.
+LOSS_TILE_BUDGET_BYTES = 256 * 2 ** 20
+
+
+def default_loss_tile(vocab_per_rank: int, budget_bytes: int = LOSS_TILE_BUDGET_BYTES) -> int:
+    """Tokens per loss tile so that one tile's float32 logits fit ``budget_bytes``.
+
+    tile = max(1, floor(budget_bytes / (4 * vocab_per_rank))); e.g. Qwen's vocabulary (151936) with
+    model_parallel 1 and 256 MiB: 441 tokens; with model_parallel 4: 1766.
+
+    Args:
+        vocab_per_rank: V / model_parallel, the vocabulary slice of one rank.
+        budget_bytes: the budget of one tile's float32 logits (default ``LOSS_TILE_BUDGET_BYTES``, 256 MiB).
+
+    Raises:
+        ValueError: a non-positive vocabulary slice or budget.
+    """
+    if vocab_per_rank < 1 or budget_bytes < 1:
+        raise ValueError(f"vocab_per_rank = {vocab_per_rank} and budget_bytes = {budget_bytes} must be positive")
+    return max(1, budget_bytes // (4 * vocab_per_rank))
+
+
+def resolve_loss_tile(setting: Optional[int], vocab_per_rank: int) -> int:
+    """The tile the model uses for ``long_seq.loss_tile``: None -> ``default_loss_tile(vocab_per_rank)``;
+    0 (off) or a positive count as given."""
+    return default_loss_tile(vocab_per_rank) if setting is None else setting
+
+
+# Token counts per tile (0 = off); loss_tile may also be None (its default rule, see the field).
+TILE_KEYS = ("loss_tile", "mlp_tile")
+
+
+def _check_tiles(values: Mapping) -> None:
+    """Each of ``TILE_KEYS`` in ``values`` an int from 0 to ``MAX_COUNT`` (loss_tile: or None); ConfigError."""
+    for name in TILE_KEYS:
+        value = values.get(name)
+        if value is None and name == "loss_tile":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            _fail(_KEY_PATHS[name], value, f"must be a whole number of tokens per tile from 0 (off) to {MAX_COUNT}",
+                  f"set {_KEY_PATHS[name]} to 0 (off) or to a positive token count such as 1024")
 
 
 def check_world_size(config: "LongSeqConfig", world_size: int) -> None:

@@ -49,6 +49,8 @@ from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import mf_inputs
 from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
 from mf_longseq.models.rope import apply_rope
+from mf_longseq.models.tiled_loss import TiledHeadLoss, resolve_loss_tile
+from mf_longseq.models.tiled_mlp import TiledMLP
 from mf_longseq.models.mf_adapter import builder_settings
 from mf_longseq.models.model_config import check_model_parallel
 from mf_longseq.parallel.mesh import Mesh
@@ -134,9 +136,13 @@ class Attention(nn.Cell):
 
 
 class MLP(nn.Cell):
-    """SwiGLU: down(silu(gate(x)) * up(x)); (B, S, H) -> (B, S, F) -> (B, S, H)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); (B, S, H) -> (B, S, F) -> (B, S, H).
 
-    def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None):
+    ``tile`` (``long_seq.mlp_tile``) > 0: the same function tile by tile over the tokens, intermediates recomputed
+    in the backward (``tiled_mlp.TiledMLP``, between gate/up's f and down's g).
+    """
+
+    def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None, tile: int = 0):
         super().__init__()
         h, f = config.hidden_size, config.ffn_hidden_size
         mp = (mesh or Mesh(rank=0)).group("mp")     # model parallel: gate/up split on F, down on its input
@@ -145,8 +151,14 @@ class MLP(nn.Cell):
         self.up_proj = ColumnParallelLinear(h, f, group=mp, has_bias=False, **dtypes)
         self.down_proj = RowParallelLinear(f, h, group=mp, has_bias=False, **dtypes)
         self.gate_up = SharedInputColumns([self.gate_proj, self.up_proj], group=mp)   # one f for gate and up
+        self.compute_dtype = dtypes["compute_dtype"]
+        self.tiled = TiledMLP(tile, self.compute_dtype) if tile else None
 
     def construct(self, x):
+        if self.tiled is not None:
+            weights = [w.astype(self.compute_dtype) for w in
+                       (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)]
+            return self.down_proj.reduce(self.tiled(self.gate_up.copy(x), *weights))
         gate, up = self.gate_up(x)
         act = ops.silu(gate.astype(ms.float32)).astype(gate.dtype)        # float32 (CPU has no half Sigmoid)
         return self.down_proj(act * up)
@@ -166,7 +178,7 @@ class DecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.self_attn = Attention(config, long_seq, mesh)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
-        self.mlp = MLP(config, mesh)
+        self.mlp = MLP(config, mesh, tile=long_seq.mlp_tile)
         self.sp = SequenceParallel(mesh.group("mp"), long_seq.use_seq_parallel)
         self.sp.replace_tensor_parallel_exchanges(columns=(self.self_attn.qkv, self.mlp.gate_up),
                                                   rows=(self.self_attn.o_proj, self.mlp.down_proj))
@@ -266,6 +278,10 @@ class LongSeqForCausalLM(PreTrainedModel):
         self.model.sp.replace_tensor_parallel_exchanges(columns=[self.lm_head.shared] if self.lm_head else [])
         self.global_loss = mf_inputs.GlobalMeanLoss(self.mesh.group("dp_cp"))
         self.head_matmul = MatMulNT(self.compute_dtype)
+        vocab_part = config.vocab_size // self.mp_group.size
+        self.loss_tile = resolve_loss_tile(self.long_seq.loss_tile, vocab_part)     # 0: untiled head
+        self.tiled_loss = TiledHeadLoss(self.loss_tile, self.mp_group, self.mp_group.index * vocab_part,
+                                        self.compute_dtype) if self.loss_tile else None
         self.batch_spec = BatchSpec(mesh=self.mesh, layout=self.mesh.plan.seq_layout, head_dim=config.head_dim,
                                     theta=config.theta, compute_dtype=self.compute_dtype,
                                     use_eod_reset=config.use_eod_reset,
@@ -325,9 +341,18 @@ class LongSeqForCausalLM(PreTrainedModel):
         return self.head_matmul(hidden.reshape(b * s, h), table).reshape(b, s, -1).astype(ms.float32)
 
     def head_loss(self, hidden, labels, loss_mask):
-        """(loss_sum, token_count) from the final hidden state; the cross entropy never gathers the vocabulary."""
+        """(loss_sum, token_count) from the final hidden state; the cross entropy never gathers the vocabulary.
+
+        ``long_seq.loss_tile`` > 0 (``self.loss_tile``): logits and loss tile by tile, recomputed in the backward
+        (``tiled_loss.TiledHeadLoss``); else the whole (B, S, V/MP) float32 logits at once."""
         mask = loss_mask.astype(ms.float32)
         labels = ops.where(mask > 0, labels.astype(ms.int32), ops.zeros_like(labels, dtype=ms.int32))
+        if self.tiled_loss is not None:
+            b, s, h = hidden.shape
+            head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight  # (V/MP, H)
+            loss_sum, _ = self.tiled_loss(self.head_copy(hidden).reshape(b * s, h), head.astype(self.compute_dtype),
+                                          labels.reshape(-1), mask.reshape(-1))
+            return loss_sum, ops.stop_gradient(mask.sum())
         logits = self.head_logits(hidden)                                                # (B, S, V/MP)
         if self.mp_group.size == 1:
             ce = cross_entropy(logits, labels)                                           # (B, S)

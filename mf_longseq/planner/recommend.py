@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence
 
 from mf_longseq.attention.head_split import HeadSplit
-from mf_longseq.config import LongSeqConfig
+from mf_longseq.config import LOSS_TILE_BUDGET_BYTES, LongSeqConfig, default_loss_tile
 from mf_longseq.planner import comm
 from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
 from mf_longseq.planner.layout import Settings
@@ -68,13 +68,13 @@ class Candidate:
         return self.memory.total(self.recompute)
 
 
-TILE_BUDGET = 256 * 2 ** 20        # bytes: one tile's float32 logits (loss_tile) / intermediates (mlp_tile)
+TILE_BUDGET = LOSS_TILE_BUDGET_BYTES    # bytes: one tile's intermediates (mlp_tile), as loss_tile's logits
 
 
 def default_tile(bytes_per_token: int, tokens: int) -> int:
-    """The tile the planner picks: the largest power of two T >= 128 with T x ``bytes_per_token`` <=
-    ``TILE_BUDGET`` (256 MiB), at most ``tokens`` (this rank's s).  loss_tile: bytes_per_token = V/t x 4 (one
-    float32 logits row); mlp_tile: F/t x (4 e + 4) (one token's MLP intermediates)."""
+    """The MLP tile the planner picks: the largest power of two T >= 128 with T x ``bytes_per_token`` <=
+    ``TILE_BUDGET`` (256 MiB), at most ``tokens`` (this rank's s); bytes_per_token = F/t x (4 e + 4) (one
+    token's MLP intermediates).  The loss tile is the model's own rule, ``config.default_loss_tile``."""
     tile = 128
     while tile * 2 * bytes_per_token <= TILE_BUDGET and tile * 2 <= tokens:
         tile *= 2
@@ -103,7 +103,7 @@ class Choices:
     def variants(self, shape: ModelShape, layout: RunPlan, settings: Settings) -> Iterator[Settings]:
         """``settings`` with every combination of the features left to the planner (module docstring)."""
         s, e = settings.micro_batch * settings.seq_len // layout.cp, settings.bytes_of("compute")
-        loss = default_tile(shape.vocab // layout.mp * 4, s)
+        loss = min(default_loss_tile(shape.vocab // layout.mp), s)      # the model's own default rule
         mlp = default_tile(shape.ffn // layout.mp * (4 * e + 4), s)
         options = [[0, loss] if self.loss_tile is None else [self.loss_tile],
                    [0, mlp] if self.mlp_tile is None else [self.mlp_tile],

@@ -13,7 +13,7 @@ plugin's runner and its runner wrapper keep the whole optimizer, gradients and w
 """
 from typing import Mapping, Tuple
 
-from mf_longseq.config import LongSeqConfig, node_at
+from mf_longseq.config import LongSeqConfig, node_at, resolve_loss_tile
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import Memory, memory_per_device
 
@@ -28,7 +28,8 @@ def run_settings(tree: Mapping, config: LongSeqConfig, model) -> Settings:
                     mask_compression=bool(model.use_attn_mask_compression),
                     use_alltoall=config.enable_alltoall,
                     backend="ascend" if config.device_target == "Ascend" else "cpu", block_size=config.block_size,
-                    loss_tile=config.loss_tile, mlp_tile=config.mlp_tile, seq_parallel=config.use_seq_parallel,
+                    loss_tile=resolve_loss_tile(config.loss_tile, model.vocab_size // config.model_parallel),
+                    mlp_tile=config.mlp_tile, seq_parallel=config.use_seq_parallel,
                     offload_layer_inputs=config.offload_layer_inputs)
 
 

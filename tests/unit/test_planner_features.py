@@ -143,8 +143,10 @@ def test_a_run_plans_its_own_features_and_the_step_line_shows_both_figures():
 
 
 def test_long_seq_feature_keys_are_validated():
-    assert LongSeqConfig().loss_tile == 0 and LongSeqConfig().offload_layer_inputs is False
-    with pytest.raises(ValueError, match=r"long_seq\.loss_tile = -1: must be an integer >= 0"):
+    # loss_tile's default is None: the model's 256 MiB rule (config.default_loss_tile), as the model and the
+    # planner's run figure (planner/run.py) resolve it
+    assert LongSeqConfig().loss_tile is None and LongSeqConfig().offload_layer_inputs is False
+    with pytest.raises(ValueError, match=r"long_seq\.loss_tile = -1: must be a whole number of tokens per tile"):
         LongSeqConfig(loss_tile=-1)
     with pytest.raises(ValueError, match=r"long_seq\.offload_layer_inputs = 'yes': must be True or False"):
         LongSeqConfig(offload_layer_inputs="yes")
