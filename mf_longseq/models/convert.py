@@ -2,6 +2,11 @@
 
     mf-longseq convert hf-to-ours --src HF_MODEL_DIR --dst model.ckpt [--yaml model_config.yaml]
     mf-longseq convert ours-to-hf --src model.ckpt|STEP_DIR --config run.yaml --dst HF_DIR [--dtype bfloat16]
+    mf-longseq convert mf-to-ours --src mindformers.ckpt --config run.yaml --dst model.ckpt
+    mf-longseq convert ours-to-mf --src model.ckpt|STEP_DIR --config run.yaml --dst mindformers.ckpt [--qkv-concat]
+
+MindFormers' own LLaMA2 / Qwen1.5 / Qwen v1 names (split or fused): ``mf_names.py``.  Our models also load them
+directly (``load_checkpoint:`` / ``mf-longseq train --load-checkpoint``, ``start_weights.py``).
 
 Ours: the weights of ``LongSeqForCausalLM`` (Hugging Face LLaMA / Qwen2 names, see ``parameter_shapes``) in a
 MindSpore ``.ckpt`` (what ``mindspore.load_checkpoint`` / the training runner read) or a ``.safetensors`` file.
@@ -230,11 +235,25 @@ def _model_section(config: LongSeqModelConfig) -> dict:
     from mf_longseq.models.build import MODEL_CLASSES
     keys = ("seq_length", "vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size",
             "rms_norm_eps", "theta", "qkv_has_bias", "tie_word_embeddings")
-    model_config = {"type": type(config).__name__, **{k: getattr(config, k) for k in keys}}
-    return {"model": {"model_config": model_config, "arch": {"type": MODEL_CLASSES[config.family].__name__}}}
+    config_type, arch_type = type(config).__name__, MODEL_CLASSES[config.family].__name__
+    model_config = {"type": config_type, "auto_register": f"registry.{config_type}",
+                    **{k: getattr(config, k) for k in keys}}
+    return {"model": {"model_config": model_config,
+                      "arch": {"type": arch_type, "auto_register": f"registry.{arch_type}"}}}
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """An output file's folder must exist (ValueError naming the flag, the folder and the fix)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist. Fix: create it first "
+                         f"(mkdir -p {folder}) or write into an existing folder.")
 
 
 def run_hf_to_ours(args) -> int:
+    check_output_file("--dst", args.dst)
+    if args.yaml:
+        check_output_file("--yaml", args.yaml)
     config = config_from_hf(read_hf_config(args.src), seq_length=args.seq_length)
     weights = hf_to_ours(st.read_checkpoint(args.src), config, source=args.src)
     write_ours(args.dst, weights, dtype=args.dtype)
@@ -248,22 +267,66 @@ def run_hf_to_ours(args) -> int:
     return 0
 
 
-def run_ours_to_hf(args) -> int:
+def _run_model_config(args) -> LongSeqModelConfig:
     from mf_longseq.models.build import model_config_from
     config_path = args.config or (os.path.join(args.src, "config.yaml") if os.path.isdir(args.src) else None)
     if not config_path or not os.path.isfile(config_path):
         raise ValueError(f"--config {config_path!r}: the model's YAML is needed to know its shape. Fix: pass "
                          "--config with the run's YAML (a step folder's config.yaml is used by default).")
-    config = model_config_from(config_path)
+    return model_config_from(config_path)
+
+
+def run_ours_to_hf(args) -> int:
+    config = _run_model_config(args)
     write_hf(args.dst, read_ours(args.src, config), config, dtype=args.dtype)
     print(f"mf-longseq convert: {args.src} -> {args.dst} ({config_to_hf(config)['architectures'][0]}, "
           f"{args.dtype})")
     return 0
 
 
+def run_mf_to_ours(args) -> int:
+    from mf_longseq.models.mf_names import mf_to_ours
+    from mf_longseq.models.start_weights import read_tensors
+    check_output_file("--dst", args.dst)
+    config = _run_model_config(args)
+    weights = mf_to_ours(read_tensors(args.src), config, source=args.src)
+    write_ours(args.dst, weights, dtype=args.dtype)
+    print(f"mf-longseq convert: {args.src} (MindFormers {config.family}) -> {args.dst}: {len(weights)} tensors")
+    return 0
+
+
+def run_ours_to_mf(args) -> int:
+    from mf_longseq.models.mf_names import ours_to_mf
+    check_output_file("--dst", args.dst)
+    config = _run_model_config(args)
+    theirs = ours_to_mf(read_ours(args.src, config), config, qkv_concat=args.qkv_concat)
+    write_ours(args.dst, theirs, dtype=args.dtype)
+    print(f"mf-longseq convert: {args.src} -> {args.dst} (MindFormers {config.family} names"
+          f"{', fused w_qkv / w_gate_hidden' if args.qkv_concat else ''}, {len(theirs)} tensors)")
+    return 0
+
+
+def _register_mf(sub) -> None:
+    to_ours = sub.add_parser("mf-to-ours", help="MindFormers LLaMA2 / Qwen / Qwen1.5 checkpoint -> ours")
+    to_ours.add_argument("--src", required=True, help="MindFormers .ckpt or .safetensors (one file, whole model)")
+    to_ours.add_argument("--config", required=True, help="a YAML whose model: section describes the model")
+    to_ours.add_argument("--dst", required=True, help="output .ckpt (MindSpore) or .safetensors")
+    to_ours.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    to_ours.set_defaults(func=run_mf_to_ours)
+    to_mf = sub.add_parser("ours-to-mf", help=".ckpt / .safetensors / training step folder -> MindFormers names")
+    to_mf.add_argument("--src", required=True, help=".ckpt, .safetensors or checkpoints/step_NNNNNN folder")
+    to_mf.add_argument("--config", default=None, help="the run's YAML (default: the step folder's config.yaml)")
+    to_mf.add_argument("--dst", required=True, help="output .ckpt (what MindFormers' load_checkpoint reads)")
+    to_mf.add_argument("--qkv-concat", action="store_true", help="fused w_qkv / w_gate_hidden, for MindFormers' "
+                       "LlamaForCausalLM with model_config.qkv_concat: True (LLaMA2 / Qwen1.5)")
+    to_mf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    to_mf.set_defaults(func=run_ours_to_mf)
+
+
 def register(subparsers) -> None:
-    """``mf-longseq convert {hf-to-ours, ours-to-hf}``."""
-    parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and mf_longseq",
+    """``mf-longseq convert {hf-to-ours, ours-to-hf, mf-to-ours, ours-to-mf}``."""
+    parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face, MindFormers and "
+                                   "mf_longseq",
                                    description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     to_ours = sub.add_parser("hf-to-ours", help="Hugging Face model folder -> .ckpt / .safetensors of ours")
@@ -279,6 +342,7 @@ def register(subparsers) -> None:
     to_hf.add_argument("--dst", required=True, help="output Hugging Face model folder")
     to_hf.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     to_hf.set_defaults(func=run_ours_to_hf)
+    _register_mf(sub)
 
 
 __all__ = ["config_from_hf", "config_to_hf", "family_of", "hf_to_ours", "ours_to_hf", "check_weights",

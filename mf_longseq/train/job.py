@@ -44,6 +44,7 @@ class JobOptions:
     save_every: int = 0                      # checkpoint period in steps (0: no checkpoints)
     output_dir: Optional[str] = None
     resume: Optional[str] = None             # output dir or step dir to continue from
+    load_checkpoint: Optional[str] = None    # start weights (ours or MindFormers' names); default: the YAML's key
     seed: Optional[int] = None               # overrides the YAML's `seed`
 
 
@@ -163,6 +164,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
                             pad_token_id=model_config_value(tree, "pad_token_id") if source.kind != "synthetic"
                             else None)
     trainer.broadcast_weights()
+    load_start(trainer, model, run.mesh, opts, tree)
     start = resume(trainer, run, config, opts.resume) if opts.resume else 0
     if start >= opts.steps:
         raise ValueError(f"--steps {opts.steps}: the checkpoint is already at step {start}. "
@@ -186,6 +188,25 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
 
     loop = LoopSettings(end_step=opts.steps, start_step=start, save_every=opts.save_every, output_dir=output_dir)
     return train_loop(trainer, run, loop, monitor=monitor, save=save if opts.save_every else None)
+
+
+def load_start(trainer: Trainer, model, mesh, opts: JobOptions, tree: dict) -> Optional[str]:
+    """Start from weights: ``--load-checkpoint`` or the YAML's ``load_checkpoint`` (ignored with ``--resume``, which
+    restores the run's own weights and optimizer) fills every parameter this rank trains; returns the path.
+
+    Raises:
+        ValueError: --load-checkpoint with --resume; a weight the checkpoint lacks (``start_weights``).
+    """
+    from mf_longseq.models.start_weights import fill_parameters, read_start_weights
+    if opts.load_checkpoint and opts.resume:
+        raise ValueError(f"--load-checkpoint {opts.load_checkpoint} and --resume {opts.resume}: two starting points. "
+                         "Fix: --resume continues a run (weights and optimizer); --load-checkpoint starts a new run "
+                         "from weights. Pass one of them.")
+    path = None if opts.resume else (opts.load_checkpoint or tree.get("load_checkpoint") or None)
+    if path:
+        fill_parameters(trainer.params, read_start_weights(path, model.config), model=model, mesh=mesh, source=path)
+        logger.info("start weights from %s", path)
+    return path
 
 
 def _data_line(described: dict) -> str:
