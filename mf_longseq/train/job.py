@@ -170,7 +170,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
         raise ValueError(f"--steps {opts.steps}: the checkpoint is already at step {start}. "
                          f"Fix: pass --steps larger than {start}.")
     output_dir = opts.output_dir or (ckpt.run_dir_of(opts.resume) if opts.resume else None)
-    if not opts.save_every and support.checkpoint_period(tree):
+    if not opts.save_every and support.checkpoint_period(tree) and output_dir:   # (the CLI always has one)
         opts = replace(opts, save_every=support.checkpoint_period(tree))   # CheckpointMonitor.save_checkpoint_steps
     if opts.save_every and not output_dir:
         raise ValueError("--save-every needs --output-dir. Fix: pass --output-dir DIR.")
