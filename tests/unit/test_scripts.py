@@ -377,3 +377,19 @@ def test_model_script_default_route_is_run_mindformer_with_absolute_paths(fake):
     assert missing.returncode == 2 and "needs --mindformers DIR" in missing.stderr and "--route train" in missing.stderr
     both = run(fake.tmp, "--template", str(template), "--route", "train", "--mindformers", str(checkout), "--dry-run")
     assert both.returncode == 2 and "drop one of them" in both.stderr
+
+
+def test_launcher_makes_a_relative_task_config_absolute(tmp_path, monkeypatch):
+    """Issue 22: run_mindformer.py joins a relative --config onto its own folder; the launcher hands the ranks an
+    absolute one (both spellings), and leaves a path it cannot find as it is (the task reports it)."""
+    from mf_longseq.tools.launch import parse_args
+    (tmp_path / "run.yaml").write_text("x: 1\n")
+    (tmp_path / "pkg").mkdir()
+    monkeypatch.chdir(tmp_path)
+    launch = parse_args(["--worker-num", "2", "--no-validate", "--", "python", "/mf/run_mindformer.py", "--config",
+                         "run.yaml", "--register_path=pkg", "--train_dataset_dir", "data"])
+    assert launch.task == ["python", "/mf/run_mindformer.py", "--config", str(tmp_path / "run.yaml"),
+                           f"--register_path={tmp_path / 'pkg'}", "--train_dataset_dir", "data"]
+    assert launch.config == str(tmp_path / "run.yaml")
+    missing = parse_args(["--worker-num", "2", "--no-validate", "--", "python", "x.py", "--config", "nope.yaml"])
+    assert missing.task[-1] == "nope.yaml"
