@@ -28,7 +28,7 @@ from typing import Dict, Iterable
 
 import numpy as np
 
-from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
+from mf_longseq.models.model_config import LongSeqModelConfig, check_weights, parameter_shapes
 
 # optimizer / runner state MindFormers' trainer writes beside the weights (not model weights)
 _STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accumulate_grads.")
@@ -134,7 +134,6 @@ def _unfuse(tensors: Dict[str, np.ndarray], config: LongSeqModelConfig) -> Dict[
 def mf_to_ours(tensors: Dict[str, np.ndarray], config: LongSeqModelConfig, source: str = "checkpoint"):
     """MindFormers' tensors (split or fused layout; optimizer state skipped) -> our weights (float32), checked:
     every weight of the model present with its shape, and no other tensor (ValueError naming the first)."""
-    from mf_longseq.models.convert import check_weights
     weights = {k: v for k, v in tensors.items() if not is_state(k)}
     if config.family != "qwen":
         weights = _unfuse(weights, config)
@@ -149,7 +148,6 @@ def mf_to_ours(tensors: Dict[str, np.ndarray], config: LongSeqModelConfig, sourc
 def ours_to_mf(weights: Dict[str, np.ndarray], config: LongSeqModelConfig, qkv_concat: bool = False):
     """Our weights -> MindFormers' names; ``qkv_concat``: the fused ``w_qkv`` / ``w_gate_hidden`` tensors of
     ``LlamaForCausalLM(qkv_concat=True)`` (LLaMA2 / Qwen1.5 only)."""
-    from mf_longseq.models.convert import check_weights
     check_weights(weights, config, "our weights")
     if qkv_concat and config.family == "qwen":
         raise ValueError("--qkv-concat: MindFormers' Qwen v1 (research/qwen) has no fused q/k/v. Fix: drop "

@@ -19,34 +19,9 @@ from typing import Dict, Iterable, Optional
 
 import numpy as np
 
+from mf_longseq.models.convert import check_weights, read_ours, read_tensors
 from mf_longseq.models.model_config import LongSeqModelConfig
 from mf_longseq.models.mf_names import is_state, looks_like_mindformers, mf_to_ours
-
-
-def to_numpy(value) -> np.ndarray:
-    """A MindSpore Tensor / Parameter as float32 NumPy (bfloat16 has no NumPy type: cast first)."""
-    import mindspore as ms
-    if value.dtype == ms.bfloat16:
-        value = value.astype(ms.float32)
-    return np.asarray(value.asnumpy(), np.float32)
-
-
-def read_tensors(path: str) -> Dict[str, np.ndarray]:
-    """Every tensor of a ``.ckpt`` / ``.safetensors`` file (or a step folder's ``rank_0.ckpt``) as float32."""
-    from mf_longseq.models import safetensors_io as st
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "meta.json")):
-            raise ValueError(f"load_checkpoint {path}: a folder, but not a checkpoints/step_NNNNNN folder of "
-                             "mf-longseq train. Fix: give one .ckpt / .safetensors file holding the whole model "
-                             "(merge a distributed MindFormers checkpoint with MindFormers' transform_ckpt first).")
-        path = os.path.join(path, "rank_0.ckpt")
-    if not os.path.isfile(path):
-        raise ValueError(f"load_checkpoint {path}: no such file. Fix: give the path of a .ckpt or .safetensors "
-                         "file (absolute, or relative to the directory you start from).")
-    if path.endswith(".safetensors"):
-        return {k: np.asarray(v, np.float32) for k, v in st.read_file(path).items()}
-    import mindspore as ms
-    return {k: to_numpy(v) for k, v in ms.load_checkpoint(path).items()}
 
 
 def read_start_weights(path: str, config: LongSeqModelConfig) -> Dict[str, np.ndarray]:
@@ -55,10 +30,8 @@ def read_start_weights(path: str, config: LongSeqModelConfig) -> Dict[str, np.nd
     Raises:
         ValueError: unreadable path, a weight missing or of the wrong shape, a tensor the model does not have.
     """
-    from mf_longseq.models.convert import check_weights
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
-        from mf_longseq.models.convert import read_ours             # refuses a step folder written under mp / pp
-        return read_ours(path, config)
+        return read_ours(path, config)                 # refuses a step folder written under mp / pp
     tensors = read_tensors(path)
     if looks_like_mindformers(tensors):
         return mf_to_ours(tensors, config, source=path)
@@ -104,4 +77,4 @@ def load_start_weights(model, path: str, *, mesh=None, parameters: Optional[Iter
     return fill_parameters(params, weights, model=model, mesh=mesh, source=path)
 
 
-__all__ = ["read_start_weights", "fill_parameters", "load_start_weights", "read_tensors", "to_numpy"]
+__all__ = ["read_start_weights", "fill_parameters", "load_start_weights"]

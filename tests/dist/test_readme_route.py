@@ -45,7 +45,11 @@ def test_readme_main_route_runs_verbatim(where, tmp_path):
     shutil.copy(STANDIN, checkout / "run_mindformer.py")
     data = tmp_path / "wiki.mindrecord"
     write_tokens(data, np.random.default_rng(0).integers(1, VOCAB, (2, 257)))     # the template's seq_length 256
+    from mf_longseq.tools.msrun import free_port
     script = readme_main_route().replace("<MindFormers>", str(checkout)).replace("/data/wiki.mindrecord", str(data))
+    # the one change beyond the placeholders: a free scheduler port (8118, msrun's default, may be in use by
+    # another job on a shared machine)
+    script = script.replace("msrun --worker_num", f"msrun --master_port {free_port()} --worker_num", 1)
     cwd = ROOT if where == "repository root" else tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
     before = set(os.listdir(cwd))
