@@ -164,3 +164,16 @@ def test_cli_converts_mindformers_checkpoints_both_ways(tmp_path, capsys):
     assert cli(["convert", "mf-to-ours", "--src", src, "--config", str(config),
                 "--dst", str(tmp_path / "no" / "such" / "x.ckpt")]) == 1
     assert "--dst" in capsys.readouterr().err
+
+
+def test_hf_to_ours_yaml_has_auto_register_and_a_missing_dst_folder_is_named(tmp_path, capsys):
+    """Issue 22 item 5: the written model section carries the auto_register lines run_mindformer.py needs; --dst
+    into a folder that does not exist is a one-line error naming it (was a raw traceback)."""
+    from mf_longseq.models import convert
+    section = convert._model_section(Qwen2LongSeqConfig.from_preset("tiny", seq_length=S))["model"]
+    assert section["model_config"]["auto_register"] == "registry.Qwen2LongSeqConfig"
+    assert section["arch"] == {"type": "Qwen2LongSeqForCausalLM", "auto_register": "registry.Qwen2LongSeqForCausalLM"}
+    missing = tmp_path / "no" / "such"
+    assert cli(["convert", "hf-to-ours", "--src", str(tmp_path), "--dst", str(missing / "m.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert f"--dst {missing / 'm.ckpt'}: the folder {missing} does not exist" in err and "mkdir -p" in err
