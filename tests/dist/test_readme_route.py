@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_readme_main_route_runs_verbatim(where, tmp_path):
     script = script.replace("msrun --worker_num", f"msrun --master_port {free_port()} --worker_num", 1)
     cwd = ROOT if where == "repository root" else tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    before = set(os.listdir(cwd))
+    before, started = set(os.listdir(cwd)), time.time()
     venv_bin = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -61,7 +62,8 @@ def test_readme_main_route_runs_verbatim(where, tmp_path):
         proc = subprocess.run(["bash", "-ec", script], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=1500)
         logs = {p.name: p.read_text(errors="replace") for p in Path(cwd).glob("worker_*.log")}
-        saved = sorted(p.name for p in Path(cwd, "output", "checkpoint").rglob("*.ckpt"))
+        saved = sorted(p.name for p in Path(cwd, "output", "checkpoint").rglob("*.ckpt")
+                       if p.stat().st_mtime >= started)                  # this run's (output/ may exist already)
     finally:
         if cwd == ROOT:                                   # leave the checkout as it was
             for name in set(os.listdir(cwd)) - before:
