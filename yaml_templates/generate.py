@@ -10,7 +10,7 @@ the plugin's own top-level ``long_seq:`` section (layout, block_size, device_num
 
 Ascend 910B-class settings (64 GB per device, 8 per node): bfloat16 compute, float32 master weights, AdamW with
 the parallel optimizer (states split over dp x cp), full recompute, FlashAttention with the compressed causal
-mask.  Degrees were chosen so that ``mf_longseq.planner``'s memory model (optimizer states split over dp x cp,
+mask, a checkpoint every 1000 steps (tiny: 100) and at the end.  Degrees were chosen so that ``mf_longseq.planner``'s memory model (optimizer states split over dp x cp,
 full recompute) stays under 58 GB per device: 7B/14B need model_parallel 2-4 (Qwen's 152k vocabulary makes the
 logits large), 70B/72B model_parallel 8 x pipeline_stage 4.  Model shapes are the presets of
 ``mf_longseq.models`` (published Hugging Face shapes).
@@ -25,6 +25,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 CLASSES = {"llama2": ("LlamaLongSeqConfig", "LlamaLongSeqForCausalLM", "LLaMA2"),
            "qwen": ("QwenLongSeqConfig", "QwenLongSeqForCausalLM", "Qwen"),
            "qwen1_5": ("Qwen2LongSeqConfig", "Qwen2LongSeqForCausalLM", "Qwen1.5")}
+# the README's main route: absolute paths from any directory (run_mindformer.py joins a relative --config onto
+# its own folder)
+RUN_VARS = ('REG=$(python -c "import os, mf_longseq; print(os.path.dirname(mf_longseq.__file__))"); '
+            'TEMPLATES=$(dirname "$REG")/yaml_templates')
 TOKEN_IDS = {"llama2": (1, 2, 0), "qwen": (151643, 151643, 151643), "qwen1_5": (151643, 151643, 151643)}
 
 # (family, size, seq_len, cp, algo, ulysses_degree_in_cp, dp, mp, pp, micro_batch_num)
@@ -178,7 +182,8 @@ train_dataset_task:
 """
 
 
-def _parallel(dp, mp, pp, cp, algo, u, mbn, alltoall: bool, optimizer_shard: bool, recompute: bool) -> str:
+def _parallel(dp, mp, pp, cp, algo, u, mbn, alltoall: bool, optimizer_shard: bool, recompute: bool,
+              save_steps: int) -> str:
     return f"""
 parallel:
   parallel_mode: 0                  # mf_longseq runs its own collectives (PyNative); see docs
@@ -208,6 +213,8 @@ recompute_config:
 
 callbacks:
   - type: MFLossMonitor
+  - type: CheckpointMonitor         # every N steps and at the end: run_mindformer.py writes rank files under
+    save_checkpoint_steps: {save_steps}     # output_dir/checkpoint; mf-longseq train its checkpoints/step_NNNNNN
 """
 
 
@@ -219,11 +226,12 @@ def ascend_template(row) -> tuple:
     title = f"{CLASSES[family][2]} {size.upper()}, {_seq_name(seq)} tokens, context parallel {cp} {algo}{inner}"
     devices_line = (f"Ascend 910B: {devices} devices = data_parallel {dp} x model_parallel {mp} x context_parallel "
                     f"{cp} x pipeline_stage {pp}" + (f" ({devices // 8} nodes of 8)" if devices > 8 else " (1 node)"))
-    run_line = f"Run: bash scripts/launch_{family}.sh --template yaml_templates/{name}"
+    run_line = (f"Run (any directory; {RUN_VARS}):\n#   bash $(dirname \"$REG\")/scripts/launch_{family}.sh "
+                f"--template $TEMPLATES/{name} --mindformers <MindFormers checkout>")
     text = _common_head(title, devices_line, run_line, ("1.e-4", "1.e-5", 100, "CosineWithWarmUpLR"),
                         devices=devices, workers=8, clip=True)
     text += _parallel(dp, mp, pp, cp, algo, u, mbn, alltoall=algo != "colossalai_cp", optimizer_shard=True,
-                      recompute=True)
+                      recompute=True, save_steps=1000)
     text += """
 context:
   mode: 1                           # PyNative
@@ -258,12 +266,13 @@ def tiny_template(row) -> tuple:
     title = f"{CLASSES[family][2]} tiny, {seq} tokens, context parallel {cp} {algo}{inner}, CPU"
     devices_line = f"CPU: {cp} ranks = context_parallel {cp} (msrun CPU workers; tests and the demo)"
     launch = f"msrun --worker_num {cp} --local_worker_num {cp} --join True " if cp > 1 else ""
-    run_line = (f"Run: {launch}python <MindFormers>/run_mindformer.py --config yaml_templates/{name} --register_path "
-                "<mf_longseq package dir> --train_dataset_dir <MindRecord>\n# or:  mf-longseq train --config "
-                f"yaml_templates/{name}" + (f" --workers {cp}" if cp > 1 else ""))
+    run_line = (f"Run (any directory; {RUN_VARS}):\n#   {launch}python <MindFormers>/run_mindformer.py --config "
+                f"$TEMPLATES/{name} --register_path $REG --train_dataset_dir <MindRecord>\n# or:  mf-longseq train "
+                f"--config $TEMPLATES/{name}" + (f" --workers {cp}" if cp > 1 else ""))
     text = _common_head(title, devices_line, run_line, ("1.e-2", "0.0", 2, "ConstantWarmUpLR"),
                         devices=cp, workers=1, clip=True)
-    text += _parallel(1, 1, 1, cp, algo, u, 1, alltoall=False, optimizer_shard=False, recompute=False)
+    text += _parallel(1, 1, 1, cp, algo, u, 1, alltoall=False, optimizer_shard=False, recompute=False,
+                      save_steps=100)
     text += """
 context:
   mode: 1                           # PyNative

@@ -2,6 +2,11 @@
 
     mf-longseq convert hf-to-ours --src HF_MODEL_DIR --dst model.ckpt [--yaml model_config.yaml]
     mf-longseq convert ours-to-hf --src model.ckpt|STEP_DIR --config run.yaml --dst HF_DIR [--dtype bfloat16]
+    mf-longseq convert mf-to-ours --src mindformers.ckpt --config run.yaml --dst model.ckpt
+    mf-longseq convert ours-to-mf --src model.ckpt|STEP_DIR --config run.yaml --dst mindformers.ckpt [--qkv-concat]
+
+MindFormers' own LLaMA2 / Qwen1.5 / Qwen v1 names (split or fused): ``mf_names.py``.  Our models also load them
+directly (``load_checkpoint:`` / ``mf-longseq train --load-checkpoint``, ``start_weights.py``).
 
 Ours: the weights of ``LongSeqForCausalLM`` (Hugging Face LLaMA / Qwen2 names, see ``parameter_shapes``) in a
 MindSpore ``.ckpt`` (what ``mindspore.load_checkpoint`` / the training runner read) or a ``.safetensors`` file.
@@ -20,7 +25,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from mf_longseq.models import safetensors_io as st
-from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
+from mf_longseq.models.model_config import LongSeqModelConfig, check_weights, parameter_shapes
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama2", "Qwen2ForCausalLM": "qwen1_5", "QWenLMHeadModel": "qwen"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)             # buffers some old LLaMA checkpoints carry
@@ -137,23 +142,6 @@ def _ours_to_qwen_v1(weights: Dict[str, np.ndarray], config: LongSeqModelConfig)
     return out
 
 
-def check_weights(weights: Dict[str, np.ndarray], config: LongSeqModelConfig, source: str) -> None:
-    """Every weight the model has, with its shape, and nothing else (raises ValueError naming the first issue)."""
-    shapes = parameter_shapes(config)
-    missing = [n for n in shapes if n not in weights]
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} weights of the model are missing (first: {missing[0]}). "
-                         "Fix: convert with the config the checkpoint was trained with.")
-    extra = [n for n in weights if n not in shapes]
-    if extra:
-        raise ValueError(f"{source}: {len(extra)} tensors the model does not have (first: {extra[0]}). "
-                         "Fix: check the model family and config.")
-    for name, shape in shapes.items():
-        if tuple(weights[name].shape) != tuple(shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(weights[name].shape)}, the model expects "
-                             f"{tuple(shape)}. Fix: convert with the config the checkpoint was trained with.")
-
-
 def hf_to_ours(tensors: Dict[str, np.ndarray], config: LongSeqModelConfig, source: str = "checkpoint"):
     """Hugging Face tensors (name -> array) -> our weights (name -> float32 array), checked against the config."""
     tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
@@ -197,6 +185,31 @@ def read_ours(path: str, config: LongSeqModelConfig) -> Dict[str, np.ndarray]:
     return weights
 
 
+def to_numpy(value) -> np.ndarray:
+    """A MindSpore Tensor / Parameter as float32 NumPy (bfloat16 has no NumPy type: cast first)."""
+    import mindspore as ms
+    if value.dtype == ms.bfloat16:
+        value = value.astype(ms.float32)
+    return np.asarray(value.asnumpy(), np.float32)
+
+
+def read_tensors(path: str) -> Dict[str, np.ndarray]:
+    """Every tensor of a ``.ckpt`` / ``.safetensors`` file (or a step folder's ``rank_0.ckpt``) as float32."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            raise ValueError(f"load_checkpoint {path}: a folder, but not a checkpoints/step_NNNNNN folder of "
+                             "mf-longseq train. Fix: give one .ckpt / .safetensors file holding the whole model "
+                             "(merge a distributed MindFormers checkpoint with MindFormers' transform_ckpt first).")
+        path = os.path.join(path, "rank_0.ckpt")
+    if not os.path.isfile(path):
+        raise ValueError(f"load_checkpoint {path}: no such file. Fix: give the path of a .ckpt or .safetensors "
+                         "file (absolute, or relative to the directory you start from).")
+    if path.endswith(".safetensors"):
+        return {k: np.asarray(v, np.float32) for k, v in st.read_file(path).items()}
+    import mindspore as ms
+    return {k: to_numpy(v) for k, v in ms.load_checkpoint(path).items()}
+
+
 def write_ours(path: str, weights: Dict[str, np.ndarray], dtype: str = "float32") -> None:
     """Our weights to ``.ckpt`` (MindSpore) or ``.safetensors``."""
     if path.endswith(".safetensors"):
@@ -230,11 +243,25 @@ def _model_section(config: LongSeqModelConfig) -> dict:
     from mf_longseq.models.build import MODEL_CLASSES
     keys = ("seq_length", "vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size",
             "rms_norm_eps", "theta", "qkv_has_bias", "tie_word_embeddings")
-    model_config = {"type": type(config).__name__, **{k: getattr(config, k) for k in keys}}
-    return {"model": {"model_config": model_config, "arch": {"type": MODEL_CLASSES[config.family].__name__}}}
+    config_type, arch_type = type(config).__name__, MODEL_CLASSES[config.family].__name__
+    model_config = {"type": config_type, "auto_register": f"registry.{config_type}",
+                    **{k: getattr(config, k) for k in keys}}
+    return {"model": {"model_config": model_config,
+                      "arch": {"type": arch_type, "auto_register": f"registry.{arch_type}"}}}
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """An output file's folder must exist (ValueError naming the flag, the folder and the fix)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist. Fix: create it first "
+                         f"(mkdir -p {folder}) or write into an existing folder.")
 
 
 def run_hf_to_ours(args) -> int:
+    check_output_file("--dst", args.dst)
+    if args.yaml:
+        check_output_file("--yaml", args.yaml)
     config = config_from_hf(read_hf_config(args.src), seq_length=args.seq_length)
     weights = hf_to_ours(st.read_checkpoint(args.src), config, source=args.src)
     write_ours(args.dst, weights, dtype=args.dtype)
@@ -248,38 +275,81 @@ def run_hf_to_ours(args) -> int:
     return 0
 
 
-def run_ours_to_hf(args) -> int:
+def _run_model_config(args) -> LongSeqModelConfig:
     from mf_longseq.models.build import model_config_from
     config_path = args.config or (os.path.join(args.src, "config.yaml") if os.path.isdir(args.src) else None)
     if not config_path or not os.path.isfile(config_path):
         raise ValueError(f"--config {config_path!r}: the model's YAML is needed to know its shape. Fix: pass "
                          "--config with the run's YAML (a step folder's config.yaml is used by default).")
-    config = model_config_from(config_path)
+    return model_config_from(config_path)
+
+
+def run_ours_to_hf(args) -> int:
+    config = _run_model_config(args)
     write_hf(args.dst, read_ours(args.src, config), config, dtype=args.dtype)
     print(f"mf-longseq convert: {args.src} -> {args.dst} ({config_to_hf(config)['architectures'][0]}, "
           f"{args.dtype})")
     return 0
 
 
+def run_mf_to_ours(args) -> int:
+    from mf_longseq.models.mf_names import mf_to_ours
+    check_output_file("--dst", args.dst)
+    config = _run_model_config(args)
+    weights = mf_to_ours(read_tensors(args.src), config, source=args.src)
+    write_ours(args.dst, weights, dtype=args.dtype)
+    print(f"mf-longseq convert: {args.src} (MindFormers {config.family}) -> {args.dst}: {len(weights)} tensors")
+    return 0
+
+
+def run_ours_to_mf(args) -> int:
+    from mf_longseq.models.mf_names import ours_to_mf
+    check_output_file("--dst", args.dst)
+    config = _run_model_config(args)
+    theirs = ours_to_mf(read_ours(args.src, config), config, qkv_concat=args.qkv_concat)
+    write_ours(args.dst, theirs, dtype=args.dtype)
+    print(f"mf-longseq convert: {args.src} -> {args.dst} (MindFormers {config.family} names"
+          f"{', fused w_qkv / w_gate_hidden' if args.qkv_concat else ''}, {len(theirs)} tensors)")
+    return 0
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _verb(sub, name: str, help_text: str, func, *, src: str, dst: str, config: str = None, dtype="float32"):
+    """One ``convert`` direction: --src, --dst, --dtype and (when ``config`` is a help text) --config."""
+    parser = sub.add_parser(name, help=help_text)
+    parser.add_argument("--src", required=True, help=src)
+    if config:
+        parser.add_argument("--config", default=None, help=config)
+    parser.add_argument("--dst", required=True, help=dst)
+    parser.add_argument("--dtype", default=dtype, choices=DTYPES)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def register(subparsers) -> None:
-    """``mf-longseq convert {hf-to-ours, ours-to-hf}``."""
-    parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and mf_longseq",
-                                   description=__doc__.split("\n\n")[0])
+    """``mf-longseq convert {hf-to-ours, ours-to-hf, mf-to-ours, ours-to-mf}``."""
+    parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face, MindFormers and "
+                                   "mf_longseq", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
-    to_ours = sub.add_parser("hf-to-ours", help="Hugging Face model folder -> .ckpt / .safetensors of ours")
-    to_ours.add_argument("--src", required=True, help="Hugging Face model folder (config.json + safetensors)")
-    to_ours.add_argument("--dst", required=True, help="output .ckpt (MindSpore) or .safetensors")
+    ours, step = ".ckpt (MindSpore) or .safetensors", ".ckpt, .safetensors or checkpoints/step_NNNNNN folder"
+    run_yaml = "the run's YAML (default: the step folder's config.yaml)"
+    to_ours = _verb(sub, "hf-to-ours", "Hugging Face model folder -> .ckpt / .safetensors of ours", run_hf_to_ours,
+                    src="Hugging Face model folder (config.json + safetensors)", dst="output " + ours)
     to_ours.add_argument("--seq-length", type=int, default=None, help="seq_length of the written model section")
-    to_ours.add_argument("--yaml", default=None, help="also write the model: section for a template here")
-    to_ours.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    to_ours.set_defaults(func=run_hf_to_ours)
-    to_hf = sub.add_parser("ours-to-hf", help=".ckpt / .safetensors / training step folder -> Hugging Face")
-    to_hf.add_argument("--src", required=True, help=".ckpt, .safetensors or checkpoints/step_NNNNNN folder")
-    to_hf.add_argument("--config", default=None, help="the run's YAML (default: the step folder's config.yaml)")
-    to_hf.add_argument("--dst", required=True, help="output Hugging Face model folder")
-    to_hf.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    to_hf.set_defaults(func=run_ours_to_hf)
+    to_ours.add_argument("--yaml", default=None, help="also write the model: section (auto_register included) here")
+    _verb(sub, "ours-to-hf", ".ckpt / .safetensors / training step folder -> Hugging Face", run_ours_to_hf,
+          src=step, dst="output Hugging Face model folder", config=run_yaml, dtype="bfloat16")
+    _verb(sub, "mf-to-ours", "MindFormers LLaMA2 / Qwen / Qwen1.5 checkpoint -> ours", run_mf_to_ours,
+          src="MindFormers .ckpt or .safetensors (one file, whole model)", dst="output " + ours,
+          config="a YAML whose model: section describes the model (required)")
+    to_mf = _verb(sub, "ours-to-mf", ".ckpt / .safetensors / training step folder -> MindFormers names",
+                  run_ours_to_mf, src=step, dst="output .ckpt (what MindFormers' load_checkpoint reads)",
+                  config=run_yaml)
+    to_mf.add_argument("--qkv-concat", action="store_true", help="fused w_qkv / w_gate_hidden, for MindFormers' "
+                       "LlamaForCausalLM with model_config.qkv_concat: True (LLaMA2 / Qwen1.5)")
 
 
 __all__ = ["config_from_hf", "config_to_hf", "family_of", "hf_to_ours", "ours_to_hf", "check_weights",
-           "read_ours", "write_ours", "write_hf", "read_hf_config", "register", "ARCHITECTURES"]
+           "read_ours", "read_tensors", "write_ours", "write_hf", "read_hf_config", "register", "ARCHITECTURES"]

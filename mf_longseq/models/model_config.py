@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 from mindformers.models.configuration_utils import PretrainedConfig
 
 from mf_longseq.config import (DEFAULT_NUM_LAYERS, MAX_COUNT, MODEL_KEY_ALIASES, ConfigError, _divisors,
@@ -275,6 +276,23 @@ def parameter_shapes(config: LongSeqModelConfig) -> "OrderedDict[str, Tuple[int,
     return shapes
 
 
+def check_weights(weights: Dict[str, np.ndarray], config: LongSeqModelConfig, source: str) -> None:
+    """Every weight the model has, with its shape, and nothing else (raises ValueError naming the first issue)."""
+    shapes = parameter_shapes(config)
+    missing = [n for n in shapes if n not in weights]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} weights of the model are missing (first: {missing[0]}). "
+                         "Fix: convert with the config the checkpoint was trained with.")
+    extra = [n for n in weights if n not in shapes]
+    if extra:
+        raise ValueError(f"{source}: {len(extra)} tensors the model does not have (first: {extra[0]}). "
+                         "Fix: check the model family and config.")
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(weights[name].shape)}, the model expects "
+                             f"{tuple(shape)}. Fix: convert with the config the checkpoint was trained with.")
+
+
 def count_parameters(config: LongSeqModelConfig) -> int:
     """Total number of weights, from the shapes alone (nothing is allocated)."""
     total = 0
@@ -286,5 +304,5 @@ def count_parameters(config: LongSeqModelConfig) -> int:
     return total
 
 
-__all__ = ["LongSeqModelConfig", "preset_values", "parameter_shapes", "count_parameters", "llama_ffn_size",
+__all__ = ["LongSeqModelConfig", "preset_values", "parameter_shapes", "check_weights", "count_parameters", "llama_ffn_size",
            "check_model_parallel", "DTYPES", "FAMILIES"]

@@ -218,9 +218,28 @@ def _finish(values: dict) -> Launch:
                  "timeout", "stall_timeout", "tail"):
         if name in values:
             setattr(launch, name, values[name])
+    launch.task = absolute_paths(launch.task)
     if launch.config is None:
         launch.config = _config_in_task(launch.task)
     return launch
+
+
+PATH_FLAGS = ("--config", "--register_path")
+
+
+def absolute_paths(task: Sequence[str]) -> List[str]:
+    """The task with a relative ``--config`` / ``--register_path`` that exists from here made absolute:
+    ``run_mindformer.py`` joins relative ones onto its own folder, so the command works from any directory."""
+    out = list(task)
+    for i, arg in enumerate(out):
+        flag, sep, value = arg.partition("=")
+        if flag in PATH_FLAGS and sep and value and not os.path.isabs(value) and os.path.exists(value):
+            out[i] = f"{flag}={os.path.abspath(value)}"
+        elif arg in PATH_FLAGS and i + 1 < len(out):
+            value = out[i + 1]
+            if not os.path.isabs(value) and os.path.exists(value):
+                out[i + 1] = os.path.abspath(value)
+    return out
 
 
 def _world_size(config: Optional[str]) -> int:

@@ -1,7 +1,7 @@
 """The ``train`` and ``demo`` verbs of ``mf-longseq``.
 
     mf-longseq train --config X.yaml [--steps N] [--workers N] [--data F | --dataset-dir D] [--save-every N]
-                     [--output-dir D] [--resume D]
+                     [--output-dir D] [--resume D | --load-checkpoint F]
     mf-longseq demo  [--steps 20] [--seq-len 8192] [--workers 2] [--output-dir D] [--dry-run]
 
 ``train`` runs on this process (one rank, or one of several when started by msrun); ``--workers N`` (N > 1)
@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     train.add_argument("--data-dtype", help="integer type of a .bin file (default uint16, int32 if vocab > 65536)")
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end")
     train.add_argument("--resume", help="continue from a run's output dir or one of its checkpoints/step_NNNNNN")
+    train.add_argument("--load-checkpoint", help="start from these weights (a new run: fresh optimizer, step 1): "
+                       ".ckpt / .safetensors with our names or MindFormers' LLaMA2 / Qwen / Qwen1.5 names, or a "
+                       "checkpoints/step_NNNNNN folder; overrides the YAML's load_checkpoint")
     train.add_argument("--seed", type=int, help="overrides the YAML's seed")
     train.set_defaults(func=run_train)
 
@@ -56,7 +59,8 @@ def _worker_args(args) -> list:
     out = ["train", "--config", _abs(args.config), "--steps", str(args.steps), "--output-dir", _abs(args.output_dir)]
     for flag, value in (("--data", _abs(args.data)), ("--dataset-dir", _abs(args.dataset_dir)),
                         ("--data-dtype", args.data_dtype),
-                        ("--resume", _abs(args.resume)), ("--seed", args.seed)):
+                        ("--resume", _abs(args.resume)), ("--seed", args.seed),
+                        ("--load-checkpoint", _abs(getattr(args, "load_checkpoint", None)))):
         if value is not None:
             out += [flag, str(value)]
     if args.save_every:
@@ -81,6 +85,9 @@ def run_train(args) -> int:
                          "one of them.")
     if args.workers > 1 and not under_msrun():
         from mf_longseq.train.job import load_tree, with_dataset_dir
+        start = load_tree(args.config).get("load_checkpoint")
+        if not args.load_checkpoint and not args.resume and start:
+            args.load_checkpoint = start                  # workers run in the output dir: pass it on absolute
         from mf_longseq.tools.workers import launch
         from mf_longseq.train.validation import check_run
         config = with_dataset_dir(load_tree(args.config), args.dataset_dir) if args.dataset_dir else args.config
@@ -93,7 +100,7 @@ def run_train(args) -> int:
         return code
     from mf_longseq.train.job import JobOptions, run_job
     run_job(JobOptions(config=args.config, steps=args.steps, data=args.data, dataset_dir=args.dataset_dir,
-                       data_dtype=args.data_dtype,
+                       data_dtype=args.data_dtype, load_checkpoint=args.load_checkpoint,
                        save_every=args.save_every, output_dir=args.output_dir, resume=args.resume, seed=args.seed))
     return 0
 
@@ -129,6 +136,7 @@ def run_demo(args) -> int:
     train_args = argparse.Namespace(config=config, steps=args.steps, data=None, dataset_dir=None, data_dtype=None,
                                     save_every=0,
                                     output_dir=output_dir, resume=None, seed=None, workers=args.workers,
+                                    load_checkpoint=None,
                                     port=args.port, timeout=args.timeout)
     if args.dry_run:
         from mf_longseq.tools.workers import entry_path, workers_command

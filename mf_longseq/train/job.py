@@ -45,6 +45,7 @@ class JobOptions:
     save_every: int = 0                      # checkpoint period in steps (0: no checkpoints)
     output_dir: Optional[str] = None
     resume: Optional[str] = None             # output dir or step dir to continue from
+    load_checkpoint: Optional[str] = None    # start weights (ours or MindFormers' names); default: the YAML's key
     seed: Optional[int] = None               # overrides the YAML's `seed`
 
 
@@ -166,16 +167,15 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
                             batch_size=batch_size, packing=packing, max_grad_norm=support.max_grad_norm(tree),
                             pad_token_id=model_config_value(tree, "pad_token_id") if source.kind != "synthetic"
                             else None)
-    if opts.resume:                 # no broadcast first: the replicas' digests must compare what each one loaded
-        start = resume(trainer, run, config, opts.resume)
-    else:
+    if not opts.resume:             # no broadcast before a resume: the replicas' digests compare what each loaded
         trainer.broadcast_weights()
-        start = 0
+    load_start(trainer, model, run.mesh, opts, tree)        # refuses --load-checkpoint beside --resume
+    start = resume(trainer, run, config, opts.resume) if opts.resume else 0
     if start >= opts.steps:
         raise ValueError(f"--steps {opts.steps}: the checkpoint is already at step {start}. "
                          f"Fix: pass --steps larger than {start}.")
     output_dir = opts.output_dir or (ckpt.run_dir_of(opts.resume) if opts.resume else None)
-    if not opts.save_every and support.checkpoint_period(tree):
+    if not opts.save_every and support.checkpoint_period(tree) and output_dir:   # (the CLI always has one)
         opts = replace(opts, save_every=support.checkpoint_period(tree))   # CheckpointMonitor.save_checkpoint_steps
     if opts.save_every and not output_dir:
         raise ValueError("--save-every needs --output-dir. Fix: pass --output-dir DIR.")
@@ -207,6 +207,25 @@ def planned_memory_mib(tree: dict) -> Optional[float]:
     except (ValueError, KeyError, TypeError) as err:
         logger.warning("memory_planned_mib: the planner cannot describe this run (%s); not logged", err)
         return None
+
+
+def load_start(trainer: Trainer, model, mesh, opts: JobOptions, tree: dict) -> Optional[str]:
+    """Start from weights: ``--load-checkpoint`` or the YAML's ``load_checkpoint`` (ignored with ``--resume``, which
+    restores the run's own weights and optimizer) fills every parameter this rank trains; returns the path.
+
+    Raises:
+        ValueError: --load-checkpoint with --resume; a weight the checkpoint lacks (``start_weights``).
+    """
+    from mf_longseq.models.start_weights import fill_parameters, read_start_weights
+    if opts.load_checkpoint and opts.resume:
+        raise ValueError(f"--load-checkpoint {opts.load_checkpoint} and --resume {opts.resume}: two starting points. "
+                         "Fix: --resume continues a run (weights and optimizer); --load-checkpoint starts a new run "
+                         "from weights. Pass one of them.")
+    path = None if opts.resume else (opts.load_checkpoint or tree.get("load_checkpoint") or None)
+    if path:
+        fill_parameters(trainer.params, read_start_weights(path, model.config), model=model, mesh=mesh, source=path)
+        logger.info("start weights from %s", path)
+    return path
 
 
 def _data_line(described: dict) -> str:

@@ -91,6 +91,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
     long_seq: Optional[LongSeqConfig] = None
     mesh = None
     tree: Optional[dict] = None
+    start_checkpoint: Optional[str] = None       # load_checkpoint, loaded by create_network (train/mf_start.py)
 
     def set_config(self, config=None, is_full_config: bool = False):
         if config is not None and self.long_seq is None:
@@ -105,11 +106,14 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         if errors:
             raise errors[0]
         check_world_size(long_seq, running_world_size())
+        from mf_longseq.train.mf_start import take_start_checkpoint
+        self.start_checkpoint = take_start_checkpoint(config, world_size=running_world_size())
         self.tree, self.long_seq = tree, long_seq
         self.mesh = default_mesh(long_seq)
 
     def create_network(self, default_args: Optional[dict] = None):
-        """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``)."""
+        """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``), filled from
+        ``load_checkpoint`` when the YAML names one (``train/mf_start.py``)."""
         from mf_longseq.models import build_model
         from mf_longseq.train.job import planned_memory_mib
         from mf_longseq.train.monitor import rss_mib
@@ -119,6 +123,9 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         before, planned = rss_mib(), planned_memory_mib(self.tree)
         network = build_model(self.tree, mesh=self.mesh, long_seq_config=self.long_seq)
         network.memory_before_mib, network.memory_planned_mib = before, planned   # read by the runner wrapper
+        if self.start_checkpoint:
+            from mf_longseq.models.start_weights import load_start_weights
+            load_start_weights(network, self.start_checkpoint, mesh=self.mesh)
         self.real_model = network
         return network
 

@@ -18,13 +18,16 @@ and the model builder):
     train_dataset_task.type                     LongSeqCausalLanguageModelDataset or CausalLanguageModelDataset
     train_dataset.data_loader.create_compressed_eod_mask (+ eod, eod_pad_length, eod_mask_loss)   train/packing.py
     callbacks: MFLossMonitor (the per-step line); CheckpointMonitor.save_checkpoint_steps (= --save-every)
+    load_checkpoint                             start weights (= --load-checkpoint; ours or MindFormers' names,
+                                                models/start_weights.py): the optimizer and the step start fresh
 
 Refused, each with its fix: gradient_accumulation_steps > 1, sink_mode, epochs other than 1 (--steps decides),
 any runner_wrapper.scale_sense but 1, other runner_wrapper keys, calculate_per_token_loss, other callbacks and
 CheckpointMonitor keys, a missing dataset_dir, other data loaders or input columns, an optimizer other than
 AdamW, an unknown lr_schedule type (or lr_schedule keys without a type), optimizer keys AdamW does not read,
 select_recompute, a train_dataset.batch_size other than runner_config.batch_size, MFLossMonitor options,
-load_checkpoint / resume_training / auto_trans_ckpt / src_strategy_path_or_dir (use --resume), do_eval, profile,
+a load_checkpoint that does not exist,
+resume_training / auto_trans_ckpt / src_strategy_path_or_dir (use --resume), do_eval, profile,
 run_mode other than train, a non-boolean use_clip_grad and a max_grad_norm that is not finite and positive.
 """
 import math
@@ -52,9 +55,12 @@ def _runner(tree: dict) -> List[ConfigError]:
     if epochs != 1:
         out.append(ConfigError("runner_config.epochs", epochs, "mf-longseq train runs --steps updates (the data "
                                "repeats as needed)", "set epochs: 1 and pass --steps"))
-    for key, fix in (("load_checkpoint", "pass --resume RUN_DIR (a checkpoint written by mf-longseq train), or remove "
-                                         "load_checkpoint"),
-                     ("resume_training", "pass --resume RUN_DIR"), ("auto_trans_ckpt", "remove it (--resume "
+    start = tree.get("load_checkpoint")
+    if start not in (None, False, "") and not (isinstance(start, str) and os.path.exists(start)):
+        out.append(ConfigError("load_checkpoint", start, "no such file or folder (mf-longseq train starts from these "
+                               "weights: ours or MindFormers' LLaMA2 / Qwen / Qwen1.5 names)",
+                               "give the path of a .ckpt / .safetensors file, or remove load_checkpoint"))
+    for key, fix in (("resume_training", "pass --resume RUN_DIR (load_checkpoint alone starts from the weights)"), ("auto_trans_ckpt", "remove it (--resume "
                                                                      "reshards across layouts itself)"),
                      ("src_strategy_path_or_dir", "remove it"), ("do_eval", "set do_eval: False"),
                      ("profile", "set profile: False")):

@@ -295,7 +295,7 @@ def test_model_scripts_find_their_template_at_run_time(fake, family):
     script = ROOT / "scripts" / f"launch_{family}.sh"
     base = dict(os.environ, PATH=f"{fake.tmp / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin", **env)
     run = lambda *a: subprocess.run(["bash", str(script), *a], cwd=fake.tmp, env=base, capture_output=True, text=True)
-    ok = run("--size", "7b", "--cp", "8", "--dry-run", "--device", "CPU", "--steps", "2")
+    ok = run("--size", "7b", "--cp", "8", "--dry-run", "--device", "CPU", "--route", "train", "--steps", "2")
     assert ok.returncode == 0, ok.stderr
     (line,) = [ln for ln in ok.stdout.splitlines() if ln.startswith("msrun ")]
     assert "--worker_num=8" in line and "--local_worker_num=8" in line
@@ -327,13 +327,14 @@ def test_model_script_runs_run_mindformer_with_the_plugin_registered(fake):
     assert steps.returncode == 2 and "--steps is a 'mf-longseq train' flag" in steps.stderr
 
 
-def test_model_script_default_route_hands_the_dataset_dir_to_mf_longseq_train(fake):
-    """Without --mindformers, --train-dataset-dir DIR becomes 'mf-longseq train --dataset-dir DIR' (the YAML's
+def test_model_script_train_route_hands_the_dataset_dir_to_mf_longseq_train(fake):
+    """--route train: --train-dataset-dir DIR becomes 'mf-longseq train --dataset-dir DIR' (the YAML's
     dataset_dir, as on the MindFormers route), and --dry-run shows it."""
     template = ROOT / "yaml_templates" / "llama2" / "7b_32k_cp2_colossalai_cp.yaml"
     base = dict(os.environ, PATH=f"{fake.tmp / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin")
-    ok = subprocess.run(["bash", str(ROOT / "scripts" / "launch_llama2.sh"), "--template", str(template), "--steps",
-                         "3", "--train-dataset-dir", "/data/wiki", "--dry-run", "--device", "CPU"], cwd=fake.tmp,
+    ok = subprocess.run(["bash", str(ROOT / "scripts" / "launch_llama2.sh"), "--template", str(template), "--route",
+                         "train", "--steps", "3", "--train-dataset-dir", "/data/wiki", "--dry-run", "--device", "CPU"],
+                        cwd=fake.tmp,
                         env=base, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     (line,) = [ln for ln in ok.stdout.splitlines() if ln.startswith("msrun ")]
@@ -346,6 +347,49 @@ def test_model_scripts_help_prints_usage_and_exits_0(family):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: bash scripts/launch_{family}.sh") and "templates match" not in proc.stderr
-    for flag in ("--size", "--template", "--steps", "--mindformers", "--train-dataset-dir", "--dry-run", "Examples:"):
+    for flag in ("--size", "--template", "--steps", "--mindformers", "--route", "--train-dataset-dir", "--dry-run",
+                 "Examples:"):
         assert flag in proc.stdout, flag
     assert "--dataset-dir PATH" in proc.stdout and "--train_dataset_dir PATH" in proc.stdout    # the two routes
+
+
+def test_model_script_default_route_is_run_mindformer_with_absolute_paths(fake):
+    """Issue 22: the default route is the README's (run_mindformer.py, which needs --mindformers), and a relative
+    --template / --mindformers / --train-dataset-dir given from any directory reaches the ranks absolute
+    (run_mindformer.py would join a relative --config onto its own folder)."""
+    checkout = fake.tmp / "mf" / "mindformers_checkout"
+    checkout.mkdir(parents=True)
+    (checkout / "run_mindformer.py").write_text("# stand-in\n")
+    base = dict(os.environ, PATH=f"{fake.tmp / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    run = lambda cwd, *a: subprocess.run(["bash", str(ROOT / "scripts" / "launch_llama2.sh"), *a], cwd=cwd, env=base,
+                                         capture_output=True, text=True)
+    template = ROOT / "yaml_templates" / "llama2" / "7b_32k_cp2_colossalai_cp.yaml"
+    for cwd in (ROOT, ROOT / "docs"):
+        rel = os.path.relpath(template, cwd)
+        ok = run(cwd, "--template", rel, "--mindformers", os.path.relpath(checkout, cwd), "--train-dataset-dir",
+                 "data/wiki.mindrecord", "--dry-run", "--device", "CPU")
+        assert ok.returncode == 0, ok.stderr
+        (line,) = [ln for ln in ok.stdout.splitlines() if ln.startswith("msrun ")]
+        assert line.endswith(f"python {checkout / 'run_mindformer.py'} --config {template} --register_path "
+                             f"{ROOT / 'mf_longseq'} --use_parallel True --train_dataset_dir "
+                             f"{cwd / 'data' / 'wiki.mindrecord'}"), line
+    missing = run(fake.tmp, "--template", str(template), "--dry-run", "--device", "CPU")
+    assert missing.returncode == 2 and "needs --mindformers DIR" in missing.stderr and "--route train" in missing.stderr
+    both = run(fake.tmp, "--template", str(template), "--route", "train", "--mindformers", str(checkout), "--dry-run")
+    assert both.returncode == 2 and "drop one of them" in both.stderr
+
+
+def test_launcher_makes_a_relative_task_config_absolute(tmp_path, monkeypatch):
+    """Issue 22: run_mindformer.py joins a relative --config onto its own folder; the launcher hands the ranks an
+    absolute one (both spellings), and leaves a path it cannot find as it is (the task reports it)."""
+    from mf_longseq.tools.launch import parse_args
+    (tmp_path / "run.yaml").write_text("x: 1\n")
+    (tmp_path / "pkg").mkdir()
+    monkeypatch.chdir(tmp_path)
+    launch = parse_args(["--worker-num", "2", "--no-validate", "--", "python", "/mf/run_mindformer.py", "--config",
+                         "run.yaml", "--register_path=pkg", "--train_dataset_dir", "data"])
+    assert launch.task == ["python", "/mf/run_mindformer.py", "--config", str(tmp_path / "run.yaml"),
+                           f"--register_path={tmp_path / 'pkg'}", "--train_dataset_dir", "data"]
+    assert launch.config == str(tmp_path / "run.yaml")
+    missing = parse_args(["--worker-num", "2", "--no-validate", "--", "python", "x.py", "--config", "nope.yaml"])
+    assert missing.task[-1] == "nope.yaml"
