@@ -138,8 +138,8 @@ def server_handshake(sock, rank: int, key_of: Callable[[str, float], Optional[Tu
     if known is None:
         raise HandshakeError(f"unknown group {group_name!r}")
     key, ranks = known
-    if src not in ranks or src == rank:
-        raise HandshakeError(f"claimed rank {src} is not another rank of group {group_name} {tuple(ranks)}")
+    if src not in ranks:
+        raise HandshakeError(f"claimed rank {src} is not a rank of group {group_name} {tuple(ranks)}")
     server_nonce = secrets.token_bytes(NONCE)
     transcript = _transcript(src, dst, client_nonce, server_nonce, group_name)
     sock.sendall(server_nonce + _proof(key, b"server", transcript))
