@@ -33,19 +33,16 @@ import atexit
 import ipaddress
 import math
 import os
-import queue
 import socket
-import struct
 import threading
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mf_longseq.parallel import host_auth
-from mf_longseq.parallel.host_auth import recv_exact as _recv_exact
+from mf_longseq.parallel import host_auth, host_links
+from mf_longseq.parallel.host_links import Inbox, Outbox
 
-_HEADER = struct.Struct("<QQ")            # sequence number, payload bytes
 TIMEOUT_ENV = "MF_LONGSEQ_P2P_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -86,78 +83,6 @@ def local_ipv4() -> str:
             return probe.getsockname()[0]
     except OSError:
         return "127.0.0.1"
-
-
-class _Inbox:
-    """Messages from one source rank, by sequence number, filled by that connection's reader thread."""
-
-    def __init__(self):
-        self.cond = threading.Condition()
-        self.messages: Dict[int, np.ndarray] = {}
-        self.expected: Dict[int, int] = {}      # sequence number -> bytes, registered by ``start``
-        self.arrived = 0
-        self.error: Optional[str] = None
-
-    def expect(self, seq: int, nbytes: int) -> None:
-        with self.cond:
-            self.expected[seq] = nbytes
-            self.cond.notify_all()
-
-    def due(self, seq: int, closed) -> Optional[int]:
-        """Bytes of message ``seq``, once this process started that receive (None: the transport closed)."""
-        with self.cond:
-            while seq not in self.expected:
-                if closed():
-                    return None
-                self.cond.wait(1.0)
-            return self.expected.pop(seq)
-
-    def take(self, seq: int, timeout: float) -> np.ndarray:
-        with self.cond:
-            if not self.cond.wait_for(lambda: seq in self.messages or self.error is not None, timeout):
-                raise TimeoutError
-            if seq not in self.messages:
-                raise ConnectionError(self.error)
-            return self.messages.pop(seq)
-
-
-class _Outbox:
-    """One destination: its connection and the thread that sends queued messages in order."""
-
-    def __init__(self, transport: "HostTransport", dst: int, address: Tuple[str, int], group_name: str):
-        self.transport, self.dst, self.address, self.group_name = transport, dst, address, group_name
-        self.jobs: "queue.Queue" = queue.Queue()
-        self.sock: Optional[socket.socket] = None
-        self.sent_seq = 0
-        self.thread = threading.Thread(target=self._run, name=f"mfls-p2p-send-{dst}", daemon=True)
-        self.thread.start()
-
-    def _connect(self):
-        t = self.transport
-        sock = host_auth.connect_proved(self.address, t.group_key(self.group_name), t.rank, self.dst,
-                                        self.group_name, time.monotonic() + t.timeout, lambda: t.closed)
-        self.sock = sock
-        t.track(sock)
-
-    def _run(self):
-        error = None
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            payload, done = job
-            if error is None:
-                try:
-                    if self.sock is None:
-                        self._connect()
-                    self.transport.pace(payload.nbytes)
-                    self.sock.sendall(_HEADER.pack(self.sent_seq, payload.nbytes))
-                    self.sock.sendall(payload)
-                    self.sent_seq += 1
-                except Exception as err:                         # noqa: BLE001 - reported by wait()
-                    error = f"{type(err).__name__}: {err}"
-            done.append(error)
-            self.transport.notify()
 
 
 class HostTransfer:
@@ -233,8 +158,8 @@ class HostTransport:
         self._listeners: Dict[str, socket.socket] = {}
         self._pending = 0
         self._peers: Dict[int, socket.socket] = {}            # src rank -> its one proved connection
-        self._inboxes: Dict[int, _Inbox] = {}
-        self._outboxes: Dict[int, _Outbox] = {}
+        self._inboxes: Dict[int, Inbox] = {}
+        self._outboxes: Dict[int, Outbox] = {}
         self._recv_seq: Dict[int, int] = {}
         self._addresses: Dict[str, Dict[int, Tuple[str, int]]] = {}
         self._keys: Dict[str, Tuple[bytes, Tuple[int, ...]]] = {}
@@ -312,39 +237,12 @@ class HostTransport:
         self._read_loop(conn, src)
 
     def _read_loop(self, conn, src: int):
-        """Messages of proved rank ``src``, each checked against the receive that is due before allocation."""
-        inbox = self.inbox(src)
-        header = bytearray(_HEADER.size)
-        try:
-            while True:
-                _recv_exact(conn, memoryview(header))
-                seq, nbytes = _HEADER.unpack(header)
-                if seq != inbox.arrived:
-                    raise ConnectionError(f"message {seq} arrived where {inbox.arrived} was due")
-                due = inbox.due(seq, lambda: self.closed)
-                if due is None:
-                    return
-                if nbytes != due:
-                    raise ConnectionError(f"message {seq} announced {nbytes} bytes where {due} were due: the "
-                                          "ranks started different transfers")
-                data = np.empty(nbytes, np.uint8)
-                _recv_exact(conn, memoryview(data))
-                with inbox.cond:
-                    inbox.messages[seq] = data
-                    inbox.arrived += 1
-                    inbox.cond.notify_all()
-        except Exception as err:                                 # noqa: BLE001 - reported by wait()
-            if not self.closed:
-                closed = isinstance(err, OSError) and not str(err).startswith("message ")
-                what = f"rank {src} closed its connection ({err}): did it exit, fail or restart?" if closed \
-                    else f"rank {src}: {err}"
-                with inbox.cond:
-                    inbox.error = what
-                    inbox.cond.notify_all()
+        """Messages of proved rank ``src`` (``host_links.read_messages``) until its connection ends."""
+        host_links.read_messages(conn, src, self.inbox(src), lambda: self.closed)
 
-    def inbox(self, src: int) -> _Inbox:
+    def inbox(self, src: int) -> Inbox:
         with self._lock:
-            return self._inboxes.setdefault(src, _Inbox())
+            return self._inboxes.setdefault(src, Inbox())
 
     def notify(self) -> None:
         with self._sent_cond:
@@ -416,7 +314,7 @@ class HostTransport:
         with self._lock:
             outbox = self._outboxes.get(dst)
             if outbox is None:
-                outbox = self._outboxes[dst] = _Outbox(self, dst, addresses[dst], group.name)
+                outbox = self._outboxes[dst] = Outbox(self, dst, addresses[dst], group.name)
             seq = self._recv_seq.get(src, 0)
             self._recv_seq[src] = seq + 1
         self.inbox(src).expect(seq, payload.nbytes)
