@@ -5,7 +5,8 @@
                                             AllReduce that can never complete, so only the launcher can end them
     python launcher_worker.py hang RANK     after the AllReduce rank RANK hangs (sleeps, printing nothing); the
                                             others end with 0
-    python launcher_worker.py run SECONDS   every rank prints a line every second for SECONDS s, then exits 0
+    python launcher_worker.py until PATH    every rank prints a line every second until PATH exists (at most 600 s),
+                                            then exits 0
 """
 import os
 import signal
@@ -32,8 +33,10 @@ def main():
     if sys.argv[1] == "hang" and rank == int(sys.argv[2]):
         print(f"launcher_worker: rank {rank} hangs now", flush=True)
         time.sleep(3600)
-    if sys.argv[1] == "run":
-        for second in range(int(sys.argv[2])):
+    if sys.argv[1] == "until":
+        for second in range(600):
+            if os.path.exists(sys.argv[2]):
+                break
             print(f"launcher_worker: rank {rank} running, second {second}", flush=True)
             time.sleep(1)
     print(f"launcher_worker: rank {rank} ends", flush=True)

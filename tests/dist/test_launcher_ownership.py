@@ -147,25 +147,28 @@ def test_a_hung_rank_is_named_as_itself(tmp_path):
 
 
 def test_a_second_launch_into_a_live_launchs_log_dir_is_refused_and_the_first_completes(tmp_path):
-    logs = tmp_path / "logs"
+    logs, release = tmp_path / "logs", tmp_path / "release"
 
-    def launcher(seconds):
+    def launcher(*task):
         return ["bash", str(ROOT / "scripts" / "msrun_launcher.sh"), "--device", "CPU", "--worker-num", "2",
-                "--master-port", str(_port()), "--log-dir", str(logs), "--", str(WORKER), "run", str(seconds)]
-    first = subprocess.Popen(launcher(20), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                "--master-port", str(_port()), "--log-dir", str(logs), "--", str(WORKER), *task]
+    first = subprocess.Popen(launcher("until", str(release)), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(logs / "worker_0.log", "running, second 1", first)
-        second = subprocess.run(launcher(1), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-        assert second.returncode == 1
+        second = subprocess.run(launcher("die", "1"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
         assert f"FAILED: log directory {logs} is in use by a live launch (launch id " in second.stderr
         assert "Fix: give this launch its own log directory" in second.stderr
+        release.touch()
         out, _ = first.communicate(timeout=400)
     finally:
+        release.touch()
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, out[-3000:]
     for rank in (0, 1):
         log = (logs / f"worker_{rank}.log").read_text()
-        assert "running, second 19" in log and f"launcher_worker: rank {rank} ends" in log
+        assert "running, second 1" in log and f"launcher_worker: rank {rank} ends" in log
     assert len({p.parent.name for p in logs.glob(f"{supervise.STATUS_DIR_NAME}/*/rank_*.json")}) == 1
