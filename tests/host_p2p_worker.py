@@ -22,10 +22,10 @@ def run(rank: int, size: int, offsets, ports_out, table_in, results):
     from mf_longseq.parallel.host_p2p import HostTransport
     from mf_longseq.parallel.mesh import Group
     try:
-        transport = HostTransport(rank, timeout=60)
+        transport = HostTransport(rank, timeout=60, host="127.0.0.1")
         ports_out.put((rank, transport.port))
         group = Group(axis="cp", ranks=tuple(range(size)), index=rank, name="test_ring")
-        transport.set_addresses(group.name, table_in.get(timeout=120))
+        transport.set_addresses(group.name, table_in.get(timeout=120), b"host_p2p_worker shared test secret")
         started = []
         for offset in offsets:
             for dtype in DTYPES:

@@ -8,16 +8,23 @@ call, so the threads progress while the Python thread waits for a kernel.
 
 Wiring (one ``HostTransport`` per process, created at first use, closed at exit):
 
-* each process listens on one TCP port; the addresses of a group's ranks (IPv4 host as 4 integers, port) are
-  exchanged once per group, at its first transfer, by an AllReduce in that group (every rank of the group calls
-  the transfer at the same point, as for any collective); the host is the address this node uses to reach the
-  msrun scheduler (``MS_SCHED_HOST``), so ranks on other nodes can connect;
-* one outgoing connection per destination rank, with one sender thread sending in the order transfers were
-  started; one reader thread per incoming connection, which receives messages as they arrive (so a sender never
-  waits for the receiver's program to reach its ``wait()``: no cycle of waits can form);
+* at a group's first transfer, two AllReduces in that group (every rank of the group calls the transfer at the
+  same point, as for any collective) exchange (1) each rank's host - the IPv4 address it uses to reach the msrun
+  scheduler (``MS_SCHED_HOST``) - and random words, from which every rank of the group derives the group's key
+  (``host_auth.py``), and (2) each rank's listening port.  When every rank of the group has the same host the
+  ports listen on loopback (127.0.0.1) only; otherwise on that routable address, still behind the hello;
+* one outgoing connection per destination rank, opened with the authenticated hello of ``host_auth.py``
+  (challenge-response over the group's key), with one sender thread sending in the order transfers were started;
+* an incoming connection is served by one thread: the hello first (a short deadline, at most ``MAX_PENDING``
+  hellos at once: more connections are closed at once), then, once the peer proved it is a rank of the group,
+  its messages as they arrive (so a sender never waits for the receiver's program to reach its ``wait()``: no
+  cycle of waits can form).  One connection per peer: a second proved hello from a connected rank is refused.
+  A refused connection is logged (``Refusals``) and touches nothing of the run;
 * every message carries a sequence number per (sender, receiver) pair; a receive started as the k-th from a
   source takes the k-th message from it, whatever the order of the ``wait()`` calls.  Both sides must start
-  their transfers to/from each other in the same order (true when every rank runs the same program).
+  their transfers to/from each other in the same order (true when every rank runs the same program).  The
+  header's sequence number and size are checked against the k-th receive started here (its size is that of
+  the tensor sent in the same ``start``) before anything is allocated; the reader waits for that ``start``.
 
 Errors: ``TimeoutError`` when a peer does not connect or send within ``timeout`` seconds, ``ConnectionError``
 when a peer closes its connection; both name this rank, the peer, the group and the fix.
@@ -26,17 +33,16 @@ import atexit
 import ipaddress
 import math
 import os
-import queue
 import socket
-import struct
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-_HEADER = struct.Struct("<QQ")            # sequence number, payload bytes
-_HELLO = struct.Struct("<q")              # the connecting process's global rank
+from mf_longseq.parallel import host_auth, host_links
+from mf_longseq.parallel.host_links import Inbox, Outbox
+
 TIMEOUT_ENV = "MF_LONGSEQ_P2P_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -65,14 +71,6 @@ _FIX = ("check that every rank of the group is alive and runs the same transfers
         "worker log); raise MF_LONGSEQ_P2P_TIMEOUT (seconds) if a rank is only slow")
 
 
-def _recv_exact(sock, view) -> None:
-    while len(view):
-        got = sock.recv_into(view)
-        if got == 0:
-            raise ConnectionError("connection closed by the peer")
-        view = view[got:]
-
-
 def local_ipv4() -> str:
     """The IPv4 address this node uses to reach the msrun scheduler (``MS_SCHED_HOST``); 127.0.0.1 without one."""
     host = os.environ.get("MS_SCHED_HOST", "127.0.0.1")
@@ -85,72 +83,6 @@ def local_ipv4() -> str:
             return probe.getsockname()[0]
     except OSError:
         return "127.0.0.1"
-
-
-class _Inbox:
-    """Messages from one source rank, by sequence number, filled by that connection's reader thread."""
-
-    def __init__(self):
-        self.cond = threading.Condition()
-        self.messages: Dict[int, np.ndarray] = {}
-        self.arrived = 0
-        self.error: Optional[str] = None
-
-    def take(self, seq: int, timeout: float) -> np.ndarray:
-        with self.cond:
-            if not self.cond.wait_for(lambda: seq in self.messages or self.error is not None, timeout):
-                raise TimeoutError
-            if seq not in self.messages:
-                raise ConnectionError(self.error)
-            return self.messages.pop(seq)
-
-
-class _Outbox:
-    """One destination: its connection and the thread that sends queued messages in order."""
-
-    def __init__(self, transport: "HostTransport", dst: int, address: Tuple[str, int]):
-        self.transport, self.dst, self.address = transport, dst, address
-        self.jobs: "queue.Queue" = queue.Queue()
-        self.sock: Optional[socket.socket] = None
-        self.sent_seq = 0
-        self.thread = threading.Thread(target=self._run, name=f"mfls-p2p-send-{dst}", daemon=True)
-        self.thread.start()
-
-    def _connect(self):
-        deadline = time.monotonic() + self.transport.timeout
-        while True:
-            try:
-                sock = socket.create_connection(self.address, timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.transport.closed:
-                    raise
-                time.sleep(0.05)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)
-        sock.sendall(_HELLO.pack(self.transport.rank))
-        self.sock = sock
-        self.transport.track(sock)
-
-    def _run(self):
-        error = None
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            payload, done = job
-            if error is None:
-                try:
-                    if self.sock is None:
-                        self._connect()
-                    self.transport.pace(payload.nbytes)
-                    self.sock.sendall(_HEADER.pack(self.sent_seq, payload.nbytes))
-                    self.sock.sendall(payload)
-                    self.sent_seq += 1
-                except OSError as err:
-                    error = f"{type(err).__name__}: {err}"
-            done.append(error)
-            self.transport.notify()
 
 
 class HostTransfer:
@@ -197,81 +129,120 @@ class HostTransport:
     """This process's TCP endpoint (see module docstring).
 
     Args:
-        rank: this process's global rank (sent to peers when connecting).
+        rank: this process's global rank (named in the hello).
         timeout: seconds a connect or a receive may take before an error (finite, > 0; default
             ``MF_LONGSEQ_P2P_TIMEOUT`` or 300).
+        host: IPv4 address to listen on (at once) and to publish; default: chosen per group at its address
+            exchange (127.0.0.1 when all its ranks are on this host, else ``local_ipv4()``).
+        handshake_timeout: seconds an incoming connection may take to prove itself (``host_auth``).
+        max_pending: incoming connections served at once before they proved themselves; more are closed.
 
     Raises:
         ValueError: a timeout (or ``MF_LONGSEQ_P2P_TIMEOUT``) that is not a finite number > 0.
-        host: IPv4 address to listen on and to publish (default ``local_ipv4()``).
     """
 
-    def __init__(self, rank: int, timeout: Optional[float] = None, host: Optional[str] = None):
+    def __init__(self, rank: int, timeout: Optional[float] = None, host: Optional[str] = None,
+                 handshake_timeout: float = host_auth.HANDSHAKE_TIMEOUT_S, max_pending: int = host_auth.MAX_PENDING):
         self.rank = rank
         self.timeout = default_timeout() if timeout is None else _timeout_seconds(timeout, "timeout")
-        self.host = host or local_ipv4()
+        self.host = host
+        self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
         self.closed = False
         self.pace_bytes_per_s = 0.0   # > 0: each message waits nbytes / rate before it is sent (benchmarks
         #                               emulate a slower link; the wait is a sleep: no CPU, no GIL)
+        self.refusals = host_auth.Refusals(rank)
         self._lock = threading.Lock()
         self._sent_cond = threading.Condition(self._lock)
-        self._sockets, self._threads = [], []
-        self._inboxes: Dict[int, _Inbox] = {}
-        self._outboxes: Dict[int, _Outbox] = {}
+        self._groups_cond = threading.Condition()
+        self._sockets, self._threads = set(), set()
+        self._listeners: Dict[str, socket.socket] = {}
+        self._pending = 0
+        self._peers: Dict[int, socket.socket] = {}            # src rank -> its one proved connection
+        self._inboxes: Dict[int, Inbox] = {}
+        self._outboxes: Dict[int, Outbox] = {}
         self._recv_seq: Dict[int, int] = {}
         self._addresses: Dict[str, Dict[int, Tuple[str, int]]] = {}
-        self._listener = socket.create_server((self.host, 0), backlog=64)
-        self.port = self._listener.getsockname()[1]
-        self._spawn(self._accept_loop, "mfls-p2p-accept")
+        self._keys: Dict[str, Tuple[bytes, Tuple[int, ...]]] = {}
+        self.port = self.listen(host) if host else None
 
     # ----------------------------------------------------------------------------------------- threads
     def _spawn(self, target, name, *args):
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        self._threads.append(thread)
+        def run():
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
         thread.start()
 
     def track(self, sock) -> None:
         with self._lock:
-            self._sockets.append(sock)
+            self._sockets.add(sock)
 
-    def _accept_loop(self):
+    def _forget(self, sock) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        sock.close()
+
+    def listen(self, host: str) -> int:
+        """The port listening on ``host`` (opened, with its accepting thread, at first call)."""
+        with self._lock:
+            listener, new = self._listeners.get(host), host not in self._listeners
+            if new:
+                listener = self._listeners[host] = socket.create_server((host, 0), backlog=64)
+        if new:
+            self._spawn(self._accept_loop, "mfls-p2p-accept", listener)
+        return listener.getsockname()[1]
+
+    def _accept_loop(self, listener):
         while not self.closed:
             try:
-                conn, _ = self._listener.accept()
+                conn, peer = listener.accept()
             except OSError:
                 return                                           # listener closed
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                busy = self._pending >= self.max_pending
+                self._pending += 0 if busy else 1
+            if busy:
+                conn.close()
+                self.refusals.add(peer, f"{self.max_pending} hellos already pending")
+                continue
             self.track(conn)
-            self._spawn(self._read_loop, "mfls-p2p-recv", conn)
+            self._spawn(self._serve, "mfls-p2p-recv", conn, peer)
 
-    def _read_loop(self, conn):
-        hello = bytearray(_HELLO.size)
-        src, inbox = None, None
+    def _serve(self, conn, peer):
+        """One incoming connection: the hello, then (a proved rank of a group) its messages."""
+        src = None
         try:
-            _recv_exact(conn, memoryview(hello))
-            src = _HELLO.unpack(hello)[0]
-            inbox = self.inbox(src)
-            header = bytearray(_HEADER.size)
-            while True:
-                _recv_exact(conn, memoryview(header))
-                seq, nbytes = _HEADER.unpack(header)
-                data = np.empty(nbytes, np.uint8)
-                _recv_exact(conn, memoryview(data))
-                with inbox.cond:
-                    if seq != inbox.arrived:                     # two connections from one rank (it restarted?)
-                        raise ConnectionError(f"message {seq} arrived where {inbox.arrived} was due")
-                    inbox.messages[seq] = data
-                    inbox.arrived += 1
-                    inbox.cond.notify_all()
-        except (OSError, ConnectionError) as err:
-            if inbox is not None and not self.closed:
-                with inbox.cond:
-                    inbox.error = f"rank {src} closed its connection ({err}): did it exit, fail or restart?"
-                    inbox.cond.notify_all()
+            src, _ = host_auth.server_handshake(conn, self.rank, self._key_of,
+                                                time.monotonic() + self.handshake_timeout)
+            with self._lock:
+                if src in self._peers:
+                    raise host_auth.HandshakeError(f"rank {src} is already connected (one connection per peer)")
+                self._peers[src] = conn
+            conn.sendall(host_auth.ACK)
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except Exception as err:                                 # noqa: BLE001 - a stranger: drop, log, go on
+            if not self.closed:
+                self.refusals.add(peer, f"{type(err).__name__}: {err}")
+            self._forget(conn)
+            return
+        finally:
+            with self._lock:
+                self._pending -= 1
+        self._read_loop(conn, src)
 
-    def inbox(self, src: int) -> _Inbox:
+    def _read_loop(self, conn, src: int):
+        """Messages of proved rank ``src`` (``host_links.read_messages``) until its connection ends."""
+        host_links.read_messages(conn, src, self.inbox(src), lambda: self.closed)
+
+    def inbox(self, src: int) -> Inbox:
         with self._lock:
-            return self._inboxes.setdefault(src, _Inbox())
+            return self._inboxes.setdefault(src, Inbox())
 
     def notify(self) -> None:
         with self._sent_cond:
@@ -285,22 +256,47 @@ class HostTransport:
         if self.pace_bytes_per_s > 0:
             time.sleep(nbytes / self.pace_bytes_per_s)
 
-    # ----------------------------------------------------------------------------------------- addresses
-    def set_addresses(self, group_name: str, table: Dict[int, Tuple[str, int]]) -> None:
-        """Give the addresses of a group's ranks (global rank -> (host, port)) instead of exchanging them."""
+    # ----------------------------------------------------------------------------------------- groups
+    def set_addresses(self, group_name: str, table: Dict[int, Tuple[str, int]], secret: bytes) -> None:
+        """Give a group's addresses (global rank -> (host, port)) and key (``secret``, >= 16 bytes, the same on
+        every rank of the group) instead of exchanging them over the group's collective."""
+        if len(secret) < 16:
+            raise ValueError(f"secret of {len(secret)} bytes: the host transport's key needs >= 16 random bytes")
         self._addresses[group_name] = dict(table)
+        self._set_key(group_name, bytes(secret), tuple(sorted(table)))
+
+    def _set_key(self, group_name: str, key: bytes, ranks: Sequence[int]) -> None:
+        with self._groups_cond:
+            self._keys[group_name] = (key, tuple(ranks))
+            self._groups_cond.notify_all()
+
+    def _key_of(self, group_name: str, seconds: float):
+        with self._groups_cond:
+            self._groups_cond.wait_for(lambda: group_name in self._keys or self.closed, seconds)
+            return self._keys.get(group_name)
+
+    def group_key(self, group_name: str) -> bytes:
+        return self._keys[group_name][0]
 
     def addresses(self, group) -> Dict[int, Tuple[str, int]]:
-        """Global rank -> (host, port) of every rank of ``group``: one AllReduce in the group, at first use."""
+        """Global rank -> (host, port) of every rank of ``group``, and the group's key: two AllReduces in the
+        group, at first use (module docstring)."""
         if group.name not in self._addresses:
             from mindspore import Tensor
             from mf_longseq.parallel.comm_core import allreduce_sum
-            table = np.zeros((group.size, 5), np.float32)          # 4 octets and a port: exact in float32
-            table[group.index] = [*ipaddress.IPv4Address(self.host).packed, self.port]
-            summed = allreduce_sum(Tensor(table), group.name).asnumpy().astype(np.int64)
-            self._addresses[group.name] = {
-                rank: (str(ipaddress.IPv4Address(bytes(int(o) for o in row[:4]))), int(row[4]))
-                for rank, row in zip(group.ranks, summed)}
+            words = host_auth.WORDS
+            mine = self.host or local_ipv4()
+            first = np.zeros((group.size, 4 + words), np.float32)           # 4 octets, random 24-bit words
+            first[group.index] = [*ipaddress.IPv4Address(mine).packed, *host_auth.random_words()]
+            first = allreduce_sum(Tensor(first), group.name).asnumpy()
+            hosts = [str(ipaddress.IPv4Address(bytes(int(o) for o in row[:4]))) for row in first]
+            host = self.host or ("127.0.0.1" if len(set(hosts)) == 1 else mine)
+            ports = np.zeros(group.size, np.float32)                        # ports < 2**16: exact in float32
+            ports[group.index] = self.listen(host)
+            ports = allreduce_sum(Tensor(ports), group.name).asnumpy().astype(np.int64)
+            self._set_key(group.name, host_auth.group_key(group.name, group.ranks, first[:, 4:]), group.ranks)
+            published = ["127.0.0.1"] * group.size if host == "127.0.0.1" and not self.host else hosts
+            self._addresses[group.name] = {rank: (published[i], int(ports[i])) for i, rank in enumerate(group.ranks)}
         return self._addresses[group.name]
 
     # ----------------------------------------------------------------------------------------- transfers
@@ -318,9 +314,10 @@ class HostTransport:
         with self._lock:
             outbox = self._outboxes.get(dst)
             if outbox is None:
-                outbox = self._outboxes[dst] = _Outbox(self, dst, addresses[dst])
+                outbox = self._outboxes[dst] = Outbox(self, dst, addresses[dst], group.name)
             seq = self._recv_seq.get(src, 0)
             self._recv_seq[src] = seq + 1
+        self.inbox(src).expect(seq, payload.nbytes)
         transfer = HostTransfer(self, src, dst, seq, host, group.name, (x, host))
         outbox.jobs.put((payload, transfer._sent))
         return transfer
@@ -334,20 +331,24 @@ class HostTransport:
             outbox.jobs.put(None)
         for outbox in list(self._outboxes.values()):
             outbox.thread.join(timeout=5)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)                  # wakes the accepting thread
-        except OSError:
-            pass
-        self._listener.close()
+        with self._groups_cond:
+            self._groups_cond.notify_all()
+        for listener in self._listeners.values():
+            try:
+                listener.shutdown(socket.SHUT_RDWR)                  # wakes the accepting thread
+            except OSError:
+                pass
+            listener.close()
         with self._lock:
-            sockets, self._sockets = self._sockets, []
+            sockets, self._sockets = self._sockets, set()
+            threads = list(self._threads)
         for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             sock.close()
-        for thread in self._threads:
+        for thread in threads:
             thread.join(timeout=5)
 
 

@@ -23,10 +23,24 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def free_port() -> int:
-    """A TCP port free on this host now (for ``--master_port``)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port for ``--master_port``, held back from everyone but msrun's scheduler until it binds it.
+
+    msrun takes a port number, not a socket, so the port cannot stay bound until msrun binds it.  Instead it is
+    left in TIME_WAIT: bound and listening here, one connection to it accepted and closed from this side first.
+    For the next 60 s (Linux's TIME_WAIT) the kernel hands the port to no ``bind(0)`` (no other launch's
+    ``free_port``, no ephemeral port) and refuses a plain ``bind`` of it, while a server that sets SO_REUSEADDR -
+    msrun's scheduler does - binds it.  What remains: a process that explicitly binds this number with
+    SO_REUSEADDR within those 60 s.
+    """
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()                  # the side that closes first keeps (127.0.0.1, port) in TIME_WAIT
+    return port
 
 
 def msrun_command(task: Sequence[str], *, worker_num: int, master_port: int, log_dir: str,

@@ -2,13 +2,16 @@
 
 msrun starts this file once per rank (``python rank_guard.py --status-dir DIR TASK [ARGS...]``); it runs
 ``python TASK ARGS`` (or TASK itself when TASK is ``python``/``python3``/``pytest``, as msrun does) with the
-same environment, and writes ``DIR/rank_<RANK_ID>.json``:
+same environment, and writes ``DIR/<launch id>/rank_<RANK_ID>.json`` (the launch id from ``MF_LONGSEQ_LAUNCH_ID``,
+set by ``tools/supervise.py``; ``DIR/rank_<RANK_ID>.json`` without one):
 
     at start: {"rank", "pid", "pgid", "child_pid", "host", "started", "rc": null}
     at exit:  the same plus "rc" (negative: killed by that signal), "signal" (its name or null), "ended"
 
 The exit code of the task is passed on to msrun (128 + signal number when the task was killed), so msrun's own
-failure handling sees it too.  SIGTERM/SIGINT sent to this process are forwarded to the task.  Standard library
+failure handling sees it too.  SIGTERM/SIGINT sent to this process are forwarded to the task.  msrun runs the
+task of its scheduler through this file too, with ``MS_ROLE=MS_SCHED`` and ``RANK_ID=0``: that process is no
+rank, so it writes no record (it would take rank 0's).  Standard library
 only: this file runs before anything else is imported, by path.
 """
 import os
@@ -25,6 +28,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 _RUNNERS = ("python", "python3", "pytest")
+LAUNCH_ID_ENV = "MF_LONGSEQ_LAUNCH_ID"          # supervise.LAUNCH_ID_ENV (this file imports no package module)
 
 
 def _write(path: str, payload: dict) -> None:
@@ -45,14 +49,17 @@ def main(argv=None) -> int:
         print("usage: rank_guard.py --status-dir DIR TASK [ARGS...]", file=sys.stderr)
         return 2
     status_dir, task, args = argv[1], argv[2], argv[3:]
-    os.makedirs(status_dir, exist_ok=True)
+    status_dir = os.path.join(status_dir, os.environ.get(LAUNCH_ID_ENV, ""))
+    record = os.environ.get("MS_ROLE") != "MS_SCHED"                # msrun's scheduler: no rank, no record
     rank = os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", f"pid{os.getpid()}"))
     path = os.path.join(status_dir, f"rank_{rank}.json")
     status = {"rank": rank, "pid": os.getpid(), "pgid": os.getpgid(0), "child_pid": None,
               "host": socket.gethostname(), "started": time.time(), "rc": None}
     child = subprocess.Popen(task_command(task, args))
     status["child_pid"] = child.pid
-    _write(path, status)
+    if record:
+        os.makedirs(status_dir, exist_ok=True)
+        _write(path, status)
 
     def forward(signum, _frame):
         if child.poll() is None:
@@ -62,7 +69,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, forward)
     rc = child.wait()
     status.update(rc=rc, ended=time.time(), signal=signal.Signals(-rc).name if rc < 0 else None)
-    _write(path, status)
+    if record:
+        _write(path, status)
     return 128 - rc if rc < 0 else rc
 
 

@@ -12,10 +12,21 @@ exit code when the rank ends) into a status directory, and ``supervise`` polls t
 * msrun ended non-zero before the ranks started -> failure, with the scheduler log's tail
 
 Bound: a failure is acted on within ``poll + grace + 5`` seconds.
+
+A launch owns its processes: SIGINT or SIGTERM to the launcher stops msrun and every rank (TERM, then KILL
+after 3 s) and the launcher returns 128 + the signal number.  Every process of a launch carries its launch id
+in the environment (``MF_LONGSEQ_LAUNCH_ID``), so ranks that msrun put into sessions of their own, or that
+outlived msrun (``--join False``), are found and ended too, and nothing of another launch is touched.  The
+status files live in ``<log_dir>/mf_longseq_status/<launch id>/``; a log directory already used by a live
+launch for the same local ranks is refused (``LaunchConflict``, a lock held for the life of the launch), since
+msrun would overwrite that launch's ``worker_<rank>.log``.
 """
+import errno
+import fcntl
 import glob
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +34,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
+
+from mf_longseq.tools.rank_guard import LAUNCH_ID_ENV   # set for msrun, inherited by every process it starts
 
 STATUS_DIR_NAME = "mf_longseq_status"
 GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_guard.py")   # msrun runs it per rank
@@ -37,19 +50,56 @@ class Outcome:
     reason: str = ""
 
 
-def status_dir(log_dir: str) -> str:
-    return os.path.join(log_dir, STATUS_DIR_NAME)
+def status_dir(log_dir: str, launch_id: Optional[str] = None) -> str:
+    """Where the rank guards write (``--status-dir``); a launch's own files are in its ``launch_id`` folder."""
+    root = os.path.join(log_dir, STATUS_DIR_NAME)
+    return os.path.join(root, launch_id) if launch_id else root
 
 
-def clear_status(log_dir: str) -> None:
-    """Remove the status files of an earlier launch (they would be read as this launch's ranks)."""
-    for path in glob.glob(os.path.join(status_dir(log_dir), "rank_*.json")):
+def new_launch_id() -> str:
+    """A launch id: time, launcher pid and random hex (unique across launches sharing a log directory)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class LaunchConflict(RuntimeError):
+    """The log directory is in use by a live launch for the same ranks (the message names it and the fix)."""
+
+
+def lock_log_dir(log_dir: str, ranks: Sequence[str], launch_id: str):
+    """Take the lock of ``log_dir`` for these local ranks for the life of this launch (an open file: closing it,
+    or the launcher's exit, releases it).  Raises LaunchConflict when a live launch holds it."""
+    os.makedirs(status_dir(log_dir), exist_ok=True)
+    path = os.path.join(status_dir(log_dir), f"ranks_{ranks[0]}-{ranks[-1]}.lock" if ranks else "ranks.lock")
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise LaunchConflict(
+            f"log directory {os.path.abspath(log_dir)} is in use by a live launch ({holder}) for ranks "
+            f"{ranks[0]}-{ranks[-1]}: msrun would overwrite its worker_<rank>.log files. Fix: give this launch "
+            f"its own log directory (--log-dir, or --output-dir for mf-longseq), or wait until that launch ends"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"launch id {launch_id}, launcher pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def clear_status(log_dir: str, launch_id: Optional[str] = None) -> None:
+    """Remove the status files of this launch's folder (a new launch id: there are none unless reused)."""
+    for path in glob.glob(os.path.join(status_dir(log_dir, launch_id), "rank_*.json")):
         os.remove(path)
 
 
-def read_status(log_dir: str) -> Dict[str, dict]:
+def read_status(log_dir: str, launch_id: Optional[str] = None) -> Dict[str, dict]:
     out = {}
-    for path in glob.glob(os.path.join(status_dir(log_dir), "rank_*.json")):
+    for path in glob.glob(os.path.join(status_dir(log_dir, launch_id), "rank_*.json")):
         try:
             with open(path, encoding="utf-8") as handle:
                 record = json.load(handle)
@@ -118,9 +168,25 @@ def _descendants(pid: int) -> List[int]:
         return []
 
 
-def kill_launch(proc: subprocess.Popen, statuses: Dict[str, dict]) -> None:
-    """TERM then KILL msrun, every process it started, and every rank guard's process group."""
-    pids = set(_descendants(proc.pid)) | {proc.pid}
+def launch_processes(launch_id: Optional[str]) -> List[int]:
+    """Pids of this user's processes whose environment carries ``MF_LONGSEQ_LAUNCH_ID=launch_id``."""
+    if not launch_id:
+        return []
+    import psutil
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if process.pid != os.getpid() and process.environ().get(LAUNCH_ID_ENV) == launch_id:
+                found.append(process.pid)
+        except (psutil.Error, OSError):
+            continue                                             # gone, or another user's
+    return found
+
+
+def kill_launch(proc: subprocess.Popen, statuses: Dict[str, dict], launch_id: Optional[str] = None) -> None:
+    """TERM then KILL msrun, every process it started (found by parentage and by the launch id in their
+    environment), and every rank guard's process group of this launch."""
+    pids = set(_descendants(proc.pid)) | {proc.pid} | set(launch_processes(launch_id))
     groups = {s["pgid"] for s in statuses.values() if s.get("pgid")}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pgid in groups:
@@ -137,6 +203,7 @@ def kill_launch(proc: subprocess.Popen, statuses: Dict[str, dict]) -> None:
         while time.time() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.1)
             proc.poll()
+        pids |= set(launch_processes(launch_id))                 # started meanwhile (msrun was spawning)
     proc.wait()
 
 
@@ -149,8 +216,8 @@ class _Watch:
     """State of one supervised launch; ``step()`` looks once and records the first failure it sees."""
 
     def __init__(self, proc, log_dir: str, ranks: List[str], grace: float, timeout: float, stall_timeout: float,
-                 out):
-        self.proc, self.log_dir, self.ranks, self.grace = proc, log_dir, ranks, grace
+                 out, launch_id: Optional[str] = None):
+        self.proc, self.log_dir, self.ranks, self.grace, self.launch_id = proc, log_dir, ranks, grace, launch_id
         self.timeout, self.stall_timeout, self.out = timeout, stall_timeout, out
         self.start = self.last_growth = time.time()
         self.last_mtime, self.msrun_ended = 0.0, None
@@ -166,13 +233,18 @@ class _Watch:
             self._fail(now, f"rank {failed[0]} {_describe(self.statuses[failed[0]])}", failed, wait=True)
             print(f"mf_longseq launcher: {self.reason}; ending the other ranks", file=self.out, flush=True)
         elif self.timeout and now - self.start > self.timeout:
-            self._fail(now, f"the launch ran past --timeout {self.timeout:g} s", self.ranks)
+            self._fail(now, f"the launch ran past --timeout {self.timeout:g} s", self._unfinished())
         elif self.stall_timeout:
             mtime = _log_mtime(self.log_dir)
             if mtime > self.last_mtime:
                 self.last_growth, self.last_mtime = now, mtime
             if now - self.last_growth > self.stall_timeout:
-                self._fail(now, f"no rank log grew for {self.stall_timeout:g} s (--stall-timeout)", self.ranks)
+                self._fail(now, f"no rank log grew for {self.stall_timeout:g} s (--stall-timeout)",
+                           self._unfinished())
+
+    def _unfinished(self) -> List[str]:
+        """The ranks that have not ended with 0 (the hung ones, when a launch runs too long)."""
+        return [r for r in self.ranks if self.statuses.get(r, {}).get("rc") != 0] or self.ranks
 
     def _check_msrun(self, now: float, msrun_rc: Optional[int]) -> None:
         missing = [r for r in self.ranks if r not in self.statuses]
@@ -189,7 +261,7 @@ class _Watch:
     def step(self) -> Optional[int]:
         """Look once: 0 (success), 1 (failure: stop everything) or None (keep watching)."""
         now, msrun_rc = time.time(), self.proc.poll()
-        self.statuses = read_status(self.log_dir)
+        self.statuses = read_status(self.log_dir, self.launch_id)
         if self.failure_at is None:
             self._check_ranks(now)
         finished = all(self.statuses.get(r, {}).get("rc") == 0 for r in self.ranks)
@@ -226,28 +298,69 @@ def supervise(cmd: Sequence[str], *, log_dir: str, ranks: Sequence[str], env: Op
             (e.g. MindSpore's log lines); when None, msrun writes to this process's stdout directly.
 
     Returns:
-        An ``Outcome``; ``code`` is 0 on success, 1 on failure.
+        An ``Outcome``; ``code`` is 0 on success, 1 on failure (also when ``log_dir`` is in use by a live
+        launch for the same ranks: nothing is started), 128 + N when signal N (SIGINT, SIGTERM, SIGHUP) stopped
+        the launch.
     """
     out = out or sys.stderr
-    clear_status(log_dir)
-    piped = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) if hide else {}
-    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, start_new_session=True, **piped)
-    pump = threading.Thread(target=_pass_on, args=(proc.stdout, out, hide), daemon=True) if hide else None
-    if pump:
-        pump.start()
-    watch = _Watch(proc, log_dir, [str(r) for r in ranks], grace, timeout, stall_timeout, out)
-    code = None
-    while code is None:
-        time.sleep(poll)
-        code = watch.step()
-    if proc.poll() is None or code:
-        kill_launch(proc, watch.statuses)
-    if pump:
-        pump.join(timeout=5)
+    ranks = [str(r) for r in ranks]
+    launch_id = new_launch_id()
+    try:
+        lock = lock_log_dir(log_dir, ranks, launch_id)
+    except LaunchConflict as err:
+        print(f"mf_longseq launcher: FAILED: {err}.", file=out, flush=True)
+        return Outcome(1, reason=str(err))
+    env = dict(os.environ if env is None else env, **{LAUNCH_ID_ENV: launch_id})
+    with lock, _Signals() as signals:
+        piped = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) if hide else {}
+        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, start_new_session=True, **piped)
+        pump = threading.Thread(target=_pass_on, args=(proc.stdout, out, hide), daemon=True) if hide else None
+        if pump:
+            pump.start()
+        watch = _Watch(proc, log_dir, ranks, grace, timeout, stall_timeout, out, launch_id)
+        code = None
+        while code is None and not signals.received:
+            time.sleep(poll)
+            code = None if signals.received else watch.step()
+        if signals.received:
+            name = signal.Signals(signals.received).name
+            print(f"mf_longseq launcher: received {name}: stopping msrun and every rank of this launch",
+                  file=out, flush=True)
+            watch.statuses = read_status(log_dir, launch_id)
+            kill_launch(proc, watch.statuses, launch_id)
+            print(f"mf_longseq launcher: FAILED: interrupted by {name}; every process of the launch was stopped.",
+                  file=out, flush=True)
+            return Outcome(128 + signals.received, reason=f"interrupted by {name}")
+        if proc.poll() is None or code:
+            kill_launch(proc, watch.statuses, launch_id)
+        if pump:
+            pump.join(timeout=5)
     if code == 0:
         return Outcome(0)
     _report(out, watch.reason, watch.failed, log_dir, tail)
     return Outcome(1, failed_ranks=watch.failed, reason=watch.reason)
+
+
+class _Signals:
+    """SIGINT/SIGTERM/SIGHUP recorded (not raised) while a launch runs; the previous handlers come back after.
+    Outside the main thread (where Python cannot install handlers) nothing is changed."""
+
+    NAMES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.received, self._previous = 0, {}
+
+    def _record(self, signum, _frame):
+        self.received = self.received or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._record) for sig in self.NAMES}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _pass_on(stream, out, hide: Callable[[str], bool]) -> None:

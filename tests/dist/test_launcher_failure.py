@@ -53,7 +53,7 @@ def test_killed_rank_ends_the_launch(tmp_path):
     assert "failed rank: 1" in report
     assert "launcher_worker: rank 1 kills itself now" in report              # the tail of rank 1's log
     statuses = {}
-    for path in (log_dir / "mf_longseq_status").glob("rank_*.json"):
+    for path in (log_dir / "mf_longseq_status").glob("*/rank_*.json"):            # <launch id>/rank_R.json
         record = json.loads(path.read_text())
         statuses[record["rank"]] = record
     assert statuses["1"]["rc"] == -9

@@ -13,6 +13,8 @@ import host_p2p_worker as worker
 from mf_longseq.parallel.host_p2p import HostTransport, local_ipv4
 from mf_longseq.parallel.mesh import Group
 
+SECRET = b"0123456789abcdef-test-secret"
+
 
 def _ring(size: int, offsets):
     """Run ``size`` spawned ranks of ``worker.run``; returns {rank: {(offset, dtype, shape, src): received}}."""
@@ -62,7 +64,7 @@ def _pair(timeout: float = 5.0):
     a, b = HostTransport(0, timeout=timeout, host="127.0.0.1"), HostTransport(1, timeout=timeout, host="127.0.0.1")
     table = {0: ("127.0.0.1", a.port), 1: ("127.0.0.1", b.port)}
     for t in (a, b):
-        t.set_addresses("pair", table)
+        t.set_addresses("pair", table, SECRET)
     groups = [Group(axis="cp", ranks=(0, 1), index=i, name="pair") for i in (0, 1)]
     return (a, b), groups
 
@@ -79,7 +81,7 @@ def test_in_process_pair_and_nothing_left_open_after_close():
     assert _p2p_threads()
     a.close(), b.close()
     assert not _p2p_threads(), "threads left after close()"
-    assert a._listener.fileno() == -1 and not a._sockets and not b._sockets
+    assert all(l.fileno() == -1 for l in a._listeners.values()) and not a._sockets and not b._sockets
     with pytest.raises(RuntimeError, match="transport is closed"):
         a.start(Tensor(x0), ga, 1, 1)
 
@@ -97,7 +99,7 @@ def test_a_peer_that_never_sends_times_out_naming_rank_group_seconds_and_fix():
         unused.bind(("127.0.0.1", 0))
         dead_port = unused.getsockname()[1]
     t = HostTransport(0, timeout=1.0, host="127.0.0.1")
-    t.set_addresses("lonely", {0: ("127.0.0.1", t.port), 1: ("127.0.0.1", dead_port)})
+    t.set_addresses("lonely", {0: ("127.0.0.1", t.port), 1: ("127.0.0.1", dead_port)}, SECRET)
     group = Group(axis="cp", ranks=(0, 1), index=0, name="lonely")
     _wait_fails_then_close(t, t.start(Tensor(np.ones(4, np.float32)), group, 1, 1), TimeoutError,
                            r"rank 0, group lonely\): nothing received from rank 1 within 1 s"
