@@ -24,10 +24,14 @@ from typing import Optional
 
 from mindformers.trainer.causal_language_modeling.causal_language_modeling import CausalLanguageModelingTrainer
 
-from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size
+from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size, node_at, raise_all
 
+OUR_TRAINER = "LongSeqTrainer"
 OUR_DATASET = "LongSeqCausalLanguageModelDataset"
 OUR_WRAPPER = "LongSeqTrainOneStepCell"
+# The columns the plugin's models take from MindFormers' datasets (models/mf_inputs.py).
+PRETRAIN_COLUMNS = ["input_ids"]
+PACKED_COLUMNS = ["input_ids", "labels", "loss_mask", "position_ids", "actual_seq_len"]
 
 
 def plain_tree(config) -> dict:
@@ -37,9 +41,11 @@ def plain_tree(config) -> dict:
 
 
 def route_refusals(tree: dict, long_seq: LongSeqConfig) -> list:
-    """ConfigErrors for settings MindFormers' Trainer route cannot run with the plugin (empty: runnable)."""
+    """ConfigErrors for settings MindFormers' Trainer route cannot run with the plugin (empty: runnable).
+
+    ``mf-longseq validate --route mindformers`` and ``LongSeqTrainer`` report all of them at once."""
     from mf_longseq.train.context import resolve_parallel_mode
-    out = []
+    out = _trainer_refusals(tree, long_seq)
     parallel = tree.get("parallel") or {}
     mode = resolve_parallel_mode(parallel.get("parallel_mode", "stand_alone"))
     if long_seq.pipeline_stage > 1:
@@ -59,6 +65,29 @@ def route_refusals(tree: dict, long_seq: LongSeqConfig) -> list:
     if (long_seq.context_parallel > 1 or long_seq.model_parallel > 1) and dataset != OUR_DATASET:
         out.append(ConfigError("train_dataset_task.type", dataset, "it shards samples over every rank, so the CP/MP "
                                "ranks of one sequence would read different samples", f"set type: {OUR_DATASET}"))
+    return out + _data_refusals(tree)
+
+
+def _trainer_refusals(tree: dict, long_seq: LongSeqConfig) -> list:
+    trainer = node_at(tree, "trainer.type")
+    if trainer == OUR_TRAINER or long_seq.world_size == 1:
+        return []
+    return [ConfigError("trainer.type", trainer, f"MindFormers' trainer resets parallel_config to 1 in stand_alone / "
+                        f"data_parallel mode, so the plugin's model would not get the YAML's {long_seq.world_size}-rank "
+                        "layout", f"set trainer.type: {OUR_TRAINER} (auto_register: registry.{OUR_TRAINER})")]
+
+
+def _data_refusals(tree: dict) -> list:
+    out = []
+    if node_at(tree, "runner_config.sink_mode", False):
+        out.append(ConfigError("runner_config.sink_mode", node_at(tree, "runner_config.sink_mode"), "data sinking "
+                               "needs graph mode; in PyNative MindFormers repeats every epoch once per sample (N "
+                               "samples run N x N steps)", "set runner_config.sink_mode: False"))
+    columns = node_at(tree, "train_dataset.input_columns", PRETRAIN_COLUMNS)
+    if list(columns or []) != PRETRAIN_COLUMNS and sorted(columns or []) != sorted(PACKED_COLUMNS):
+        out.append(ConfigError("train_dataset.input_columns", columns, "the plugin's models take MindFormers' "
+                               "pretraining column (input_ids of seq_length + 1 tokens) or the 5 packed columns",
+                               f"write input_columns: {PRETRAIN_COLUMNS} or {PACKED_COLUMNS}"))
     return out
 
 
@@ -100,9 +129,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         from mf_longseq.models.mf_adapter import default_mesh, running_world_size
         tree = plain_tree(config)
         long_seq = LongSeqConfig.from_mindformers(tree)
-        errors = route_refusals(tree, long_seq)
-        if errors:
-            raise errors[0]
+        raise_all(route_refusals(tree, long_seq))
         check_world_size(long_seq, running_world_size())
         self.tree, self.long_seq = tree, long_seq
         self.mesh = default_mesh(long_seq)
@@ -126,4 +153,4 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         return super().create_train_dataset(args)
 
 
-__all__ = ["LongSeqTrainer", "route_refusals", "plain_tree", "OUR_DATASET", "OUR_WRAPPER"]
+__all__ = ["LongSeqTrainer", "route_refusals", "plain_tree", "OUR_TRAINER", "OUR_DATASET", "OUR_WRAPPER"]
