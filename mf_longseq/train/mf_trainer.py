@@ -22,9 +22,11 @@ is the dp x cp sum: ``MFTrainOneStepCell`` on Ascend, with loss scaling).
 """
 from typing import Optional
 
+from mindformers.tools.logger import logger
 from mindformers.trainer.causal_language_modeling.causal_language_modeling import CausalLanguageModelingTrainer
 
 from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size, node_at, raise_all
+from mf_longseq.train.context import bind_rank_cores, configure_op_dispatch
 
 OUR_TRAINER = "LongSeqTrainer"
 OUR_DATASET = "LongSeqCausalLanguageModelDataset"
@@ -106,6 +108,18 @@ def _wrapper_refusals(tree: dict, long_seq: LongSeqConfig, mode: str, parallel: 
     return []
 
 
+def layout_header(tree: dict, long_seq: LongSeqConfig, mesh) -> str:
+    """The run's layout line: mesh, CP algorithm and layout, sequence, and the global batch per step (MindFormers'
+    own ``global_batch_size`` line counts the data_parallel its trainer reset to 1)."""
+    batch = int(node_at(tree, "runner_config.batch_size", 1) or 1)
+    seq = node_at(tree, "model.model_config.seq_length")
+    algo = long_seq.context_parallel_algo if long_seq.context_parallel > 1 else "off"
+    return (f"mf_longseq: {mesh}, context_parallel_algo {algo}, layout {long_seq.layout}, seq_length {seq}; global "
+            f"batch = batch_size {batch} x data_parallel {long_seq.data_parallel} = {batch * long_seq.data_parallel} "
+            f"samples per step (the {long_seq.context_parallel * long_seq.model_parallel} cp x mp ranks of a sample "
+            "share it)")
+
+
 class LongSeqTrainer(CausalLanguageModelingTrainer):
     """``trainer.type: LongSeqTrainer``: MindFormers' causal-LM trainer that keeps the plugin's parallel layout.
 
@@ -133,6 +147,9 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         check_world_size(long_seq, running_world_size())
         self.tree, self.long_seq = tree, long_seq
         self.mesh = default_mesh(long_seq)
+        configure_op_dispatch(long_seq.device_target)       # the CPU runtime of mf-longseq train (train/context.py)
+        bind_rank_cores(long_seq.device_target)
+        logger.info(layout_header(tree, long_seq, self.mesh))
 
     def create_network(self, default_args: Optional[dict] = None):
         """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``)."""
@@ -153,4 +170,4 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         return super().create_train_dataset(args)
 
 
-__all__ = ["LongSeqTrainer", "route_refusals", "plain_tree", "OUR_TRAINER", "OUR_DATASET", "OUR_WRAPPER"]
+__all__ = ["LongSeqTrainer", "route_refusals", "layout_header", "plain_tree", "OUR_TRAINER", "OUR_DATASET", "OUR_WRAPPER"]
