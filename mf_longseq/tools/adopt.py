@@ -257,6 +257,15 @@ def _train_route(edit: _Editor) -> None:
         edit.remove("optimizer.beta1", "AdamW reads betas")
         edit.remove("optimizer.beta2", "AdamW reads betas")
         edit.set("optimizer.betas", betas, "beta1, beta2 as AdamW's betas")
+    accumulation = node_at(tree, "runner_config.gradient_accumulation_steps", 1) or 1
+    batch = node_at(tree, "runner_config.batch_size", 1) or 1
+    if isinstance(accumulation, int) and isinstance(batch, int) and accumulation > 1:
+        edit.set("runner_config.batch_size", batch * accumulation, f"{accumulation} accumulated micro-batches as one "
+                 "batch: the same gradient (the loss is the mean over every token of the step)")
+        edit.set("runner_config.gradient_accumulation_steps", 1, "mf-longseq train applies one update per batch")
+    if node_at(tree, "train_dataset.batch_size") not in (None, node_at(tree, "runner_config.batch_size", 1)):
+        edit.set("train_dataset.batch_size", node_at(tree, "runner_config.batch_size", 1), "mf-longseq train reads "
+                 "runner_config.batch_size")
     if node_at(tree, "runner_config.epochs", 1) != 1:
         edit.set("runner_config.epochs", 1, "mf-longseq train runs --steps updates")
     if (tree.get("run_mode") or "train") != "train":

@@ -32,7 +32,7 @@ from mindspore import Parameter, Tensor, ops
 
 from mf_longseq.config import ConfigError
 
-OPTIMIZER_TYPES = (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay")
+OPTIMIZER_TYPES = (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay", "LongSeqAdamW")
 _SCHEDULES = {}     # frozen schedule items -> built MindFormers schedule (one build per distinct section)
 
 
