@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
 from mf_longseq.config import ConfigError, node_at
-from mf_longseq.train.mf_trainer import OUR_DATASET, OUR_TRAINER, OUR_WRAPPER, PACKED_COLUMNS, PRETRAIN_COLUMNS
+from mf_longseq.train.mf_route_rules import OUR_DATASET, OUR_TRAINER, OUR_WRAPPER, PACKED_COLUMNS, PRETRAIN_COLUMNS
 
 REMOVED = "<removed>"
 # MindFormers' (config type, model type) -> the plugin's family; Qwen1.5 is MindFormers' LLaMA with q/k/v bias.

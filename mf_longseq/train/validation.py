@@ -164,9 +164,9 @@ def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[i
         raise InputError("--route", route, "unknown route", f"use one of {', '.join(ROUTES)}")
     tree = load_tree(source)
     _check_sections(tree)
-    errors = [ConfigError(path, node_at(tree, path), "must be a section (a mapping of keys)",
-                          f"write {path}: followed by indented keys")
-              for path in RUN_SECTIONS if node_at(tree, path) is not None and not isinstance(node_at(tree, path), Mapping)]
+    nodes = {path: node_at(tree, path) for path in RUN_SECTIONS}
+    errors = [ConfigError(path, node, "must be a section (a mapping of keys)", f"write {path}: followed by indented keys")
+              for path, node in nodes.items() if node is not None and not isinstance(node, Mapping)]
     if errors:
         return None, errors
     long_seq = model = model_class = None
@@ -178,7 +178,7 @@ def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[i
         errors.append(err)
     errors += run_key_refusals(tree, long_seq, steps=steps, route=route)
     if route == "mindformers" and long_seq is not None:
-        from mf_longseq.train.mf_trainer import route_refusals
+        from mf_longseq.train.mf_route_rules import route_refusals
         errors += route_refusals(tree, long_seq)
     if not errors:            # MindFormers' own classes repeat the parallel rules above: checked once they hold
         try:
@@ -414,5 +414,6 @@ def _as_config_error(err: ValueError, default_key: str) -> ConfigError:
     return out
 
 
-__all__ = ["check_run", "collect_run", "route_of", "ROUTES", "check_model", "check_mindformers", "run_key_refusals", "load_tree", "RunCheck",
+__all__ = ["check_run", "collect_run", "route_of", "ROUTES", "check_model", "check_mindformers", "run_key_refusals",
+           "load_tree", "RunCheck",
            "InputError"]

@@ -65,7 +65,7 @@ def test_sink_mode_and_finetuning_columns_are_refused_on_the_trainer_route():
 
 def test_the_trainer_refuses_all_at_once():
     from mf_longseq.config import LongSeqConfig
-    from mf_longseq.train.mf_trainer import route_refusals
+    from mf_longseq.train.mf_route_rules import route_refusals
     tree = tiny(context__mode=0, runner_config__sink_mode=True)
     keys = [e.key for e in route_refusals(tree, LongSeqConfig.from_mindformers(tree))]
     assert keys == ["context.mode", "runner_config.sink_mode"]
