@@ -117,6 +117,7 @@ def adopt(source, *, route: str = "mindformers", cp: Optional[int] = None, algo:
     _classes(edit)
     _parallel(edit, cp=cp, algo=algo, dp=dp, mp=mp)
     _data(edit, pretraining_columns)
+    _callbacks(edit)
     if route == "train":
         _train_route(edit)
     else:
@@ -244,6 +245,20 @@ def _data(edit: _Editor, pretraining_columns: bool) -> None:
         edit.refuse("train_dataset.input_columns", "the plugin's models take input_ids (seq_length + 1 tokens) or "
                     "the 5 packed columns, not finetuning labels", "pass --pretraining-columns to train on input_ids "
                     f"only, or use a dataset with {PACKED_COLUMNS}")
+
+
+def _callbacks(edit: _Editor) -> None:
+    """Callbacks MindFormers 1.9 no longer registers (e.g. ObsMonitor, the AICC upload) would fail its build."""
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    for section in ("callbacks", "eval_callbacks"):
+        entries = edit.out.tree.get(section)
+        if not isinstance(entries, list):
+            continue
+        kept = [c for c in entries if not isinstance(c, dict) or c.get("auto_register")
+                or MindFormerRegister.is_exist(MindFormerModuleType.CALLBACK, c.get("type"))]
+        if kept != entries:
+            gone = [c.get("type") for c in entries if c not in kept]
+            edit.set(section, kept, f"MindFormers 1.9 registers no {', '.join(map(str, gone))}")
 
 
 def _train_route(edit: _Editor) -> None:
