@@ -68,12 +68,16 @@ class LongSeqAdamW(nn.Optimizer):
         self.adam_v = Parameter(Tensor(np.zeros(total, np.float32)), name="adam_v.flat", requires_grad=False)
 
     def construct(self, gradients):
+        return self.step_flat(ops.cat([g.astype(ms.float32).reshape(-1) for g in gradients]))
+
+    def step_flat(self, grad) -> bool:
+        """One update with the gradient as one flat (sum of sizes,) float32 buffer, in ``parameters`` order (what
+        ``LongSeqTrainOneStepCell`` holds after its one collective: no split and re-concatenation)."""
         lr = self.get_lr()                                     # at global_step before the increment, as AdamW
         lr = float(lr.asnumpy()) if isinstance(lr, Tensor) else float(lr)
         self.assignadd(self.global_step, self.global_step_increase_tensor)
         step = int(self.global_step.asnumpy().reshape(-1)[0])
         flat = ops.cat([p.astype(ms.float32).reshape(-1) for p in self.parameters])
-        grad = ops.cat([g.astype(ms.float32).reshape(-1) for g in gradients])
         flat, m, v = adamw_flat_update(flat, grad, self.adam_m.value(), self.adam_v.value(), lr=lr, step=step,
                                        betas=self.betas, eps=self.eps, decay=self.decay)
         self.adam_m.set_data(m)

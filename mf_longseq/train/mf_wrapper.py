@@ -32,7 +32,7 @@ from mf_longseq.config import ConfigError
 from mf_longseq.parallel.comm import all_reduce
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.tensor_parallel import shard_specs
-from mf_longseq.train.clip import clip_grads
+from mf_longseq.train.clip import clip_coefficient, clip_grads, global_grad_norm
 
 
 def plugin_model(network):
@@ -106,6 +106,23 @@ class LongSeqTrainOneStepCell(nn.Cell):
             start += n
         return tuple(out)
 
+    def flat_update(self, grads):
+        """The step of ``mf-longseq train`` (``train/runner.py``) for an optimizer with ``step_flat``
+        (``LongSeqAdamW``): one flat sum over dp x cp, clipped, handed over whole; returns the norm (or None)."""
+        flat = ops.cat([g.astype(ms.float32).reshape(-1) for g in grads])          # (sum of sizes,)
+        if self.group.size > 1:
+            flat = all_reduce(flat, self.group)
+        norm = None
+        if self.max_grad_norm is not None:
+            pieces, start = [], 0
+            for n in self.sizes:
+                pieces.append(flat[start:start + n])
+                start += n
+            norm = global_grad_norm(pieces, self.names, self.mesh, self.sharded)
+            flat = flat * float(clip_coefficient(norm, self.max_grad_norm))
+        self.optimizer.step_flat(flat)
+        return norm
+
     def _objective(self, inv_count, batch):
         loss_sum, _ = self.model.forward_batch(batch)
         return loss_sum * inv_count, loss_sum
@@ -124,13 +141,15 @@ class LongSeqTrainOneStepCell(nn.Cell):
     def construct(self, *inputs):
         batch, count = self._batch(inputs)
         (_, loss_sum), grads = self.grad_fn(Tensor(np.float32(1.0 / count)), batch)
-        grads = self.sum_gradients(grads)
-        norm = None
-        if self.max_grad_norm is not None:
-            grads, norm = clip_grads(grads, self.names, self.mesh, self.max_grad_norm, self.sharded)
-            norm = Tensor(np.float32(norm))
         lr = self.learning_rate()
-        self.optimizer(grads)
+        if hasattr(self.optimizer, "step_flat"):
+            norm = self.flat_update(grads)
+        else:
+            grads, norm = self.sum_gradients(grads), None
+            if self.max_grad_norm is not None:
+                grads, norm = clip_grads(grads, self.names, self.mesh, self.max_grad_norm, self.sharded)
+            self.optimizer(grads)
+        norm = None if norm is None else Tensor(np.float32(norm))
         loss = (all_reduce(loss_sum.reshape(1), self.group)[0] if self.group.size > 1 else loss_sum) / count
         return loss, Tensor(False), Tensor(np.float32(1.0)), lr, norm
 

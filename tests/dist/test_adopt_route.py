@@ -1,5 +1,6 @@
 """``mf-longseq adopt`` turns MindFormers' own shipped YAMLs (v1.5.0's configs/llama2 pretrain, research/qwen1_5
-pretrain) into ones that train through MindFormers' Trainer route with CP = 2 on 2 CPU ranks: every rank logs the
+pretrain; the 1.9 line's research/llama3_1 finetune with --pretraining-columns, whose AdamW becomes LongSeqAdamW:
+the flat path of the runner wrapper) into ones that train through MindFormers' Trainer route with CP = 2 on 2 CPU ranks: every rank logs the
 loss sequence of the same adopted file at CP = 1 (1e-5), and the loss line carries the learning rate and the
 gradient norm (``use_clip_grad: True`` in the shipped files).  One process runs the CP = 1 cases, one msrun launch
 of 2 ranks the CP = 2 cases."""
@@ -17,7 +18,9 @@ from mf_route import SEQ, VOCAB, write_tokens
 WORKER = Path(__file__).with_name("adopt_worker.py")
 RTOL = 1e-5
 CASES = {"v1.5.0_pretrain_llama2_7b:2:colossalai_cp": "v1.5.0_pretrain_llama2_7b:1:colossalai_cp",
-         "v1.5.0_pretrain_qwen1_5_7b:2:ulysses_cp": "v1.5.0_pretrain_qwen1_5_7b:1:colossalai_cp"}
+         "v1.5.0_pretrain_qwen1_5_7b:2:ulysses_cp": "v1.5.0_pretrain_qwen1_5_7b:1:colossalai_cp",
+         "head_finetune_llama3_1_8b:2:colossalai_cp:pretraining_columns":
+             "head_finetune_llama3_1_8b:1:colossalai_cp:pretraining_columns"}
 
 pytestmark = pytest.mark.dist
 

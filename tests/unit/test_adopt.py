@@ -62,6 +62,8 @@ def test_family_specific_rewrites_keep_the_model_shape():
     check, _ = collect_run(q15.tree, route="mindformers")
     assert (check.model.ffn_hidden_size, check.model.theta, check.model.qkv_has_bias) == (11008, 1000000.0, True)
     assert _changed(q15)["parallel_config.use_seq_parallel"].new is False
+    llama3 = adopt(str(LLAMA3_1), cp=2, pretraining_columns=True).tree["optimizer"]                 # AdamW
+    assert (llama3["type"], llama3["betas"]) == ("LongSeqAdamW", [0.9, 0.95])
 
 
 def test_what_cannot_be_carried_over_is_refused_by_key():
