@@ -118,6 +118,9 @@ def adopt(source, *, route: str = "mindformers", cp: Optional[int] = None, algo:
     _parallel(edit, cp=cp, algo=algo, dp=dp, mp=mp)
     _data(edit, pretraining_columns)
     _callbacks(edit)
+    if edit.out.tree.get("auto_trans_ckpt") and not edit.out.tree.get("load_checkpoint"):
+        edit.set("auto_trans_ckpt", False, "no load_checkpoint to transform (MindFormers' Trainer refuses "
+                 "auto_trans_ckpt without one)")
     if route == "train":
         _train_route(edit)
     else:
