@@ -1,7 +1,7 @@
 """MindFormers' Trainer route on YAMLs written by ``mf-longseq adopt`` from MindFormers' own shipped files.
 
 Usage: python adopt_worker.py OUT_DIR DATA CASE[,CASE...]      (under msrun for CP = 2, alone for CP = 1)
-A case is ``<shipped yaml stem>:<cp>:<algo>[:pretraining_columns]``: the file is adopted (``--route mindformers --cp --algo --dp 1``),
+A case is ``<shipped yaml stem>:<cp>:<algo>[:pretraining_columns]``: the file is adopted (``--route mindformers --cp --algo --dp 1 --mp 1``),
 shrunk to a tiny CPU model (the test's only change: sizes, device, data), written to OUT_DIR and trained 3 steps
 through ``MindFormerConfig`` -> ``build_context`` -> ``Trainer.train()`` (what run_mindformer.py runs).  Rank r
 writes OUT_DIR/<case>/rank<r>.json: the losses, and the last step's learning rate and global norm as the runner
@@ -42,7 +42,7 @@ def run_case(case: str, out_dir: str, data: str) -> dict:
     from mindformers import MindFormerConfig, Trainer, build_context
     from mf_longseq.tools.adopt import adopt
     stem, cp, algo, *flags = case.split(":")
-    adopted = adopt(str(SHIPPED / f"{stem}.yaml"), route="mindformers", cp=int(cp), algo=algo, dp=1,
+    adopted = adopt(str(SHIPPED / f"{stem}.yaml"), route="mindformers", cp=int(cp), algo=algo, dp=1, mp=1,
                     pretraining_columns="pretraining_columns" in flags)
     assert not adopted.refusals, [str(e) for e in adopted.refusals]
     target = Path(out_dir) / case.replace(":", "_")
