@@ -10,6 +10,7 @@ import sys
 VERB_MODULES = [
     "mf_longseq.tools.train_cli",
     "mf_longseq.tools.validate",
+    "mf_longseq.tools.adopt",
     "mf_longseq.planner.cli",
     "mf_longseq.models.convert",
 ]

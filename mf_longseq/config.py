@@ -43,6 +43,25 @@ class ConfigError(ValueError):
         self.key, self.value, self.problem, self.fix = key, value, problem, fix
 
 
+class ConfigErrors(ConfigError):
+    """Several broken rules reported at once (``errors``, in the order found).  ``key``, ``value``, ``problem``
+    and ``fix`` are the first one's; ``str()`` lists every message, one per line."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        first = self.errors[0]
+        super().__init__(first.key, first.value, first.problem, first.fix)
+        self.args = (f"{len(self.errors)} settings must change:\n" + "\n".join(f"  - {e}" for e in self.errors),)
+
+
+def raise_all(errors) -> None:
+    """Raise nothing for no errors, the error itself for one, ``ConfigErrors`` for several."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+
+
 def _fail(key: str, value: Any, problem: str, fix: str) -> None:
     raise ConfigError(key, value, problem, fix)
 

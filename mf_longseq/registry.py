@@ -21,10 +21,12 @@ _register(ContextParallelAttention, MindFormerModuleType.MODULES)
 from mf_longseq.train.mf_dataset import LongSeqCausalLanguageModelDataset  # noqa: E402
 from mf_longseq.train.mf_trainer import LongSeqTrainer  # noqa: E402
 from mf_longseq.train.mf_wrapper import LongSeqTrainOneStepCell  # noqa: E402
+from mf_longseq.train.mf_optim import LongSeqAdamW  # noqa: E402
 
 _register(LongSeqTrainer, MindFormerModuleType.TRAINER)
 _register(LongSeqCausalLanguageModelDataset, MindFormerModuleType.DATASET)
 _register(LongSeqTrainOneStepCell, MindFormerModuleType.WRAPPER)
+_register(LongSeqAdamW, MindFormerModuleType.OPTIMIZER)             # MindFormers' AdamW on one flat buffer
 
 # Model families: importing mf_longseq.models registers the config (CONFIG) and model (MODELS) classes.  The names
 # imported here also make this file the target of MindFormers' auto_register route, without importing mf_longseq

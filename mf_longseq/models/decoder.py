@@ -371,13 +371,19 @@ class LongSeqForCausalLM(PreTrainedModel):
 
     def mindformers_loss(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
         """Global mean loss (float32 scalar, same on every rank) of MindFormers' whole-sequence columns."""
+        batch, count = self.mindformers_batch(input_ids, labels, loss_mask, position_ids, actual_seq_len)
+        loss_sum, _ = self.forward_batch(batch)
+        return self.global_loss(loss_sum, ms.Tensor(np.float32(count)))
+
+    def mindformers_batch(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
+        """(this rank's ``ShardedBatch``, global token count over dp x cp as a host float) of MindFormers'
+        whole-sequence columns: host work and index tables, built once outside any gradient (the runner wrapper
+        differentiates only ``forward_batch``, as ``mf-longseq train`` does)."""
         del position_ids                                  # derived from actual_seq_len (mf_inputs docstring)
         whole = mf_inputs.whole_batch(self.config.seq_length, getattr(self.config, "pad_token_id", None),
                                       input_ids, labels, loss_mask, vocab_size=self.config.vocab_size)
         batch = ShardedBatch.from_whole(self.batch_spec, *whole, actual_seq_len)          # (B, S/CP) shards
-        count = mf_inputs.global_count(batch.loss_mask, self.global_loss.group)
-        loss_sum, _ = self.forward_batch(batch)
-        return self.global_loss(loss_sum, ms.Tensor(np.float32(count)))
+        return batch, mf_inputs.global_count(batch.loss_mask, self.global_loss.group)
 
 
 def register_classes(*classes) -> None:

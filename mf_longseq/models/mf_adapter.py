@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import mindspore as ms
 
-from mf_longseq.config import LongSeqConfig
+from mf_longseq.config import ConfigError, LongSeqConfig
 from mf_longseq.models.model_config import LongSeqModelConfig
 from mf_longseq.parallel.mesh import Mesh
 
@@ -43,13 +43,31 @@ def builder_parallel_config(config: LongSeqModelConfig, checked: bool = True) ->
     return long_seq
 
 
+def check_pynative() -> None:
+    """Refuse to build the model in graph mode, where compiling its host-side attention schedules fails later with
+    an opaque ``RuntimeError: Unsupported statement 'Delete'`` (MindFormers' trainer with ``context.mode: 0``).
+
+    Raises:
+        ConfigError: on ``context.mode``, with the fix (PyNative and the plugin's trainer).
+    """
+    if ms.get_context("mode") == ms.GRAPH_MODE:
+        raise ConfigError("context.mode", 0, "the plugin's models run host-side attention schedules in PyNative "
+                          "mode; graph mode cannot compile them", "set context.mode: 1 (PYNATIVE_MODE) and "
+                          "trainer.type: LongSeqTrainer (mf-longseq adopt YOUR.yaml rewrites both; mf-longseq "
+                          "validate --route mindformers lists the rest)")
+
+
 def builder_settings(config: LongSeqModelConfig, mesh: Optional[Mesh] = None,
                      long_seq: Optional[LongSeqConfig] = None) -> Tuple[LongSeqConfig, Mesh]:
     """(parallel settings, mesh) of a model: the ones given, the missing ones from MindFormers' builder route.
 
     The settings missing: ``builder_parallel_config`` (checked against the running ranks when the mesh is missing
     too); the mesh missing: ``default_mesh`` of the settings (its groups created).
+
+    Raises:
+        ConfigError: graph mode (``check_pynative``), or the settings' rules.
     """
+    check_pynative()
     if long_seq is None:
         long_seq = builder_parallel_config(config, checked=mesh is None)
     return long_seq, (mesh if mesh is not None else default_mesh(long_seq))
@@ -70,4 +88,4 @@ def default_mesh(long_seq: LongSeqConfig) -> Mesh:
     return mesh.create_groups() if mesh.world_size > 1 else mesh
 
 
-__all__ = ["builder_parallel_config", "builder_settings", "default_mesh", "running_world_size"]
+__all__ = ["check_pynative", "builder_parallel_config", "builder_settings", "default_mesh", "running_world_size"]

@@ -312,7 +312,8 @@ def _validate_config(launch: Launch, out) -> bool:
     if not launch.config or launch.no_validate:
         return True
     from mf_longseq.tools.validate import format_report, validate
-    report = validate(launch.config, devices=launch.worker_num)
+    route = "mindformers" if any("run_mindformer" in part for part in launch.task) else "train"
+    report = validate(launch.config, devices=launch.worker_num, route=route)
     print(format_report(report), file=out)
     return report.valid
 

@@ -1,4 +1,5 @@
-"""``mf-longseq validate CONFIG``: check a MindFormers YAML against every rule a run reads, without devices.
+"""``mf-longseq validate CONFIG [--route mindformers|train]``: check a MindFormers YAML against every rule a run on
+that route reads, without devices, and report every broken rule at once.
 
 The rules live in ``mf_longseq.train.validation.check_run`` (the same check ``mf-longseq train`` and the launchers run)
 and in the classes it builds; this module reads the file, applies ``--set`` overrides and ``--devices``, and
@@ -6,13 +7,19 @@ reports the outcome::
 
     mf-longseq validate yaml_templates/llama2/7b_32k_cp4_colossalai_cp.yaml
     mf-longseq validate run.yaml --devices 64 --set parallel_config.context_parallel=8 --json
+    mf-longseq validate run.yaml --route train          # as mf-longseq train runs it
+
+The route: ``mindformers`` (MindFormers' Trainer, ``run_mindformer.py``) or ``train`` (``mf-longseq train``); by
+default the one the YAML names (``mindformers`` when it has a ``trainer.type``, ``train_validation.route_of``).
 
 Exit status: 0 when every configuration is valid, 1 when one is not (a refusal naming key, value and fix), 2 on
 a usage or I/O error (a file that cannot be read, a malformed ``--set``).  ``--json`` prints the same as one
 strict JSON object per file (non-finite numbers are written as strings)::
 
     {"config": ..., "valid": false, "io_error": false,
-     "error": {"key": ..., "value": ..., "problem": ..., "fix": ..., "message": ...},
+     "route": "mindformers" | "train",
+     "error": {"key": ..., "value": ..., "problem": ..., "fix": ..., "message": ...},   (the first of "errors")
+     "errors": [{"key": ..., ...}, ...],
      "warnings": [...], "notes": [...], "settings": {key path: value}, "derived": {...}, "model": {...}}
 """
 import contextlib
@@ -35,7 +42,9 @@ class Report:
         config: the file (or "<dict>") that was checked.
         valid: True when every rule holds.
         io_error: True when the file could not be read or a ``--set`` is malformed (exit status 2).
-        error: the broken rule (key, value, problem, fix, message), or None.
+        error: the first broken rule (key, value, problem, fix, message), or None.
+        errors: every broken rule, in that form.
+        route: the route checked (``mindformers`` or ``train``; None when the file could not be read).
         warnings: keys MindFormers reads but mf_longseq ignores, and warnings logged while reading.
         notes: advice that does not make the run fail (``LongSeqConfig.notes()``).
         settings: every setting by YAML key path (valid configs only).
@@ -52,6 +61,8 @@ class Report:
     derived: Dict[str, int] = field(default_factory=dict)
     model: Dict[str, Any] = field(default_factory=dict)
     io_error: bool = False
+    errors: List[Dict[str, Any]] = field(default_factory=list)
+    route: Optional[str] = None
 
 
 class _Collect(logging.Handler):
@@ -87,18 +98,20 @@ def _apply(tree: Any, parts: Sequence[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] = ()) -> Report:
-    """Check ``source`` (YAML path, dict or MindFormerConfig) with ``check_run``; never raises for bad input.
+def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] = (),
+             route: Optional[str] = None) -> Report:
+    """Check ``source`` (YAML path, dict or MindFormerConfig) with ``collect_run``; never raises for bad input.
 
     Args:
         source: the configuration.
         devices: number of devices the run will get; checked as ``long_seq.device_num``.
         overrides: ``KEY.PATH=VALUE`` strings applied to the tree first (values parsed as YAML).
+        route: ``mindformers`` or ``train``; None: the route the YAML names (``route_of``).
 
     Returns:
-        A ``Report``.
+        A ``Report`` (every broken rule in ``errors``).
     """
-    from mf_longseq.train.validation import check_run, load_tree
+    from mf_longseq.train.validation import collect_run, load_tree, route_of
     name = source if isinstance(source, str) else "<dict>"
     collect = _Collect()
     config_logger = logging.getLogger("mf_longseq")
@@ -107,12 +120,17 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
         tree = load_tree(source)
         for text in overrides:
             _apply(tree, *parse_override(text))
-        check = check_run(tree, devices=devices)
+        route = route or route_of(tree)
+        check, errors = collect_run(tree, devices=devices, route=route)
     except ConfigError as err:
         io_error = isinstance(err, InputError)
-        return Report(name, False, error=_error_dict(err), warnings=collect.messages, io_error=io_error)
+        return Report(name, False, error=_error_dict(err), errors=[_error_dict(err)], warnings=collect.messages,
+                      io_error=io_error, route=None if io_error else route)
     finally:
         config_logger.removeHandler(collect)
+    if errors:
+        found = [_error_dict(e) for e in errors]
+        return Report(name, False, error=found[0], errors=found, warnings=collect.messages, route=route)
     config = check.long_seq
     settings = {key_path(f.name): getattr(config, f.name) for f in fields(config)}
     settings.update({key_path(name): getattr(check.model, name)
@@ -120,7 +138,7 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
     derived = {"ulysses_degree": config.ulysses_degree, "ring_degree": config.ring_degree,
                "world_size": config.world_size}
     return Report(name, True, warnings=[*check.warnings, *collect.messages], notes=list(config.notes(check.model)),
-                  settings=settings, derived=derived, model=_model_summary(check))
+                  settings=settings, derived=derived, model=_model_summary(check), route=route)
 
 
 def _model_summary(check) -> Dict[str, Any]:
@@ -151,9 +169,9 @@ def _strict(node):
 
 def format_report(report: Report) -> str:
     """The human-readable report."""
-    lines = [f"{report.config}: {'OK' if report.valid else 'INVALID'}"]
-    if report.error:
-        lines.append(f"  error: {report.error['message']}")
+    where = f" (route {report.route})" if report.route else ""
+    lines = [f"{report.config}: {'OK' if report.valid else 'INVALID'}{where}"]
+    lines += [f"  error: {e['message']}" for e in (report.errors or ([report.error] if report.error else []))]
     if report.valid:
         s, d = report.settings, report.derived
         cp = s["parallel_config.context_parallel"]
@@ -184,7 +202,8 @@ def exit_status(reports: Sequence[Report]) -> int:
 
 def run(args) -> int:
     with contextlib.redirect_stdout(sys.stderr):          # MindFormers' logs never reach the --json stdout
-        reports = [validate(path, devices=args.devices, overrides=args.set or ()) for path in args.config]
+        reports = [validate(path, devices=args.devices, overrides=args.set or (), route=args.route)
+                   for path in args.config]
     if args.json:
         payload = [_strict(asdict(r)) for r in reports]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2, allow_nan=False))
@@ -197,15 +216,20 @@ def register(subparsers) -> None:
     """Add the ``validate`` verb."""
     parser = subparsers.add_parser(
         "validate", help="check a MindFormers YAML against every rule of the plugin (no devices needed)",
-        description="Check CONFIG without devices: device_num product, algorithm names, heads vs "
-                    "model_parallel x Ulysses degree, sequence length vs CP layout, flash attention on Ascend, "
-                    "use_seq_parallel, pipeline limits, unknown keys, model shapes and classes, run keys, "
-                    "MindFormers' own parallel config classes. Exit 0 if valid, 1 if not, 2 on a usage or I/O "
-                    "error.")
+        description="Check CONFIG for one route (--route) without devices and report every broken rule: "
+                    "device_num product, algorithm names, heads vs model_parallel x Ulysses degree, sequence length "
+                    "vs CP layout, flash attention on Ascend, use_seq_parallel, pipeline limits, unknown keys, model "
+                    "shapes and classes, run keys, MindFormers' own parallel config classes; on the mindformers "
+                    "route context.mode, parallel_mode, trainer, runner wrapper, dataset task, sink_mode and input "
+                    "columns; on the train route the keys mf-longseq train refuses. Exit 0 if valid, 1 if not, 2 on "
+                    "a usage or I/O error.")
     parser.add_argument("config", nargs="+", help="MindFormers YAML file(s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file (for tools)")
     parser.add_argument("--devices", type=int, default=None,
                         help="devices the run will get (checked against the product of the parallel degrees)")
+    parser.add_argument("--route", choices=("mindformers", "train"), default=None,
+                        help="the route to check: mindformers (MindFormers' Trainer, run_mindformer.py) or train "
+                             "(mf-longseq train); default: mindformers when the YAML names a trainer.type, else train")
     parser.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                         help="override a key before checking, e.g. --set parallel_config.context_parallel=8")
     parser.set_defaults(func=run)

@@ -23,12 +23,12 @@ is the dp x cp sum: ``MFTrainOneStepCell`` on Ascend, with loss scaling).
 """
 from typing import Optional
 
+from mindformers.tools.logger import logger
 from mindformers.trainer.causal_language_modeling.causal_language_modeling import CausalLanguageModelingTrainer
 
-from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size
-
-OUR_DATASET = "LongSeqCausalLanguageModelDataset"
-OUR_WRAPPER = "LongSeqTrainOneStepCell"
+from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size, node_at, raise_all
+from mf_longseq.train.mf_route_rules import OUR_DATASET, OUR_TRAINER, OUR_WRAPPER, route_refusals
+from mf_longseq.train.context import bind_rank_cores, configure_op_dispatch
 
 
 def plain_tree(config) -> dict:
@@ -37,45 +37,16 @@ def plain_tree(config) -> dict:
     return load_tree(config)
 
 
-def route_refusals(tree: dict, long_seq: LongSeqConfig) -> list:
-    """ConfigErrors for settings MindFormers' Trainer route cannot run with the plugin (empty: runnable)."""
-    from mf_longseq.train.context import resolve_parallel_mode
-    out = []
-    parallel = tree.get("parallel") or {}
-    mode = resolve_parallel_mode(parallel.get("parallel_mode", "stand_alone"))
-    if long_seq.pipeline_stage > 1:
-        out.append(ConfigError("parallel_config.pipeline_stage", long_seq.pipeline_stage,
-                               "MindFormers' Trainer route runs dp x cp x mp; pipeline stages run in the plugin's "
-                               "own loop", "run this YAML with `mf-longseq train`, or set pipeline_stage: 1"))
-    context_mode = (tree.get("context") or {}).get("mode", 0)            # MindFormers' default: graph mode
-    if context_mode not in (1, "PYNATIVE_MODE"):
-        out.append(ConfigError("context.mode", context_mode, "the plugin's attention runs host-side schedules in "
-                               "PyNative mode", "set context.mode: 1 (PYNATIVE_MODE)"))
-    if mode not in ("stand_alone", "data_parallel"):
-        out.append(ConfigError("parallel.parallel_mode", parallel.get("parallel_mode"), "MindSpore's automatic "
-                               "sharding would split the plugin's explicitly split layers again",
-                               "set parallel.parallel_mode: 0 (data_parallel) or STAND_ALONE"))
-    out += _wrapper_refusals(tree, long_seq, mode, parallel)
-    dataset = ((tree.get("train_dataset_task") or {}).get("type"))
-    if (long_seq.context_parallel > 1 or long_seq.model_parallel > 1) and dataset != OUR_DATASET:
-        out.append(ConfigError("train_dataset_task.type", dataset, "it shards samples over every rank, so the CP/MP "
-                               "ranks of one sequence would read different samples", f"set type: {OUR_DATASET}"))
-    return out
-
-
-def _wrapper_refusals(tree: dict, long_seq: LongSeqConfig, mode: str, parallel: dict) -> list:
-    wrapper = (tree.get("runner_wrapper") or {}).get("type")
-    if wrapper == OUR_WRAPPER or long_seq.world_size == 1:
-        return []
-    if long_seq.model_parallel > 1:
-        return [ConfigError("runner_wrapper.type", wrapper, "with model_parallel > 1 only the plugin's wrapper sums "
-                            "gradients over dp x cp alone (not over the model-parallel shards)",
-                            f"set runner_wrapper.type: {OUR_WRAPPER}")]
-    if mode != "data_parallel" or parallel.get("gradients_mean", False):
-        return [ConfigError("runner_wrapper.type", wrapper, "MindSpore's wrappers sum the gradients over the ranks "
-                            "only with parallel.parallel_mode: 0 and gradients_mean: False",
-                            f"set those, or runner_wrapper.type: {OUR_WRAPPER}")]
-    return []
+def layout_header(tree: dict, long_seq: LongSeqConfig, mesh) -> str:
+    """The run's layout line: mesh, CP algorithm and layout, sequence, and the global batch per step (MindFormers'
+    own ``global_batch_size`` line counts the data_parallel its trainer reset to 1)."""
+    batch = int(node_at(tree, "runner_config.batch_size", 1) or 1)
+    seq = node_at(tree, "model.model_config.seq_length")
+    algo = long_seq.context_parallel_algo if long_seq.context_parallel > 1 else "off"
+    return (f"mf_longseq: {mesh}, context_parallel_algo {algo}, layout {long_seq.layout}, seq_length {seq}; global "
+            f"batch = batch_size {batch} x data_parallel {long_seq.data_parallel} = {batch * long_seq.data_parallel} "
+            f"samples per step (the {long_seq.context_parallel * long_seq.model_parallel} cp x mp ranks of a sample "
+            "share it)")
 
 
 class LongSeqTrainer(CausalLanguageModelingTrainer):
@@ -102,14 +73,15 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         from mf_longseq.models.mf_adapter import default_mesh, running_world_size
         tree = plain_tree(config)
         long_seq = LongSeqConfig.from_mindformers(tree)
-        errors = route_refusals(tree, long_seq)
-        if errors:
-            raise errors[0]
+        raise_all(route_refusals(tree, long_seq))
         check_world_size(long_seq, running_world_size())
         from mf_longseq.train.mf_start import take_start_checkpoint
         self.start_checkpoint = take_start_checkpoint(config, world_size=running_world_size())
         self.tree, self.long_seq = tree, long_seq
         self.mesh = default_mesh(long_seq)
+        configure_op_dispatch(long_seq.device_target)       # the CPU runtime of mf-longseq train (train/context.py)
+        bind_rank_cores(long_seq.device_target)
+        logger.info(layout_header(tree, long_seq, self.mesh))
 
     def create_network(self, default_args: Optional[dict] = None):
         """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``), filled from
@@ -142,4 +114,5 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         return dataset
 
 
-__all__ = ["LongSeqTrainer", "route_refusals", "plain_tree", "OUR_DATASET", "OUR_WRAPPER"]
+__all__ = ["LongSeqTrainer", "route_refusals", "layout_header", "plain_tree", "OUR_TRAINER", "OUR_DATASET",
+           "OUR_WRAPPER"]

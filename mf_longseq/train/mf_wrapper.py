@@ -1,13 +1,19 @@
 """``LongSeqTrainOneStepCell``: the runner wrapper of MindFormers' Trainer for the plugin's models (CPU and Ascend).
 
-One step::
+One step, the same as ``mf-longseq train``'s (``train/runner.py``)::
 
-    loss, grads = value_and_grad(network)(*columns)     loss: global mean over dp x cp, same on every rank;
-                                                         grads: this rank's share (models/mf_inputs.py)
+    batch, count = model.mindformers_batch(*columns)     this rank's shards, RoPE tables, attention plan and the
+                                                         global token count: host work, outside the gradient
+    loss_sum, grads = value_and_grad(forward_batch(batch) / count)    grads: this rank's share
     grads       = all_reduce(grads, dp x cp)             one flat collective; the sum is the global gradient
     grads, norm = clip_grads(grads, max_grad_norm)       MindFormers' ClipGradNorm formula with the whole
                                                          model's norm (train/clip.py), when use_clip_grad
     optimizer(grads)                                     MindFormers' optimizer and LR schedule
+    loss        = all_reduce(loss_sum, dp x cp) / count  the global mean, the same on every rank
+
+It returns ``(loss, overflow False, scale 1, learning rate, global norm)``, the tuple MindFormers'
+``MFLossMonitor`` reads: the loss line shows the learning rate and, with ``use_clip_grad``, the gradient norm
+(None without clipping).
 
 Why not MindSpore's / MindFormers' wrappers: ``nn.TrainOneStepCell`` rejects the keyword arguments MindFormers
 passes (``calculate_per_token_loss`` ...); ``MFTrainOneStepCell`` checks overflow with ``NPUGetFloatStatusV2``,
@@ -33,7 +39,7 @@ from mf_longseq.config import ConfigError
 from mf_longseq.parallel.comm import all_reduce
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.tensor_parallel import shard_specs
-from mf_longseq.train.clip import clip_grads
+from mf_longseq.train.clip import clip_coefficient, clip_grads, global_grad_norm
 from mf_longseq.train.monitor import peak_rss_mib
 
 
@@ -74,7 +80,8 @@ class LongSeqTrainOneStepCell(nn.Cell):
             print_separate_loss ...): not used; ``calculate_per_token_loss`` and ``use_skip_data_by_global_norm``
             must be False.
 
-    Outputs of ``construct``: (loss, overflow False, scale 1.0), the form MFLossMonitor reads.
+    Outputs of ``construct``: (loss, overflow False, scale 1.0, learning rate, global norm or None), the form
+    MFLossMonitor reads.
 
     Raises:
         ConfigError: an unsupported key (named), or a network that is not one of the plugin's.
@@ -88,9 +95,10 @@ class LongSeqTrainOneStepCell(nn.Cell):
         self.network, self.optimizer = network, optimizer
         self.weights = optimizer.parameters
         model = plugin_model(network)
-        self.mesh, self.sharded = model.mesh, shard_specs(model)
+        self.model, self.mesh, self.sharded = model, model.mesh, shard_specs(model)
         self.group = self.mesh.group("dp_cp")
-        self.grad_fn = ms.value_and_grad(network, None, self.weights)
+        self.columns = getattr(network, "construct_args_key", None)     # MindFormers' DataOrderWrapperCell
+        self.grad_fn = ms.value_and_grad(self._objective, None, self.weights, has_aux=True)
         self.max_grad_norm = float(max_grad_norm) if use_clip_grad else None
         self.names = [p.name for p in self.weights]
         self.sizes = [int(np.prod(p.shape)) for p in self.weights]
@@ -108,18 +116,61 @@ class LongSeqTrainOneStepCell(nn.Cell):
             start += n
         return tuple(out)
 
-    def construct(self, *inputs):
-        loss, grads = self.grad_fn(*inputs)
-        grads = self.sum_gradients(grads)
+    def flat_update(self, grads):
+        """The step of ``mf-longseq train`` (``train/runner.py``) for an optimizer with ``step_flat``
+        (``LongSeqAdamW``): one flat sum over dp x cp, clipped, handed over whole; returns the norm (or None)."""
+        flat = ops.cat([g.astype(ms.float32).reshape(-1) for g in grads])          # (sum of sizes,)
+        if self.group.size > 1:
+            flat = all_reduce(flat, self.group)
+        norm = None
         if self.max_grad_norm is not None:
-            grads, _ = clip_grads(grads, self.names, self.mesh, self.max_grad_norm, self.sharded)
-        self.optimizer(grads)
+            pieces, start = [], 0
+            for n in self.sizes:
+                pieces.append(flat[start:start + n])
+                start += n
+            norm = global_grad_norm(pieces, self.names, self.mesh, self.sharded)
+            flat = flat * float(clip_coefficient(norm, self.max_grad_norm))
+        self.optimizer.step_flat(flat)
+        return norm
+
+    def _objective(self, inv_count, batch):
+        loss_sum, _ = self.model.forward_batch(batch)
+        return loss_sum * inv_count, loss_sum
+
+    def _batch(self, inputs):
+        if self.columns is not None:                                     # the dataset's columns, by name
+            return self.model.mindformers_batch(**dict(zip(self.columns, inputs)))
+        return self.model.mindformers_batch(*inputs)
+
+    def learning_rate(self):
+        """The optimizer's learning rate of this update (before its step counter moves), or None."""
+        get_lr = getattr(self.optimizer, "get_lr", None)
+        lr = get_lr() if get_lr is not None else None
+        return lr if isinstance(lr, Tensor) else (Tensor(np.float32(lr)) if isinstance(lr, float) else None)
+
+    def log_memory(self):
+        """Log this rank's ``memory_planned_mib`` / ``memory_measured_mib`` after the update (planner/run.py)."""
         self.steps += 1
         planned, before = self.memory
         if planned is not None and before is not None:
             logger.info("step %d rank %d: memory_planned_mib %.0f memory_measured_mib %.0f", self.steps,
                         self.mesh.rank, planned, peak_rss_mib() - before)
-        return loss, Tensor(False), Tensor(np.float32(1.0))
+
+    def construct(self, *inputs):
+        batch, count = self._batch(inputs)
+        (_, loss_sum), grads = self.grad_fn(Tensor(np.float32(1.0 / count)), batch)
+        lr = self.learning_rate()
+        if hasattr(self.optimizer, "step_flat"):
+            norm = self.flat_update(grads)
+        else:
+            grads, norm = self.sum_gradients(grads), None
+            if self.max_grad_norm is not None:
+                grads, norm = clip_grads(grads, self.names, self.mesh, self.max_grad_norm, self.sharded)
+            self.optimizer(grads)
+        self.log_memory()
+        norm = None if norm is None else Tensor(np.float32(norm))
+        loss = (all_reduce(loss_sum.reshape(1), self.group)[0] if self.group.size > 1 else loss_sum) / count
+        return loss, Tensor(False), Tensor(np.float32(1.0)), lr, norm
 
 
 __all__ = ["LongSeqTrainOneStepCell", "plugin_model"]

@@ -32,7 +32,7 @@ from mindspore import Parameter, Tensor, ops
 
 from mf_longseq.config import ConfigError
 
-OPTIMIZER_TYPES = (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay")
+OPTIMIZER_TYPES = (None, "AdamW", "adamw", "AdamWeightDecay", "FusedAdamWeightDecay", "LongSeqAdamW")
 _SCHEDULES = {}     # frozen schedule items -> built MindFormers schedule (one build per distinct section)
 
 
@@ -105,6 +105,35 @@ class OptimSettings:
         return float(np.asarray(value.asnumpy()).reshape(-1)[0])
 
 
+def adamw_flat_update(flat, grad, m, v, *, lr: float, step: int, betas, eps: float, decay=None):
+    """One AdamW update (the module docstring's formula) on flat float32 buffers, all (N,).
+
+    Args:
+        flat, grad, m, v: parameters, gradient, first and second moments, concatenated in one order.
+        lr: learning rate of this update; step: its 1-based number (bias correction); betas: (b1, b2); eps.
+        decay: (N,) per-element weight decay (0 where none), or None.
+
+    Returns:
+        (new parameters, new m, new v), each (N,) float32.
+    """
+    b1, b2 = betas
+    grad = grad.astype(ms.float32)
+    m = m * b1 + grad * (1.0 - b1)
+    v = v * b2 + ops.square(grad) * (1.0 - b2)
+    if decay is not None:
+        flat = flat * (1.0 - decay * lr)
+    flat = flat - (m / (1.0 - b1 ** step)) / (ops.sqrt(v / (1.0 - b2 ** step)) + eps) * lr
+    return flat, m, v
+
+
+def scatter(params, sizes, flat) -> None:
+    """Write the flat (sum of sizes,) buffer back into ``params`` (each in its own shape and dtype)."""
+    start = 0
+    for p, n in zip(params, sizes):
+        p.set_data(flat[start:start + n].reshape(p.shape).astype(p.dtype))
+        start += n
+
+
 class AdamW:
     """Deterministic AdamW over a list of ``Parameter``s (see the module docstring for the formula).
 
@@ -141,24 +170,11 @@ class AdamW:
         s = self.settings
         lr = s.lr_at(self.step_count)
         self.step_count += 1
-        b1, b2 = s.betas
-        bias1 = 1.0 - b1 ** self.step_count
-        bias2 = 1.0 - b2 ** self.step_count
-        grad = grad.astype(ms.float32)
-        self.m = self.m * b1 + grad * (1.0 - b1)
-        self.v = self.v * b2 + ops.square(grad) * (1.0 - b2)
-        flat = self.flatten(self.params)
-        if s.weight_decay:
-            flat = flat * (1.0 - self.decay_mask * (lr * s.weight_decay))
-        flat = flat - (self.m / bias1) / (ops.sqrt(self.v / bias2) + s.eps) * lr
-        self._scatter(flat)
+        decay = self.decay_mask * s.weight_decay if s.weight_decay else None
+        flat, self.m, self.v = adamw_flat_update(self.flatten(self.params), grad, self.m, self.v, lr=lr,
+                                                 step=self.step_count, betas=s.betas, eps=s.eps, decay=decay)
+        scatter(self.params, self.sizes, flat)
         return lr
-
-    def _scatter(self, flat) -> None:
-        start = 0
-        for p, n in zip(self.params, self.sizes):
-            p.set_data(flat[start:start + n].reshape(p.shape).astype(p.dtype))
-            start += n
 
     def state_parameters(self):
         """The moments as per-parameter ``Parameter``s (copies) named adam_m.<param> / adam_v.<param>."""

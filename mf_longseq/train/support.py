@@ -158,7 +158,7 @@ def _dataset(tree: dict) -> List[ConfigError]:
     return out
 
 
-OPTIMIZER_KEYS = ("type", "betas", "eps", "weight_decay", "learning_rate")
+OPTIMIZER_KEYS = ("type", "auto_register", "betas", "eps", "weight_decay", "learning_rate")
 
 
 def _unread_keys(tree: dict) -> List[ConfigError]:

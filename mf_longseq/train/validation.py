@@ -3,7 +3,9 @@
 ``mf-longseq validate``, ``mf-longseq train`` (``run_job``) and the msrun launcher (through ``validate``) call it;
 on MindFormers' builder route the same rules run inside the classes it builds (``LongSeqModelConfig.validate``,
 ``LongSeqConfig.__post_init__`` and ``LongSeqConfig.check_model``, called by the model).  It lives in ``train/``
-because it also checks the keys the training runtime honours (``train/support.py``, ``train/packing.py``).  What it checks, in order (the first broken rule is raised):
+because it also checks the keys the training runtime honours (``train/support.py``, ``train/packing.py``).  What it
+checks, for the route given (``train``: ``mf-longseq train``; ``mindformers``: MindFormers' Trainer), every broken
+rule collected (``collect_run``; ``check_run`` raises them together as ``ConfigErrors``):
 
 1. the file: a mapping of sections, each section a mapping (``load_tree`` refuses anything else);
 2. the parallel rules (``LongSeqConfig``: degrees, algorithm names; ``check_model``: heads, sequence, layers per
@@ -12,7 +14,9 @@ because it also checks the keys the training runtime honours (``train/support.py
    ``model.model_config`` (aliases resolved once, unknown keys refused with a did-you-mean), the shape rules, and
    the vocabulary / FFN width against ``model_parallel``;
 4. the run keys (``run_key_refusals``: batch size, epochs, seed, steps, recompute, optimizer and
-   schedule types registered in MindFormers, packing);
+   schedule types registered in MindFormers, packing; on the train route ``train/support.py``'s refusals; on the
+   mindformers route ``train/mf_trainer.py``'s: context.mode, parallel_mode, trainer, wrapper, dataset task,
+   sink_mode, input columns);
 5. MindFormers' own config classes on the file (``TransformerRecomputeConfig``, ``TransformerSwapConfig``,
    ``TransformerOpParallelConfig``, as ``build_parallel_config`` calls them), so what passes here passes there.
 
@@ -25,10 +29,11 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from mf_longseq.config import (MAX_COUNT, MODEL_KEY_ALIASES, PARALLEL_CONFIG_KEYS, ConfigError, LongSeqConfig,
-                               _check_sections, canonical_model_keys, check_offload, model_config_section, node_at)
+                               _check_sections, canonical_model_keys, check_offload, model_config_section, node_at,
+                               raise_all)
 
 # Sections a run reads besides those LongSeqConfig reads (config._SECTIONS): each must be a mapping when present.
 RUN_SECTIONS = ("runner_config", "optimizer", "lr_schedule", "recompute_config", "swap_config", "train_dataset",
@@ -130,35 +135,75 @@ def _read_yaml(path: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- entry point
-def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None) -> RunCheck:
-    """Check everything a run reads from ``source`` (YAML path, dict or MindFormerConfig); no device work.
+ROUTES = ("train", "mindformers")
+
+
+def route_of(tree: Mapping) -> str:
+    """The route a YAML names: ``mindformers`` when it has a ``trainer.type`` (what ``run_mindformer.py``
+    builds), else ``train`` (``mf-longseq train``)."""
+    return "mindformers" if node_at(tree, "trainer.type") else "train"
+
+
+def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None,
+              route: str = "train") -> RunCheck:
+    """Check everything a run on ``route`` reads from ``source`` (YAML path, dict or MindFormerConfig); no device work.
 
     Args:
         source: the configuration.
         devices: ranks the run will get (checked as ``long_seq.device_num``).
         steps: ``--steps`` of ``mf-longseq train`` (positive), when known.  (``--data`` is checked where it is
             read, ``train.data.read_token_file``.)
+        route: ``train`` (``mf-longseq train``: its refusals, ``train/support.py``) or ``mindformers``
+            (MindFormers' Trainer, ``run_mindformer.py``: ``train/mf_trainer.py route_refusals``).
 
     Returns:
         A ``RunCheck``.
 
     Raises:
-        ConfigError: the first broken rule (``InputError`` when the file cannot be read).
+        ConfigError: the broken rule; ``ConfigErrors`` listing every one when several are broken
+            (``InputError`` when the file cannot be read).
     """
+    check, errors = collect_run(source, devices=devices, steps=steps, route=route)
+    raise_all(errors)
+    return check
+
+
+def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None,
+                route: str = "train") -> Tuple[Optional[RunCheck], List[ConfigError]]:
+    """(the check, []) when ``source`` is valid on ``route``, else (None, every broken rule found).
+
+    A rule that needs an earlier one to hold (the model needs the parallel settings) is skipped when that one
+    is broken; everything else is checked.
+
+    Raises:
+        InputError / ConfigError: the file cannot be read, is not a mapping of sections, or ``route`` is unknown.
+    """
+    if route not in ROUTES:
+        raise InputError("--route", route, "unknown route", f"use one of {', '.join(ROUTES)}")
     tree = load_tree(source)
     _check_sections(tree)
-    for path in RUN_SECTIONS:
-        node = node_at(tree, path)
-        if node is not None and not isinstance(node, Mapping):
-            raise ConfigError(path, node, "must be a section (a mapping of keys)",
-                              f"write {path}: followed by indented keys")
-    long_seq = LongSeqConfig.from_mindformers(tree, **({} if devices is None else {"device_num": devices}))
-    model, model_class, warnings = check_model(tree, long_seq)
-    refusals = run_key_refusals(tree, long_seq, steps=steps)
-    if refusals:
-        raise refusals[0]
-    check_mindformers(tree)
-    return RunCheck(long_seq, model, model_class, tuple(warnings))
+    nodes = {path: node_at(tree, path) for path in RUN_SECTIONS}
+    errors = [ConfigError(path, node, "must be a section (a mapping of keys)", f"write {path}: followed by indented keys")
+              for path, node in nodes.items() if node is not None and not isinstance(node, Mapping)]
+    if errors:
+        return None, errors
+    long_seq = model = model_class = None
+    warnings: List[str] = []
+    try:
+        long_seq = LongSeqConfig.from_mindformers(tree, **({} if devices is None else {"device_num": devices}))
+        model, model_class, warnings = check_model(tree, long_seq)
+    except ConfigError as err:
+        errors.append(err)
+    errors += run_key_refusals(tree, long_seq, steps=steps, route=route)
+    if route == "mindformers" and long_seq is not None:
+        from mf_longseq.train.mf_route_rules import route_refusals
+        errors += route_refusals(tree, long_seq)
+    if not errors:            # MindFormers' own classes repeat the parallel rules above: checked once they hold
+        try:
+            check_mindformers(tree)
+        except ConfigError as err:
+            errors.append(err)
+    return (None, errors) if errors else (RunCheck(long_seq, model, model_class, tuple(warnings)), [])
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -219,8 +264,10 @@ def _check_model_keys(section: Mapping) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------- run keys
-def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[int] = None) -> List[ConfigError]:
-    """Every run key the run cannot honour, as ConfigErrors (empty: all fine).
+def run_key_refusals(tree: Mapping, long_seq: Optional[LongSeqConfig], *, steps: Optional[int] = None,
+                     route: str = "train") -> List[ConfigError]:
+    """Every run key the run cannot honour, as ConfigErrors (empty: all fine).  The keys only ``mf-longseq train``
+    refuses (``train/support.py``) are checked on the ``train`` route only.
 
     This is the one place where refusals of run keys are collected: add new sources of refusals here.
     """
@@ -235,7 +282,7 @@ def run_key_refusals(tree: Mapping, long_seq: LongSeqConfig, *, steps: Optional[
     refusals += _registered_types(tree)
     refusals += _optimizer_refusals(tree)
     refusals += _packing_refusals(tree)
-    if not refusals:           # the list below reads sections whose types the checks above have passed
+    if not refusals and route == "train":   # the list below reads sections whose types the checks above passed
         refusals += _train_refusals(tree)
     return refusals
 
@@ -387,5 +434,6 @@ def _as_config_error(err: ValueError, default_key: str) -> ConfigError:
     return out
 
 
-__all__ = ["check_run", "check_model", "check_mindformers", "run_key_refusals", "load_tree", "RunCheck",
+__all__ = ["check_run", "collect_run", "route_of", "ROUTES", "check_model", "check_mindformers", "run_key_refusals",
+           "load_tree", "RunCheck",
            "InputError"]

@@ -72,6 +72,36 @@ def test_adamw_equals_mindformers_adamw():
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_registered_longseq_adamw_equals_mindformers_adamw():
+    """``optimizer.type: LongSeqAdamW`` built by MindFormers' ``build_optim`` from the Trainer's parameter groups
+    and LR schedule cell: the same weights as MindFormers' AdamW after 4 updates (no decay on the 1-D group), and
+    the step counter MindFormers' callbacks read."""
+    from mindformers.core.optim import AdamW as MFAdamW
+    from mindformers.core.optim import build_optim
+    import mf_longseq  # noqa: F401  (registers LongSeqAdamW)
+    from mf_longseq.train.optim import build_schedule
+    rng = np.random.default_rng(2)
+    w0, v0, b0 = (rng.standard_normal(s).astype(np.float32) for s in ((3, 4), (2, 3), (4,)))
+    ours = [Parameter(Tensor(x), name=n) for x, n in ((w0, "w"), (v0, "v"), (b0, "b"))]
+    theirs = [Parameter(Tensor(x), name=n) for x, n in ((w0, "w2"), (v0, "v2"), (b0, "b2"))]
+    section = {"type": "CosineWithWarmUpLR", "learning_rate": 0.02, "warmup_steps": 1, "total_steps": 6}
+
+    def groups(params):
+        return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+
+    opt = build_optim({"type": "LongSeqAdamW", "betas": [0.8, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+                      default_args={"params": groups(ours), "learning_rate": build_schedule(section)})
+    mf = MFAdamW(groups(theirs), learning_rate=build_schedule(section), betas=(0.8, 0.95), eps=1e-8)
+    assert type(opt).__name__ == "LongSeqAdamW" and [p.name for p in opt.parameters] == ["w", "v", "b"]
+    for _ in range(4):
+        g = tuple(Tensor(rng.standard_normal(p.shape).astype(np.float32)) for p in ours)
+        opt(g)
+        mf(g)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5, atol=1e-6)
+    assert int(opt.global_step.asnumpy()[0]) == int(mf.global_step.asnumpy()[0]) == 4
+
+
 def test_read_from_mindformers_sections():
     tree = {"optimizer": {"type": "AdamW", "betas": [0.9, 0.99], "eps": 1e-7, "weight_decay": 0.01},
             "lr_schedule": {"type": "CosineWithWarmUpLR", "learning_rate": 2e-4, "warmup_ratio": 0.1,
