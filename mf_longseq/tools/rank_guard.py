@@ -70,7 +70,15 @@ def main(argv=None) -> int:
     rc = child.wait()
     status.update(rc=rc, ended=time.time(), signal=signal.Signals(-rc).name if rc < 0 else None)
     if record:
-        _write(path, status)
+        try:
+            _write(path, status)
+        except OSError as err:                              # e.g. a full disk: say it where the launcher looks
+            try:
+                os.remove(f"{path}.{os.getpid()}.tmp")
+            except OSError:
+                pass
+            print(f"mf_longseq rank guard: rank {rank} ended with rc {rc}, but its status file {path} could not "
+                  f"be written ({err})", file=sys.stderr, flush=True)
     return 128 - rc if rc < 0 else rc
 
 

@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,13 +141,31 @@ def worker_log(log_dir: str, rank: str) -> str:
     return os.path.join(log_dir, f"worker_{rank}.log")
 
 
-def _describe(record: dict) -> str:
+FULL_DISK_BYTES = 1 << 20              # less free space than this where the status files live: "the disk is full"
+
+
+def _describe(record: dict, status_path: Optional[str] = None) -> str:
+    """How a rank ended, from its status record; a record without an end on a full disk says so (its guard
+    could not write the end, ``rank_guard.py``) instead of blaming the rank."""
     rc = record.get("rc")
     if rc is None:
+        free = _free_bytes(status_path)
+        if free is not None and free < FULL_DISK_BYTES:
+            return (f"left no exit status: the disk holding {status_path} is full ({free} bytes free), so its "
+                    f"guard could not record how it ended. Fix: free space there (or use another --log_dir) and "
+                    f"run again")
         return "vanished without an exit status (killed together with its guard)"
     if rc < 0:
         return f"was killed by {record.get('signal') or -rc}"
     return f"exited with code {rc}"
+
+
+def _free_bytes(path: Optional[str]) -> Optional[int]:
+    """Free bytes on the file system of ``path`` (None when it cannot be asked)."""
+    try:
+        return shutil.disk_usage(path).free if path else None
+    except OSError:
+        return None
 
 
 def _first_failure(statuses: Dict[str, dict], dead: Sequence[str]) -> List[str]:
@@ -230,7 +249,8 @@ class _Watch:
         dead = [r for r, s in self.statuses.items() if s.get("rc") is None and not _alive(s.get("pid"))]
         failed = _first_failure(self.statuses, dead)
         if failed:                                   # msrun gets ``grace`` seconds to stop the others itself
-            self._fail(now, f"rank {failed[0]} {_describe(self.statuses[failed[0]])}", failed, wait=True)
+            where = status_dir(self.log_dir, self.launch_id)
+            self._fail(now, f"rank {failed[0]} {_describe(self.statuses[failed[0]], where)}", failed, wait=True)
             print(f"mf_longseq launcher: {self.reason}; ending the other ranks", file=self.out, flush=True)
         elif self.timeout and now - self.start > self.timeout:
             self._fail(now, f"the launch ran past --timeout {self.timeout:g} s", self._unfinished())

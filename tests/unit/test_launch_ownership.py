@@ -147,3 +147,36 @@ def test_free_port_leaves_no_window_for_another_bind():
         scheduler.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         scheduler.bind(("127.0.0.1", port))
         scheduler.listen(1)
+
+
+def test_a_full_disk_is_named_instead_of_a_vanished_rank(tmp_path, monkeypatch, capsys):
+    """Issue 20, item 8: on a full disk the guard cannot write the rank's end; it still passes on the task's exit
+    code and says why, and the launcher's headline names the full disk, not a rank that vanished."""
+    writes = []
+
+    def write(path, payload):
+        writes.append(payload.get("rc"))
+        if payload.get("rc") is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        rank_guard_write(path, payload)
+
+    rank_guard_write = rank_guard._write
+    monkeypatch.setattr(rank_guard, "_write", write)
+    monkeypatch.setenv("RANK_ID", "1")
+    monkeypatch.delenv("MS_ROLE", raising=False)
+    monkeypatch.delenv(supervise.LAUNCH_ID_ENV, raising=False)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        rc = rank_guard.main(["--status-dir", str(tmp_path), "python", "-c", "import sys; sys.exit(3)"])
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    assert rc == 3 and writes == [None, 3]
+    assert "rank 1 ended with rc 3, but its status file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
+    record = json.loads((tmp_path / "rank_1.json").read_text())              # only the start was recorded
+    monkeypatch.setattr(supervise.shutil, "disk_usage", lambda path: type("U", (), {"free": 4096})())
+    said = supervise._describe(record, str(tmp_path))
+    assert "the disk holding" in said and "is full (4096 bytes free)" in said and "vanished" not in said
+    monkeypatch.setattr(supervise.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 << 30})())
+    assert supervise._describe(record, str(tmp_path)).startswith("vanished without an exit status")
