@@ -49,6 +49,7 @@ def _shift_native(x, group, offset: int):
     """Post isend to index+offset and irecv from index-offset; returns the finishing function."""
     import mindspore.mint.distributed as dist
     n, me = group.size, group.index
+    x = x if x.is_contiguous() else x.contiguous()          # HCCL sends a dense buffer (a K or V slice is a view)
     received = ops.zeros_like(x)
     work = dist.batch_isend_irecv([
         dist.P2POp(dist.isend, x, group.ranks[(me + offset) % n], group=group.name),

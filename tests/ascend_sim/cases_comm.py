@@ -7,9 +7,10 @@ comm_func functions, ``batch_isend_irecv``) and notes each call: op, group, peer
 expectations are the algorithms' data flow, written out here from their definitions (not read back from
 ``parallel/comm.py``):
 
-    ring (R ranks)      K/V (2, B, K, S/R, D) in q's dtype to the next ring rank R-1 times forward and R-1
-                        times backward; their dK/dV float32 R times backward; as many receives from the
-                        previous ring rank.  Nothing else.
+    ring (R ranks)      K and V, each (B, K, S/R, D) in q's dtype and sent as its own transfer (no stacked
+                        copy, issue 23), to the next ring rank R-1 times forward and R-1 times backward;
+                        dK and dV float32, each its own transfer, R times backward; as many receives from
+                        the previous ring rank.  Nothing else.
     Ulysses (U ranks)   q/k/v packed (B, S/U, N + 2K', D) and the output (B, S/U, N, D): one AlltoAll each
                         forward and one each backward, in q's dtype (K' = max(K, U) kv heads after repeats);
                         with enable_alltoall False an AllGather of each instead (U times the elements out).
@@ -170,11 +171,11 @@ def expected_ring(mesh, group, heads_kv, seq_local, dtype="BFloat16"):
     """The ring's point-to-point transfers of this rank (see the module docstring)."""
     r = group.size
     nxt, prev = group.ranks[(group.index + 1) % r], group.ranks[(group.index - 1) % r]
-    numel = 2 * B * heads_kv * seq_local * D
+    numel = B * heads_kv * seq_local * D                         # one of K, V (or dK, dV): two transfers a step
     want = Counter()
     for op, peer in (("isend", nxt), ("irecv", prev)):
-        want[(op, peer, dtype, numel)] += 2 * (r - 1)
-        want[(op, peer, "Float32", numel)] += r
+        want[(op, peer, dtype, numel)] += 2 * 2 * (r - 1)
+        want[(op, peer, "Float32", numel)] += 2 * r
     return want
 
 
