@@ -118,7 +118,7 @@ def _model_config(family: str, size: str, seq_len: int, dtypes) -> list:
 
 
 def _common_head(title: str, devices_line: str, run_line: str, seed_lr, *, devices: int, workers: int,
-                 clip: bool) -> str:
+                 clip: bool, optimizer: str = "type: AdamW") -> str:
     lr, lr_end, warmup, schedule = seed_lr
     return f"""# {title}
 # {devices_line}
@@ -149,7 +149,7 @@ runner_config:
   sink_size: 1
 
 optimizer:
-  type: AdamW
+  {optimizer}
   betas: [0.9, 0.95]
   eps: 1.e-8
   weight_decay: 0.1
@@ -270,7 +270,8 @@ def tiny_template(row) -> tuple:
                 f"$TEMPLATES/{name} --register_path $REG --train_dataset_dir <MindRecord>\n# or:  mf-longseq train "
                 f"--config $TEMPLATES/{name}" + (f" --workers {cp}" if cp > 1 else ""))
     text = _common_head(title, devices_line, run_line, ("1.e-2", "0.0", 2, "ConstantWarmUpLR"),
-                        devices=cp, workers=1, clip=True)
+                        devices=cp, workers=1, clip=True,       # MindFormers' AdamW on one flat buffer (CPU speed)
+                        optimizer="type: LongSeqAdamW\n  auto_register: registry.LongSeqAdamW")
     text += _parallel(1, 1, 1, cp, algo, u, 1, alltoall=False, optimizer_shard=False, recompute=False,
                       save_steps=100)
     text += """
