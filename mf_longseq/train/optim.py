@@ -54,7 +54,7 @@ def build_schedule(section: Mapping):
     if key not in _SCHEDULES:
         try:
             _SCHEDULES[key] = build_lr(section)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError, RuntimeError) as err:   # Runtime: no Tensor holds e.g. 1e100
             raise ConfigError("lr_schedule", section, f"MindFormers' {name} rejects it ({err})",
                               f"give {name} the arguments it takes") from err
     return _SCHEDULES[key]

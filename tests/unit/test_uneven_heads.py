@@ -232,7 +232,8 @@ def test_plan_prints_how_uneven_the_heads_are(capsys):
     parser = argparse.ArgumentParser()
     plan_cli.register(parser.add_subparsers())
     args = parser.parse_args(["plan", "--model", "qwen-14b", "--seq-len", "262144", "--devices", "16",
-                              "--algo", "ulysses_cp", "--max-mp", "1"])
+                              "--algo", "ulysses_cp", "--max-mp", "1", "--no-features",
+                              "--device-memory", "192GiB"])    # cp16 fits: the heads line, not memory, is tested
     args.func(args)
     out = capsys.readouterr().out
     assert "dp1 mp1 cp16 pp1 ulysses_cp" in out and "(invalid" not in out.split("ulysses_cp", 1)[1].split("\n")[0]

@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mf_longseq.config import ConfigError
+from mf_longseq.config import ConfigError, ConfigErrors
 from mf_longseq.models.model_config import llama_ffn_size, parameter_shapes
 from mf_longseq.train.validation import check_run
 
@@ -214,11 +214,17 @@ def test_mutated_templates_are_refused_by_name_or_build_what_they_name(case):
     original = copy.deepcopy(tree)
     try:
         check = check_run(tree)
-    except ConfigError as err:
+    except ConfigError as raised:
         event("refused")
-        assert isinstance(err.key, str) and err.key and err.problem and err.fix
-        assert str(err) == f"{err.key} = {err.value!r}: {err.problem}. Fix: {err.fix}."
-        assert _names_a_key(tree, err.key), (err.key, str(err))
+        # several broken rules come together (ConfigErrors, issue 22): each one names its key, value and fix
+        errors = raised.errors if isinstance(raised, ConfigErrors) else [raised]
+        if isinstance(raised, ConfigErrors):
+            assert len(errors) > 1 and str(raised) == (f"{len(errors)} settings must change:\n"
+                                                       + "\n".join(f"  - {e}" for e in errors))
+        for err in errors:
+            assert isinstance(err.key, str) and err.key and err.problem and err.fix
+            assert str(err) == f"{err.key} = {err.value!r}: {err.problem}. Fix: {err.fix}."
+            assert _names_a_key(tree, err.key), (err.key, str(err))
         return
     assert tree == original                                   # checking never edits the file's tree
     _check_accepted(name, tree, check, note=event)
