@@ -99,8 +99,16 @@ def test_an_oversize_header_from_a_proved_rank_fails_only_that_receive_naming_si
             with pytest.raises(ConnectionError, match=r"rank 1: message 0 announced 4611686018427387904 bytes "
                                                       r"where 48 were due"):
                 handle.wait()
-        threads = [th for th in threading.enumerate() if th.name == "mfls-p2p-recv"]
-        assert len(threads) == 1, "rank 1's reader should have ended (only rank 0's own connection is read)"
+        # rank 0's message to itself went out, so its own proved connection (and that reader) exists; rank 1's
+        # reader ends on its own thread, so give it a moment under load instead of racing it
+        assert t.wait_sent(handle._sent, 5), "rank 0's message to itself was never sent"
+        deadline, readers = time.monotonic() + 10, None
+        while time.monotonic() < deadline:
+            readers = [th for th in threading.enumerate() if th.name == "mfls-p2p-recv"]
+            if len(readers) == 1:
+                break
+            time.sleep(0.02)
+        assert len(readers) == 1, "rank 1's reader should have ended (only rank 0's own connection is read)"
         assert "announced 4611686018427387904 bytes" in t.inbox(1).error
     finally:
         t.close()
