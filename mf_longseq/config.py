@@ -8,7 +8,7 @@ MindFormers rejects unknown keys under ``parallel_config``::
                       context_parallel_algo, ulysses_degree_in_cp, use_seq_parallel}
     parallel: {enable_alltoall}
     context: {device_target}
-    long_seq: {layout, block_size, device_num, loss_tile, mlp_tile, offload_layer_inputs}
+    long_seq: {cp_algo, layout, block_size, device_num, loss_tile, mlp_tile, offload_layer_inputs}
 
 The model's facts (``model.model_config``: seq_length, num_heads, n_kv_heads, num_layers, use_flash_attention,
 use_attn_mask_compression) have one home, the model config (``LongSeqModelConfig``); ``LongSeqConfig.check_model``
@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
+from mf_longseq.parallel.algorithms import ALGORITHMS, MINDFORMERS_ALGOS
 from mf_longseq.parallel.plan import (CP_ALGOS, LAYOUTS, LEGACY_ALGO_SPELLINGS, RunPlan, ulysses_degree_of,
                                      world_size_of)
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 DEVICE_TARGETS = ("CPU", "Ascend", "GPU")
 
 # Keys a user may put in the plugin's own ``long_seq:`` section.
-LONG_SEQ_KEYS = ("layout", "block_size", "device_num", "loss_tile", "mlp_tile", "offload_layer_inputs")
+LONG_SEQ_KEYS = ("cp_algo", "layout", "block_size", "device_num", "loss_tile", "mlp_tile", "offload_layer_inputs")
 
 
 class ConfigError(ValueError):
@@ -135,7 +136,8 @@ class LongSeqConfig:
     micro_batch_num: int = 1
     """parallel_config.micro_batch_num: must be >= pipeline_stage."""
     context_parallel_algo: str = "colossalai_cp"
-    """parallel_config.context_parallel_algo: colossalai_cp (ring), ulysses_cp or hybrid_cp."""
+    """parallel_config.context_parallel_algo: colossalai_cp (ring), ulysses_cp or hybrid_cp (MindFormers'
+    ContextParallelAlgo values; the plugin's other algorithms are named by long_seq.cp_algo)."""
     ulysses_degree_in_cp: int = 1
     """parallel_config.ulysses_degree_in_cp: Ulysses part of CP for hybrid_cp (ring part = CP / this)."""
     use_seq_parallel: bool = False
@@ -146,6 +148,10 @@ class LongSeqConfig:
     """parallel.enable_alltoall: Ulysses uses AlltoAll if True, an AllGather-based exchange if False."""
     device_target: str = "CPU"
     """context.device_target: CPU, Ascend or GPU."""
+    cp_algo: Optional[str] = None
+    """long_seq.cp_algo: the CP algorithm by any name of the plugin's table (parallel/algorithms.py), e.g.
+    kvallgather_cp, which MindFormers' ContextParallelAlgo enum does not take; None: context_parallel_algo.  Given
+    together with parallel_config.context_parallel_algo, the two must name the same algorithm."""
     device_num: Optional[int] = None
     """long_seq.device_num: total ranks; None means the product of the parallel degrees."""
     layout: str = "zigzag"
@@ -198,6 +204,11 @@ class LongSeqConfig:
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
+    def algo(self) -> str:
+        """The run's CP algorithm: long_seq.cp_algo when given, else parallel_config.context_parallel_algo."""
+        return self.context_parallel_algo if self.cp_algo is None else self.cp_algo
+
+    @property
     def plan(self) -> RunPlan:
         """The run's degrees, rank order, algorithm and sequence layout (``parallel/plan.py``)."""
         return RunPlan.from_config(self)
@@ -207,7 +218,7 @@ class LongSeqConfig:
     @property
     def ulysses_degree(self) -> int:
         """Ranks of one Ulysses (all-to-all) group inside CP."""
-        return ulysses_degree_of(self.context_parallel_algo, self.context_parallel, self.ulysses_degree_in_cp)
+        return ulysses_degree_of(self.algo, self.context_parallel, self.ulysses_degree_in_cp)
 
     @property
     def ring_degree(self) -> int:
@@ -232,16 +243,33 @@ class LongSeqConfig:
             _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo,
                   "is the old spelling, which MindFormers 1.9 refuses ('hybird_cp' is not a valid ContextParallelAlgo)",
                   f"write parallel_config.context_parallel_algo: {LEGACY_ALGO_SPELLINGS[self.context_parallel_algo]}")
-        if not isinstance(self.context_parallel_algo, str) or self.context_parallel_algo not in CP_ALGOS:
-            close = difflib.get_close_matches(str(self.context_parallel_algo), CP_ALGOS, n=1, cutoff=0.8)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            _fail(_KEY_PATHS["context_parallel_algo"], self.context_parallel_algo, "unknown algorithm",
-                  f"{hint}use one of {', '.join(CP_ALGOS)}")
+        self._check_algo_names()
         if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
             _fail(_KEY_PATHS["layout"], self.layout, "unknown sequence layout", f"use one of {', '.join(LAYOUTS)}")
         if not isinstance(self.device_target, str) or self.device_target not in DEVICE_TARGETS:
             _fail(_KEY_PATHS["device_target"], self.device_target, "unknown device target",
                   f"use one of {', '.join(DEVICE_TARGETS)}")
+
+    def _check_algo_names(self):
+        """context_parallel_algo one of MindFormers' names, cp_algo one of the table's, the two not disagreeing."""
+        algo, own = self.context_parallel_algo, self.cp_algo
+        if isinstance(algo, str) and algo in ALGORITHMS and algo not in MINDFORMERS_ALGOS:
+            _fail(_KEY_PATHS["context_parallel_algo"], algo, "is not one of MindFormers' ContextParallelAlgo values "
+                  f"({', '.join(MINDFORMERS_ALGOS)}), which MindFormers checks this key against",
+                  f"remove it and write long_seq.cp_algo: {algo}")
+        if not isinstance(algo, str) or algo not in MINDFORMERS_ALGOS:
+            close = difflib.get_close_matches(str(algo), CP_ALGOS, n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            _fail(_KEY_PATHS["context_parallel_algo"], algo, "unknown algorithm",
+                  f"{hint}use one of {', '.join(MINDFORMERS_ALGOS)} (others: long_seq.cp_algo)")
+        if own is None:
+            return
+        if not isinstance(own, str) or own not in ALGORITHMS:
+            close = difflib.get_close_matches(str(own), CP_ALGOS, n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            _fail(_KEY_PATHS["cp_algo"], own, "unknown algorithm", f"{hint}use one of {', '.join(CP_ALGOS)}")
+        if algo != LongSeqConfig.context_parallel_algo and algo != own:
+            check_algo_keys(algo, own)
 
     def _check_degrees(self):
         cp = self.context_parallel
@@ -250,7 +278,7 @@ class LongSeqConfig:
                   f"device_num must equal data_parallel x model_parallel x context_parallel x pipeline_stage = "
                   f"{self.data_parallel} x {self.model_parallel} x {cp} x {self.pipeline_stage} = {self.world_size}",
                   "change the parallel degrees so that their product is the number of devices")
-        if self.context_parallel_algo == "hybrid_cp" and cp > 1:
+        if self.algo == "hybrid_cp" and cp > 1:
             u = self.ulysses_degree_in_cp
             if cp % u != 0:
                 _fail(_KEY_PATHS["ulysses_degree_in_cp"], u,
@@ -278,7 +306,7 @@ class LongSeqConfig:
         # every rank needs at least one query head; kv heads go wherever their query heads go.
         heads_per_mp = heads // mp
         if u > heads_per_mp:
-            key = "ulysses_degree_in_cp" if self.context_parallel_algo == "hybrid_cp" else "context_parallel"
+            key = "ulysses_degree_in_cp" if self.algo == "hybrid_cp" else "context_parallel"
             _fail(_KEY_PATHS[key], getattr(self, key),
                   f"the Ulysses degree {u} exceeds the query heads per model-parallel rank, num_heads / "
                   f"model_parallel = {heads} / {mp} = {heads_per_mp}, so some Ulysses ranks would hold no head",
@@ -317,6 +345,7 @@ class LongSeqConfig:
                 hint = f"did you mean long_seq.{close[0]}?" if close else f"known keys: {', '.join(LONG_SEQ_KEYS)}"
                 _fail(f"long_seq.{key}", own[key], "unknown key", hint)
         model_section = canonical_model_keys(model_config_section(tree))
+        check_algo_keys(node_at(tree, _KEY_PATHS["context_parallel_algo"]), own.get("cp_algo"))
         values = {}
         for name in (f.name for f in fields(cls)):
             found, value = _lookup(tree, _KEY_PATHS[name])
@@ -356,7 +385,7 @@ class LongSeqConfig:
         if cp > 1 and self.layout == "contiguous" and self.ring_degree > 1:
             out.append(f"{_KEY_PATHS['layout']} = 'contiguous': with causal attention the last ring rank does about "
                        f"{2 * self.ring_degree - 1}x the work of the first; 'zigzag' balances it")
-        if cp > 1 and self.context_parallel_algo == "hybrid_cp" and self.ulysses_degree_in_cp in (1, cp):
+        if cp > 1 and self.algo == "hybrid_cp" and self.ulysses_degree_in_cp in (1, cp):
             same = "colossalai_cp (pure ring)" if self.ulysses_degree_in_cp == 1 else "ulysses_cp (pure Ulysses)"
             out.append(f"{_KEY_PATHS['ulysses_degree_in_cp']} = {self.ulysses_degree_in_cp}: hybrid_cp runs as {same}")
         if self.ulysses_degree > 1 and not self.enable_alltoall and self.device_target != "CPU":
@@ -383,6 +412,7 @@ _KEY_PATHS = {
     "use_attn_mask_compression": "model.model_config.use_attn_mask_compression",
     "enable_alltoall": "parallel.enable_alltoall",
     "device_target": "context.device_target",
+    "cp_algo": "long_seq.cp_algo",
     "device_num": "long_seq.device_num",
     "layout": "long_seq.layout",
     "block_size": "long_seq.block_size",
@@ -448,6 +478,16 @@ def _check_bools(values: Mapping) -> None:
         if name in values and not isinstance(values[name], bool):
             value = values[name]
             _fail(_KEY_PATHS[name], value, "must be True or False", f"write {_KEY_PATHS[name]}: True or False")
+
+
+def check_algo_keys(mindformers_algo: Any, cp_algo: Any) -> None:
+    """Both parallel_config.context_parallel_algo and long_seq.cp_algo given: they must name the same algorithm
+    (ConfigError naming both keys otherwise); either alone, or neither, is fine."""
+    if mindformers_algo is not None and cp_algo is not None and mindformers_algo != cp_algo:
+        _fail(_KEY_PATHS["cp_algo"], cp_algo, f"disagrees with {_KEY_PATHS['context_parallel_algo']} = "
+              f"{mindformers_algo!r}: the run has one CP algorithm",
+              f"keep one of the two keys (long_seq.cp_algo for a name outside MindFormers' "
+              f"{', '.join(MINDFORMERS_ALGOS)}), or make them equal")
 
 
 def check_offload(offload: bool, recompute: Any) -> None:

@@ -4,8 +4,9 @@
     out_loc = context_parallel_attention(q_loc, k_loc, v_loc, mesh=mesh, algo="colossalai_cp",
                                          causal=True, layout="zigzag")           # (B, S/CP, N, D)
 
-The algorithm is one of MindFormers' ``context_parallel_algo`` values and must agree with the mesh:
-``colossalai_cp`` needs mesh.ulysses == 1, ``ulysses_cp`` needs mesh.ring == 1, ``hybrid_cp`` takes both.
+The algorithm is a name of the table ``ALGORITHMS`` (``parallel/algorithms.py``; MindFormers' three
+``context_parallel_algo`` values and the plugin's own) and must agree with the mesh: ``colossalai_cp`` needs
+mesh.ulysses == 1, ``ulysses_cp`` needs mesh.ring == 1, ``hybrid_cp`` takes both.  Dispatch is the row's ``run``.
 """
 from typing import Optional
 
@@ -13,26 +14,26 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from mf_longseq.attention.attention_plan import AttentionPlan
-from mf_longseq.attention.hybrid import hybrid_attention
-from mf_longseq.attention.kernel import LocalAttention, default_scale
+from mf_longseq.attention.kernel import default_scale
 from mf_longseq.attention.select import select_kernel
-from mf_longseq.attention.ring import RingAttention
 from mf_longseq.attention.ulysses import ulysses_attention
+from mf_longseq.parallel.algorithms import ALGORITHMS, CpAlgorithm, resolve
 from mf_longseq.parallel.plan import CP_ALGOS, LEGACY_ALGO_SPELLINGS
 
 
-def _check_algo(algo: str, mesh) -> str:
+def _check_algo(algo: str, mesh) -> CpAlgorithm:
+    """The table row of ``algo``, checked against the mesh's Ulysses x ring split."""
     algo = LEGACY_ALGO_SPELLINGS.get(algo, algo)
-    if algo not in CP_ALGOS:
+    if algo not in ALGORITHMS:
         raise ValueError(f"algo = {algo!r}: unknown context-parallel algorithm. "
                          f"Fix: use one of {', '.join(CP_ALGOS)}.")
-    if algo == "colossalai_cp" and mesh.ulysses != 1:
-        raise ValueError(f"algo = 'colossalai_cp' needs a mesh without a Ulysses split, got {mesh}. "
-                         "Fix: build the mesh with ulysses=1, or use hybrid_cp.")
-    if algo == "ulysses_cp" and mesh.ring != 1:
-        raise ValueError(f"algo = 'ulysses_cp' needs ulysses = cp in the mesh, got {mesh}. "
-                         "Fix: build the mesh with ulysses=cp, or use hybrid_cp.")
-    return algo
+    row = ALGORITHMS[algo]
+    if not row.takes(mesh.cp, mesh.ulysses):
+        want = row.ulysses_degree(mesh.cp)
+        shape = "without a Ulysses split" if want == 1 else f"with ulysses = cp = {mesh.cp}"
+        raise ValueError(f"algo = {algo!r} needs a mesh {shape}, got {mesh}. "
+                         f"Fix: build the mesh with ulysses={1 if want == 1 else 'cp'}, or use hybrid_cp.")
+    return row
 
 
 def _by_groups(q, k, v, plan: AttentionPlan, run):
@@ -88,7 +89,7 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
             segment_ids or dense_mask of a shape other than the above, an attention_plan built for another batch,
             sequence length, ring rank, layout or causal setting, or given together with segment_ids / dense_mask.
     """
-    algo = _check_algo(algo, mesh)
+    row = _check_algo(algo, mesh)
     kernel = kernel or select_kernel(mesh.device_target)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     seq_len = q.shape[1] * mesh.cp
@@ -102,7 +103,7 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
         attention_plan.check_fits(batch=q.shape[0], seq_len=seq_len, mesh=mesh, layout=layout, causal=causal)
 
     def run(q, k, v, masks):
-        return _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks)
+        return _attention(row, q, k, v, mesh, kernel, scale, use_alltoall, masks)
     return _by_groups(q, k, v, attention_plan, run)
 
 
@@ -113,28 +114,15 @@ def _token_major(kernel):
     return with_layout("BSND") if with_layout is not None else None
 
 
-def _attention(q, k, v, mesh, kernel, scale, use_alltoall, masks):
-    """The algorithm the mesh calls for (ring, Ulysses or hybrid), with this rank's ring masks.
+def _attention(row: CpAlgorithm, q, k, v, mesh, kernel, scale, use_alltoall, masks):
+    """The row's ``run`` with this rank's per-step masks.
 
     A kernel that reads the token-major (B, S, N, D) layout gets the tensors as they are; any other gets them
-    transposed to (B, N, S, D) and back.
+    transposed to (B, N, S, D) and back (by the ``run``).
     """
     token_major = _token_major(kernel)
-    kernel = token_major or kernel
-    if mesh.ulysses > 1 and mesh.ring > 1:
-        return hybrid_attention(q, k, v, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"),
-                                kernel=kernel, masks=masks, scale=scale, use_alltoall=use_alltoall,
-                                token_major=token_major is not None)
-    if mesh.ulysses > 1:
-        return ulysses_attention(q, k, v, mesh.group("ulysses"), LocalAttention(kernel, masks[0], scale),
-                                 use_alltoall, token_major=token_major is not None)
-    # Ring (or CP = 1) on this rank's own part.
-    inner = (RingAttention(mesh.group("ring"), kernel, masks, scale) if mesh.ring > 1
-             else LocalAttention(kernel, masks[0], scale))
-    if token_major is not None:
-        return inner(q, k, v)[0]                                                # (B, S/CP, N, D)
-    out, _ = inner(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    return out.transpose(0, 2, 1, 3)                                            # (B, S/CP, N, D)
+    return resolve(row.run)(q, k, v, mesh=mesh, kernel=token_major or kernel, masks=masks, scale=scale,
+                            use_alltoall=use_alltoall, token_major=token_major is not None)
 
 
 __all__ = ["context_parallel_attention", "ulysses_attention"]

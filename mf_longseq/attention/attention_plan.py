@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from mf_longseq.attention.mask import AttentionMask, DenseMask, dense_attention_mask, same_sample_mask
+from mf_longseq.parallel.algorithms import ALGORITHMS, resolve
 from mf_longseq.parallel.sharding import ring_part_positions
 
 
@@ -122,7 +123,8 @@ class AttentionPlan:
     @classmethod
     def build(cls, *, batch: int, seq_len: int, mesh, layout: str, causal: bool,
               segment_ids: Optional[np.ndarray] = None, dense_mask: Optional[np.ndarray] = None) -> "AttentionPlan":
-        """Group the samples and build each group's ring masks once.
+        """Group the samples and build each group's per-step masks once (the ``masks`` of the mesh's algorithm in
+        ``ALGORITHMS``; ``ring_masks`` for every algorithm of the table so far).
 
         Args:
             batch: B; seq_len: global S.
@@ -135,7 +137,8 @@ class AttentionPlan:
             ValueError: segment_ids or dense_mask of another shape (the message names the fix).
         """
         groups = _sample_groups(_per_sample(batch, seq_len, segment_ids, dense_mask))
-        return cls(batch, seq_len, tuple(SampleGroup(tuple(members), tuple(ring_masks(seq_len, mesh, layout, causal,
+        step_masks = resolve(ALGORITHMS[mesh.plan.algo].masks)
+        return cls(batch, seq_len, tuple(SampleGroup(tuple(members), tuple(step_masks(seq_len, mesh, layout, causal,
                                                                                        ids, dense)))
                                          for members, (ids, dense) in groups), dense_mask,
                    ring=mesh.ring, ring_id=mesh.coords()["ring_id"], layout=layout, causal=causal)

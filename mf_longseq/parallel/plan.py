@@ -23,13 +23,16 @@ Axes (``Axis``; a group is the ranks that differ only in the listed coordinates)
     pp          stage                                 pipeline transfers
     dp_cp       dp_id and cp_id                       gradient all-reduce (weights replicated over both)
 
-Names defined here and imported everywhere else: ``CP_ALGOS`` (MindFormers' ``context_parallel_algo``
-spellings), ``LEGACY_ALGO_SPELLINGS``, ``LAYOUTS`` (sequence layouts), ``ulysses_degree_of`` (the Ulysses part
-of CP for an algorithm), ``world_size_of`` and the pipeline layer split (``stage_layers``, ``decoder_stage_of``).
+Names defined here and imported everywhere else: ``CP_ALGOS`` (every algorithm of the table
+``parallel/algorithms.py``; MindFormers' ``context_parallel_algo`` takes ``MINDFORMERS_ALGOS``),
+``LEGACY_ALGO_SPELLINGS``, ``LAYOUTS`` (sequence layouts), ``ulysses_degree_of`` (the Ulysses part of CP for an
+algorithm, from the table), ``world_size_of`` and the pipeline layer split (``stage_layers``, ``decoder_stage_of``).
 """
 from dataclasses import dataclass
 from enum import Enum
 from typing import Dict, Mapping, Optional, Tuple
+
+from mf_longseq.parallel.algorithms import ALGORITHMS, MINDFORMERS_ALGOS, algo_of
 
 
 class Axis(str, Enum):
@@ -50,28 +53,26 @@ class CpAlgo(str, Enum):
     HYBRID = "hybrid_cp"
 
 
-CP_ALGOS = tuple(a.value for a in CpAlgo)
+CP_ALGOS = tuple(ALGORITHMS)                   # every algorithm of the table; MindFormers' own: MINDFORMERS_ALGOS
 LEGACY_ALGO_SPELLINGS = {"hybird_cp": CpAlgo.HYBRID.value}
 LAYOUTS = ("contiguous", "zigzag")
 
 
 def ulysses_degree_of(algo: str, cp: int, ulysses_degree_in_cp: int = 1) -> int:
-    """Ranks of one Ulysses group inside CP: 1 for colossalai_cp (or cp = 1), cp for ulysses_cp, else
-    ``parallel_config.ulysses_degree_in_cp`` (hybrid_cp)."""
-    if cp == 1 or algo == CpAlgo.RING.value:
-        return 1
-    return cp if algo == CpAlgo.ULYSSES.value else ulysses_degree_in_cp
+    """Ranks of one Ulysses group inside CP, as the algorithm's row of ``ALGORITHMS`` says: 1 for colossalai_cp
+    (or cp = 1), cp for ulysses_cp, ``parallel_config.ulysses_degree_in_cp`` for hybrid_cp.
+
+    Raises:
+        ValueError: an algorithm the table does not have.
+    """
+    if algo not in ALGORITHMS:
+        raise ValueError(f"algo = {algo!r}: unknown context-parallel algorithm. Fix: use one of {', '.join(CP_ALGOS)}")
+    return ALGORITHMS[algo].ulysses_degree(cp, ulysses_degree_in_cp)
 
 
 def world_size_of(dp: int, mp: int, cp: int, pp: int) -> int:
     """Ranks of a run: the product of its degrees (usable before the degrees are known to fit together)."""
     return dp * mp * cp * pp
-
-
-def _algo_of(cp: int, ulysses: int) -> str:
-    if ulysses == 1:
-        return CpAlgo.RING.value
-    return CpAlgo.ULYSSES.value if ulysses == cp else CpAlgo.HYBRID.value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,11 +107,11 @@ class RunPlan:
         if self.cp % self.ulysses != 0:
             raise ValueError(f"Mesh ulysses = {self.ulysses}: must divide cp = {self.cp}")
         if self.algo is None:
-            object.__setattr__(self, "algo", _algo_of(self.cp, self.ulysses))
-        if self.algo not in CP_ALGOS:
+            object.__setattr__(self, "algo", algo_of(self.cp, self.ulysses))
+        if self.algo not in ALGORITHMS:
             raise ValueError(f"algo = {self.algo!r}: unknown context-parallel algorithm. Fix: use one of "
                              f"{', '.join(CP_ALGOS)}")
-        if ulysses_degree_of(self.algo, self.cp, self.ulysses) != self.ulysses:
+        if not ALGORITHMS[self.algo].takes(self.cp, self.ulysses):
             raise ValueError(f"algo = {self.algo!r} with cp = {self.cp} does not take ulysses = {self.ulysses}. "
                              "Fix: use hybrid_cp, or ulysses = 1 for colossalai_cp and ulysses = cp for ulysses_cp")
         if self.seq_layout not in LAYOUTS:
@@ -121,8 +122,8 @@ class RunPlan:
         """Plan of a ``LongSeqConfig``."""
         cp = config.context_parallel
         return cls(dp=config.data_parallel, mp=config.model_parallel, cp=cp, pp=config.pipeline_stage,
-                   ulysses=ulysses_degree_of(config.context_parallel_algo, cp, config.ulysses_degree_in_cp),
-                   algo=config.context_parallel_algo, seq_layout=config.layout)
+                   ulysses=ulysses_degree_of(config.algo, cp, config.ulysses_degree_in_cp),
+                   algo=config.algo, seq_layout=config.layout)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RunPlan":
@@ -242,6 +243,6 @@ def decoder_stage_of(name: str, num_stages: int, num_layers: int) -> int:
     return num_stages - 1
 
 
-__all__ = ["Axis", "CpAlgo", "CP_ALGOS", "LEGACY_ALGO_SPELLINGS", "LAYOUTS", "RunPlan", "check_micro_batches",
+__all__ = ["Axis", "CpAlgo", "CP_ALGOS", "MINDFORMERS_ALGOS", "LEGACY_ALGO_SPELLINGS", "LAYOUTS", "RunPlan", "check_micro_batches",
            "decoder_stage_of",
            "stage_layers", "ulysses_degree_of", "world_size_of"]

@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 from typing import Optional
 
 from mf_longseq.planner import comm
+from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import memory_per_device
@@ -96,17 +97,15 @@ def _algo_rows(shape, best, settings):
     """The CP exchanges of every algorithm at the best layout's degrees: (label, bytes per layer fwd, per step)."""
     rows = []
     for algo in CP_ALGOS:
-        degrees = {"colossalai_cp": [1], "ulysses_cp": [best.cp],
-                   "hybrid_cp": [u for u in range(2, best.cp) if best.cp % u == 0]}[algo]
-        for u in degrees:
+        for u in ALGORITHMS[algo].planner_degrees(best.cp):
             layout = replace(best, algo=algo, ulysses=u)
             problem = check(layout, shape, settings)
             call = comm.AttentionCall(settings.micro_batch, settings.seq_len, max(shape.heads // best.mp, 1),
                                       max(shape.kv_heads // best.mp, 1), shape.head_dim,
-                                      settings.bytes_of("compute"), best.cp, u, settings.use_alltoall)
+                                      settings.bytes_of("compute"), best.cp, u, settings.use_alltoall, algo)
             forward = sum(comm.attention_bytes(call, "forward").values())
             traffic = step_traffic(shape, layout, settings)
-            cp_step = sum(v for k, v in traffic.items() if k in ("ring_shift", "all_to_all", "all_gather"))
+            cp_step = sum(v for k, v in traffic.items() if k not in ("mp_all_reduce", "grad_all_reduce"))
             attention = memory_per_device(shape, layout, settings).attention
             split = ulysses_split(shape, layout)
             rows.append((layout.label(), forward, cp_step, attention, problem, split.describe() if split else None,

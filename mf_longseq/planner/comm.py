@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from mf_longseq.attention.head_split import HeadSplit
+from mf_longseq.parallel.algorithms import ALGORITHMS, algo_of, resolve
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class AttentionCall:
         itemsize: bytes per element of q, k, v (2 for bf16/fp16, 4 for fp32).
         cp: context-parallel degree; ulysses: its Ulysses part (U); ring degree R = cp / ulysses.
         use_alltoall: Ulysses exchange by AlltoAll (True) or the AllGather-based one (False).
+        algo: the CP algorithm (a name of ``ALGORITHMS``, whose ``bytes_sent`` counts the call); None: the
+            MindFormers algorithm the degrees imply (``algo_of``).
     """
 
     batch: int
@@ -50,6 +53,12 @@ class AttentionCall:
     cp: int
     ulysses: int = 1
     use_alltoall: bool = True
+    algo: Optional[str] = None
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm's name (``algo``, or the one the degrees imply)."""
+        return self.algo or algo_of(self.cp, self.ulysses)
 
     @property
     def ring(self) -> int:
@@ -111,12 +120,19 @@ def attention_bytes(call: AttentionCall, direction: str = "both",
     if ulysses_index is None:
         return max((attention_bytes(call, direction, j) for j in range(call.ulysses)), key=lambda c: sum(c.values()))
     pick = (lambda x: x["forward"] + x["backward"]) if direction == "both" else (lambda x: x[direction])
-    out: Dict[str, int] = {}
+    return {kind: pick(n) for kind, n in resolve(ALGORITHMS[call.algorithm].bytes_sent)(call, ulysses_index).items()}
+
+
+def ulysses_and_ring_bytes(call: AttentionCall, ulysses_index: int) -> Dict[str, Dict[str, int]]:
+    """``bytes_sent`` of colossalai_cp, ulysses_cp and hybrid_cp (``ALGORITHMS``): the Ulysses exchange when U > 1,
+    the ring when R > 1, {kind: {"forward": bytes, "backward": bytes}} (module docstring)."""
+    out: Dict[str, Dict[str, int]] = {}
     u, unit = call.ulysses, call.head_dim * call.itemsize
     if u > 1:
-        out["all_to_all" if call.use_alltoall else "all_gather"] = pick(_ulysses_units(call, ulysses_index)) * unit
+        units = _ulysses_units(call, ulysses_index)
+        out["all_to_all" if call.use_alltoall else "all_gather"] = {k: n * unit for k, n in units.items()}
     if call.ring > 1:
-        out["ring_shift"] = pick(_ring_bytes(call, call.split.kv_count(ulysses_index) if u > 1 else call.kv_heads))
+        out["ring_shift"] = _ring_bytes(call, call.split.kv_count(ulysses_index) if u > 1 else call.kv_heads)
     return out
 
 

@@ -62,6 +62,7 @@ from dataclasses import dataclass, fields
 from typing import List, Tuple
 
 from mf_longseq.attention.head_split import HeadSplit
+from mf_longseq.parallel.algorithms import ALGORITHMS, resolve
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.shapes import ModelShape
@@ -200,5 +201,5 @@ def memory_per_device(shape: ModelShape, layout: RunPlan, settings: Settings) ->
                   optimizer=optimizer, activations=inputs * per_layer + on_device * layer_input,
                   activations_recompute=on_device * layer_input + per_layer,
                   backward=backward_working_set(shape, layout, settings),
-                  attention=attention_buffers(shape, layout, settings), mask=mask,
+                  attention=resolve(ALGORITHMS[layout.algo].buffers)(shape, layout, settings), mask=mask,
                   logits=logits_bytes(shape, layout, settings), host=(inputs - on_device) * layer_input)

@@ -28,6 +28,7 @@ from typing import Iterator, List, Optional, Sequence
 from mf_longseq.attention.head_split import HeadSplit
 from mf_longseq.config import LOSS_TILE_BUDGET_BYTES, LongSeqConfig, default_loss_tile
 from mf_longseq.planner import comm
+from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import Memory, local_heads, memory_per_device, stage_params
@@ -142,9 +143,7 @@ def layouts(devices: int, shape: ModelShape, algos: Sequence[str], max_mp: int =
                     yield RunPlan(dp=dp, mp=mp, pp=pp)
                     continue
                 for algo in algos:
-                    degrees = {"colossalai_cp": [1], "ulysses_cp": [cp],
-                               "hybrid_cp": [u for u in _divisors(cp) if 1 < u < cp]}[algo]
-                    for u in degrees:
+                    for u in ALGORITHMS[algo].planner_degrees(cp):
                         yield RunPlan(dp=dp, mp=mp, cp=cp, pp=pp, algo=algo, ulysses=u)
 
 
@@ -153,7 +152,7 @@ def check(layout: RunPlan, shape: ModelShape, settings: Settings) -> Optional[st
     try:
         parallel = LongSeqConfig(data_parallel=layout.dp, model_parallel=layout.mp, context_parallel=layout.cp,
                                  pipeline_stage=layout.pp, micro_batch_num=max(settings.micro_batch_num, layout.pp),
-                                 context_parallel_algo=layout.algo, ulysses_degree_in_cp=layout.ulysses_degree_in_cp,
+                                 cp_algo=layout.algo, ulysses_degree_in_cp=layout.ulysses_degree_in_cp,
                                  enable_alltoall=settings.use_alltoall,
                                  device_target="Ascend" if settings.backend == "ascend" else "CPU",
                                  block_size=settings.block_size)
@@ -179,7 +178,7 @@ def step_traffic(shape: ModelShape, layout: RunPlan, settings: Settings) -> dict
                               heads=local_heads(shape.heads, layout.mp),
                               kv_heads=local_heads(shape.kv_heads, layout.mp), head_dim=shape.head_dim,
                               itemsize=settings.bytes_of("compute"), cp=layout.cp, ulysses=layout.ulysses,
-                              use_alltoall=settings.use_alltoall)
+                              use_alltoall=settings.use_alltoall, algo=layout.algo)
     out = {kind: n * layers * micro for kind, n in comm.attention_bytes(call).items()} if layout.cp > 1 else {}
     tokens = settings.micro_batch * settings.seq_len // layout.cp
     out["mp_all_reduce"] = comm.tensor_parallel_bytes(tokens, shape.hidden, settings.bytes_of("compute"),
@@ -209,7 +208,8 @@ def step_seconds(shape: ModelShape, layout: RunPlan, settings: Settings, recompu
     spans = {"all_to_all": layout.mp * layout.ulysses, "all_gather": layout.mp * layout.ulysses,
              "ring_shift": layout.mp * layout.cp, "mp_all_reduce": layout.mp,
              "grad_all_reduce": layout.mp * layout.cp * layout.dp}
-    network = sum(n / _bandwidth(spans[kind], hw) for kind, n in traffic.items())
+    network = sum(n / _bandwidth(spans.get(kind, layout.mp * layout.cp), hw)     # other kinds: the CP group
+                  for kind, n in traffic.items())
     bubble = compute * (layout.pp - 1) / micro
     return compute + network + bubble + _offload_exposed(shape, layout, settings, compute, hw)
 

@@ -6,6 +6,7 @@ The file is checked before it is written: ``LongSeqConfig.from_mindformers`` (ev
 import yaml
 
 from mf_longseq.config import ConfigError, LongSeqConfig
+from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner.layout import Settings
 
@@ -23,6 +24,7 @@ def template(model: str, layout: RunPlan, settings: Settings) -> dict:
     model_config.update(seq_length=settings.seq_len, compute_dtype=settings.compute_dtype,
                         param_init_type=settings.param_dtype, use_flash_attention=True,
                         use_attn_mask_compression=settings.mask_compression)
+    mindformers_algo = ALGORITHMS[layout.algo].mindformers     # else only long_seq.cp_algo takes the name
     return {
         "seed": 0,
         "run_mode": "train",
@@ -31,7 +33,8 @@ def template(model: str, layout: RunPlan, settings: Settings) -> dict:
                      "enable_parallel_optimizer": settings.zero > 0},
         "parallel_config": {"data_parallel": layout.dp, "model_parallel": layout.mp,
                             "context_parallel": layout.cp, "pipeline_stage": layout.pp,
-                            "micro_batch_num": settings.micro_batch_num, "context_parallel_algo": layout.algo,
+                            "micro_batch_num": settings.micro_batch_num,
+                            **({"context_parallel_algo": layout.algo} if mindformers_algo else {}),
                             "ulysses_degree_in_cp": layout.ulysses_degree_in_cp,
                             "use_seq_parallel": settings.seq_parallel, "vocab_emb_dp": True},
         "recompute_config": {"recompute": settings.recompute},
@@ -39,7 +42,8 @@ def template(model: str, layout: RunPlan, settings: Settings) -> dict:
         "model": {"model_config": model_config, "arch": {"type": arch_type}},
         "long_seq": {"layout": layout.seq_layout, "block_size": settings.block_size,
                      "device_num": layout.world_size, "loss_tile": settings.loss_tile,
-                     "mlp_tile": settings.mlp_tile, "offload_layer_inputs": settings.offload_layer_inputs},
+                     "mlp_tile": settings.mlp_tile, "offload_layer_inputs": settings.offload_layer_inputs,
+                     **({} if mindformers_algo else {"cp_algo": layout.algo})},
     }
 
 

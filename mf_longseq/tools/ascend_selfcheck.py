@@ -180,12 +180,21 @@ def check_kernels(args, flash=None) -> List[dict]:
 
 
 def algorithms(world: int):
-    """(label, algo, ulysses degree, use_alltoall) runnable with CP = world."""
-    found = [("colossalai_cp (ring)", "colossalai_cp", 1, False),
-             ("ulysses_cp AlltoAll", "ulysses_cp", world, True),
-             ("ulysses_cp AllGather", "ulysses_cp", world, False)]
-    if world >= 4 and world % 2 == 0:
-        found.append((f"hybrid_cp {2}x{world // 2}", "hybrid_cp", 2, True))
+    """(label, algo, ulysses degree, use_alltoall) runnable with CP = world: every row of ``ALGORITHMS`` at its
+    smallest planner Ulysses degree (pure Ulysses with both exchanges, a Ulysses x ring split with AlltoAll)."""
+    from mf_longseq.parallel.algorithms import ALGORITHMS
+    found = []
+    for name, row in ALGORITHMS.items():
+        degrees = row.planner_degrees(world)
+        if not degrees:
+            continue
+        u = degrees[0]
+        if u == 1:
+            found.append((f"{name} ({row.summary.split(':')[0]})", name, 1, False))
+        elif u == world:
+            found += [(f"{name} AlltoAll", name, world, True), (f"{name} AllGather", name, world, False)]
+        else:
+            found.append((f"{name} {u}x{world // u}", name, u, True))
     return found
 
 
@@ -196,6 +205,7 @@ def check_algorithms(args, world: int, rank: int, flash=None) -> List[dict]:
     from mf_longseq.attention.flash import FlashKernel
     from mf_longseq.attention.kernel import BlockwiseKernel
     from mf_longseq.parallel.mesh import Mesh
+    from mf_longseq.parallel.plan import RunPlan
     from mf_longseq.parallel.sharding import shard_sequence
     flash = flash or FlashKernel
     full = _inputs(args, seed=1)
@@ -207,7 +217,8 @@ def check_algorithms(args, world: int, rank: int, flash=None) -> List[dict]:
         if args.heads % ulysses or (args.kv_heads % ulysses and ulysses % args.kv_heads):
             rows.append({"check": f"algorithm: {label}", "skipped": "heads not divisible by the Ulysses degree"})
             continue
-        mesh = Mesh(cp=world, ulysses=ulysses, rank=rank, device_target=args.device).create_groups()
+        mesh = Mesh(plan=RunPlan(cp=world, ulysses=ulysses, algo=algo), rank=rank,
+                    device_target=args.device).create_groups()
 
         def shard(x):
             return np.ascontiguousarray(shard_sequence(x, mesh, "zigzag", seq_dim=1))

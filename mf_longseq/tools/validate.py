@@ -175,7 +175,7 @@ def format_report(report: Report) -> str:
     if report.valid:
         s, d = report.settings, report.derived
         cp = s["parallel_config.context_parallel"]
-        algo = s["parallel_config.context_parallel_algo"] if cp > 1 else "off"
+        algo = (s["long_seq.cp_algo"] or s["parallel_config.context_parallel_algo"]) if cp > 1 else "off"
         lines.append(f"  context parallel: {algo}, CP={cp} (ulysses {d['ulysses_degree']} x ring "
                      f"{d['ring_degree']}), layout {s['long_seq.layout']}, seq_length "
                      f"{s['model.model_config.seq_length']}")

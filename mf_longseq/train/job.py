@@ -185,7 +185,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
         if opts.save_every:
             _retire_abandoned(output_dir, start, opts.resume)
     monitor = Monitor(run.rank, opts.steps, output_dir, stream=stream, start_step=start)
-    monitor.say(f"mf-longseq train: {run.mesh}, algo {config.context_parallel_algo}, layout {config.layout}, "
+    monitor.say(f"mf-longseq train: {run.mesh}, algo {config.algo}, layout {config.layout}, "
                 f"seq_length {seq_length}, batch {trainer.batch_size} per dp rank, data "
                 f"{_data_line(source.describe())}, steps {start + 1}..{opts.steps}")
     data_state = {**source.describe(), "batch_size": trainer.batch_size}

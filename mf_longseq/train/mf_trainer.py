@@ -42,7 +42,7 @@ def layout_header(tree: dict, long_seq: LongSeqConfig, mesh) -> str:
     own ``global_batch_size`` line counts the data_parallel its trainer reset to 1)."""
     batch = int(node_at(tree, "runner_config.batch_size", 1) or 1)
     seq = node_at(tree, "model.model_config.seq_length")
-    algo = long_seq.context_parallel_algo if long_seq.context_parallel > 1 else "off"
+    algo = long_seq.algo if long_seq.context_parallel > 1 else "off"
     return (f"mf_longseq: {mesh}, context_parallel_algo {algo}, layout {long_seq.layout}, seq_length {seq}; global "
             f"batch = batch_size {batch} x data_parallel {long_seq.data_parallel} = {batch * long_seq.data_parallel} "
             f"samples per step (the {long_seq.context_parallel * long_seq.model_parallel} cp x mp ranks of a sample "

@@ -1,0 +1,113 @@
+"""The CP algorithm table (``parallel/algorithms.py``): every part that knows an algorithm reads its row, and a
+name outside MindFormers' enum goes through ``long_seq.cp_algo``."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from mf_longseq.config import ConfigError, LongSeqConfig
+from mf_longseq.parallel import algorithms
+from mf_longseq.parallel.algorithms import ALGORITHMS, MINDFORMERS_ALGOS, resolve
+from mf_longseq.parallel.plan import RunPlan, ulysses_degree_of
+
+MODEL = {"seq_length": 64, "num_heads": 4, "n_kv_heads": 2, "num_layers": 2}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_every_reference_of_every_row_resolves(name):
+    row = ALGORITHMS[name]
+    for ref in (row.run, row.masks, row.bytes_sent, row.buffers):
+        assert callable(resolve(ref)), (name, ref)
+
+
+def test_mindformers_names_are_its_enum():
+    assert set(MINDFORMERS_ALGOS) == {"colossalai_cp", "ulysses_cp", "hybrid_cp"}
+
+
+def test_a_bad_reference_is_named():
+    with pytest.raises(ValueError, match="'no.such.module:f' does not name a function"):
+        resolve("no.such.module:f")
+
+
+@pytest.fixture
+def extra_row(monkeypatch):
+    """A new algorithm registered by one row: no Ulysses split; its run returns 2 q; its formulas constants."""
+    calls = []
+
+    def run(q, k, v, **kw):
+        calls.append(kw)
+        return q * 2
+
+    row = replace(ALGORITHMS["colossalai_cp"], name="twice_cp", mindformers=False, run=run,
+                  bytes_sent=lambda call, j: {"gather": {"forward": 7, "backward": 11}},
+                  buffers=lambda shape, layout, settings: 123)
+    monkeypatch.setitem(algorithms.ALGORITHMS, "twice_cp", row)
+    return calls
+
+
+def test_dispatch_is_the_rows_run(extra_row):
+    from mindspore import Tensor
+    from mf_longseq.attention import context_parallel_attention
+    from mf_longseq.parallel import Mesh
+    q = Tensor(np.ones((1, 8, 2, 4), np.float32))
+    mesh = Mesh(plan=RunPlan(algo="twice_cp"), rank=0)
+    out = context_parallel_attention(q, q, q, mesh=mesh, algo="twice_cp", causal=True)
+    assert np.array_equal(out.asnumpy(), 2 * q.asnumpy()) and len(extra_row) == 1
+    assert len(extra_row[0]["masks"]) == 1                                  # the row's masks: CP = 1, one part
+
+
+def test_mesh_shape_and_planner_read_the_row(extra_row):
+    from mf_longseq.planner import comm
+    from mf_longseq.planner.layout import Settings
+    from mf_longseq.planner.memory import memory_per_device
+    from mf_longseq.planner.shapes import model_shape
+    assert ulysses_degree_of("twice_cp", 4, 2) == 1
+    assert RunPlan(cp=4, algo="twice_cp").ring == 4
+    with pytest.raises(ValueError, match="does not take ulysses = 2"):
+        RunPlan(cp=4, ulysses=2, algo="twice_cp")
+    call = comm.AttentionCall(1, 64, 4, 2, 8, 2, cp=4, algo="twice_cp")
+    assert comm.attention_bytes(call) == {"gather": 18}
+    assert comm.attention_bytes(call, "forward") == {"gather": 7}
+    layout = RunPlan(dp=1, mp=1, cp=4, algo="twice_cp")
+    assert memory_per_device(model_shape("llama2-7b"), layout, Settings(seq_len=4096)).attention == 123
+
+
+def test_unknown_algorithm_is_refused_by_name():
+    with pytest.raises(ValueError, match="algo = 'nope_cp': unknown context-parallel algorithm"):
+        ulysses_degree_of("nope_cp", 4)
+
+
+# ------------------------------------------------------------------------------------------ the config keys
+def test_cp_algo_names_the_run_algorithm():
+    config = LongSeqConfig(context_parallel=4, cp_algo="ulysses_cp")
+    assert config.algo == "ulysses_cp" and config.plan.algo == "ulysses_cp" and config.ulysses_degree == 4
+
+
+def test_cp_algo_unknown_has_a_did_you_mean():
+    with pytest.raises(ConfigError, match=r"long_seq.cp_algo = 'ulyses_cp': unknown algorithm. Fix: did you mean "
+                                          r"'ulysses_cp'"):
+        LongSeqConfig(context_parallel=2, cp_algo="ulyses_cp")
+
+
+def test_the_two_keys_may_not_disagree():
+    with pytest.raises(ConfigError, match=r"long_seq.cp_algo = 'colossalai_cp': disagrees with "
+                                          r"parallel_config.context_parallel_algo = 'ulysses_cp'"):
+        LongSeqConfig(context_parallel=2, context_parallel_algo="ulysses_cp", cp_algo="colossalai_cp")
+
+
+def test_the_two_keys_may_not_disagree_in_a_yaml_even_at_the_default():
+    tree = {"parallel_config": {"context_parallel": 2, "context_parallel_algo": "colossalai_cp"},
+            "long_seq": {"cp_algo": "ulysses_cp"}, "model": {"model_config": MODEL}}
+    with pytest.raises(ConfigError, match="disagrees with parallel_config.context_parallel_algo"):
+        LongSeqConfig.from_mindformers(tree)
+    tree["parallel_config"]["context_parallel_algo"] = "ulysses_cp"
+    assert LongSeqConfig.from_mindformers(tree).algo == "ulysses_cp"          # equal: fine
+    del tree["parallel_config"]["context_parallel_algo"]
+    assert LongSeqConfig.from_mindformers(tree).algo == "ulysses_cp"          # alone: fine
+
+
+def test_a_plugin_name_in_mindformers_key_points_to_cp_algo(extra_row):
+    with pytest.raises(ConfigError, match=r"parallel_config.context_parallel_algo = 'twice_cp': is not one of "
+                                          r"MindFormers' ContextParallelAlgo values.*write long_seq.cp_algo: twice_cp"):
+        LongSeqConfig(context_parallel=2, context_parallel_algo="twice_cp")
+    assert LongSeqConfig(context_parallel=2, cp_algo="twice_cp").plan.algo == "twice_cp"
