@@ -99,6 +99,10 @@ _TABLE = (
                 lambda cp: (cp,), run="mf_longseq.attention.runners:run_ulysses"),
     CpAlgorithm("hybrid_cp", "Ulysses inside, ring across (ulysses_degree_in_cp x ring)", True, _hybrid,
                 _divisors_between, run="mf_longseq.attention.runners:run_hybrid"),
+    CpAlgorithm("kvallgather_cp", "all-gather KV: every rank gathers the sequence's K and V", False, _ring_only,
+                lambda cp: (1,), run="mf_longseq.attention.kvallgather:run_kvallgather",
+                bytes_sent="mf_longseq.attention.kvallgather:bytes_sent",
+                buffers="mf_longseq.attention.kvallgather:buffers"),
 )
 ALGORITHMS: Dict[str, CpAlgorithm] = {row.name: row for row in _TABLE}
 MINDFORMERS_ALGOS = tuple(name for name, row in ALGORITHMS.items() if row.mindformers)

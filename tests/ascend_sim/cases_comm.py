@@ -16,6 +16,9 @@ expectations are the algorithms' data flow, written out here from their definiti
                         with enable_alltoall False an AllGather of each instead (U times the elements out).
     hybrid (U x R)      the Ulysses exchanges inside the Ulysses group, the ring exchanges of 1/U of the kv
                         heads and S/R tokens inside the ring group.
+    kvallgather (CP)    K and V, each (B, S/CP, K, D) in q's dtype, one AllGather each over the CP group forward
+                        and again backward (CP times the elements out); dK and dV of the whole sequence, float32,
+                        one ReduceScatter each backward (1/CP of the elements out).  Nothing else.
 """
 import functools
 import os
@@ -146,8 +149,9 @@ def run_algorithm(algo, ulysses, use_alltoall):
     from mf_longseq.attention.api import context_parallel_attention
     from mf_longseq.attention.flash import FlashKernel
     from mf_longseq.parallel.mesh import Mesh
+    from mf_longseq.parallel.plan import RunPlan
     cp, rank = rank_info()
-    mesh = Mesh(cp=cp, ulysses=ulysses, rank=rank, device_target="Ascend").create_groups()
+    mesh = Mesh(plan=RunPlan(cp=cp, ulysses=ulysses, algo=algo), rank=rank, device_target="Ascend").create_groups()
     q, k, v = _inputs(cp)
 
     def loss(a, b, c):
@@ -228,6 +232,17 @@ def hybrid_case(ulysses, use_alltoall=True):
     return {"calls": calls}
 
 
+def kvallgather_case():
+    cp, _ = rank_info()
+    mesh, calls = run_algorithm("kvallgather_cp", 1, False)
+    part = B * (SEQ // cp) * KV * D                                          # one of K, V on this rank
+    got = Counter((c["op"], c["dtype"], c["numel"], c.get("out_numel")) for c in calls)
+    want = Counter({("AllGather", "BFloat16", part, part * cp): 4, ("ReduceScatter", "Float32", part * cp, part): 2})
+    _check(got, want, calls, "kvallgather")
+    assert {c["group"] for c in calls} == {mesh.group("cp").name}
+    return {"calls": calls}
+
+
 def public_functions_case():
     """The exchange layer's public functions on the CP group, each call's result shape/dtype and HCCL op."""
     from mf_longseq.parallel.comm import all_gather, all_reduce, all_to_all, ring_shift, send_recv
@@ -266,6 +281,7 @@ def _register(cp, rank):
         case(name, f"hybrid_u{u}_r{cp // u}")(lambda u=u: hybrid_case(u))
     if cp == 4:
         case(name, "hybrid_u2_r2_allgather")(lambda: hybrid_case(2, False))
+        case(name, "kvallgather")(kvallgather_case)
     case(name, "public_functions")(public_functions_case)
 
 

@@ -17,9 +17,10 @@ def run_case(case, rank, out_dir):
     import mindspore as ms
     from mindspore import Tensor
     from mf_longseq.attention import context_parallel_attention, select_kernel
-    from mf_longseq.parallel import Mesh, global_positions, shard_sequence
+    from mf_longseq.parallel import Mesh, RunPlan, global_positions, shard_sequence
 
-    mesh = Mesh(dp=case.dp, cp=case.cp, ulysses=case.ulysses, rank=rank).create_groups()
+    plan = RunPlan(dp=case.dp, cp=case.cp, ulysses=case.ulysses, algo=case.algo)
+    mesh = Mesh(plan=plan, rank=rank).create_groups()
     dp_id = mesh.coords()["dp_id"]
     rng = np.random.default_rng(1000 + dp_id)
     b, s, n, kv, d = case.batch, case.seq_len, case.heads, case.kv_heads, case.head_dim
@@ -41,7 +42,8 @@ def run_case(case, rank, out_dir):
     np.savez(os.path.join(out_dir, case.name, f"rank{rank}.npz"), dp_id=dp_id,
              positions=global_positions(s, mesh, case.layout), out=out.asnumpy(),
              dq=grads[0].asnumpy(), dk=grads[1].asnumpy(), dv=grads[2].asnumpy(),
-             logical_bytes=mesh.stats.total("logical"), wire_bytes=mesh.stats.total("wire"))
+             logical_bytes=mesh.stats.total("logical"), wire_bytes=mesh.stats.total("wire"),
+             **{f"logical_{kind}": n for kind, n in mesh.stats.logical_bytes.items()})
 
 
 def main():

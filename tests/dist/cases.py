@@ -44,4 +44,8 @@ CASES = [
     Case("hybrid_cp4_u2r2_zigzag", "hybrid_cp", 4, ulysses=2, seq_len=120),
     Case("hybrid_cp4_u2r2_contiguous_alltoall", "hybrid_cp", 4, ulysses=2, layout="contiguous",
          use_alltoall=True, seq_len=88),
+    Case("kvallgather_cp2_zigzag", "kvallgather_cp", 2),
+    Case("kvallgather_cp2_contiguous_noncausal", "kvallgather_cp", 2, layout="contiguous", causal=False),
+    Case("kvallgather_cp4_zigzag_gqa_kv1", "kvallgather_cp", 4, seq_len=120, heads=4, kv_heads=1),
+    Case("kvallgather_cp4_contiguous", "kvallgather_cp", 4, layout="contiguous", seq_len=100),
 ]

@@ -48,3 +48,22 @@ def test_cpu_alltoall_moves_only_its_parts(name, results):
     for rank in range(WORLD):
         shard = np.load(results / case.name / f"rank{rank}.npz")
         assert int(shard["wire_bytes"]) == int(shard["logical_bytes"]) > 0, (name, rank)
+
+
+@pytest.mark.parametrize("name", ["kvallgather_cp2_zigzag", "kvallgather_cp4_zigzag_gqa_kv1"])
+def test_kvallgather_moves_what_the_planner_counts(name, results):
+    """kvallgather_cp: the all-gather of K and V (forward, and again in backward) and the reduce-scatter of the
+    float32 dK/dV are exactly ``planner.comm``'s counts (on CPU the reduce-scatter is an AllReduce of the whole,
+    twice the native bytes); no ring shift, no all-to-all."""
+    import numpy as np
+    from mf_longseq.planner.comm import AttentionCall, attention_bytes
+    case = next(c for c in CASES if c.name == name)
+    call = AttentionCall(case.batch, case.seq_len, case.heads, case.kv_heads, case.head_dim, 4, cp=case.cp,
+                         algo=case.algo)
+    want = attention_bytes(call)
+    for rank in range(WORLD):
+        shard = np.load(results / case.name / f"rank{rank}.npz")
+        kinds = {key[len("logical_"):] for key in shard.files if key.startswith("logical_")} - {"bytes"}
+        assert kinds == {"all_gather", "all_reduce"}, (name, rank, kinds)
+        assert int(shard["logical_all_gather"]) == want["kv_all_gather"] > 0
+        assert int(shard["logical_all_reduce"]) == 2 * want["dkv_reduce_scatter"] > 0

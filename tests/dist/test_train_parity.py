@@ -1,7 +1,8 @@
 """Training under context parallelism equals training on one device.
 
 One msrun launch of 4 CPU workers trains tiny LLaMA2 and tiny Qwen1.5 for 10 steps at CP=2 ring zigzag (dp=2),
-CP=2 Ulysses (dp=2) and CP=4 hybrid 2x2 (dp=1) through the real runner; the CP=1 reference trains the same
+CP=2 Ulysses (dp=2) and CP=4 hybrid 2x2 (dp=1), and LLaMA2 at CP=4 kvallgather_cp (dp=1, named by the plugin
+key long_seq.cp_algo) through the real runner; the CP=1 reference trains the same
 global batch in this process.  Losses must agree within 1e-5 relative, every rank must end with bit-identical
 weights, and those must equal the reference's.  The LLaMA2 ring case also saves at step 5 and resumes: steps
 6-10 and the final weights must equal the uninterrupted run exactly.

@@ -41,24 +41,27 @@ CASES = [Case(f"{fam}_{tag}", fam, algo, cp, u, resume=(fam == "llama2" and tag 
          for fam in FAMILIES
          for tag, algo, cp, u in (("ring_cp2", "colossalai_cp", 2, 1), ("ulysses_cp2", "ulysses_cp", 2, 1),
                                   ("hybrid_cp4", "hybrid_cp", 4, 2))]
+CASES.append(Case("llama2_kvallgather_cp4", "llama2", "kvallgather_cp", 4))    # named by long_seq.cp_algo
 
 
 def case_tree(family: str, *, cp: int = 1, dp: int = 1, algo: str = "colossalai_cp", ulysses_in_cp: int = 1):
     """A tiny model and run config in MindFormers' layout (fp32, S = 64)."""
     config_type, arch_type = FAMILIES[family]
+    mindformers_algo = algo in ("colossalai_cp", "ulysses_cp", "hybrid_cp")      # else long_seq.cp_algo names it
     return {
         "seed": 3,
         "runner_config": {"batch_size": GLOBAL_BATCH // dp},
         "context": {"device_target": "CPU", "runtime_num_threads": 1},
         "parallel": {"parallel_mode": 1, "enable_alltoall": False},
         "parallel_config": {"data_parallel": dp, "model_parallel": 1, "context_parallel": cp, "pipeline_stage": 1,
-                            "context_parallel_algo": algo, "ulysses_degree_in_cp": ulysses_in_cp},
+                            **({"context_parallel_algo": algo} if mindformers_algo else {}),
+                            "ulysses_degree_in_cp": ulysses_in_cp},
         "model": {"model_config": {"type": config_type, "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
                                    "num_heads": 4, "n_kv_heads": 2, "intermediate_size": 64, "seq_length": 64,
                                    "compute_dtype": "float32", "param_init_type": "float32",
                                    "initializer_range": 0.1, "init_seed": 11},
                   "arch": {"type": arch_type}},
-        "long_seq": {"layout": "zigzag", "block_size": 32},
+        "long_seq": {"layout": "zigzag", "block_size": 32, **({} if mindformers_algo else {"cp_algo": algo})},
         "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.01},
         "lr_schedule": {"type": "ConstantWarmUpLR", "learning_rate": 0.01, "warmup_steps": 2},
     }

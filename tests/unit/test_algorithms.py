@@ -111,3 +111,44 @@ def test_a_plugin_name_in_mindformers_key_points_to_cp_algo(extra_row):
                                           r"MindFormers' ContextParallelAlgo values.*write long_seq.cp_algo: twice_cp"):
         LongSeqConfig(context_parallel=2, context_parallel_algo="twice_cp")
     assert LongSeqConfig(context_parallel=2, cp_algo="twice_cp").plan.algo == "twice_cp"
+
+
+# ------------------------------------------------------------------------------------------ kvallgather_cp
+def test_how_to_add_an_algorithm_names_files_that_exist():
+    """docs/design.md's "How to add an algorithm": every file it names exists, and the package files the worked
+    example touched are at most four."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "design.md").read_text(encoding="utf-8")
+    section = text.split("## How to add an algorithm", 1)[1].split("### How to add a model family", 1)[0]
+    named = set(re.findall(r"`((?:mf_longseq|tests)/[\w/]+\.py)`", section))
+    assert {"mf_longseq/attention/kvallgather.py", "mf_longseq/parallel/algorithms.py"} <= named
+    assert not [name for name in named if not (root / name).is_file()]
+    touched = re.findall(r"^\d\. `(mf_longseq/[\w/]+\.py)`", section, flags=re.M)
+    assert 1 <= len(touched) <= 4, touched
+
+
+def test_kvallgather_is_a_plugin_name_with_its_own_formulas():
+    from mf_longseq.planner import comm
+    row = ALGORITHMS["kvallgather_cp"]
+    assert not row.mindformers and row.ulysses_degree(8, 4) == 1
+    call = comm.AttentionCall(batch=1, seq_len=1024, heads=8, kv_heads=2, head_dim=64, itemsize=2, cp=4,
+                              algo="kvallgather_cp")
+    kv = 2 * 1 * 2 * 256 * 64 * 2                                          # this rank's K and V, bf16
+    assert comm.attention_bytes(call, "forward") == {"kv_all_gather": 3 * kv, "dkv_reduce_scatter": 0}
+    assert comm.attention_bytes(call, "backward") == {"kv_all_gather": 3 * kv, "dkv_reduce_scatter": 3 * 2 * kv}
+
+
+def test_plan_compares_kvallgather():
+    """``mf-longseq plan``'s comparison of the algorithms at the best layout has a kvallgather_cp row, with the
+    bytes of its row's formulas (LLaMA2-70B, 8 kv heads: one per mp rank at mp = 8)."""
+    from mf_longseq.planner import cli
+    from mf_longseq.planner.layout import Settings
+    from mf_longseq.planner.shapes import model_shape
+    shape, settings = model_shape("llama2-70b"), Settings(seq_len=131072)
+    rows = {row[0]: row for row in cli._algo_rows(shape, RunPlan(dp=1, mp=8, cp=8), settings)}
+    mine, ring = (RunPlan(dp=1, mp=8, cp=8, algo=a).label() for a in ("kvallgather_cp", "colossalai_cp"))
+    kv = 2 * settings.micro_batch * 1 * (131072 // 8) * 128 * settings.bytes_of("compute")
+    assert rows[mine][1] == 7 * kv                                          # forward: (CP-1) x own K and V
+    assert rows[mine][3] > rows[ring][3]                                    # the whole K/V in the buffers
