@@ -243,6 +243,6 @@ def decoder_stage_of(name: str, num_stages: int, num_layers: int) -> int:
     return num_stages - 1
 
 
-__all__ = ["Axis", "CpAlgo", "CP_ALGOS", "MINDFORMERS_ALGOS", "LEGACY_ALGO_SPELLINGS", "LAYOUTS", "RunPlan", "check_micro_batches",
-           "decoder_stage_of",
+__all__ = ["Axis", "CpAlgo", "CP_ALGOS", "MINDFORMERS_ALGOS", "LEGACY_ALGO_SPELLINGS", "LAYOUTS", "RunPlan",
+           "check_micro_batches", "decoder_stage_of",
            "stage_layers", "ulysses_degree_of", "world_size_of"]

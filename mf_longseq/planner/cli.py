@@ -5,8 +5,9 @@
 
 Prints the model, the per-device memory of the best layout item by item (with and without recompute, with and
 without the memory features, the attention buffers of every CP algorithm), the bytes each CP algorithm moves
-per step at that layout, and the ranked layouts that fit.  ``--emit-yaml`` writes the best one as a MindFormers
-YAML (checked by ``mf-longseq validate`` rules before it is written).
+per step at that layout (every algorithm of ``parallel/algorithms.py``), and the ranked layouts that fit (over
+MindFormers' three algorithms, or the one ``--algo`` names, e.g. the plugin's kvallgather_cp).  ``--emit-yaml``
+writes the best one as a MindFormers YAML (checked by ``mf-longseq validate`` rules before it is written).
 
 The memory features (``long_seq.loss_tile``, ``long_seq.mlp_tile``, ``parallel_config.use_seq_parallel``,
 ``long_seq.offload_layer_inputs``): each flag is ``auto`` (the planner picks, the default), or a value that
@@ -22,7 +23,7 @@ from typing import Optional
 
 from mf_longseq.planner import comm
 from mf_longseq.parallel.algorithms import ALGORITHMS
-from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
+from mf_longseq.parallel.plan import CP_ALGOS, MINDFORMERS_ALGOS, RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import memory_per_device
 from mf_longseq.planner.recommend import (Choices, Hardware, check, closest, recommend, step_traffic,
@@ -119,7 +120,7 @@ def report(args) -> dict:
     settings = _settings(args)
     hw = Hardware(memory=parse_size(args.device_memory), reserve=args.reserve, tflops=args.tflops,
                   devices_per_node=args.devices_per_node)
-    algos = [args.algo] if args.algo else list(CP_ALGOS)
+    algos = [args.algo] if args.algo else list(MINDFORMERS_ALGOS)      # the plugin's own only when named
     picks = choices(args)
     ranked = recommend(shape, args.devices, settings, hw, algos, max_mp=args.max_mp, choices=picks)
     out = {"model": asdict(shape) | {"total_params": shape.total_params}, "settings": asdict(settings),
@@ -241,7 +242,8 @@ def register(subparsers) -> None:
     p.add_argument("--micro-batch-num", type=int, default=1, help="micro-batches per step (at least pp)")
     p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 (default), fp16, fp32")
     p.add_argument("--param-dtype", default="fp32", help="weights and gradients: fp32 (default), bf16, fp16")
-    p.add_argument("--algo", choices=CP_ALGOS, help="consider only this CP algorithm")
+    p.add_argument("--algo", choices=CP_ALGOS, help="consider only this CP algorithm (default: MindFormers' "
+                   "three; the plugin's own, e.g. kvallgather_cp, only when named; all are compared)")
     p.add_argument("--allgather", action="store_true", help="Ulysses by the AllGather exchange "
                    "(parallel.enable_alltoall: False)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1, help="split over dp x cp: 0 nothing, "

@@ -29,7 +29,7 @@ from mf_longseq.attention.head_split import HeadSplit
 from mf_longseq.config import LOSS_TILE_BUDGET_BYTES, LongSeqConfig, default_loss_tile
 from mf_longseq.planner import comm
 from mf_longseq.parallel.algorithms import ALGORITHMS
-from mf_longseq.parallel.plan import CP_ALGOS, RunPlan
+from mf_longseq.parallel.plan import MINDFORMERS_ALGOS, RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import Memory, local_heads, memory_per_device, stage_params
 from mf_longseq.planner.shapes import ModelShape
@@ -244,7 +244,8 @@ def _fitting(shape: ModelShape, layout: RunPlan, settings: Settings, hw: Hardwar
     return best
 
 
-def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = CP_ALGOS,
+def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware,
+              algos: Sequence[str] = MINDFORMERS_ALGOS,
               max_mp: int = 8, choices: Choices = Choices.off()) -> List[Candidate]:
     """Layouts that fit ``hw.usable`` bytes, fastest first, each with its fastest fitting features (``choices``:
     the default uses none of them, as before they existed) and recompute only where needed."""
@@ -267,7 +268,8 @@ def _least(choices: Choices) -> Choices:
                    else choices.offload_layer_inputs)
 
 
-def closest(shape: ModelShape, devices: int, settings: Settings, hw: Hardware, algos: Sequence[str] = CP_ALGOS,
+def closest(shape: ModelShape, devices: int, settings: Settings, hw: Hardware,
+            algos: Sequence[str] = MINDFORMERS_ALGOS,
             max_mp: int = 8, choices: Choices = Choices.off()) -> Optional[Candidate]:
     """The valid layout (and features ``choices`` allow) that needs the least memory, with recompute, whether it
     fits or not."""

@@ -152,3 +152,20 @@ def test_plan_compares_kvallgather():
     kv = 2 * settings.micro_batch * 1 * (131072 // 8) * 128 * settings.bytes_of("compute")
     assert rows[mine][1] == 7 * kv                                          # forward: (CP-1) x own K and V
     assert rows[mine][3] > rows[ring][3]                                    # the whole K/V in the buffers
+
+
+def test_plan_ranks_mindformers_algorithms_unless_one_is_named():
+    """The planner's search (and the YAML it writes) keeps to MindFormers' three algorithms by default; a plugin
+    algorithm is searched when ``--algo`` names it, and its YAML names it by long_seq.cp_algo."""
+    import inspect
+    from mf_longseq.planner.layout import Settings
+    from mf_longseq.planner.recommend import closest, layouts, recommend
+    from mf_longseq.planner.shapes import model_shape
+    from mf_longseq.planner.template import template
+    shape = model_shape("llama2-70b")
+    for search in (recommend, closest):
+        assert tuple(inspect.signature(search).parameters["algos"].default) == MINDFORMERS_ALGOS
+    assert {p.algo for p in layouts(16, shape, ["kvallgather_cp"]) if p.cp > 1} == {"kvallgather_cp"}
+    tree = template("llama2-7b", RunPlan(cp=4, algo="kvallgather_cp"), Settings(seq_len=8192))
+    assert "context_parallel_algo" not in tree["parallel_config"] and tree["long_seq"]["cp_algo"] == "kvallgather_cp"
+    assert LongSeqConfig.from_mindformers(tree).plan.algo == "kvallgather_cp"
