@@ -181,18 +181,19 @@ def check_kernels(args, flash=None) -> List[dict]:
 
 def algorithms(world: int):
     """(label, algo, ulysses degree, use_alltoall) runnable with CP = world: every row of ``ALGORITHMS`` at its
-    smallest planner Ulysses degree (pure Ulysses with both exchanges, a Ulysses x ring split with AlltoAll)."""
+    smallest planner Ulysses degree (pure Ulysses with both exchanges, a Ulysses x ring split with AlltoAll).  At
+    CP = 1 every algorithm is the local kernel: MindFormers' three are checked, the plugin's add nothing."""
     from mf_longseq.parallel.algorithms import ALGORITHMS
     found = []
     for name, row in ALGORITHMS.items():
         degrees = row.planner_degrees(world)
-        if not degrees:
+        if not degrees or (world == 1 and not row.mindformers):
             continue
-        u = degrees[0]
-        if u == 1:
+        u, split = degrees[0], row.ulysses_degree(4, 2)            # the split it takes: none, all Ulysses, or both
+        if split == 1:
             found.append((f"{name} ({row.summary.split(':')[0]})", name, 1, False))
-        elif u == world:
-            found += [(f"{name} AlltoAll", name, world, True), (f"{name} AllGather", name, world, False)]
+        elif split == 4:
+            found += [(f"{name} AlltoAll", name, u, True), (f"{name} AllGather", name, u, False)]
         else:
             found.append((f"{name} {u}x{world // u}", name, u, True))
     return found
