@@ -13,7 +13,9 @@ logged steps and losses:
 
 * ``job_pp2_cp2``: pp2 x cp2 (1F1B, 2 micro-batches) for ``JOB_SAVE_STEP`` steps, saving at the last one;
 * ``job_mp2_cp2``: mp2 x cp2 for ``JOB_SAVE_STEP`` steps, saving at the last one;
-* ``job_resume_cp4``: that mp2 x cp2 checkpoint resumed under cp4 (resharded) up to step ``JOB_STEPS``.
+* ``job_resume_cp4``: that mp2 x cp2 checkpoint resumed under cp4 (resharded) up to step ``JOB_STEPS``;
+* ``job_mp2_pp2_default_layers``: mp2 x pp2 of a YAML without ``num_layers`` (``default_layers_tree``: the config
+  class's default, 32 layers) for ``DEFAULT_LAYERS_SAVE_STEP`` step(s), saving at the last one.
 
 ``world_size`` records the error the run set-up (``train.context.setup``) raises for a config of 8 ranks
 started on 4.
@@ -51,7 +53,9 @@ JOB_CASES = {
     "job_pp2_cp2": (1, 1, 2, 2, "colossalai_cp", 2),
     "job_mp2_cp2": (1, 2, 2, 1, "colossalai_cp", 1),
     "job_resume_cp4": (1, 1, 4, 1, "colossalai_cp", 1),
+    "job_mp2_pp2_default_layers": (1, 2, 1, 2, "colossalai_cp", 2),
 }
+DEFAULT_LAYERS_SAVE_STEP = 1     # job_mp2_pp2_default_layers saves here (32 layers: one step is enough)
 
 
 def tiny_tree(dp=1, mp=1, cp=1, pp=1, algo="colossalai_cp", micro=1):
@@ -71,6 +75,13 @@ def tiny_tree(dp=1, mp=1, cp=1, pp=1, algo="colossalai_cp", micro=1):
                   "arch": {"type": "LlamaLongSeqForCausalLM"}},
         "long_seq": {"layout": "zigzag", "block_size": 16},
     }
+
+
+def default_layers_tree(*layout):
+    """``tiny_tree(*layout)`` without ``model.model_config.num_layers``: the model builds its class's default."""
+    tree = tiny_tree(*layout)
+    del tree["model"]["model_config"]["num_layers"]
+    return tree
 
 
 def build(tree, rank=None, packed=False):
@@ -120,7 +131,11 @@ def run_job_case(name, out_dir, *, rank):
     from mf_longseq.train.checkpoint import step_dir
     from mf_longseq.train.job import JobOptions, run_job
     tree = tiny_tree(*JOB_CASES[name])
-    if name == "job_resume_cp4":
+    if name == "job_mp2_pp2_default_layers":
+        tree = default_layers_tree(*JOB_CASES[name])
+        opts = JobOptions(config=tree, steps=DEFAULT_LAYERS_SAVE_STEP, save_every=DEFAULT_LAYERS_SAVE_STEP,
+                          output_dir=run_dir(out_dir, name))
+    elif name == "job_resume_cp4":
         opts = JobOptions(config=tree, steps=JOB_STEPS, output_dir=run_dir(out_dir, name),
                           resume=step_dir(run_dir(out_dir, "job_mp2_cp2"), JOB_SAVE_STEP))
     else:
