@@ -22,7 +22,7 @@ from mindspore import Tensor
 
 from mf_longseq.attention.attention_plan import AttentionPlan
 from mf_longseq.documents import position_ids_from_actual_seq_len, segment_ids_from_actual_seq_len
-from mf_longseq.models.rope import rope_tables
+from mf_longseq.rope import rope_tables
 from mf_longseq.parallel.sharding import global_positions, shard_sequence
 
 

@@ -28,12 +28,16 @@ _register(LongSeqCausalLanguageModelDataset, MindFormerModuleType.DATASET)
 _register(LongSeqTrainOneStepCell, MindFormerModuleType.WRAPPER)
 _register(LongSeqAdamW, MindFormerModuleType.OPTIMIZER)             # MindFormers' AdamW on one flat buffer
 
-# Model families: importing mf_longseq.models registers the config (CONFIG) and model (MODELS) classes.  The names
-# imported here also make this file the target of MindFormers' auto_register route, without importing mf_longseq
-# first (mf_longseq must be installed or on PYTHONPATH):
+# Model families: importing mf_longseq.models registers the config (CONFIG) and model (MODELS) classes of every
+# family of ``families.py``.  Their names, set here from that table, also make this file the target of MindFormers'
+# auto_register route, without importing mf_longseq first (mf_longseq must be installed or on PYTHONPATH):
 #     python run_mindformer.py --register_path <path of the mf_longseq package> --config run.yaml
 #     model.model_config.auto_register: registry.LlamaLongSeqConfig
 #     model.arch.auto_register: registry.LlamaLongSeqForCausalLM
 #     trainer.auto_register: registry.LongSeqTrainer          (and the dataset task / runner_wrapper likewise)
-from mf_longseq.models import (LlamaLongSeqConfig, LlamaLongSeqForCausalLM, Qwen2LongSeqConfig,  # noqa: E402,F401
-                               Qwen2LongSeqForCausalLM, QwenLongSeqConfig, QwenLongSeqForCausalLM)
+from mf_longseq.families import FAMILIES  # noqa: E402
+from mf_longseq.models import CONFIG_CLASSES, MODEL_CLASSES  # noqa: E402
+
+for _name, _family in FAMILIES.items():
+    globals()[_family.config_class] = CONFIG_CLASSES[_name]
+    globals()[_family.model_class] = MODEL_CLASSES[_name]

@@ -22,14 +22,15 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-CLASSES = {"llama2": ("LlamaLongSeqConfig", "LlamaLongSeqForCausalLM", "LLaMA2"),
-           "qwen": ("QwenLongSeqConfig", "QwenLongSeqForCausalLM", "Qwen"),
-           "qwen1_5": ("Qwen2LongSeqConfig", "Qwen2LongSeqForCausalLM", "Qwen1.5")}
+from mf_longseq.families import FAMILIES  # noqa: E402  (after the sys.path line: the repo's package)
+
+# family -> (config class, model class, title), from the one families table
+CLASSES = {name: (f.config_class, f.model_class, f.title) for name, f in FAMILIES.items()}
 # the README's main route: absolute paths from any directory (run_mindformer.py joins a relative --config onto
 # its own folder)
 RUN_VARS = ('REG=$(python -c "import os, mf_longseq; print(os.path.dirname(mf_longseq.__file__))"); '
             'TEMPLATES=$(dirname "$REG")/yaml_templates')
-TOKEN_IDS = {"llama2": (1, 2, 0), "qwen": (151643, 151643, 151643), "qwen1_5": (151643, 151643, 151643)}
+TOKEN_IDS = {name: f.token_ids for name, f in FAMILIES.items()}          # (bos, eos, pad)
 
 # (family, size, seq_len, cp, algo, ulysses_degree_in_cp, dp, mp, pp, micro_batch_num)
 ASCEND = [

@@ -7,21 +7,26 @@ The classes are the ones the YAML names (``model.model_config.type`` and ``model
 MindFormers' registry), so the same file builds through MindFormers' own ``build_network(config.model)``.
 The parallel settings come from the same file through ``LongSeqConfig.from_mindformers``.
 """
+import importlib
 from typing import Any, Optional
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mf_longseq.config import ConfigError, LongSeqConfig, _as_dict, check_offload, model_config_section
+from mf_longseq.families import FAMILIES
 from mf_longseq.models.decoder import LongSeqForCausalLM
-from mf_longseq.models.llama2 import LlamaLongSeqConfig, LlamaLongSeqForCausalLM
 from mf_longseq.models.model_config import LongSeqModelConfig
 from mf_longseq.models.offload import apply_offload
-from mf_longseq.models.qwen import QwenLongSeqConfig, QwenLongSeqForCausalLM
-from mf_longseq.models.qwen1_5 import Qwen2LongSeqConfig, Qwen2LongSeqForCausalLM
 
-CONFIG_CLASSES = {"llama2": LlamaLongSeqConfig, "qwen": QwenLongSeqConfig, "qwen1_5": Qwen2LongSeqConfig}
-MODEL_CLASSES = {"llama2": LlamaLongSeqForCausalLM, "qwen": QwenLongSeqForCausalLM,
-                 "qwen1_5": Qwen2LongSeqForCausalLM}
+
+def _family_classes(attribute: str) -> dict:
+    """family name -> the class its module defines (``families.py``: ``config_class`` or ``model_class``); importing
+    the module registers its classes in MindFormers' registry."""
+    return {name: getattr(importlib.import_module(f.module), getattr(f, attribute)) for name, f in FAMILIES.items()}
+
+
+CONFIG_CLASSES = _family_classes("config_class")
+MODEL_CLASSES = _family_classes("model_class")
 
 
 def _registered(kind, name: str, key: str, base: type) -> type:

@@ -24,10 +24,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from mf_longseq.families import FAMILIES
 from mf_longseq.models import safetensors_io as st
 from mf_longseq.models.model_config import LongSeqModelConfig, check_weights, parameter_shapes
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama2", "Qwen2ForCausalLM": "qwen1_5", "QWenLMHeadModel": "qwen"}
+ARCHITECTURES = {f.hf_architecture: f.name for f in FAMILIES.values()}      # config.json architectures -> family
+_MODEL_TYPES = {f.hf_model_type: f.name for f in FAMILIES.values()}         # config.json model_type -> family
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)             # buffers some old LLaMA checkpoints carry
 
 
@@ -37,7 +39,7 @@ def family_of(hf_config: dict) -> str:
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
-    model_type = {"llama": "llama2", "qwen2": "qwen1_5", "qwen": "qwen"}.get(hf_config.get("model_type"))
+    model_type = _MODEL_TYPES.get(hf_config.get("model_type"))
     if model_type:
         return model_type
     raise ValueError(f"config.json architectures = {archs!r}: not a model mf_longseq converts. "
@@ -84,14 +86,14 @@ def config_to_hf(config: LongSeqModelConfig, dtype: str = "float32") -> dict:
                   intermediate_size=config.intermediate_size if config.family == "qwen" else config.ffn_hidden_size,
                   tie_word_embeddings=config.tie_word_embeddings, torch_dtype=dtype, hidden_act="silu",
                   initializer_range=config.initializer_range)
+    names = dict(architectures=[FAMILIES[config.family].hf_architecture],
+                 model_type=FAMILIES[config.family].hf_model_type)
     if config.family == "qwen":
-        return dict(common, architectures=["QWenLMHeadModel"], model_type="qwen", kv_channels=config.head_dim,
+        return dict(common, **names, kv_channels=config.head_dim,
                     rotary_emb_base=config.theta, layer_norm_epsilon=config.rms_norm_eps, rotary_pct=1.0,
                     seq_length=config.seq_length, max_position_embeddings=config.seq_length, no_bias=True,
                     use_dynamic_ntk=False, use_logn_attn=False)
-    arch, model_type = (("LlamaForCausalLM", "llama") if config.family == "llama2"
-                        else ("Qwen2ForCausalLM", "qwen2"))
-    out = dict(common, architectures=[arch], model_type=model_type, num_key_value_heads=config.n_kv_heads,
+    out = dict(common, **names, num_key_value_heads=config.n_kv_heads,
                rms_norm_eps=config.rms_norm_eps, rope_theta=config.theta,
                max_position_embeddings=config.seq_length, rope_scaling=None)
     if config.family == "llama2":

@@ -26,7 +26,7 @@ cumulative document ends of every sample (``documents.py``).  The batch turns th
 
 Numerics: weights are stored in ``param_init_type`` and cast to ``compute_dtype`` for matmuls; RMSNorm
 statistics, softmax and attention merges (inside the kernel) and the cross entropy are float32.  RoPE angles are
-computed in float64 on the host from the global positions of this rank's tokens (``models/rope.py``), then cast.
+computed in float64 on the host from the global positions of this rank's tokens (``mf_longseq/rope.py``), then cast.
 
 Weights carry Hugging Face LLaMA / Qwen2 names (``model.layers.0.self_attn.q_proj.weight``, (out, in) layout),
 one weight per projection (q/k/v/o, gate/up/down).  Model parallelism (``parallel/tensor_parallel.py``): q/k/v,
@@ -48,7 +48,7 @@ from mf_longseq.batch import BatchSpec, ShardedBatch
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import mf_inputs
 from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
-from mf_longseq.models.rope import apply_rope
+from mf_longseq.rope import apply_rope
 from mf_longseq.models.tiled_loss import TiledHeadLoss, resolve_loss_tile
 from mf_longseq.models.tiled_mlp import TiledMLP
 from mf_longseq.models.mf_adapter import builder_settings

@@ -18,6 +18,8 @@ LLAMA2_PRESETS = {
 class LlamaLongSeqConfig(LongSeqModelConfig):
     """LLaMA2 shape (defaults: the 7B's numerics). See ``LongSeqModelConfig`` for the keys."""
 
+    PRESETS = LLAMA2_PRESETS
+
     def __init__(self, **kwargs):
         defaults = dict(vocab_size=32000, rms_norm_eps=1e-5, theta=10000.0, qkv_has_bias=False,
                         tie_word_embeddings=False, family="llama2")
@@ -26,7 +28,7 @@ class LlamaLongSeqConfig(LongSeqModelConfig):
     @classmethod
     def from_preset(cls, size: str, **overrides) -> "LlamaLongSeqConfig":
         """The published shape of LLaMA2-``size`` (7b, 13b, 70b, tiny), with ``overrides`` applied."""
-        return cls(**{**preset_values(LLAMA2_PRESETS, size, "LLaMA2"), **overrides})
+        return cls(**{**preset_values(cls.PRESETS, size, "LLaMA2"), **overrides})
 
 
 class LlamaLongSeqForCausalLM(LongSeqForCausalLM):

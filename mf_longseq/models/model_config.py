@@ -18,9 +18,10 @@ from mindformers.models.configuration_utils import PretrainedConfig
 
 from mf_longseq.config import (DEFAULT_NUM_LAYERS, MAX_COUNT, MODEL_KEY_ALIASES, ConfigError, _divisors,
                                canonical_model_keys, section_fields)
+from mf_longseq.families import FAMILIES as FAMILY_TABLE
 
 DTYPES = ("float32", "bfloat16", "float16")
-FAMILIES = ("llama2", "qwen", "qwen1_5")
+FAMILIES = tuple(FAMILY_TABLE)                    # the names of ``mf_longseq/families.py``'s table
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # Value rules of every key LongSeqModelConfig reads (checked before any conversion, so bad input is a ConfigError
@@ -98,6 +99,7 @@ class LongSeqModelConfig(PretrainedConfig):
     """
 
     model_type = "mf_longseq"
+    PRESETS: Dict[str, dict] = {}       # size -> published shape (each family's config class sets its own)
 
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 4096, num_layers: int = DEFAULT_NUM_LAYERS,
                  num_heads: int = 32, n_kv_heads: Optional[int] = None, intermediate_size: Optional[int] = None,

@@ -24,6 +24,8 @@ QWEN_PRESETS = {
 class QwenLongSeqConfig(LongSeqModelConfig):
     """Qwen v1 shape (defaults: the 7B's). ``intermediate_size`` is Qwen v1's (twice the FFN width)."""
 
+    PRESETS = QWEN_PRESETS
+
     def __init__(self, **kwargs):
         defaults = dict(vocab_size=151936, intermediate_size=22016, rms_norm_eps=1e-6, theta=10000.0,
                         qkv_has_bias=True, tie_word_embeddings=False, family="qwen")
@@ -43,7 +45,7 @@ class QwenLongSeqConfig(LongSeqModelConfig):
     @classmethod
     def from_preset(cls, size: str, **overrides) -> "QwenLongSeqConfig":
         """The published shape of Qwen-``size`` (7b, 14b, 72b, tiny), with ``overrides`` applied."""
-        return cls(**{**preset_values(QWEN_PRESETS, size, "Qwen"), **overrides})
+        return cls(**{**preset_values(cls.PRESETS, size, "Qwen"), **overrides})
 
 
 class QwenLongSeqForCausalLM(LongSeqForCausalLM):

@@ -22,6 +22,8 @@ QWEN1_5_PRESETS = {
 class Qwen2LongSeqConfig(LongSeqModelConfig):
     """Qwen1.5 / Qwen2 shape (defaults: the 7B's numerics). See ``LongSeqModelConfig`` for the keys."""
 
+    PRESETS = QWEN1_5_PRESETS
+
     def __init__(self, **kwargs):
         defaults = dict(vocab_size=151936, rms_norm_eps=1e-6, theta=1000000.0, qkv_has_bias=True,
                         tie_word_embeddings=False, family="qwen1_5")
@@ -30,7 +32,7 @@ class Qwen2LongSeqConfig(LongSeqModelConfig):
     @classmethod
     def from_preset(cls, size: str, **overrides) -> "Qwen2LongSeqConfig":
         """The published shape of Qwen1.5-``size`` (7b, 14b, 72b, tiny), with ``overrides`` applied."""
-        return cls(**{**preset_values(QWEN1_5_PRESETS, size, "Qwen1.5"), **overrides})
+        return cls(**{**preset_values(cls.PRESETS, size, "Qwen1.5"), **overrides})
 
 
 class Qwen2LongSeqForCausalLM(LongSeqForCausalLM):

@@ -11,6 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Dict
 
+from mf_longseq.families import FAMILIES
+
+# "<family>-<size>": a family of the table ("qwen1_5" also written "qwen1.5"), then a preset size
+_MODEL_NAME = re.compile("({})[-_]?(\\w+)".format(
+    "|".join(name.replace("_", "[._]") for name in sorted(FAMILIES, key=len, reverse=True))))
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -45,8 +51,8 @@ class ModelShape:
 
 
 def _presets() -> Dict[str, dict]:
-    from mf_longseq.models import LLAMA2_PRESETS, QWEN1_5_PRESETS, QWEN_PRESETS
-    return {"llama2": LLAMA2_PRESETS, "qwen": QWEN_PRESETS, "qwen1_5": QWEN1_5_PRESETS}
+    from mf_longseq.models import CONFIG_CLASSES
+    return {name: cls.PRESETS for name, cls in CONFIG_CLASSES.items()}
 
 
 def available_models() -> list:
@@ -58,7 +64,7 @@ def _config_of(name: str):
     from mf_longseq.models import CONFIG_CLASSES, model_config_from
     if name.endswith((".yaml", ".yml")) or os.path.isfile(name):
         return model_config_from(name)
-    found = re.fullmatch(r"(llama2|qwen1[._]5|qwen)[-_]?(\w+)", name.strip().lower())
+    found = _MODEL_NAME.fullmatch(name.strip().lower())
     family = found.group(1).replace(".", "_") if found else None
     if family is None or found.group(2) not in _presets()[family]:
         raise ValueError(f"--model = {name!r}: unknown model. Fix: use one of {', '.join(available_models())} "

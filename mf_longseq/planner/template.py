@@ -6,20 +6,17 @@ The file is checked before it is written: ``LongSeqConfig.from_mindformers`` (ev
 import yaml
 
 from mf_longseq.config import ConfigError, LongSeqConfig
+from mf_longseq.families import FAMILIES
 from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner.layout import Settings
-
-_CLASSES = {"llama2": ("LlamaLongSeqConfig", "LlamaLongSeqForCausalLM"),
-            "qwen": ("QwenLongSeqConfig", "QwenLongSeqForCausalLM"),
-            "qwen1_5": ("Qwen2LongSeqConfig", "Qwen2LongSeqForCausalLM")}
 
 
 def template(model: str, layout: RunPlan, settings: Settings) -> dict:
     """The YAML tree of one run."""
     from mf_longseq.planner.shapes import _config_of
     config = _config_of(model)
-    config_type, arch_type = _CLASSES[config.family]
+    config_type, arch_type = FAMILIES[config.family].config_class, FAMILIES[config.family].model_class
     model_config = {"type": config_type, **{k: v for k, v in config.to_dict().items() if k in _MODEL_KEYS}}
     model_config.update(seq_length=settings.seq_len, compute_dtype=settings.compute_dtype,
                         param_init_type=settings.param_dtype, use_flash_attention=True,

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
 from mf_longseq.config import ConfigError, node_at
+from mf_longseq.families import FAMILIES as FAMILY_TABLE
 from mf_longseq.train.mf_route_rules import OUR_DATASET, OUR_TRAINER, OUR_WRAPPER, PACKED_COLUMNS, PRETRAIN_COLUMNS
 
 REMOVED = "<removed>"
-# MindFormers' (config type, model type) -> the plugin's family; Qwen1.5 is MindFormers' LLaMA with q/k/v bias.
-FAMILIES = {("LlamaConfig", "LlamaForCausalLM"): "Llama", ("QwenConfig", "QwenForCausalLM"): "Qwen",
-            ("Qwen2Config", "Qwen2ForCausalLM"): "Qwen2"}
+# MindFormers' (config type, model type) -> the plugin's family (``families.py``); Qwen1.5 is also MindFormers'
+# LLaMA with q/k/v bias.
+FAMILIES = {f.mindformers_classes: f.name for f in FAMILY_TABLE.values() if f.mindformers_classes}
 # model.model_config keys that change nothing in training with the plugin's model, and why.
 DROPPED_MODEL_KEYS = {
     **dict.fromkeys(("use_past", "use_past_shard", "is_dynamic", "block_size", "num_blocks", "batch_size",
@@ -150,14 +151,15 @@ def _model(edit: _Editor) -> None:
                     f"arch.type) = {kinds} is none of MindFormers' {sorted(FAMILIES)}",
                     "start from a MindFormers LLaMA2 / Qwen / Qwen1.5 YAML")
         return
-    if family == "Llama" and section.get("qkv_has_bias"):
-        family = "Qwen2"                                          # MindFormers' Qwen1.5 research YAMLs
+    if family == "llama2" and section.get("qkv_has_bias"):
+        family = "qwen1_5"                                        # MindFormers' Qwen1.5 research YAMLs
     why = "the plugin's class with context-parallel attention (same shape keys)"
-    edit.set("model.model_config.type", f"{family}LongSeqConfig", why)
-    edit.set("model.model_config.auto_register", f"registry.{family}LongSeqConfig", "found through --register_path")
-    edit.set("model.arch.type", f"{family}LongSeqForCausalLM", why)
-    edit.set("model.arch.auto_register", f"registry.{family}LongSeqForCausalLM", "found through --register_path")
-    if family == "Qwen" and isinstance(section.get("intermediate_size"), int):
+    config_class, model_class = FAMILY_TABLE[family].config_class, FAMILY_TABLE[family].model_class
+    edit.set("model.model_config.type", config_class, why)
+    edit.set("model.model_config.auto_register", f"registry.{config_class}", "found through --register_path")
+    edit.set("model.arch.type", model_class, why)
+    edit.set("model.arch.auto_register", f"registry.{model_class}", "found through --register_path")
+    if family == "qwen" and isinstance(section.get("intermediate_size"), int):
         edit.set("model.model_config.intermediate_size", 2 * section["intermediate_size"], "MindFormers' Qwen counts "
                  "one SwiGLU half, QwenLongSeqConfig both (Hugging Face's convention): the same FFN width")
     _model_keys(edit, section)

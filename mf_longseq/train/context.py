@@ -1,8 +1,8 @@
 """MindSpore context of a training run: device, PyNative mode, communication, auto-parallel context, mesh.
 
 ``context:`` keys used: ``device_target`` (through ``LongSeqConfig``) and ``runtime_num_threads``.  The run is
-always PyNative.  Op dispatch is decided in one place, ``configure_op_dispatch`` (used by training, the demo and
-the benchmarks): synchronous on CPU, MindSpore's default asynchronous dispatch elsewhere (see its docstring for
+always PyNative.  Op dispatch is decided in one place, ``configure_op_dispatch`` (used by training, the pipeline
+executor, the demo and the benchmarks): synchronous on CPU, MindSpore's default asynchronous dispatch elsewhere (see its docstring for
 the measurements).
 
 ``parallel:`` keys of a MindFormers YAML go to ``mindspore.set_auto_parallel_context`` as MindFormers passes them,
@@ -140,6 +140,12 @@ def configure_op_dispatch(device_target: str) -> bool:
     (``benchmarks/pynative_gil.py``; ``benchmarks/kernel_bench.py --impls fused_cpu fused_cpu_async`` compares
     both in one run; the figures for training and the demo are in ``docs/design.md``, "CPU op dispatch").  On
     Ascend the host must stay ahead of the device, so the asynchronous default is kept there.
+
+    The pipeline's stage transfers need it too: on CPU they are emulated (``parallel/comm.py``) by blocking
+    collectives in several two-rank groups, deadlock-free in the order they are issued, but PyNative's
+    asynchronous launch may run them in another order (seen on CPU: a hang after a few steps); so
+    ``train/executor.py`` ``PipelinedStep`` calls this function too, for runs that did not go through ``setup``.
+    This is the one place of the package that switches the dispatch mode.
 
     Synchronous dispatch keeps the kernels on the Python thread, but MindSpore releases the GIL while an op
     runs (``benchmarks/pynative_gil.py``: a counting Python thread keeps 0.457 of its idle rate during the

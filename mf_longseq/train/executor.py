@@ -28,9 +28,10 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mf_longseq.models.stage import DecoderStage
-from mf_longseq.parallel.comm import all_reduce, is_emulated
+from mf_longseq.parallel.comm import all_reduce
 from mf_longseq.parallel.pipeline import PipelineRunner, build_schedule
 from mf_longseq.parallel.plan import check_micro_batches
+from mf_longseq.train.context import configure_op_dispatch
 
 
 class PlainStep:
@@ -83,11 +84,9 @@ class PipelinedStep:
         self.micro_batch_num, self.schedule = micro_batch_num, schedule
         self.hidden_size, self.act_dtype = model.config.hidden_size, model.compute_dtype
         self.pp_group = mesh.group("pp")
-        if self.pp_group.size > 1 and is_emulated(self.pp_group):
-            # The emulated transfers are blocking collectives in several two-rank groups; they are deadlock-free
-            # in the order they are issued, but PyNative's asynchronous launch may run them in another order
-            # (seen on CPU: a hang after a few steps).  Launch every op synchronously in this process.
-            ms.runtime.launch_blocking()
+        if self.pp_group.size > 1:
+            # The emulated stage transfers (CPU) need synchronous dispatch (the reason: configure_op_dispatch).
+            configure_op_dispatch(self.pp_group.device_target)
 
     def check_batch_size(self, batch_size: int) -> None:
         """Raises ValueError unless ``batch_size`` (sequences per dp rank) splits into the micro-batches."""

@@ -36,11 +36,16 @@ from mindspore import Tensor, nn, ops
 from mindformers.tools.logger import logger          # the Trainer route's log (MindFormers' own)
 
 from mf_longseq.config import ConfigError
+from mf_longseq.families import FAMILIES
 from mf_longseq.parallel.comm import all_reduce
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.tensor_parallel import shard_specs
 from mf_longseq.train.clip import clip_coefficient, clip_grads, global_grad_norm
 from mf_longseq.train.monitor import peak_rss_mib
+
+
+_NAMES = [f.model_class for f in FAMILIES.values()]
+_OUR_MODELS = ", ".join(_NAMES[:-1]) + " or " + _NAMES[-1]          # "A, B or C"
 
 
 def plugin_model(network):
@@ -49,8 +54,7 @@ def plugin_model(network):
         if isinstance(getattr(cell, "mesh", None), Mesh):
             return cell
     raise ConfigError("model.arch.type", type(network).__name__, "LongSeqTrainOneStepCell trains mf_longseq's models "
-                      "(it needs their mesh)", "use LlamaLongSeqForCausalLM, QwenLongSeqForCausalLM or "
-                      "Qwen2LongSeqForCausalLM")
+                      "(it needs their mesh)", f"use {_OUR_MODELS}")
 
 
 def _refuse_unsupported(scale_sense, calculate_per_token_loss, use_skip_data_by_global_norm) -> None:

@@ -226,10 +226,12 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: 
 
     The rank file holds ``trainer.state_parameters()`` (under pp: this stage's weights and moments only); the
     metadata names the layout, the shard spec of every mp-split weight and ``num_layers``, for resharding.
+    ``num_layers`` is the built model's (``trainer.model.config``): a YAML that omits the key builds the config
+    class's default, which the raw ``tree`` does not hold.
     """
     from mf_longseq.parallel.tensor_parallel import shard_specs
     opt = trainer.optimizer.settings
-    num_layers = ((tree.get("model") or {}).get("model_config") or {}).get("num_layers")
+    num_layers = trainer.model.config.num_layers
     return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
                      barrier=barrier(run.world_size), save_id=agree_save_id(run.rank, run.world_size),
                      layout=config.plan, config_tree=tree, data=data,

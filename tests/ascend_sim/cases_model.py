@@ -131,7 +131,7 @@ def template_layer(relative):
     from mf_longseq.config import LongSeqConfig
     from mf_longseq.models.build import model_config_from
     from mf_longseq.models.decoder import MS_DTYPES, DecoderLayer
-    from mf_longseq.models.rope import rope_tables
+    from mf_longseq.rope import rope_tables
     from mf_longseq.parallel.mesh import Mesh
     from mf_longseq.parallel.sharding import global_positions
     tree = _load(relative)

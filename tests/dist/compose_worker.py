@@ -15,12 +15,18 @@ logged steps and losses:
 * ``job_mp2_cp2``: mp2 x cp2 for ``JOB_SAVE_STEP`` steps, saving at the last one;
 * ``job_resume_cp4``: that mp2 x cp2 checkpoint resumed under cp4 (resharded) up to step ``JOB_STEPS``.
 
+``default_layers_main`` (``python compose_worker.py OUT_DIR --default-layers``, 2 workers, its own launch: 32 layers
+are slow, and a stage that waits too long for the other under a loaded host must not fail the launch above) runs
+``job_pp2_default_layers``: pp2 of a YAML without ``num_layers`` (``default_layers_tree``: the config class's
+default, 32 layers) for ``DEFAULT_LAYERS_SAVE_STEP`` step(s), saving at the last one.
+
 ``world_size`` records the error the run set-up (``train.context.setup``) raises for a config of 8 ranks
 started on 4.
 """
 import io
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -52,6 +58,8 @@ JOB_CASES = {
     "job_mp2_cp2": (1, 2, 2, 1, "colossalai_cp", 1),
     "job_resume_cp4": (1, 1, 4, 1, "colossalai_cp", 1),
 }
+DEFAULT_LAYERS_SAVE_STEP = 1     # job_pp2_default_layers saves here (32 layers: one step is enough)
+DEFAULT_LAYERS = {"job_pp2_default_layers": (1, 1, 1, 2, "colossalai_cp", 2)}     # on 2 ranks
 
 
 def tiny_tree(dp=1, mp=1, cp=1, pp=1, algo="colossalai_cp", micro=1):
@@ -71,6 +79,13 @@ def tiny_tree(dp=1, mp=1, cp=1, pp=1, algo="colossalai_cp", micro=1):
                   "arch": {"type": "LlamaLongSeqForCausalLM"}},
         "long_seq": {"layout": "zigzag", "block_size": 16},
     }
+
+
+def default_layers_tree(*layout):
+    """``tiny_tree(*layout)`` without ``model.model_config.num_layers``: the model builds its class's default."""
+    tree = tiny_tree(*layout)
+    del tree["model"]["model_config"]["num_layers"]
+    return tree
 
 
 def build(tree, rank=None, packed=False):
@@ -119,12 +134,15 @@ def run_job_case(name, out_dir, *, rank):
     """Run a ``JOB_CASES`` case through ``run_job`` (the user path) and write this rank's steps and losses."""
     from mf_longseq.train.checkpoint import step_dir
     from mf_longseq.train.job import JobOptions, run_job
-    tree = tiny_tree(*JOB_CASES[name])
-    if name == "job_resume_cp4":
-        opts = JobOptions(config=tree, steps=JOB_STEPS, output_dir=run_dir(out_dir, name),
+    if name in DEFAULT_LAYERS:
+        tree = default_layers_tree(*DEFAULT_LAYERS[name])
+        opts = JobOptions(config=tree, steps=DEFAULT_LAYERS_SAVE_STEP, save_every=DEFAULT_LAYERS_SAVE_STEP,
+                          output_dir=run_dir(out_dir, name))
+    elif name == "job_resume_cp4":
+        opts = JobOptions(config=tiny_tree(*JOB_CASES[name]), steps=JOB_STEPS, output_dir=run_dir(out_dir, name),
                           resume=step_dir(run_dir(out_dir, "job_mp2_cp2"), JOB_SAVE_STEP))
     else:
-        opts = JobOptions(config=tree, steps=JOB_SAVE_STEP, save_every=JOB_SAVE_STEP,
+        opts = JobOptions(config=tiny_tree(*JOB_CASES[name]), steps=JOB_SAVE_STEP, save_every=JOB_SAVE_STEP,
                           output_dir=run_dir(out_dir, name))
     records = run_job(opts, stream=io.StringIO())
     with open(os.path.join(out_dir, name, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
@@ -149,7 +167,7 @@ def run(name, rank, out_dir):
     if name == "world_size":
         np.savez(path, message=np.array(world_size_message()))
         return
-    if name in JOB_CASES:
+    if name in JOB_CASES or name in DEFAULT_LAYERS:
         run_job_case(name, out_dir, rank=rank)
         return
     if name in PACKED_CASES:
@@ -162,6 +180,11 @@ def run(name, rank, out_dir):
     np.savez(path, losses=np.array(losses, np.float64), specs=np.array(specs), **state)
 
 
+def default_layers_main():
+    rank, out_dir, _ = join_launch(2)
+    run_cases(list(DEFAULT_LAYERS), lambda name: run(name, rank, out_dir), None, rank, name_of=lambda name: name)
+
+
 def main():
     rank, out_dir, only = join_launch(WORLD)
     names = list(CASES) + list(PACKED_CASES) + list(JOB_CASES) + ["world_size"]
@@ -169,4 +192,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if "--default-layers" in sys.argv:
+        sys.argv.remove("--default-layers")
+        default_layers_main()
+    else:
+        main()

@@ -7,7 +7,8 @@ merged with ``reshard.merge_rank_states``) must agree within 1e-5 relative.
 
 The user's path, ``run_job`` (``mf-longseq train``), runs in the same launch: pp2 x cp2 for 3 steps equals the
 one-rank ``run_job``; a run under mp2 x cp2 saves at step 3 and resumes under cp4 (in the launch) and on one rank
-(here), as does the pp2 x cp2 checkpoint; steps 4-5 equal those of an uninterrupted one-rank run.
+(here), as does the pp2 x cp2 checkpoint; steps 4-5 equal those of an uninterrupted one-rank run.  A pp2 checkpoint
+of a YAML without ``num_layers`` (the model's default count; its own 2-rank launch) resumes on one rank too.
 
 The validation rules of the composition are tested here too, each with its exact message.
 """
@@ -156,6 +157,36 @@ def test_checkpoint_resumes_on_one_rank(name, launch, job_reference, tmp_path):
                                  resume=str(job_checkpoint(launch, name))), stream=io.StringIO())
     assert [r.step for r in records] == list(range(cw.JOB_SAVE_STEP + 1, cw.JOB_STEPS + 1))
     assert_losses([r.loss for r in records], job_reference[cw.JOB_SAVE_STEP:], f"{name} resumed on one rank")
+
+
+@pytest.fixture(scope="module")
+def default_layers_launch(msrun, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("default_layers")
+    msrun(WORKER, [out_dir, "--default-layers"], workers=2, timeout=1500)
+    return out_dir
+
+
+@pytest.mark.dist
+def test_pipeline_checkpoint_of_yaml_without_num_layers_reshards_to_one_stage(default_layers_launch, tmp_path):
+    """A YAML that omits ``num_layers`` builds the config class's default (32 layers). The pp2 checkpoint
+    records the built count in meta.json, so it reshards to one stage and resumes like an uninterrupted one-rank
+    run (issue 21: the count was read from the YAML, None, and the checkpoint could not be resharded)."""
+    from mf_longseq.config import DEFAULT_NUM_LAYERS
+    from mf_longseq.train.checkpoint import step_dir
+    from mf_longseq.train.job import JobOptions, run_job
+    launch, name, saved = default_layers_launch, "job_pp2_default_layers", cw.DEFAULT_LAYERS_SAVE_STEP
+    steps = saved + 1
+    directory = Path(step_dir(str(cw.run_dir(str(launch), name)), saved))
+    reference = [r.loss for r in run_job(JobOptions(config=cw.default_layers_tree(), steps=steps),
+                                         stream=io.StringIO())]
+    records = run_job(JobOptions(config=cw.default_layers_tree(), steps=steps, output_dir=str(tmp_path),
+                                 resume=str(directory)), stream=io.StringIO())
+    assert [r.step for r in records] == list(range(saved + 1, steps + 1))
+    assert_losses([r.loss for r in records], reference[saved:], f"{name} resumed on one rank")
+    for rank in range(2):
+        assert_losses(job_log(launch, name, rank)["losses"], reference[:saved], f"{name} rank {rank}")
+    meta = json.loads((directory / "meta.json").read_text())
+    assert (meta["layout"]["pp"], meta["num_layers"]) == (2, DEFAULT_NUM_LAYERS)
 
 
 @pytest.mark.dist

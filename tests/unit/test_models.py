@@ -11,7 +11,7 @@ from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import (LLAMA2_PRESETS, QWEN1_5_PRESETS, QWEN_PRESETS, LlamaLongSeqConfig,
                                Qwen2LongSeqConfig, QwenLongSeqConfig, build_model, count_parameters,
                                parameter_shapes)
-from mf_longseq.models.rope import rope_tables
+from mf_longseq.rope import rope_tables
 from mf_longseq.parallel import Mesh, global_positions
 from model_oracle import numpy_logits, numpy_loss
 

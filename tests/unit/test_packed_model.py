@@ -11,7 +11,7 @@ from mindspore import Tensor
 
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.models import LlamaLongSeqConfig, Qwen2LongSeqConfig, build_model
-from mf_longseq.models.rope import rope_tables
+from mf_longseq.rope import rope_tables
 from mf_longseq.parallel import Mesh, shard_sequence
 from mf_longseq.train.data import SyntheticTokens, batch_for_step
 from mf_longseq.train.optim import AdamW, OptimSettings

@@ -155,3 +155,18 @@ def test_bind_rank_cores_leaves_other_devices_and_plain_processes_alone(monkeypa
     assert bind_rank_cores("Ascend") is None
     assert bind_rank_cores("CPU") is None                                        # not an msrun worker
     assert os.sched_getaffinity(0) == before
+
+
+def test_one_place_switches_the_op_dispatch_mode():
+    """``ms.runtime.launch_blocking`` is called by ``configure_op_dispatch`` alone (read from the source): the
+    pipeline executor asks it too instead of flipping the mode a second time (issue 21)."""
+    import ast
+    from pathlib import Path
+    package = Path(__file__).resolve().parents[2] / "mf_longseq"
+    callers = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            if any(isinstance(n, ast.Attribute) and n.attr == "launch_blocking" for n in ast.walk(func)):
+                callers.append(f"{path.relative_to(package).as_posix()}:{func.name}")
+    assert sorted(set(callers)) == ["train/context.py:configure_op_dispatch"]
