@@ -28,7 +28,7 @@ from mindformers.trainer.causal_language_modeling.causal_language_modeling impor
 
 from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size, node_at, raise_all
 from mf_longseq.train.mf_route_rules import OUR_DATASET, OUR_TRAINER, OUR_WRAPPER, route_refusals
-from mf_longseq.train.context import bind_rank_cores, configure_op_dispatch
+from mf_longseq.train.context import bind_rank_cores, configure_op_dispatch, runtime_context_kwargs
 
 
 def plain_tree(config) -> dict:
@@ -47,6 +47,28 @@ def layout_header(tree: dict, long_seq: LongSeqConfig, mesh) -> str:
             f"batch = batch_size {batch} x data_parallel {long_seq.data_parallel} = {batch * long_seq.data_parallel} "
             f"samples per step (the {long_seq.context_parallel * long_seq.model_parallel} cp x mp ranks of a sample "
             "share it)")
+
+
+def apply_cpu_runtime(tree: dict, device_target: str) -> None:
+    """The CPU runtime of ``mf-longseq train`` (``train/context.py``) on this route: ``context.runtime_num_threads``
+    applied to MindSpore, synchronous op dispatch, the msrun rank bound to its own CPUs.
+
+    MindFormers 1.9's ``build_context`` does not apply ``runtime_num_threads`` (it logs "did not take effect via
+    set_context"), so the route ran MindSpore's default (one kernel thread per CPU): with 2 ranks on 2 CPUs that is
+    more threads than CPUs, ``bind_rank_cores`` then binds nothing and each rank's thread pool spins on the CPU the
+    other rank computes on - at CP = 2, S = 4096 the route used 1.8x our loop's CPU time per step
+    (``benchmarks/mf_route_speed.py``, its per-thread profile: ``ActorThread_0`` / ``KernelThread_0`` unbound).
+    Called before the dataset and the network exist (no kernel thread yet).
+
+    Raises:
+        ValueError: ``context.runtime_num_threads`` is not a positive integer.
+    """
+    import mindspore as ms
+    runtime = runtime_context_kwargs(tree.get("context"))
+    if runtime:
+        ms.set_context(**runtime)
+    configure_op_dispatch(device_target)
+    bind_rank_cores(device_target)
 
 
 class LongSeqTrainer(CausalLanguageModelingTrainer):
@@ -79,8 +101,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         self.start_checkpoint = take_start_checkpoint(config, world_size=running_world_size())
         self.tree, self.long_seq = tree, long_seq
         self.mesh = default_mesh(long_seq)
-        configure_op_dispatch(long_seq.device_target)       # the CPU runtime of mf-longseq train (train/context.py)
-        bind_rank_cores(long_seq.device_target)
+        apply_cpu_runtime(tree, long_seq.device_target)
         logger.info(layout_header(tree, long_seq, self.mesh))
 
     def create_network(self, default_args: Optional[dict] = None):

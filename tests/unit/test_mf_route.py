@@ -171,3 +171,29 @@ def test_mf_longseq_train_refuses_dataset_dir_rows_of_seq_length(tmp_path):
                                          r"model.model_config.seq_length \+ 1 = 257\). Fix: write samples of 257"):
         run_job(JobOptions(config=tree, steps=1), stream=stream)
     assert "step 1" not in stream.getvalue()
+
+
+def test_route_applies_runtime_num_threads_before_binding_the_rank(monkeypatch):
+    """MindFormers 1.9's ``build_context`` drops ``context.runtime_num_threads``; ``LongSeqTrainer`` applies it, then
+    synchronous dispatch and the rank binding (which sizes the rank's CPU set by it: unapplied, MindSpore's default
+    of one thread per CPU made 2 ranks on 2 CPUs bind nothing and spin on each other's core)."""
+    from mf_longseq.train import mf_trainer
+    seen = []
+    monkeypatch.setattr(mf_trainer, "configure_op_dispatch", lambda target: seen.append(("dispatch", target)))
+    monkeypatch.setattr(mf_trainer, "bind_rank_cores",
+                        lambda target: seen.append(("bind", target, ms.get_context("runtime_num_threads"))))
+    before = ms.get_context("runtime_num_threads")
+    cfg = _cfg(TINY_CP1)
+    cfg.context.runtime_num_threads = before + 1
+    try:
+        LongSeqTrainer(model_name="llama2_tiny")._take_layout(cfg)
+    finally:
+        ms.set_context(runtime_num_threads=before)
+    assert seen == [("dispatch", "CPU"), ("bind", "CPU", before + 1)]
+
+
+def test_route_refuses_a_bad_runtime_num_threads():
+    cfg = _cfg(TINY_CP1)
+    cfg.context.runtime_num_threads = 0
+    with pytest.raises(ValueError, match=r"context\.runtime_num_threads = 0: must be a positive integer"):
+        LongSeqTrainer(model_name="llama2_tiny")._take_layout(cfg)
