@@ -98,7 +98,8 @@ class RingAttention(nn.Cell):
             src = self._source(step)
             incoming = self._start_next(k, v, step)                              # transfer of step + 1 ...
             if self.work[src]:                                                   # ... overlaps this block
-                self_merging = out is not None and out.is_contiguous() and hasattr(self.kernel, "forward_into")
+                self_merging = (out is not None and out.is_contiguous() and lse.is_contiguous()
+                                and hasattr(self.kernel, "forward_into"))
                 if self_merging:
                     self.kernel.forward_into(q, k, v, self.masks[src], self.scale, out, lse)
                 else:

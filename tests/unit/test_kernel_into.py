@@ -31,7 +31,7 @@ def _split_run(layout, dense, q, k, v, dout, q_pos, k_pos, halves):
              for sl in halves]
     qt, dt = lay(q), lay(dout)
     out, lse = kernel.forward(qt, lay(k[:, halves[0]]), lay(v[:, halves[0]]), masks[0], scale)
-    out = out if out.is_contiguous() else out.contiguous()                  # the dense reference swaps axes
+    out, lse = (x if x.is_contiguous() else x.contiguous() for x in (out, lse))   # the dense reference swaps axes
     for sl, mask in zip(halves[1:], masks[1:]):
         kernel.forward_into(qt, lay(k[:, sl]), lay(v[:, sl]), mask, scale, out, lse)
     delta = (dt * out).sum(-1)
@@ -69,6 +69,6 @@ def test_running_buffers_must_be_contiguous_float32():
     out, lse = ops.zeros(q.shape, ms.float16), ops.zeros(q.shape[:-1], ms.float32)
     with pytest.raises(ValueError, match="out: .*contiguous float32"):
         kernel.forward_into(q, k, v, AttentionMask(pos, pos, True), 0.3, out, lse)
-    dq, dk = ops.zeros(q.shape, ms.float32), ops.zeros((1, 1, 16, 8), ms.float32).swapaxes(1, 2)
+    dq, dk = ops.zeros(q.shape, ms.float32), ops.zeros((1, 1, 8, 16), ms.float32).swapaxes(2, 3)
     with pytest.raises(ValueError, match="dk: .*strided view"):
         kernel.backward_into(q, k, v, q, lse, lse, AttentionMask(pos, pos, True), 0.3, dq, dk, ops.zeros_like(k))
