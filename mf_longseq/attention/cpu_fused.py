@@ -163,7 +163,8 @@ class FusedCpuKernel:
 
     def forward_into(self, q, k, v, mask: AttentionMask, scale: float, out, lse) -> None:
         """Merge this block's attention into the running ``out`` (q's shape) and ``lse`` (q's shape without D), both
-        float32 and contiguous, in place (log-sum-exp, as ``merge.merge``).
+        float32, contiguous and owned (not views: a ``DenseMask`` merges through ``ops.assign``), in place
+        (log-sum-exp, as ``merge.merge``).
 
         Raises:
             ValueError: ``out`` or ``lse`` not a contiguous float32 tensor (the operator writes their memory).

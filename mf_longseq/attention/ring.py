@@ -38,7 +38,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mf_longseq.attention.merge import merge_into
-from mf_longseq.attention.mask import AttentionMask
+from mf_longseq.attention.mask import AttentionMask, DenseMask
 from mf_longseq.parallel.comm import ring_shift_start
 
 
@@ -99,6 +99,7 @@ class RingAttention(nn.Cell):
             incoming = self._start_next(k, v, step)                              # transfer of step + 1 ...
             if self.work[src]:                                                   # ... overlaps this block
                 self_merging = (out is not None and out.is_contiguous() and lse.is_contiguous()
+                                and not isinstance(self.masks[src], DenseMask)       # the reference's views
                                 and hasattr(self.kernel, "forward_into"))
                 if self_merging:
                     self.kernel.forward_into(q, k, v, self.masks[src], self.scale, out, lse)
