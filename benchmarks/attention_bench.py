@@ -34,8 +34,16 @@ from bench_table import write_table
 
 HERE = Path(__file__).resolve().parent
 ALGOS = {1: ["local"], 2: ["colossalai_cp", "ulysses_cp"], 4: ["colossalai_cp", "ulysses_cp", "hybrid_cp"]}
-PEERS = {1: ["torch_sdpa"], 2: ["torch_ring", "ds_ulysses"]}             # peer_attention.py
-PEER_OF = {"local": "torch_sdpa", "colossalai_cp": "torch_ring", "ulysses_cp": "ds_ulysses"}
+PEERS = {1: ["torch_sdpa"], 2: ["torch_ring", "ds_ulysses"], 4: ["torch_ring", "ds_ulysses"]}  # peer_attention.py
+PEER_OF = {"local": "torch_sdpa", "colossalai_cp": "torch_ring", "ulysses_cp": "ds_ulysses", "hybrid_cp": "torch_ring"}
+
+
+def _runs(args, cp: int, kv: int):
+    """(name, is_peer) of every case at this CP: ours, then the peers (``--algos`` keeps only the named ones;
+    DeepSpeed Ulysses needs the kv heads divisible by CP)."""
+    ours = [(algo, False) for algo in ALGOS[cp]]
+    peers = [(impl, True) for impl in PEERS.get(cp, []) if args.peers and (impl != "ds_ulysses" or kv % cp == 0)]
+    return [(name, peer) for name, peer in ours + peers if not args.algos or name in args.algos]
 
 
 # --------------------------------------------------------------------------------------------------- worker side
@@ -60,7 +68,7 @@ def run_case(args, mesh):
     """
     import mindspore as ms
     from mindspore import Tensor
-    from attention_oracle import inputs, save_rows
+    from attention_oracle import inputs, reset_peak, save_rows
     from mf_longseq.attention import BlockwiseKernel, select_kernel
     from mf_longseq.parallel import global_positions
     from mf_longseq.train.monitor import peak_rss_mib, rss_mib
@@ -71,10 +79,10 @@ def run_case(args, mesh):
     cell = _attention_cell(args, mesh, kernel)
     grad = ms.ops.GradOperation(get_all=True, sens_param=True)(cell)
     baseline = rss_mib()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")                                        # VmHWM := current RSS
     times, cpu = [], []
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            reset_peak()                                       # the warm-up (transport connect) is not measured
         mesh.stats.reset()
         start, start_cpu = time.perf_counter(), time.process_time()
         grads = grad(q, k, v, dout)
@@ -116,7 +124,25 @@ def worker_main(args):
 
 # --------------------------------------------------------------------------------------------------- driver side
 def _results(text: str):
-    return [json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines() if "RESULT " in line]
+    """The RESULT rows of a worker's output (a line still being written is skipped)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("RESULT "):
+            try:
+                rows.append(json.loads(line.split("RESULT ", 1)[1]))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def _log_rows(log_dir: str, ranks: int):
+    """Every rank's RESULT row from its msrun log, re-read for up to 30 s while a log is still being flushed."""
+    for _ in range(30):
+        rows = [row for log in sorted(Path(log_dir).glob("worker_*.log")) for row in _results(log.read_text())]
+        if len(rows) == ranks:
+            break
+        time.sleep(1)
+    return rows
 
 
 def _env(args, workdir):
@@ -143,7 +169,7 @@ def launch(args, cp, seq, kv, algo, workdir):
     log_dir = os.path.join(workdir, f"log_cp{cp}_{seq}_{kv}_{algo}")
     cmd = msrun_command([__file__, *common], worker_num=cp, master_port=free_port(), log_dir=log_dir, guard=False)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
-    rows = [row for log in sorted(Path(log_dir).glob("worker_*.log")) for row in _results(log.read_text())]
+    rows = _log_rows(log_dir, cp)
     if proc.returncode != 0 or len(rows) != cp:
         raise RuntimeError(f"CP={cp} {algo} S={seq} kv={kv} failed; logs in {log_dir}")
     return rows
@@ -203,7 +229,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
-    parser.add_argument("--cp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cp", type=int, nargs="+", default=[1, 2], help="1, 2 and/or 4 (4: hybrid 2 x 2)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of every CP > 1 process (rank)")
     parser.add_argument("--cp1-threads", type=int, default=2, help="CPU threads of the CP = 1 process")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (median reported)")
@@ -216,6 +242,9 @@ def parse_args():
     parser.add_argument("--async-dispatch", action="store_true",
                         help="keep PyNative's asynchronous dispatch (the Python thread busy-waits beside the kernel)")
     parser.add_argument("--csv", default="attention.csv", help="file name under benchmarks/results/")
+    parser.add_argument("--algos", nargs="+", default=[],
+                        help="run only these cases (e.g. colossalai_cp torch_ring hybrid_cp); default: all")
+    parser.add_argument("--oracle-cache", help="directory keeping the float64 oracle between runs")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block", type=int, default=2048)
@@ -240,12 +269,11 @@ def main():
     rows, errors = [], {}
     for seq in args.seq:
         for kv in args.kv_heads:
-            reference = oracle(seq, args.heads, kv, args.head_dim, cache_dir=workdir)
+            reference = oracle(seq, args.heads, kv, args.head_dim, cache_dir=args.oracle_cache or workdir)
             for cp in args.cp:                                 # interleaved: load drift hits every case alike
                 threads = args.threads
                 args.threads = args.cp1_threads if cp == 1 else threads
-                runs = [(algo, False) for algo in ALGOS[cp]] + [(impl, True) for impl in PEERS.get(cp, []) if args.peers]
-                for algo, peer in runs:
+                for algo, peer in _runs(args, cp, kv):
                     got = (peer_attention.launch(args, algo, cp, seq, kv, _env(args, workdir), workdir) if peer
                            else launch(args, cp, seq, kv, algo, workdir))
                     errors[(seq, kv, cp, algo)] = error([r["rows"] for r in got], reference)

@@ -37,11 +37,13 @@ def sample_positions(seq: int, seed: int = 0):
 
 
 def _rows_forward(q, k, v, rows, scale, g):
-    """out, lse (float64) of query positions ``rows`` (causal), q (S, N, D), k/v (S, K, D)."""
+    """out, lse (float64) of query positions ``rows`` (causal), q (S, N, D), k/v (S, K, D); keys after the last
+    row are never visible, so they are not read."""
     out = np.empty((len(rows), q.shape[1], q.shape[2]))
     lse = np.empty((len(rows), q.shape[1]))
+    k, v = k[:int(np.max(rows)) + 1], v[:int(np.max(rows)) + 1]
     for h in range(q.shape[1]):
-        s = (q[rows, h].astype(np.float64) @ k[:, h // g].astype(np.float64).T) * scale       # (R, S)
+        s = (q[rows, h].astype(np.float64) @ k[:, h // g].astype(np.float64).T) * scale       # (R, keys)
         s = np.where(np.arange(k.shape[0])[None, :] <= np.asarray(rows)[:, None], s, -np.inf)
         m = s.max(axis=1, keepdims=True)
         p = np.exp(s - m)
@@ -92,6 +94,12 @@ def pick(shard, positions, wanted):
     held = [(j, where[int(p)]) for j, p in enumerate(wanted) if int(p) in where]
     idx = np.array([j for j, _ in held], np.int64)
     return idx, np.asarray(shard)[[r for _, r in held]] if held else np.zeros((0,) + np.asarray(shard).shape[1:])
+
+
+def reset_peak() -> None:
+    """Set this process's peak RSS (VmHWM) to its current RSS: the peak of the steps that follow (both sides)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 
 
 def save_rows(path, positions, out, dq, dk, dv, seq: int, seed: int = 0):

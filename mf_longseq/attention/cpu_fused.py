@@ -5,6 +5,11 @@ Shapes (legend as in ``kernel.py``): q (B, N, S_q, D), k and v (B, K, S_k, D), N
     forward(q, k, v, mask, scale)  -> out (B, N, S_q, D) in q's dtype, lse (B, N, S_q) float32
     backward(q, k, v, dout, lse, delta, mask, scale) -> dq, dk, dv float32
 
+and, for the ring's running results (``ring.py``), the same work accumulated in place, no block-sized output:
+
+    forward_into(q, k, v, mask, scale, out, lse)      out, lse float32: the block merged in by log-sum-exp
+    backward_into(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)   dq, dk, dv float32: gradients added
+
 Token-major layout (``with_layout("BSND")``): the same contract with the sequence before the heads, the layout of
 the model's activations: q, out, dout, dq (B, S_q, N, D); k, v, dk, dv (B, S_k, K, D); lse, delta (B, S_q, N).
 The kernel reads and writes it in place (strided rows), so the algorithms need no transposes around it:
@@ -36,6 +41,7 @@ from mindspore.ops import CustomRegOp, DataType
 
 from mf_longseq.attention.cpu_build import library_path
 from mf_longseq.attention.mask import AttentionMask, DenseMask
+from mf_longseq.attention.merge import merge_into
 
 _F32, _I32 = DataType.F32_Default, DataType.I32_Default
 LAYOUTS = ("BNSD", "BSND")          # head-major (the kernel contract), token-major (the model's activations)
@@ -55,6 +61,19 @@ def _custom(lib, func: str, inputs, outputs, out_shape, out_dtype):
         reg = reg.output(i, name)
     reg = reg.dtype_format(*[t for _, t in inputs + outputs]).target("CPU").get_op_info()
     return ops.Custom(f"{lib}:{func}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", reg_info=reg)
+
+
+def _check_running(**buffers) -> None:
+    """The in-place operators write these tensors' memory: each must be float32 and contiguous.
+
+    Raises:
+        ValueError: naming the tensor, its dtype and the fix.
+    """
+    for name, x in buffers.items():
+        if x.dtype != ms.float32 or not x.is_contiguous():
+            raise ValueError(f"{name}: a running result updated in place must be a contiguous float32 tensor, got "
+                             f"{x.dtype}{'' if x.is_contiguous() else ' (strided view)'}. Fix: pass a buffer this "
+                             "caller owns (e.g. ops.zeros(shape, mindspore.float32)).")
 
 
 def cpu_threads() -> int:
@@ -92,6 +111,14 @@ class FusedCpuKernel:
                             [f32("q"), f32("k"), f32("v"), f32("dout"), f32("lse"), f32("delta")] + pos,
                             [f32("dq"), f32("dk"), f32("dv")],
                             lambda q, k, v, *_: (q, k, v), lambda *_: (ms.float32,) * 3)
+        done = [f32("done")]                                     # the *Into operators write their inputs in place
+        self._fwd_into = _custom(lib, "FusedAttentionForwardInto",
+                                 [f32("q"), f32("k"), f32("v"), f32("out"), f32("lse")] + pos, done,
+                                 lambda *_: (1,), lambda *_: ms.float32)
+        self._bwd_into = _custom(lib, "FusedAttentionBackwardInto",
+                                 [f32("q"), f32("k"), f32("v"), f32("dout"), f32("lse"), f32("delta"),
+                                  f32("dq"), f32("dk"), f32("dv")] + pos, done,
+                                 lambda *_: (1,), lambda *_: ms.float32)
 
     def with_layout(self, layout: str) -> "FusedCpuKernel":
         """This kernel (same operators) taking and returning tensors in ``layout``: "BNSD" (the kernel contract)
@@ -133,6 +160,40 @@ class FusedCpuKernel:
             return self._reference_backward(q, k, v, dout, lse, delta, mask, scale)
         args = self._mask_args(mask, scale, self._rows_per_head(q, k))
         return self._bwd(_f32(q), _f32(k), _f32(v), _f32(dout), _f32(lse), _f32(delta), *args)
+
+    def forward_into(self, q, k, v, mask: AttentionMask, scale: float, out, lse) -> None:
+        """Merge this block's attention into the running ``out`` (q's shape) and ``lse`` (q's shape without D), both
+        float32, contiguous and owned (not views: a ``DenseMask`` merges through ``ops.assign``), in place
+        (log-sum-exp, as ``merge.merge``).
+
+        Raises:
+            ValueError: ``out`` or ``lse`` not a contiguous float32 tensor (the operator writes their memory).
+        """
+        _check_running(out=out, lse=lse)
+        if isinstance(mask, DenseMask):
+            block = list(self.forward(q, k, v, mask, scale))
+            block[0] = _f32(block[0])
+            new_out, new_lse = merge_into(out, lse, block)
+            ops.assign(out, new_out)
+            ops.assign(lse, new_lse)
+            return
+        args = self._mask_args(mask, scale, self._rows_per_head(q, k))
+        self._fwd_into(_f32(q), _f32(k), _f32(v), out, lse, *args)
+
+    def backward_into(self, q, k, v, dout, lse, delta, mask: AttentionMask, scale: float, dq, dk, dv) -> None:
+        """Add this block's gradients into ``dq`` (q's shape), ``dk`` and ``dv`` (k's shape), float32 and
+        contiguous, in place; lse and delta as in ``backward``.
+
+        Raises:
+            ValueError: ``dq``, ``dk`` or ``dv`` not a contiguous float32 tensor.
+        """
+        _check_running(dq=dq, dk=dk, dv=dv)
+        if isinstance(mask, DenseMask):
+            for total, part in zip((dq, dk, dv), self.backward(q, k, v, dout, lse, delta, mask, scale)):
+                ops.assign_add(total, part)
+            return
+        args = self._mask_args(mask, scale, self._rows_per_head(q, k))
+        self._bwd_into(_f32(q), _f32(k), _f32(v), _f32(dout), _f32(lse), _f32(delta), dq, dk, dv, *args)
 
     # DenseMask: the blockwise reference, in BNSD; token-major tensors are swapped (B, S, H, ..) <-> (B, H, S, ..).
     def _swap(self, *xs):

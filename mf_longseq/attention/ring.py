@@ -23,7 +23,12 @@ copy).
 Working set (per rank, besides the inputs and what PyNative keeps for the backward: q, k, v, out, lse): forward
 the K/V block computed and the one arriving, the block's output and one scaled copy during the merge
 (``merge_into``); backward the same two K/V blocks, the block gradients, dQ, and the dK/dV buffers leaving and
-arriving, every accumulation in place (``ops.assign_add``).  With a
+arriving, every accumulation in place (``ops.assign_add``).  A kernel with accumulating forms
+(``forward_into`` / ``backward_into``: the fused CPU kernel) merges each block into (out, lse) and adds its
+gradients into dQ and the arriving dK/dV buffer itself, so no block output and no block gradient exists: forward
+holds out + the two K/V blocks, backward out, dQ, the two K/V blocks and the dK/dV buffers (the one arriving is
+waited for before the block's kernel, which adds into it).  Other kernels (FlashKernel on Ascend) take the
+block-gradient path above, unchanged.  With a
 token-major kernel (``FusedCpuKernel.with_layout("BSND")``) the same code runs on q (B, S_loc, N, D), k and v
 (B, S_loc, K, D) and lse (B, S_loc, N): nothing here depends on the order of the sequence and head axes.
 """
@@ -33,7 +38,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mf_longseq.attention.merge import merge_into
-from mf_longseq.attention.mask import AttentionMask
+from mf_longseq.attention.mask import AttentionMask, DenseMask
 from mf_longseq.parallel.comm import ring_shift_start
 
 
@@ -93,10 +98,16 @@ class RingAttention(nn.Cell):
             src = self._source(step)
             incoming = self._start_next(k, v, step)                              # transfer of step + 1 ...
             if self.work[src]:                                                   # ... overlaps this block
-                block = list(self.kernel.forward(q, k, v, self.masks[src], self.scale))
-                block[0] = _as(block[0], ms.float32)
-                out, lse = block if out is None else merge_into(out, lse, block)
-                del block
+                self_merging = (out is not None and out.is_contiguous() and lse.is_contiguous()
+                                and not isinstance(self.masks[src], DenseMask)       # the reference's views
+                                and hasattr(self.kernel, "forward_into"))
+                if self_merging:
+                    self.kernel.forward_into(q, k, v, self.masks[src], self.scale, out, lse)
+                else:
+                    block = list(self.kernel.forward(q, k, v, self.masks[src], self.scale))
+                    block[0] = _as(block[0], ms.float32)
+                    out, lse = block if out is None else merge_into(out, lse, block)
+                    del block
             k, v = incoming.wait() if incoming is not None else (None, None)
         if out is None:                                                          # no visible key at all
             out, lse = ops.zeros(q.shape, ms.float32), ops.full(q.shape[:-1], float("-inf"), dtype=ms.float32)
@@ -106,6 +117,8 @@ class RingAttention(nn.Cell):
         d_out, d_lse = dout
         o, lse = out
         delta = (_as(d_out, ms.float32) * _as(o, ms.float32)).sum(-1) - d_lse      # (B, N, S_loc)
+        if hasattr(self.kernel, "backward_into"):
+            return self._backward_into(q, k, v, d_out, lse, delta)
         dq = dk = dv = None                                                      # dk, dv travel with k, v
         kv_shape, k_dtype, v_dtype = k.shape, k.dtype, v.dtype
         moving = None                                                            # dK/dV in flight from step - 1
@@ -128,4 +141,23 @@ class RingAttention(nn.Cell):
             k, v = incoming.wait() if incoming is not None else (None, None)
         dk, dv = moving.wait()
         dq = ops.zeros(q.shape, ms.float32) if dq is None else dq
+        return _as(dq, q.dtype), _as(dk, k_dtype), _as(dv, v_dtype)
+
+    def _backward_into(self, q, k, v, d_out, lse, delta):
+        """The backward with a kernel that adds into dQ and the arriving dK/dV buffer (``backward_into``): the
+        buffer of block src is waited for before its kernel; K/V blocks are dropped as soon as computed."""
+        kv_shape, k_dtype, v_dtype = k.shape, k.dtype, v.dtype
+        dq = ops.zeros(q.shape, ms.float32)
+        moving = None                                                            # dK/dV in flight from step - 1
+        for step in range(self.group.size):
+            src = self._source(step)
+            incoming = self._start_next(k, v, step)
+            dk, dv = moving.wait() if moving is not None else \
+                (ops.zeros(kv_shape, ms.float32), ops.zeros(kv_shape, ms.float32))   # block src's buffers
+            if self.work[src]:                                                   # overlaps the K/V transfer
+                self.kernel.backward_into(q, k, v, d_out, lse, delta, self.masks[src], self.scale, dq, dk, dv)
+            k, v = incoming.wait() if incoming is not None else (None, None)
+            moving = _Pair(dk, dv, self.group)                                   # after R shifts: back home
+            dk = dv = None
+        dk, dv = moving.wait()
         return _as(dq, q.dtype), _as(dk, k_dtype), _as(dv, v_dtype)

@@ -37,7 +37,8 @@ one tile plus its recomputed intermediates, T F/t (3 e + 4 e + 4)) and the hidde
 (2 s h e / r; + SP: s h e, the full gradient of a gathered input before its reduce-scatter).
 
 Attention buffers (transient, the backward of one layer; ``attention/ring.py``, ``ulysses.py``): the kernel's
-float32 block gradients (s Nt D 4 + 2 s Kh D 4) and the float32 dq (s Nt D 4); ring: K and V and the incoming K
+float32 block gradients (s Nt D 4 + 2 s Kh D 4; none for the ring on backend "cpu", whose fused kernel adds into
+dq and the arriving dK/dV in place, ``backward_into``) and the float32 dq (s Nt D 4); ring: K and V and the incoming K
 and V (2 x 2 s Kh D e), the float32 dK/dV leaving and arriving (2 x 2 s Kh D 4), every accumulation in place;
 Ulysses: the output gradient in head layout and the returned [dq | dk | dv] leaving and arriving,
 s U (n_max + 2 (n_max + 2 k_max)) D e; Kh the kv heads a ring carries (under Ulysses the most any Ulysses rank
@@ -149,7 +150,8 @@ def attention_buffers(shape: ModelShape, layout: RunPlan, settings: Settings) ->
     split = HeadSplit(nt, kt, u) if u > 1 else None
     kr = split.kv_heads_received if split else kt                           # kv heads over the Ulysses ranks
     kh = _most_kv(split) if split else kt                                   # kv heads entering the ring
-    out = 2 * s * nt * d * 4 + 2 * s * kh * d * 4                            # block grads, dq (float32)
+    in_place = layout.ring > 1 and settings.backend == "cpu"                # the fused kernel's backward_into
+    out = s * nt * d * 4 + (0 if in_place else s * nt * d * 4 + 2 * s * kh * d * 4)   # dq, block grads (float32)
     if layout.ring > 1:
         out += 2 * (2 * s * kh * d * e) + 2 * (2 * s * kh * d * 4)
     if u > 1:

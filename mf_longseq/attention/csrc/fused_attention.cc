@@ -17,7 +17,9 @@
 // work items are (batch, kv head, query tile), spread over std::threads.
 //
 // Entry points: MindSpore AOT custom operators (ops.Custom func_type="aot"): FusedAttentionForward,
-// FusedAttentionBackward.  Parameter order is documented at each.
+// FusedAttentionBackward, and their accumulating forms for the ring, FusedAttentionForwardInto (merges the block
+// into a running (out, lse) by log-sum-exp, in place) and FusedAttentionBackwardInto (adds the block's gradients
+// into running dq, dk, dv, in place): no block-sized output exists.  Parameter order is documented at each.
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -67,6 +69,7 @@ struct Problem {
   int64_t b, n, kv, g, sq, sk, d;
   const int32_t *q_pos, *k_pos, *q_doc, *k_doc;
   bool causal, docs, token_major;
+  bool accumulate = false;                                          // the *Into entry points: add, not write
   int64_t k_ld;                                                     // floats between consecutive keys of a head
   float scale;
   int threads;
@@ -151,15 +154,46 @@ void PackRows(const Problem &p, const float *x, int64_t b, int64_t h, const Tile
   }
 }
 
-// Inverse of PackRows for (G*T, D) -> x, and (G*T) -> y (lse-like) when y is given.
+// Inverse of PackRows for (G*T, D) -> x, and (G*T) -> y (lse-like) when y is given; with p.accumulate the rows
+// are added into x (y must then be null).
 void UnpackRows(const Problem &p, const float *rows, const float *vals, int64_t b, int64_t h, const Tile &qt,
                 float *x, float *y) {
   const int64_t t = qt.end - qt.start;
   for (int64_t g = 0; g < p.g; ++g) {
     for (int64_t r = 0; r < t; ++r) {
       const int64_t n = h * p.g + g, s = qt.start + r;
-      std::memcpy(x + QRow(p, b, n, s), rows + (g * t + r) * p.d, sizeof(float) * p.d);
+      const float *src = rows + (g * t + r) * p.d;
+      float *dst = x + QRow(p, b, n, s);
+      if (p.accumulate) {
+#pragma omp simd
+        for (int64_t e = 0; e < p.d; ++e) dst[e] += src[e];
+      } else {
+        std::memcpy(dst, src, sizeof(float) * p.d);
+      }
       if (y) y[StatAt(p, b, n, s)] = vals[g * t + r];
+    }
+  }
+}
+
+// Merge of the tile's block result (rows (G*T, D), natural-log lse vals (G*T)) into the running (out, lse), in
+// place: lse = log(e^lse + e^lse_b), out = out e^(lse_old - lse) + rows e^(lse_b - lse) (ring-flash-attention's
+// merge); a row where both are -inf stays (out, -inf).
+void MergeRows(const Problem &p, const float *rows, const float *vals, int64_t b, int64_t h, const Tile &qt,
+               float *out, float *lse) {
+  const int64_t t = qt.end - qt.start;
+  for (int64_t g = 0; g < p.g; ++g) {
+    for (int64_t r = 0; r < t; ++r) {
+      const int64_t n = h * p.g + g, s = qt.start + r;
+      const float la = lse[StatAt(p, b, n, s)], lb = vals[g * t + r];
+      const float hi = std::max(la, lb);
+      if (hi == kNegInf) continue;
+      const float merged = hi + std::log(std::exp(la - hi) + std::exp(lb - hi));
+      const float wa = std::exp(la - merged), wb = std::exp(lb - merged);
+      const float *src = rows + (g * t + r) * p.d;
+      float *dst = out + QRow(p, b, n, s);
+#pragma omp simd
+      for (int64_t e = 0; e < p.d; ++e) dst[e] = dst[e] * wa + src[e] * wb;
+      lse[StatAt(p, b, n, s)] = merged;
     }
   }
 }
@@ -272,7 +306,11 @@ void ForwardItem(const Problem &p, const float *q, const float *k, const float *
     for (int64_t e = 0; e < d; ++e) w.acc[r * d + e] *= inv;
     w.lse[r] = seen ? (w.m[r] + std::log2(w.l[r])) * kLn2 : kNegInf;
   }
-  UnpackRows(p, w.acc.data(), w.lse.data(), b, h, qt, out, lse);
+  if (p.accumulate) {
+    MergeRows(p, w.acc.data(), w.lse.data(), b, h, qt, out, lse);
+  } else {
+    UnpackRows(p, w.acc.data(), w.lse.data(), b, h, qt, out, lse);
+  }
 }
 
 struct Grads {
@@ -350,14 +388,9 @@ Problem MakeProblem(const int64_t *q_shape, const int64_t *k_shape, void **pos, 
 
 }  // namespace
 
-// params: q, k, v, q_pos, k_pos, q_doc, k_doc, cfg | out (B, N, Sq, D), lse (B, N, Sq).
-extern "C" int FusedAttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                     void *stream, void *extra) {
-  if (nparam != 10) return 1;
-  const Problem p = MakeProblem(shapes[0], shapes[1], params + 3, static_cast<const float *>(params[7]));
-  const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  float *out = static_cast<float *>(params[8]), *lse = static_cast<float *>(params[9]);
+namespace {
+
+void RunForward(const Problem &p, const float *q, const float *k, const float *v, float *out, float *lse) {
   const std::vector<int64_t> order = ItemOrder(p);
   const int64_t nt = p.q_tiles.size();
   std::vector<Scratch> scratch;
@@ -366,30 +399,24 @@ extern "C" int FusedAttentionForward(int nparam, void **params, int *ndims, int6
     const int64_t item = order[i], bh = item / nt;
     ForwardItem(p, q, k, v, bh / p.kv, bh % p.kv, p.q_tiles[item % nt], scratch[worker], out, lse);
   });
-  return 0;
 }
 
-// params: q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, cfg | dq (B, N, Sq, D), dk, dv (B, K, Sk, D).
 // dk/dv: when the (batch, kv head) pairs divide evenly among threads each thread owns whole pairs and writes the
 // outputs directly; otherwise workers 1.. accumulate into private (B, K, Sk, D) buffers summed at the end.
-extern "C" int FusedAttentionBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                      void *stream, void *extra) {
-  if (nparam != 14) return 1;
-  const Problem p = MakeProblem(shapes[0], shapes[1], params + 6, static_cast<const float *>(params[10]));
-  Grads base{static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-             static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-             static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
-             static_cast<float *>(params[11]), static_cast<float *>(params[12]), static_cast<float *>(params[13])};
+// Without p.accumulate dq, dk, dv are written (dk, dv zeroed first); with it they are added to.
+void RunBackward(const Problem &p, const Grads &base) {
   const int64_t kv_len = p.b * p.kv * p.sk * p.d, pairs = p.b * p.kv, nt = p.q_tiles.size();
-  std::fill_n(base.dk, kv_len, 0.0f);
-  std::fill_n(base.dv, kv_len, 0.0f);
+  if (!p.accumulate) {
+    std::fill_n(base.dk, kv_len, 0.0f);
+    std::fill_n(base.dv, kv_len, 0.0f);
+  }
   std::vector<Scratch> scratch;
   for (int w = 0; w < p.threads; ++w) scratch.emplace_back(p);
   if (pairs % p.threads == 0) {                                      // whole (b, h) pairs per thread
     ParallelFor(p.threads, pairs, [&](int worker, int64_t bh) {
       for (int64_t t = nt - 1; t >= 0; --t) BackwardItem(p, base, bh / p.kv, bh % p.kv, p.q_tiles[t], scratch[worker]);
     });
-    return 0;
+    return;
   }
   std::vector<std::vector<float>> priv(p.threads - 1, std::vector<float>(2 * kv_len, 0.0f));
   const std::vector<int64_t> order = ItemOrder(p);
@@ -408,5 +435,56 @@ extern "C" int FusedAttentionBackward(int nparam, void **params, int *ndims, int
       base.dv[e] += buf[e + kv_len];
     }
   }
+}
+
+Grads GradsOf(void **params, float *dq, float *dk, float *dv) {
+  return Grads{static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+               static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+               static_cast<const float *>(params[4]), static_cast<const float *>(params[5]), dq, dk, dv};
+}
+
+}  // namespace
+
+// params: q, k, v, q_pos, k_pos, q_doc, k_doc, cfg | out (B, N, Sq, D), lse (B, N, Sq).
+extern "C" int FusedAttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  if (nparam != 10) return 1;
+  const Problem p = MakeProblem(shapes[0], shapes[1], params + 3, static_cast<const float *>(params[7]));
+  RunForward(p, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+             static_cast<const float *>(params[2]), static_cast<float *>(params[8]), static_cast<float *>(params[9]));
+  return 0;
+}
+
+// params: q, k, v, out, lse (the running result, updated in place), q_pos, k_pos, q_doc, k_doc, cfg | done (1).
+extern "C" int FusedAttentionForwardInto(int nparam, void **params, int *ndims, int64_t **shapes,
+                                         const char **dtypes, void *stream, void *extra) {
+  if (nparam != 11) return 1;
+  Problem p = MakeProblem(shapes[0], shapes[1], params + 5, static_cast<const float *>(params[9]));
+  p.accumulate = true;
+  RunForward(p, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+             static_cast<const float *>(params[2]), static_cast<float *>(params[3]), static_cast<float *>(params[4]));
+  static_cast<float *>(params[10])[0] = 0.0f;
+  return 0;
+}
+
+// params: q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, cfg | dq (B, N, Sq, D), dk, dv (B, K, Sk, D).
+extern "C" int FusedAttentionBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  if (nparam != 14) return 1;
+  const Problem p = MakeProblem(shapes[0], shapes[1], params + 6, static_cast<const float *>(params[10]));
+  RunBackward(p, GradsOf(params, static_cast<float *>(params[11]), static_cast<float *>(params[12]),
+                         static_cast<float *>(params[13])));
+  return 0;
+}
+
+// params: q, k, v, dout, lse, delta, dq, dk, dv (added to in place), q_pos, k_pos, q_doc, k_doc, cfg | done (1).
+extern "C" int FusedAttentionBackwardInto(int nparam, void **params, int *ndims, int64_t **shapes,
+                                          const char **dtypes, void *stream, void *extra) {
+  if (nparam != 15) return 1;
+  Problem p = MakeProblem(shapes[0], shapes[1], params + 9, static_cast<const float *>(params[13]));
+  p.accumulate = true;
+  RunBackward(p, GradsOf(params, static_cast<float *>(params[6]), static_cast<float *>(params[7]),
+                         static_cast<float *>(params[8])));
+  static_cast<float *>(params[14])[0] = 0.0f;
   return 0;
 }
