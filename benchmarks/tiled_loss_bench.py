@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 VOCAB = 151936
 
 
-def tree(seq, loss_tile, mlp_tile, hidden=32, ffn=64):
+def tree(seq, loss_tile, mlp_tile, hidden=32, ffn=64, vocab=VOCAB):
     """The benchmark model as a MindFormers-style config; ``loss_tile`` None: the default rule."""
     tiles = {"mlp_tile": mlp_tile, **({} if loss_tile is None else {"loss_tile": loss_tile})}
     return {
@@ -58,7 +58,7 @@ def tree(seq, loss_tile, mlp_tile, hidden=32, ffn=64):
         "parallel_config": {"data_parallel": 1, "model_parallel": 1, "context_parallel": 2, "pipeline_stage": 1,
                             "micro_batch_num": 1, "context_parallel_algo": "colossalai_cp"},
         "context": {"device_target": "CPU"},
-        "model": {"model_config": {"type": "Qwen2LongSeqConfig", "vocab_size": VOCAB, "hidden_size": hidden,
+        "model": {"model_config": {"type": "Qwen2LongSeqConfig", "vocab_size": vocab, "hidden_size": hidden,
                                    "num_layers": 2, "num_heads": 4, "n_kv_heads": 2, "intermediate_size": ffn,
                                    "seq_length": seq, "init_seed": 11},
                   "arch": {"type": "Qwen2LongSeqForCausalLM"}},
@@ -90,8 +90,8 @@ def run_time(rank, args):
     from mf_longseq.train.data import SyntheticTokens
     from mf_longseq.train.job import build_trainer
     from mf_longseq.train.optim import OptimSettings
-    cases = {"untiled": (0, 0), "loss_tile": (None, 0), "mlp_tile": (0, args.mlp_tile),
-             "both": (None, args.mlp_tile)}
+    tile = args.loss_tile or None                          # 0: the default rule
+    cases = {"untiled": (0, 0), "loss_tile": (tile, 0), "mlp_tile": (0, args.mlp_tile), "both": (tile, args.mlp_tile)}
     trainers, mesh = {}, None
     for name, (loss_tile, mlp_tile) in cases.items():
         config_tree = tree(args.time_seq, loss_tile, mlp_tile)
@@ -129,7 +129,8 @@ def worker(args):
         run_time(rank, args)
     else:
         mlp_tile = args.mlp_tile if part == "mlp_on" else 0
-        config = tree(args.mlp_seq, args.loss_tile or None, mlp_tile, hidden=64, ffn=args.mlp_ffn)
+        config = tree(args.mlp_seq, args.mlp_loss_tile or None, mlp_tile, hidden=args.mlp_hidden, ffn=args.mlp_ffn,
+                      vocab=args.mlp_vocab)
         run_train(rank, part, config, args.steps, args.workdir)
 
 
@@ -146,7 +147,8 @@ def launch(part, args, workdir):
     log_dir = os.path.join(workdir, f"log_{part}")
     flags = ["--as-worker", part, "--workdir", workdir, "--seq", args.seq, "--steps", args.steps, "--time-seq",
              args.time_seq, "--rounds", args.rounds, "--mlp-seq", args.mlp_seq, "--mlp-ffn", args.mlp_ffn,
-             "--mlp-tile", args.mlp_tile, "--loss-tile", args.loss_tile]
+             "--mlp-tile", args.mlp_tile, "--loss-tile", args.loss_tile, "--mlp-hidden", args.mlp_hidden,
+             "--mlp-vocab", args.mlp_vocab, "--mlp-loss-tile", args.mlp_loss_tile]
     cmd = msrun_command([__file__, *map(str, flags)], worker_num=2, master_port=free_port(), log_dir=log_dir,
                         guard=False)
     before = load()
@@ -166,9 +168,12 @@ def main():
     parser.add_argument("--time-seq", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mlp-seq", type=int, default=8192)
-    parser.add_argument("--mlp-ffn", type=int, default=2048)
+    parser.add_argument("--mlp-ffn", type=int, default=4096)
+    parser.add_argument("--mlp-hidden", type=int, default=128)
+    parser.add_argument("--mlp-vocab", type=int, default=4096, help="vocabulary of mlp_off / mlp_on")
+    parser.add_argument("--mlp-loss-tile", type=int, default=1024, help="loss tile of mlp_off / mlp_on; 0: default")
     parser.add_argument("--mlp-tile", type=int, default=512)
-    parser.add_argument("--loss-tile", type=int, default=64, help="loss tile of train16k / mlp_*; 0: the default")
+    parser.add_argument("--loss-tile", type=int, default=64, help="loss tile of train16k / time; 0: the default")
     parser.add_argument("--as-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
