@@ -54,8 +54,8 @@ class Case:
 # LLaMA cases the same step grows 4 buffers and stays under the backward's peak, so a term for it added to the
 # sum over-predicts them (0.87 -> 0.76 for llama_cp1): not modelled, kept as a strict xfail.
 _POOL_GAP = ("CPU memory pool: the flat AdamW step's parameter-sized float32 buffers are not served from the "
-             "backward's freed memory (measured / planned 1.20 cp1, 1.26 ring cp2 at a 151936 vocabulary, "
-             "hidden 64; docs/planner_memory.md)")
+             "backward's freed memory (measured / planned 1.20 cp1, 1.26 ring cp2, 1.53 ring cp2 in 128-token "
+             "loss tiles at a 151936 vocabulary, hidden 64; docs/planner_memory.md)")
 CASES = [
     Case("llama_cp1", seq=2048),                                  # measured / planned on this branch: 0.87
     Case("llama_ring_cp2", cp=2, seq=4096),
@@ -76,9 +76,11 @@ CASES = [
     Case("llama_mp2_ring_cp2_sp", cp=2, mp=2, seq=4096, features={"parallel_config.use_seq_parallel": True}),
     Case("llama_mp2_ulysses_cp2_sp", algo="ulysses_cp", cp=2, mp=2, seq=4096,
          features={"parallel_config.use_seq_parallel": True}),
-    # a Qwen-size vocabulary with the loss tiled: 8 tiles of 128 tokens per rank
+    # a Qwen-size vocabulary with the loss tiled: 8 tiles of 128 tokens per rank.  Measured 2049 / 2039 MiB against
+    # 1342 planned: the plan plus the AdamW step's 8.5 parameter-sized buffers and the decay mask (9.5 x 75 MiB)
+    # is 2051 (the same gap as above; a 128-token float32 logits tile is 74.2 MiB, a parameter vector 74.6)
     Case("qwen_vocab_ring_cp2_loss_tile", cp=2, seq=2048, vocab=QWEN_VOCAB, hidden=64, heads=4, kv_heads=4,
-         ffn=176, features={"long_seq.loss_tile": 128}),
+         ffn=176, features={"long_seq.loss_tile": 128}, known_gap=_POOL_GAP),
 ]
 
 
