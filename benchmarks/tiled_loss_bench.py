@@ -30,6 +30,12 @@ median step untiled 13.53 s, loss tile (default) 7.96 s (0.59x), MLP tile 8.91 s
 the four loss sequences identical.  Only 2 rounds on a host whose load fell during the run: read the ratios as
 "not slower", not as a speed-up.  At S = 1024 the four trainers in one process were killed (out of memory on the
 shared host); ``mlp_off`` / ``mlp_on`` were not run.
+Measured (2026-12-08 00:00 UTC, load 43.8 -> 30.9): ``--parts time --time-seq 256 --rounds 3 --loss-tile 64``:
+median step untiled 21.95 / 21.98 s, loss tile 64 18.65 / 18.61 s (ranks 0 / 1): 0.85x; losses equal to 1e-7
+relative.  At ``--time-seq 512`` the two trainers reached 3.0 GiB per worker with the shared host out of memory
+and the run was stopped.  ``--parts mlp_off,mlp_on --mlp-tile 512 --steps 2`` (load 30.9 -> 52.0 -> 32.6): peak
+RSS per rank 2148 / 2148 MiB untiled, 1397 / 1406 MiB tiled (753 MiB before the model), steps 143.2, 115.3 s
+untiled and 74.0, 51.0 s tiled (two launches under different loads: "not slower"); losses equal.
 
 Prints one JSON line per part and a summary table, with ``uptime``'s load averages before and after each part
 (timings on a shared host move with its load; memory figures do not).
