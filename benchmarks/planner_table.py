@@ -5,6 +5,9 @@ devices, before (features off, ``mf-longseq plan --no-features``) and after (the
     python benchmarks/planner_table.py            # docs/planner_memory.md, docs/img/planner_memory.{csv,png}
     python benchmarks/planner_table.py --zero 0   # the same with nothing sharded over dp x cp (stdout only)
 
+The measured sections at the end of docs/planner_memory.md (from the line ``MEASURED_MARK`` on: the planner
+against CPU ranks, the benchmarks) are written by hand and kept as they are when the table is regenerated.
+
 Every row names its flags: the layout (dp mp cp pp, CP algorithm), recompute, and the features the planner
 chose (loss_tile, mlp_tile, seq_parallel, offload).  ``--zero 1`` (the planner's default) splits the optimizer
 states over dp x cp (MindFormers' ``parallel.enable_parallel_optimizer``); mf_longseq's own runner does not
@@ -24,6 +27,7 @@ SEQS = {"32k": 32768, "128k": 131072, "1M": 1048576}
 DEVICES = [8, 16, 32, 64, 256]
 SEARCH = [8, 16, 32, 64, 128, 256, 512, 1024]          # device counts tried for "fewest devices that fit"
 GIB = float(2 ** 30)
+MEASURED_MARK = "<!-- measured: written by hand, kept by benchmarks/planner_table.py -->"
 
 
 def best(model: str, seq: int, devices: int, features: bool, zero: int = 1):
@@ -116,7 +120,10 @@ def main(argv=None) -> int:
     if args.zero != 1:
         print(text)
         return 0
-    (ROOT / "docs" / "planner_memory.md").write_text(text, encoding="utf-8")
+    doc = ROOT / "docs" / "planner_memory.md"
+    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    kept = old[old.index(MEASURED_MARK):] if MEASURED_MARK in old else ""
+    doc.write_text(text + ("\n" + kept if kept else ""), encoding="utf-8")
     with open(ROOT / "docs" / "img" / "planner_memory.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()

@@ -14,13 +14,14 @@ The model: a tiny Qwen1.5 shape (hidden 32, 2 layers, 4 heads, 2 kv heads, FFN 6
   a 2048-token TiledHeadLoss step over V = 151936 peaks 437 / 845 / 1663 MiB above its start for tiles of
   64 / 128 / 256 tokens), against the 2 this code keeps alive; with the default 441-token tile that is ~2.8 GiB
   for the head alone.
-* ``time``: at S = ``--time-seq`` (1024), where the untiled model fits, four trainers in one process (untiled;
-  loss tile; MLP tile ``--mlp-tile``; both) step in turn, ``--rounds`` rounds after one warm-up round: the median
-  step time of each and its ratio to the untiled one, measured side by side (the same host load); their losses
-  must agree.
-* ``mlp_off`` / ``mlp_on``: a wider FFN (hidden 64, FFN ``--mlp-ffn`` 2048) at S = ``--mlp-seq`` (8192), loss
-  tiled, MLP untiled / tiled (``--mlp-tile``): peak RSS per rank of each (two launches, so each peak is its own)
-  and step time.
+* ``time``: at S = ``--time-seq`` (1024; use 512 on a shared 24 GiB host: the untiled head at 1024 was killed
+  out of memory), where the untiled model fits, two trainers in one process (untiled; loss tile ``--loss-tile``)
+  step in turn, ``--rounds`` rounds after one warm-up round: the median step time of each and its ratio to the
+  untiled one, measured side by side (the same host load); their losses must agree.
+* ``mlp_off`` / ``mlp_on``: a model where the MLP's intermediates matter (hidden ``--mlp-hidden`` 128, FFN
+  ``--mlp-ffn`` 4096, vocabulary ``--mlp-vocab`` 4096, loss tile ``--mlp-loss-tile`` 1024) at S = ``--mlp-seq``
+  (8192), MLP untiled / tiled (``--mlp-tile``): peak RSS per rank of each (two launches, so each peak is its
+  own) and step time, run one after the other in one invocation.
 
 Measured (2026-12-07, this shared 2-core host, load average ~35): ``--parts train16k`` (S = 16384, loss tile 64)
 trains, losses 11.93894 -> 11.93613, peak RSS 2175 / 2287 MiB on ranks 0 / 1 (753 MiB before the model was
@@ -29,6 +30,12 @@ median step untiled 13.53 s, loss tile (default) 7.96 s (0.59x), MLP tile 8.91 s
 the four loss sequences identical.  Only 2 rounds on a host whose load fell during the run: read the ratios as
 "not slower", not as a speed-up.  At S = 1024 the four trainers in one process were killed (out of memory on the
 shared host); ``mlp_off`` / ``mlp_on`` were not run.
+Measured (2026-12-08 00:00 UTC, load 43.8 -> 30.9): ``--parts time --time-seq 256 --rounds 3 --loss-tile 64``:
+median step untiled 21.95 / 21.98 s, loss tile 64 18.65 / 18.61 s (ranks 0 / 1): 0.85x; losses equal to 1e-7
+relative.  At ``--time-seq 512`` the two trainers reached 3.0 GiB per worker with the shared host out of memory
+and the run was stopped.  ``--parts mlp_off,mlp_on --mlp-tile 512 --steps 2`` (load 30.9 -> 52.0 -> 32.6): peak
+RSS per rank 2148 / 2148 MiB untiled, 1397 / 1406 MiB tiled (753 MiB before the model), steps 143.2, 115.3 s
+untiled and 74.0, 51.0 s tiled (two launches under different loads: "not slower"); losses equal.
 
 Prints one JSON line per part and a summary table, with ``uptime``'s load averages before and after each part
 (timings on a shared host move with its load; memory figures do not).
@@ -48,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 VOCAB = 151936
 
 
-def tree(seq, loss_tile, mlp_tile, hidden=32, ffn=64):
+def tree(seq, loss_tile, mlp_tile, hidden=32, ffn=64, vocab=VOCAB):
     """The benchmark model as a MindFormers-style config; ``loss_tile`` None: the default rule."""
     tiles = {"mlp_tile": mlp_tile, **({} if loss_tile is None else {"loss_tile": loss_tile})}
     return {
@@ -58,7 +65,7 @@ def tree(seq, loss_tile, mlp_tile, hidden=32, ffn=64):
         "parallel_config": {"data_parallel": 1, "model_parallel": 1, "context_parallel": 2, "pipeline_stage": 1,
                             "micro_batch_num": 1, "context_parallel_algo": "colossalai_cp"},
         "context": {"device_target": "CPU"},
-        "model": {"model_config": {"type": "Qwen2LongSeqConfig", "vocab_size": VOCAB, "hidden_size": hidden,
+        "model": {"model_config": {"type": "Qwen2LongSeqConfig", "vocab_size": vocab, "hidden_size": hidden,
                                    "num_layers": 2, "num_heads": 4, "n_kv_heads": 2, "intermediate_size": ffn,
                                    "seq_length": seq, "init_seed": 11},
                   "arch": {"type": "Qwen2LongSeqForCausalLM"}},
@@ -82,7 +89,7 @@ def run_train(rank, part, config, steps, workdir):
 
 
 def run_time(rank, args):
-    """Four trainers stepping in turn; median seconds per case."""
+    """Two trainers (untiled, loss tile) stepping in turn; median seconds per case."""
     from mindspore.communication import get_rank
     from mf_longseq.config import LongSeqConfig
     from mf_longseq.models import build_model
@@ -90,8 +97,8 @@ def run_time(rank, args):
     from mf_longseq.train.data import SyntheticTokens
     from mf_longseq.train.job import build_trainer
     from mf_longseq.train.optim import OptimSettings
-    cases = {"untiled": (0, 0), "loss_tile": (None, 0), "mlp_tile": (0, args.mlp_tile),
-             "both": (None, args.mlp_tile)}
+    tile = args.loss_tile or None                          # 0: the default rule
+    cases = {"untiled": (0, 0), "loss_tile": (tile, 0)}   # the MLP: mlp_off / mlp_on (this FFN is 64 wide)
     trainers, mesh = {}, None
     for name, (loss_tile, mlp_tile) in cases.items():
         config_tree = tree(args.time_seq, loss_tile, mlp_tile)
@@ -129,7 +136,8 @@ def worker(args):
         run_time(rank, args)
     else:
         mlp_tile = args.mlp_tile if part == "mlp_on" else 0
-        config = tree(args.mlp_seq, args.loss_tile or None, mlp_tile, hidden=64, ffn=args.mlp_ffn)
+        config = tree(args.mlp_seq, args.mlp_loss_tile or None, mlp_tile, hidden=args.mlp_hidden, ffn=args.mlp_ffn,
+                      vocab=args.mlp_vocab)
         run_train(rank, part, config, args.steps, args.workdir)
 
 
@@ -146,7 +154,8 @@ def launch(part, args, workdir):
     log_dir = os.path.join(workdir, f"log_{part}")
     flags = ["--as-worker", part, "--workdir", workdir, "--seq", args.seq, "--steps", args.steps, "--time-seq",
              args.time_seq, "--rounds", args.rounds, "--mlp-seq", args.mlp_seq, "--mlp-ffn", args.mlp_ffn,
-             "--mlp-tile", args.mlp_tile, "--loss-tile", args.loss_tile]
+             "--mlp-tile", args.mlp_tile, "--loss-tile", args.loss_tile, "--mlp-hidden", args.mlp_hidden,
+             "--mlp-vocab", args.mlp_vocab, "--mlp-loss-tile", args.mlp_loss_tile]
     cmd = msrun_command([__file__, *map(str, flags)], worker_num=2, master_port=free_port(), log_dir=log_dir,
                         guard=False)
     before = load()
@@ -166,9 +175,12 @@ def main():
     parser.add_argument("--time-seq", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mlp-seq", type=int, default=8192)
-    parser.add_argument("--mlp-ffn", type=int, default=2048)
+    parser.add_argument("--mlp-ffn", type=int, default=4096)
+    parser.add_argument("--mlp-hidden", type=int, default=128)
+    parser.add_argument("--mlp-vocab", type=int, default=4096, help="vocabulary of mlp_off / mlp_on")
+    parser.add_argument("--mlp-loss-tile", type=int, default=1024, help="loss tile of mlp_off / mlp_on; 0: default")
     parser.add_argument("--mlp-tile", type=int, default=512)
-    parser.add_argument("--loss-tile", type=int, default=64, help="loss tile of train16k / mlp_*; 0: the default")
+    parser.add_argument("--loss-tile", type=int, default=64, help="loss tile of train16k / time; 0: the default")
     parser.add_argument("--as-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
