@@ -10,9 +10,8 @@ figure is ``planner.run.planned_memory`` of the same config tree.
 uploads each weight to the pool when a step first reads it), then the same non-reentrant recompute with and
 without ``long_seq.offload_layer_inputs``.  The pool peak must drop by the planner's own figure for the inputs
 that leave the device (its total without offload minus with: (L - 2) x S x H x e = 96 MiB) within -20 % / +5 %:
-the planner counts
-every weight gradient for the whole backward, the pool allocates a layer's when its backward runs, and the
-peak moves from the top layer's backward (without offload: every input, few gradients) to the bottom one's
+the planner counts every weight gradient for the whole backward, the pool allocates a layer's when its backward
+runs, and the peak moves from the top layer's backward (without offload: every input, few gradients) to the bottom one's
 (with it: two inputs, every gradient), so the measured saving is the inputs minus (L - 2) layers' gradients
 (82.5 MiB here).  Before this case the saving went unseen: ``cases_sp_offload.py``'s shape (hidden 1024,
 S/CP/MP = 2048 tokens) has 4 MiB inputs beside 18 MiB of gradients a layer, so its peak is the bottom layer's
@@ -21,9 +20,10 @@ backward, where the inputs are already released with or without offload.
 ``llama2_7b_*``: one LLaMA2-7B-sized layer (hidden 4096, 32 heads, FFN 11008, fp32 weights, bf16 compute,
 FlashAttention) at S = 32768 tokens on the rank, vocabulary 1024 (the real 32000 would add 0.5 GB of fp32
 embedding and head on the host per copy; at 1024 the head's logits are 0.5 GB of a 10-12 GB peak), one layer
-(the host holds the fp32 weights: 0.8 GB a layer, the worker stays near 2.4 GB resident), one step from a cold
-pool (the weights upload during the step and count in its peak, as the planner's ``weights`` term does), against
-the planner's total without the optimizer (no optimizer step runs).  Within +-20 %, or the documented gap
+(the host holds the fp32 weights: 0.8 GB a layer, the worker stays near 2.4 GB resident), one step with the
+layer's weights not yet in the pool (they upload during the step and count in its peak, as the planner's
+``weights`` term does), against the planner's total without the optimizer (no optimizer step runs).  Within
++-20 %, or the documented gap
 (``docs/planner_memory.md``, "Measured against the Ascend dry run"): untiled, the planner adds the attention
 buffers and the logits on top of the MLP's backward working set although none of the three is alive with
 another (it over-predicts by about 36 %); with only the largest of the three, both cases are within 20 %.
