@@ -29,7 +29,9 @@ Each layer's input (the recompute checkpoint) is s h e / r.  Without recompute e
 activations and input; with recompute only the inputs are kept, and one layer's activations live during its
 backward.  1F1B keeps m = min(pp, micro_batch_num) micro-batches in flight on the first stage.  With
 ``offload_layer_inputs`` the inputs go to the host after their layer's forward and come back one layer ahead of
-its backward: the device holds min(m L_s, 2) of them, the host the rest (``host``, not part of the total).
+its backward: the device holds min(m L_s, 2) of them, the host a copy of every one (``host``, m L_s inputs at the
+end of the forward: ``models/offload.py`` copies each layer's input, the last two too, and frees the copy at the
+layer's backward; not part of the total).
 
 Backward working set: while a layer's backward runs, the gradients of its largest block exist next to the
 activations not yet released: the MLP's d(product), d(silu), d(up) (3 s F/t e; with ``mlp_tile`` T those of
@@ -204,4 +206,5 @@ def memory_per_device(shape: ModelShape, layout: RunPlan, settings: Settings) ->
                   activations_recompute=on_device * layer_input + per_layer,
                   backward=backward_working_set(shape, layout, settings),
                   attention=resolve(ALGORITHMS[layout.algo].buffers)(shape, layout, settings), mask=mask,
-                  logits=logits_bytes(shape, layout, settings), host=(inputs - on_device) * layer_input)
+                  logits=logits_bytes(shape, layout, settings),
+                  host=inputs * layer_input if settings.offload_layer_inputs else 0)

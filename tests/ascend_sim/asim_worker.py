@@ -50,6 +50,7 @@ def _load_cases() -> None:
     import cases_model   # noqa: F401
     import cases_mf_route  # noqa: F401
     import cases_sp_offload  # noqa: F401
+    import cases_planner  # noqa: F401
 
 
 def all_cases(module=None):
