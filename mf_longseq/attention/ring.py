@@ -51,11 +51,13 @@ def _as(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def _accumulate(total, part):
-    """total += part in place (``total`` is a buffer this algorithm owns), or part when there is no total yet."""
+def _accumulate(total, part, owned: bool = True):
+    """total += part, or part when there is no total yet.  In place only when ``total`` is a buffer this algorithm
+    owns (``owned``: received, or made by an earlier add): a kernel's own output may be a view (the reference
+    kernel's grouped heads are a reshape), which MindSpore refuses to write in place."""
     if total is None:
         return part
-    if not total.is_contiguous():                  # a strided view (e.g. a kernel's swapped axes): no in-place op
+    if not owned or not total.is_contiguous():    # a kernel's tensor or a strided view: a new buffer, once
         return total + part
     ops.assign_add(total, part)
     return total
@@ -120,6 +122,7 @@ class RingAttention(nn.Cell):
         if hasattr(self.kernel, "backward_into"):
             return self._backward_into(q, k, v, d_out, lse, delta)
         dq = dk = dv = None                                                      # dk, dv travel with k, v
+        dq_owned = False                                                         # dq is still a kernel's output
         kv_shape, k_dtype, v_dtype = k.shape, k.dtype, v.dtype
         moving = None                                                            # dK/dV in flight from step - 1
         for step in range(self.group.size):
@@ -131,7 +134,7 @@ class RingAttention(nn.Cell):
             if moving is not None:
                 dk, dv = moving.wait()                                           # block src's buffers arrive
             if grads is not None:
-                dq = _accumulate(dq, grads.pop(0))
+                dq_owned, dq = dq is not None, _accumulate(dq, grads.pop(0), owned=dq_owned)
                 dk = _accumulate(dk, grads.pop(0))
                 dv = _accumulate(dv, grads.pop(0))
             if dk is None:                                                       # nothing for block src yet
