@@ -12,6 +12,7 @@ runs the whole forward once (blocks of query rows, nothing S x S at once).  Form
 
 The error of a result is max |x - oracle| / max |oracle| over the sampled rows of each of out, dq, dk, dv.
 """
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,7 @@ def oracle(seq: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0, ca
         result["dv"][:, h // g] += p.T @ doh
         result["dk"][:, h // g] += scale * (p * (doh @ vh[keys].T - delta[:, h][:, None])).T @ qh
     if path is not None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)          # --oracle-cache may name a new folder
         np.savez(path, **result)
     return result
 

@@ -227,11 +227,14 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: 
     The rank file holds ``trainer.state_parameters()`` (under pp: this stage's weights and moments only); the
     metadata names the layout, the shard spec of every mp-split weight and ``num_layers``, for resharding.
     ``num_layers`` is the built model's (``trainer.model.config``): a YAML that omits the key builds the config
-    class's default, which the raw ``tree`` does not hold.
+    class's default, which the raw ``tree`` does not hold.  A model without a config (a plain Cell given to
+    ``run_job``, e.g. the tests' stand-ins) has no decoder layers to reshard: the YAML's value, if any, is written.
     """
     from mf_longseq.parallel.tensor_parallel import shard_specs
     opt = trainer.optimizer.settings
-    num_layers = trainer.model.config.num_layers
+    model_config = getattr(trainer.model, "config", None)
+    num_layers = (model_config.num_layers if model_config is not None
+                  else ((tree.get("model") or {}).get("model_config") or {}).get("num_layers"))
     return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
                      barrier=barrier(run.world_size), save_id=agree_save_id(run.rank, run.world_size),
                      layout=config.plan, config_tree=tree, data=data,
