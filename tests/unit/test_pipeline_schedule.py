@@ -201,7 +201,7 @@ def test_pipelined_executor_passes_packed_documents_to_its_stage(schedule):
     assert (ends.asnumpy() < 8).any()                                      # several documents in a sample
     for step in range(2):
         a, b = plain.step(step), piped.step(step)
-        assert b.loss == pytest.approx(a.loss, rel=1e-6)
+        assert b.loss == pytest.approx(a.loss, rel=1e-6), f"{schedule} step {step}: pipelined {b.loss} vs plain {a.loss}"
         if step == 0:
             assert abs(unpacked.step(0).loss - a.loss) > 1e-4 * abs(a.loss)
     for p, q in zip(plain.params, piped.params):
