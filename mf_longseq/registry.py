@@ -17,11 +17,11 @@ def _register(cls, module_type):
 _register(ContextParallelAttention, MindFormerModuleType.MODULES)
 
 # MindFormers' Trainer route (run_mindformer.py): the trainer that keeps the CP layout, the dataset sharded over dp
-# only, the runner wrapper that sums gradients over dp x cp (train/mf_trainer.py, mf_dataset.py, mf_wrapper.py).
+# only, the runner wrapper that sums gradients over dp x cp (mf_route/trainer.py, mf_dataset.py, mf_wrapper.py).
 from mf_longseq.train.mf_dataset import LongSeqCausalLanguageModelDataset  # noqa: E402
-from mf_longseq.train.mf_trainer import LongSeqTrainer  # noqa: E402
-from mf_longseq.train.mf_wrapper import LongSeqTrainOneStepCell  # noqa: E402
-from mf_longseq.train.mf_optim import LongSeqAdamW  # noqa: E402
+from mf_longseq.mf_route.trainer import LongSeqTrainer  # noqa: E402
+from mf_longseq.mf_route.wrapper import LongSeqTrainOneStepCell  # noqa: E402
+from mf_longseq.mf_route.optim import LongSeqAdamW  # noqa: E402
 
 _register(LongSeqTrainer, MindFormerModuleType.TRAINER)
 _register(LongSeqCausalLanguageModelDataset, MindFormerModuleType.DATASET)

@@ -46,12 +46,12 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mf_longseq.attention.layer import ContextParallelAttention
 from mf_longseq.batch import BatchSpec, ShardedBatch
 from mf_longseq.config import LongSeqConfig
-from mf_longseq.models import mf_inputs
+from mf_longseq.mf_route import inputs as mf_inputs
 from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
 from mf_longseq.rope import apply_rope
 from mf_longseq.models.tiled_loss import TiledHeadLoss, resolve_loss_tile
 from mf_longseq.models.tiled_mlp import TiledMLP
-from mf_longseq.models.mf_adapter import builder_settings
+from mf_longseq.mf_route.adapter import builder_settings
 from mf_longseq.models.model_config import check_model_parallel
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.sequence_parallel import Identity, SequenceParallel
@@ -238,7 +238,7 @@ class LongSeqForCausalLM(PreTrainedModel):
         mesh: the rank ``Mesh``; default ``Mesh.from_config(long_seq_config)``, groups created when the mesh
             spans more than one rank (communication must be initialised then).
         long_seq_config: the parallel settings (``LongSeqConfig.from_mindformers(yaml)``); default: MindFormers'
-            builder route (``models/mf_adapter.py``: ``config.parallel_config`` as MindFormers' trainer sets it,
+            builder route (``mf_route/adapter.py``: ``config.parallel_config`` as MindFormers' trainer sets it,
             ``config.long_seq``).  The model's facts (heads, sequence, layers, flags) are read from ``config``
             only; ``LongSeqConfig.check_model`` checks them against the degrees.
 
@@ -254,7 +254,7 @@ class LongSeqForCausalLM(PreTrainedModel):
     * MindFormers' packed columns: ``(input_ids, labels, loss_mask, position_ids, actual_seq_len)``, whole (B, S),
       by position or by name (MindFormers' DataOrderWrapperCell passes the dataset's column names).
       These two return one float32 scalar, the global mean loss over dp x cp, equal on every rank
-      (``models/mf_inputs.py``: shift, pad mask, this rank's cut, gradient share).
+      (``mf_route/inputs.py``: shift, pad mask, this rank's cut, gradient share).
     """
 
     config_class = LongSeqModelConfig

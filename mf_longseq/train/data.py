@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from mf_longseq.models.mf_inputs import loss_mask_from_labels
+from mf_longseq.mf_route.inputs import loss_mask_from_labels
 
 DATA_SUFFIXES = (".npy", ".bin", ".mindrecord")
 

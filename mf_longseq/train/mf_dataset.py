@@ -4,7 +4,7 @@ MindFormers' ``CausalLanguageModelDataset`` gives every rank its own shard of th
 rank, shards = world size) outside semi-auto parallel.  Under context (and model) parallelism the ranks of one
 dp group must read the *same* samples and each keeps its cut of the sequence.  This class is that dataset with
 ``shard_id = dp_id`` and ``num_shards = dp``, given explicitly as ``dp_shard = (dp_id, dp)`` by ``LongSeqTrainer``
-(``train/mf_trainer.py``); everything else (MindRecord reading, ``dataset_dir``, batching, columns) is
+(``mf_route/trainer.py``); everything else (MindRecord reading, ``dataset_dir``, batching, columns) is
 MindFormers' own.  With ``dp_shard`` absent it is MindFormers' dataset unchanged (one rank, or plain dp).
 
 ``scan_dataset`` (called on the built dataset by ``LongSeqTrainer`` and by ``mf-longseq train``'s ``dataset_dir``
@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 from mindformers.dataset.causal_language_model_dataset import CausalLanguageModelDataset
 
-from mf_longseq.models.mf_inputs import check_pretraining_rows, padding_rows, whole_batch
+from mf_longseq.mf_route.inputs import check_pretraining_rows, padding_rows, whole_batch
 
 
 def _check_shard(dp_shard) -> Tuple[int, int]:

@@ -8,7 +8,7 @@ from mf_longseq.config import ConfigError, LongSeqConfig, node_at
 OUR_TRAINER = "LongSeqTrainer"
 OUR_DATASET = "LongSeqCausalLanguageModelDataset"
 OUR_WRAPPER = "LongSeqTrainOneStepCell"
-# The columns the plugin's models take from MindFormers' datasets (models/mf_inputs.py).
+# The columns the plugin's models take from MindFormers' datasets (mf_route/inputs.py).
 PRETRAIN_COLUMNS = ["input_ids"]
 PACKED_COLUMNS = ["input_ids", "labels", "loss_mask", "position_ids", "actual_seq_len"]
 

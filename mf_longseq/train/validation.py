@@ -15,7 +15,7 @@ rule collected (``collect_run``; ``check_run`` raises them together as ``ConfigE
    the vocabulary / FFN width against ``model_parallel``;
 4. the run keys (``run_key_refusals``: batch size, epochs, seed, steps, recompute, optimizer and
    schedule types registered in MindFormers, packing; on the train route ``train/support.py``'s refusals; on the
-   mindformers route ``train/mf_trainer.py``'s: context.mode, parallel_mode, trainer, wrapper, dataset task,
+   mindformers route ``mf_route/trainer.py``'s: context.mode, parallel_mode, trainer, wrapper, dataset task,
    sink_mode, input columns);
 5. MindFormers' own config classes on the file (``TransformerRecomputeConfig``, ``TransformerSwapConfig``,
    ``TransformerOpParallelConfig``, as ``build_parallel_config`` calls them), so what passes here passes there.
@@ -154,7 +154,7 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
         steps: ``--steps`` of ``mf-longseq train`` (positive), when known.  (``--data`` is checked where it is
             read, ``train.data.read_token_file``.)
         route: ``train`` (``mf-longseq train``: its refusals, ``train/support.py``) or ``mindformers``
-            (MindFormers' Trainer, ``run_mindformer.py``: ``train/mf_trainer.py route_refusals``).
+            (MindFormers' Trainer, ``run_mindformer.py``: ``mf_route/trainer.py route_refusals``).
 
     Returns:
         A ``RunCheck``.

@@ -4,7 +4,7 @@
 ``run_mindformer.py`` runs) for one step of the tiny LLaMA2 cp = 2 template switched to Ascend
 (``context.device_target: Ascend``, ``use_flash_attention: True``, bf16 compute), with the wrapper the user
 guide tells Ascend users to use: MindFormers' ``MFTrainOneStepCell`` with dynamic loss scaling and clipping
-(accepted by ``train/mf_trainer.py`` with model_parallel 1, ``parallel_mode: 0``, ``gradients_mean: False``).
+(accepted by ``mf_route/trainer.py`` with model_parallel 1, ``parallel_mode: 0``, ``gradients_mean: False``).
 The data is a one-sample MindRecord written by the case.  Checked: the step ran, the wrapper was
 ``MFTrainOneStepCell``, the attention ran ``FlashKernel`` (BNSD calls), the shapes / dtypes of the step's
 outputs; never values (the dummy collectives return zeros).
@@ -30,7 +30,7 @@ def _host_count_as_if_every_rank_equal():
     """The model's token count (``mf_inputs.global_count``) still runs its AllReduce through the Ascend front
     end, but the dummy collective returns zero, which the model refuses ("every label of the batch is masked").
     The host value returned is the sum when every rank holds the same count: local count x group size."""
-    from mf_longseq.models import mf_inputs
+    from mf_longseq.mf_route import inputs as mf_inputs
     original = getattr(mf_inputs.global_count, "__wrapped__", mf_inputs.global_count)
 
     def counted(mask_local, group):
@@ -52,7 +52,7 @@ def mf_route_step():
     from mindformers.wrapper import MFTrainOneStepCell
     from cases_comm import Recorder
     from mf_longseq.attention.flash import FlashKernel
-    from mf_longseq.train.mf_wrapper import plugin_model
+    from mf_longseq.mf_route.wrapper import plugin_model
     from mf_route import SEQ, VOCAB, RouteCase, loss_recorder, route_config, write_tokens
     work = Path.cwd()
     data = write_tokens(work / "tokens.mindrecord",

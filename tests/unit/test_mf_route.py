@@ -10,7 +10,7 @@ import mindspore as ms
 
 from mf_longseq.config import ConfigError, LongSeqConfig
 from mf_longseq.train.job import load_tree
-from mf_longseq.train.mf_trainer import LongSeqTrainer, route_refusals
+from mf_longseq.mf_route.trainer import LongSeqTrainer, route_refusals
 from mf_longseq.train.support import refusals
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ def test_route_applies_runtime_num_threads_before_binding_the_rank(monkeypatch):
     """MindFormers 1.9's ``build_context`` drops ``context.runtime_num_threads``; ``LongSeqTrainer`` applies it, then
     synchronous dispatch and the rank binding (which sizes the rank's CPU set by it: unapplied, MindSpore's default
     of one thread per CPU made 2 ranks on 2 CPUs bind nothing and spin on each other's core)."""
-    from mf_longseq.train import mf_trainer
+    from mf_longseq.mf_route import trainer as mf_trainer
     seen = []
     monkeypatch.setattr(mf_trainer, "configure_op_dispatch", lambda target: seen.append(("dispatch", target)))
     monkeypatch.setattr(mf_trainer, "bind_rank_cores",

@@ -21,7 +21,7 @@ Each rank then keeps its ``shard_sequence`` cut (B, S/CP) of ids, labels and mas
 ``sum over dp x cp of (CE * mask)`` / ``sum over dp x cp of mask``, the same number on every rank (what
 MFLossMonitor prints; it equals the one-rank loss of the dp x B samples), and its gradient on each rank is this
 rank's share ``d(local CE sum) / global count``: summing the gradients over dp x cp (the plugin's runner
-wrapper does, ``train/mf_wrapper.py``) gives exactly the gradient of the global mean.
+wrapper does, ``mf_route/wrapper.py``) gives exactly the gradient of the global mean.
 """
 from typing import Optional
 

@@ -84,7 +84,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
     long_seq: Optional[LongSeqConfig] = None
     mesh = None
     tree: Optional[dict] = None
-    start_checkpoint: Optional[str] = None       # load_checkpoint, loaded by create_network (train/mf_start.py)
+    start_checkpoint: Optional[str] = None       # load_checkpoint, loaded by create_network (mf_route/start.py)
 
     def set_config(self, config=None, is_full_config: bool = False):
         if config is not None and self.long_seq is None:
@@ -92,12 +92,12 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         return super().set_config(config, is_full_config)
 
     def _take_layout(self, config) -> None:
-        from mf_longseq.models.mf_adapter import default_mesh, running_world_size
+        from mf_longseq.mf_route.adapter import default_mesh, running_world_size
         tree = plain_tree(config)
         long_seq = LongSeqConfig.from_mindformers(tree)
         raise_all(route_refusals(tree, long_seq))
         check_world_size(long_seq, running_world_size())
-        from mf_longseq.train.mf_start import take_start_checkpoint
+        from mf_longseq.mf_route.start import take_start_checkpoint
         self.start_checkpoint = take_start_checkpoint(config, world_size=running_world_size())
         self.tree, self.long_seq = tree, long_seq
         self.mesh = default_mesh(long_seq)
@@ -106,7 +106,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
 
     def create_network(self, default_args: Optional[dict] = None):
         """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``), filled from
-        ``load_checkpoint`` when the YAML names one (``train/mf_start.py``)."""
+        ``load_checkpoint`` when the YAML names one (``mf_route/start.py``)."""
         from mf_longseq.models import build_model
         from mf_longseq.train.job import planned_memory_mib
         from mf_longseq.train.monitor import rss_mib
