@@ -1,8 +1,8 @@
 """MindFormers' builder route: the parallel settings and mesh of a model built from ``model.model_config`` alone.
 
-``LongSeqForCausalLM`` takes its mesh and ``LongSeqConfig`` explicitly (``build_model``, ``LongSeqTrainer``).
-When MindFormers' ``build_network`` builds it from the model config alone, this adapter is the one place that
-reads what MindFormers set up instead: the ``parallel_config`` its trainer put on the model config, the
+``LongSeqForCausalLM`` takes its mesh and ``LongSeqConfig`` explicitly (``build_model``, ``LongSeqTrainer``) and
+reads no global context.  When MindFormers' ``build_network`` builds a registered class (``mf_route/models.py``)
+from the model config alone, this adapter is the one place that reads what MindFormers set up instead: the ``parallel_config`` its trainer put on the model config, the
 ``parallel.enable_alltoall`` and ``context.device_target`` it applied to MindSpore's context, and the ranks that
 run; it creates the communication groups of that mesh.
 """
@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import mindspore as ms
 
 from mf_longseq.config import ConfigError, LongSeqConfig
+from mf_longseq.models.build import default_mesh
 from mf_longseq.models.model_config import LongSeqModelConfig
 from mf_longseq.parallel.mesh import Mesh
 
@@ -82,10 +83,4 @@ def running_world_size() -> int:
     return get_group_size()
 
 
-def default_mesh(long_seq: LongSeqConfig) -> Mesh:
-    """``Mesh.from_config``; communication groups created when it spans more than one rank."""
-    mesh = Mesh.from_config(long_seq)
-    return mesh.create_groups() if mesh.world_size > 1 else mesh
-
-
-__all__ = ["check_pynative", "builder_parallel_config", "builder_settings", "default_mesh", "running_world_size"]
+__all__ = ["check_pynative", "builder_parallel_config", "builder_settings", "running_world_size"]

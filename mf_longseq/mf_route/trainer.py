@@ -92,7 +92,8 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         return super().set_config(config, is_full_config)
 
     def _take_layout(self, config) -> None:
-        from mf_longseq.mf_route.adapter import default_mesh, running_world_size
+        from mf_longseq.mf_route.adapter import running_world_size
+        from mf_longseq.models.build import default_mesh
         tree = plain_tree(config)
         long_seq = LongSeqConfig.from_mindformers(tree)
         raise_all(route_refusals(tree, long_seq))
@@ -114,7 +115,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
             raise ConfigError("calculate_per_token_loss", True, "the plugin's models return the global mean loss",
                               "set calculate_per_token_loss: False")
         before, planned = rss_mib(), planned_memory_mib(self.tree)
-        network = build_model(self.tree, mesh=self.mesh, long_seq_config=self.long_seq)
+        network = build_model(self.tree, mesh=self.mesh, long_seq_config=self.long_seq, registered=True)
         network.memory_before_mib, network.memory_planned_mib = before, planned   # read by the runner wrapper
         if self.start_checkpoint:
             from mf_longseq.models.start_weights import load_start_weights

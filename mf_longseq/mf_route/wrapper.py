@@ -8,6 +8,7 @@ One step, the same as ``mf-longseq train``'s (``train/runner.py``)::
     grads       = all_reduce(grads, dp x cp)             one flat collective; the sum is the global gradient
     grads, norm = clip_grads(grads, max_grad_norm)       MindFormers' ClipGradNorm formula with the whole
                                                          model's norm (train/clip.py), when use_clip_grad
+                                                         (token count, sum and clip: train/step_math.py)
     optimizer(grads)                                     MindFormers' optimizer and LR schedule
     loss        = all_reduce(loss_sum, dp x cp) / count  the global mean, the same on every rank
 
@@ -40,8 +41,9 @@ from mf_longseq.families import FAMILIES
 from mf_longseq.parallel.comm import all_reduce
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.tensor_parallel import shard_specs
-from mf_longseq.train.clip import clip_coefficient, clip_grads, global_grad_norm
+from mf_longseq.train.clip import clip_grads
 from mf_longseq.train.monitor import peak_rss_mib
+from mf_longseq.train.step_math import sum_gradients, sync_flat_gradients
 
 
 _NAMES = [f.model_class for f in FAMILIES.values()]
@@ -113,7 +115,7 @@ class LongSeqTrainOneStepCell(nn.Cell):
         """Gradients summed over dp x cp in one flat float32 collective, split back in parameter order."""
         if self.group.size == 1:
             return tuple(grads)
-        flat = all_reduce(ops.cat([g.astype(ms.float32).reshape(-1) for g in grads]), self.group)
+        flat = sum_gradients(ops.cat([g.astype(ms.float32).reshape(-1) for g in grads]), self.group)
         out, start = [], 0
         for g, n in zip(grads, self.sizes):
             out.append(flat[start:start + n].reshape(g.shape).astype(g.dtype))
@@ -124,16 +126,8 @@ class LongSeqTrainOneStepCell(nn.Cell):
         """The step of ``mf-longseq train`` (``train/runner.py``) for an optimizer with ``step_flat``
         (``LongSeqAdamW``): one flat sum over dp x cp, clipped, handed over whole; returns the norm (or None)."""
         flat = ops.cat([g.astype(ms.float32).reshape(-1) for g in grads])          # (sum of sizes,)
-        if self.group.size > 1:
-            flat = all_reduce(flat, self.group)
-        norm = None
-        if self.max_grad_norm is not None:
-            pieces, start = [], 0
-            for n in self.sizes:
-                pieces.append(flat[start:start + n])
-                start += n
-            norm = global_grad_norm(pieces, self.names, self.mesh, self.sharded)
-            flat = flat * float(clip_coefficient(norm, self.max_grad_norm))
+        flat, norm = sync_flat_gradients(flat, self.group, sizes=self.sizes, names=self.names, mesh=self.mesh,
+                                         max_grad_norm=self.max_grad_norm, sharded=self.sharded)
         self.optimizer.step_flat(flat)
         return norm
 

@@ -4,8 +4,11 @@
     loss_sum, token_count = model(input_ids_local, labels_local, loss_mask_local)
 
 The classes are the ones the YAML names (``model.model_config.type`` and ``model.arch.type``, looked up in
-MindFormers' registry), so the same file builds through MindFormers' own ``build_network(config.model)``.
-The parallel settings come from the same file through ``LongSeqConfig.from_mindformers``.
+MindFormers' registry), so the same file builds through MindFormers' own ``build_network(config.model)``.  The
+name ``model.arch.type`` registers is a class of ``mf_route/models.py`` (MindFormers' column forms, settings read
+from MindFormers); ``build_model`` builds the plain model of this package it extends (``plain_model``), unless
+asked for the registered one (``registered=True``: MindFormers' Trainer route).  The parallel settings come from
+the same file through ``LongSeqConfig.from_mindformers``; the mesh, when not given, from those settings.
 """
 import importlib
 from typing import Any, Optional
@@ -17,6 +20,7 @@ from mf_longseq.families import FAMILIES
 from mf_longseq.models.decoder import LongSeqForCausalLM
 from mf_longseq.models.model_config import LongSeqModelConfig
 from mf_longseq.models.offload import apply_offload
+from mf_longseq.parallel.mesh import Mesh
 
 
 def _family_classes(attribute: str) -> dict:
@@ -62,42 +66,54 @@ def model_config_from(tree: Any) -> LongSeqModelConfig:
     return config_cls(**section)
 
 
-def model_class_from(tree: Any, model_config: LongSeqModelConfig) -> type:
-    """The registered ``*ForCausalLM`` class ``model.arch.type`` names (default: the family's class)."""
+def model_class_from(tree: Any, model_config: LongSeqModelConfig, registered: bool = False) -> type:
+    """The ``*ForCausalLM`` class ``model.arch.type`` names (default: the family's class): the plain model of this
+    package (``registered`` False), or the class registered under that name (``registered`` True)."""
     model = _as_dict(tree).get("model")
     arch = model.get("arch") if isinstance(model, dict) else None
     if arch is not None and not isinstance(arch, dict):
         raise ConfigError("model.arch", arch, "must be a section (a mapping of keys)",
                           "write model.arch: {type: LlamaLongSeqForCausalLM}")
-    if arch and "type" in arch:
-        return _registered(MindFormerModuleType.MODELS, arch["type"], "model.arch.type", LongSeqForCausalLM)
-    return MODEL_CLASSES[model_config.family]
+    name = arch["type"] if arch and "type" in arch else FAMILIES[model_config.family].model_class
+    cls = _registered(MindFormerModuleType.MODELS, name, "model.arch.type", LongSeqForCausalLM)
+    return cls if registered else (cls.plain_model or cls)
 
 
-def build_model(config: Any, *, mesh=None, long_seq_config: Optional[LongSeqConfig] = None) -> LongSeqForCausalLM:
+def default_mesh(long_seq: LongSeqConfig) -> Mesh:
+    """``Mesh.from_config``; communication groups created when it spans more than one rank."""
+    mesh = Mesh.from_config(long_seq)
+    return mesh.create_groups() if mesh.world_size > 1 else mesh
+
+
+def build_model(config: Any, *, mesh=None, long_seq_config: Optional[LongSeqConfig] = None,
+                registered: bool = False) -> LongSeqForCausalLM:
     """Build the model a MindFormers config describes.
 
     Args:
         config: a YAML path, a MindFormers config / nested dict (whole file: ``model``, ``parallel_config``,
             ``long_seq``...), or a ``LongSeqModelConfig`` (then parallel settings come from ``long_seq_config``
             or from the model config itself: CP off unless its ``parallel_config`` says otherwise).
-        mesh: the rank ``Mesh``; default ``Mesh.from_config(long_seq_config)`` (groups created when > 1 rank).
+        mesh: the rank ``Mesh``; default ``default_mesh(long_seq_config)`` (groups created when > 1 rank).
         long_seq_config: parallel settings; default ``LongSeqConfig.from_mindformers(config)``.
+        registered: build the class registered under ``model.arch.type`` (``mf_route/models.py``: takes
+            MindFormers' dataset columns, refuses graph mode) instead of the plain model it extends.
 
     Returns:
-        The registered ``*ForCausalLM`` the YAML names (``model.arch.type``; default: the family's class), with
-        every decoder layer recomputed in backward when ``recompute_config.recompute`` is True.
+        The ``*ForCausalLM`` the YAML names (``model.arch.type``; default: the family's class), with every decoder
+        layer recomputed in backward when ``recompute_config.recompute`` is True.
 
     Raises:
         ValueError: unknown or foreign class names, broken shapes or parallel settings (the message names the key).
     """
     if isinstance(config, LongSeqModelConfig):
-        return MODEL_CLASSES[config.family](config, mesh=mesh, long_seq_config=long_seq_config)
+        long_seq = long_seq_config or LongSeqConfig(**config.parallel_values())
+        model_cls = model_class_from({}, config, registered)
+        return model_cls(config, mesh=mesh or default_mesh(long_seq), long_seq_config=long_seq)
     tree = _as_dict(config)
     model_config = model_config_from(tree)
-    model_cls = model_class_from(tree, model_config)
+    model_cls = model_class_from(tree, model_config, registered)
     long_seq = long_seq_config or LongSeqConfig.from_mindformers(tree)
-    model = model_cls(model_config, mesh=mesh, long_seq_config=long_seq)
+    model = model_cls(model_config, mesh=mesh or default_mesh(long_seq), long_seq_config=long_seq)
     apply_recompute(model, (tree.get("recompute_config") or {}).get("recompute", False))
     return model
 
@@ -126,4 +142,4 @@ def check_recompute(recompute) -> None:
                           "list)", "write recompute_config.recompute: True or False")
 
 
-__all__ = ["build_model", "model_config_from", "model_class_from", "apply_recompute", "check_recompute", "CONFIG_CLASSES", "MODEL_CLASSES"]
+__all__ = ["build_model", "default_mesh", "model_config_from", "model_class_from", "apply_recompute", "check_recompute", "CONFIG_CLASSES", "MODEL_CLASSES"]

@@ -13,7 +13,7 @@ mask) and its token count; sum(loss_sum) / sum(count) over the CP (and DP) ranks
 mean loss, and differentiating ``loss_sum / global_count`` on every rank, then summing gradients over dp x cp,
 is exactly its gradient.
 
-One batch per step.  Every form of ``construct`` first builds the step's ``ShardedBatch`` (``batch.py``): the
+One batch per step.  ``construct`` first builds the step's ``ShardedBatch`` (``batch.py``): the
 global positions of this rank's tokens, the RoPE tables, the document ids of packed samples and the
 ``AttentionPlan`` (sample groups, ring masks, the dense mask when use_attn_mask_compression is off), then runs
 ``forward_batch``.  Layers read the batch's ``cos``, ``sin`` and ``attention``; nothing is rebuilt per layer.
@@ -35,7 +35,7 @@ keeps its shard under the same name.  Pipeline stages run parts of this model (`
 by ``parallel/pipeline.py``).
 """
 import zlib
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import mindspore as ms
@@ -46,12 +46,11 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mf_longseq.attention.layer import ContextParallelAttention
 from mf_longseq.batch import BatchSpec, ShardedBatch
 from mf_longseq.config import LongSeqConfig
-from mf_longseq.mf_route import inputs as mf_inputs
 from mf_longseq.models.model_config import LongSeqModelConfig, parameter_shapes
 from mf_longseq.rope import apply_rope
 from mf_longseq.models.tiled_loss import TiledHeadLoss, resolve_loss_tile
 from mf_longseq.models.tiled_mlp import TiledMLP
-from mf_longseq.mf_route.adapter import builder_settings
+from mf_longseq.models.tiling import upcast_matmul
 from mf_longseq.models.model_config import check_model_parallel
 from mf_longseq.parallel.mesh import Mesh
 from mf_longseq.parallel.sequence_parallel import Identity, SequenceParallel
@@ -66,6 +65,20 @@ def _zeros(shape, dtype) -> Parameter:
     return Parameter(Tensor(np.zeros(shape, np.float32), dtype))
 
 
+def require_mesh(mesh, who: str) -> Mesh:
+    """``mesh`` when it is a ``Mesh``; the model never builds one itself (nor reads MindSpore's context).
+
+    Raises:
+        ValueError: naming ``who`` and the builders that pass the mesh.
+    """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"{who} needs this rank's Mesh (mf_longseq.parallel.Mesh), got {mesh!r}. Fix: build the "
+                         "model with mf_longseq.models.build_model(yaml, mesh=...), or pass mesh= and "
+                         "long_seq_config= (a LongSeqConfig) to the class; MindFormers' build_network builds the "
+                         "registered class (mf_route/models.py), which takes both from MindFormers' settings.")
+    return mesh
+
+
 class MatMulNT(nn.Cell):
     """a (M, K) @ b (N, K)^T -> (M, N) in a's dtype.
 
@@ -73,10 +86,10 @@ class MatMulNT(nn.Cell):
     and the product rounded back (half-precision storage, float32 accumulation, as on Ascend's cube unit).
     """
 
-    def __init__(self, compute_dtype):
+    def __init__(self, compute_dtype, device_target: str):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
-        self.upcast = compute_dtype != ms.float32 and ms.get_context("device_target") == "CPU"
+        self.upcast = upcast_matmul(compute_dtype, device_target)            # the mesh's device_target
 
     def construct(self, a, b):
         if self.upcast:
@@ -142,17 +155,17 @@ class MLP(nn.Cell):
     in the backward (``tiled_mlp.TiledMLP``, between gate/up's f and down's g).
     """
 
-    def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None, tile: int = 0):
+    def __init__(self, config: LongSeqModelConfig, mesh: Mesh, tile: int = 0):
         super().__init__()
         h, f = config.hidden_size, config.ffn_hidden_size
-        mp = (mesh or Mesh(rank=0)).group("mp")     # model parallel: gate/up split on F, down on its input
+        mp = require_mesh(mesh, "MLP").group("mp")     # model parallel: gate/up split on F, down on its input
         dtypes = dict(param_dtype=MS_DTYPES[config.param_init_type], compute_dtype=MS_DTYPES[config.compute_dtype])
         self.gate_proj = ColumnParallelLinear(h, f, group=mp, has_bias=False, **dtypes)
         self.up_proj = ColumnParallelLinear(h, f, group=mp, has_bias=False, **dtypes)
         self.down_proj = RowParallelLinear(f, h, group=mp, has_bias=False, **dtypes)
         self.gate_up = SharedInputColumns([self.gate_proj, self.up_proj], group=mp)   # one f for gate and up
         self.compute_dtype = dtypes["compute_dtype"]
-        self.tiled = TiledMLP(tile, self.compute_dtype) if tile else None
+        self.tiled = TiledMLP(tile, self.compute_dtype, mesh.device_target) if tile else None
 
     def construct(self, x):
         if self.tiled is not None:
@@ -235,35 +248,39 @@ class LongSeqForCausalLM(PreTrainedModel):
 
     Args:
         config: a ``LongSeqModelConfig`` (or a family subclass).
-        mesh: the rank ``Mesh``; default ``Mesh.from_config(long_seq_config)``, groups created when the mesh
-            spans more than one rank (communication must be initialised then).
-        long_seq_config: the parallel settings (``LongSeqConfig.from_mindformers(yaml)``); default: MindFormers'
-            builder route (``mf_route/adapter.py``: ``config.parallel_config`` as MindFormers' trainer sets it,
-            ``config.long_seq``).  The model's facts (heads, sequence, layers, flags) are read from ``config``
-            only; ``LongSeqConfig.check_model`` checks them against the degrees.
+        mesh: this rank's ``Mesh`` (required: ``build_model`` builds it from the YAML; MindFormers' builder route
+            builds it in ``mf_route/models.py``).  The model reads no global context.
+        long_seq_config: the parallel settings (``LongSeqConfig.from_mindformers(yaml)``; required).  The model's
+            facts (heads, sequence, layers, flags) are read from ``config`` only; ``LongSeqConfig.check_model``
+            checks them against the degrees.
 
-    ``construct`` takes three forms:
+    ``construct(input_ids, labels, loss_mask, actual_seq_len=None)``: input_ids, labels (B, S/CP) int, loss_mask
+    (B, S/CP) float, this rank's shards in ``long_seq_config.layout`` (labels already shifted globally; see the
+    module docstring); optional actual_seq_len (B, L) int (Tensor or ndarray), the *global* cumulative document
+    ends of each packed sample, the same on every CP rank (None: one document).  Returns loss_sum (float32 scalar,
+    differentiable): sum over this rank's tokens of cross entropy x mask, and token_count (float32 scalar, no
+    gradient): sum of loss_mask on this rank.  MindFormers' dataset columns are the registered classes' form
+    (``mf_route/models.py``).
 
-    * shards (``mf-longseq train``): ``(input_ids, labels, loss_mask[, actual_seq_len])``: input_ids, labels
-      (B, S/CP) int, loss_mask (B, S/CP) float, this rank's shards in ``long_seq_config.layout`` (labels already
-      shifted globally; see the module docstring); optional actual_seq_len (B, L) int (Tensor or ndarray), the
-      *global* cumulative document ends of each packed sample, the same on every CP rank (None: one document).
-      Returns loss_sum (float32 scalar, differentiable): sum over this rank's tokens of cross entropy x mask,
-      and token_count (float32 scalar, no gradient): sum of loss_mask on this rank.
-    * MindFormers' pretraining column (``Trainer.train``): ``(input_ids)``, whole samples (B, S + 1);
-    * MindFormers' packed columns: ``(input_ids, labels, loss_mask, position_ids, actual_seq_len)``, whole (B, S),
-      by position or by name (MindFormers' DataOrderWrapperCell passes the dataset's column names).
-      These two return one float32 scalar, the global mean loss over dp x cp, equal on every rank
-      (``mf_route/inputs.py``: shift, pad mask, this rank's cut, gradient share).
+    Raises:
+        ValueError: ``mesh`` or ``long_seq_config`` missing (``require_mesh``); ConfigError / ValueError: the
+            settings do not fit the model (``LongSeqConfig.check_model``, ``check_model_parallel``).
     """
 
     config_class = LongSeqModelConfig
     base_model_prefix = "model"
+    # The models/ class a registered class of mf_route/models.py extends (None: this class is the plain model).
+    plain_model: ClassVar[Optional[type]] = None
 
     def __init__(self, config: LongSeqModelConfig, mesh: Optional[Mesh] = None,
                  long_seq_config: Optional[LongSeqConfig] = None, **kwargs):
+        require_mesh(mesh, type(self).__name__)
+        if not isinstance(long_seq_config, LongSeqConfig):
+            raise ValueError(f"{type(self).__name__} needs its parallel settings (long_seq_config, a LongSeqConfig), "
+                             f"got {long_seq_config!r}. Fix: build it with mf_longseq.models.build_model(yaml), or "
+                             "pass long_seq_config=LongSeqConfig.from_mindformers(yaml).")
         super().__init__(config)
-        self.long_seq, self.mesh = builder_settings(config, mesh, long_seq_config)   # as given, else MindFormers'
+        self.long_seq, self.mesh = long_seq_config, mesh
         self.long_seq.check_model(config)                       # the model's facts against the degrees
         check_model_parallel(config, self.long_seq.model_parallel)
         self.mesh.check_settings(self.long_seq)                 # degrees, algorithm, layout: read from the mesh
@@ -276,12 +293,11 @@ class LongSeqForCausalLM(PreTrainedModel):
         # f of a tied head; under SP the final norm's gather takes its place (and that of the LM head's f)
         self.head_copy = Identity() if self.model.sp.on else CopyToMP(self.mp_group)
         self.model.sp.replace_tensor_parallel_exchanges(columns=[self.lm_head.shared] if self.lm_head else [])
-        self.global_loss = mf_inputs.GlobalMeanLoss(self.mesh.group("dp_cp"))
-        self.head_matmul = MatMulNT(self.compute_dtype)
+        self.head_matmul = MatMulNT(self.compute_dtype, self.mesh.device_target)
         vocab_part = config.vocab_size // self.mp_group.size
         self.loss_tile = resolve_loss_tile(self.long_seq.loss_tile, vocab_part)     # 0: untiled head
         self.tiled_loss = TiledHeadLoss(self.loss_tile, self.mp_group, self.mp_group.index * vocab_part,
-                                        self.compute_dtype) if self.loss_tile else None
+                                        self.compute_dtype, self.mesh.device_target) if self.loss_tile else None
         self.batch_spec = BatchSpec(mesh=self.mesh, layout=self.mesh.plan.seq_layout, head_dim=config.head_dim,
                                     theta=config.theta, compute_dtype=self.compute_dtype,
                                     use_eod_reset=config.use_eod_reset,
@@ -361,33 +377,14 @@ class LongSeqForCausalLM(PreTrainedModel):
                                               vocab_start=self.mp_group.index * logits.shape[-1])
         return (ce * mask).sum(), ops.stop_gradient(mask.sum())
 
-    def construct(self, input_ids, labels=None, loss_mask=None, *rest, position_ids=None, actual_seq_len=None):
-        if len(rest) == 2:                                            # MindFormers' 5 columns, by position
-            position_ids, actual_seq_len = rest
-        if labels is None or position_ids is not None:                # MindFormers' columns (see the class doc)
-            return self.mindformers_loss(input_ids, labels, loss_mask, position_ids, actual_seq_len)
-        actual_seq_len = rest[0] if rest else actual_seq_len
+    def construct(self, input_ids, labels, loss_mask, actual_seq_len=None):
         return self.forward_batch(self.make_batch(input_ids, labels, loss_mask, actual_seq_len))
-
-    def mindformers_loss(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
-        """Global mean loss (float32 scalar, same on every rank) of MindFormers' whole-sequence columns."""
-        batch, count = self.mindformers_batch(input_ids, labels, loss_mask, position_ids, actual_seq_len)
-        loss_sum, _ = self.forward_batch(batch)
-        return self.global_loss(loss_sum, ms.Tensor(np.float32(count)))
-
-    def mindformers_batch(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
-        """(this rank's ``ShardedBatch``, global token count over dp x cp as a host float) of MindFormers'
-        whole-sequence columns: host work and index tables, built once outside any gradient (the runner wrapper
-        differentiates only ``forward_batch``, as ``mf-longseq train`` does)."""
-        del position_ids                                  # derived from actual_seq_len (mf_inputs docstring)
-        whole = mf_inputs.whole_batch(self.config.seq_length, getattr(self.config, "pad_token_id", None),
-                                      input_ids, labels, loss_mask, vocab_size=self.config.vocab_size)
-        batch = ShardedBatch.from_whole(self.batch_spec, *whole, actual_seq_len)          # (B, S/CP) shards
-        return batch, mf_inputs.global_count(batch.loss_mask, self.global_loss.group)
 
 
 def register_classes(*classes) -> None:
-    """Register config classes (CONFIG) and model classes (MODELS) in MindFormers' registry, once."""
+    """Register config classes (CONFIG) in MindFormers' registry, once.  The model names (MODELS) belong to the
+    classes MindFormers' builder can build from the config alone (``mf_route/models.py``, registered by
+    ``registry.py``)."""
     for cls in classes:
         kind = MindFormerModuleType.CONFIG if issubclass(cls, LongSeqModelConfig) else MindFormerModuleType.MODELS
         if not MindFormerRegister.is_exist(kind, cls.__name__):

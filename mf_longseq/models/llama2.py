@@ -37,4 +37,4 @@ class LlamaLongSeqForCausalLM(LongSeqForCausalLM):
     config_class = LlamaLongSeqConfig
 
 
-register_classes(LlamaLongSeqConfig, LlamaLongSeqForCausalLM)
+register_classes(LlamaLongSeqConfig)          # the model name: registry.py (mf_route/models.py)

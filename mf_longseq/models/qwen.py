@@ -54,4 +54,4 @@ class QwenLongSeqForCausalLM(LongSeqForCausalLM):
     config_class = QwenLongSeqConfig
 
 
-register_classes(QwenLongSeqConfig, QwenLongSeqForCausalLM)
+register_classes(QwenLongSeqConfig)           # the model name: registry.py (mf_route/models.py)

@@ -41,4 +41,4 @@ class Qwen2LongSeqForCausalLM(LongSeqForCausalLM):
     config_class = Qwen2LongSeqConfig
 
 
-register_classes(Qwen2LongSeqConfig, Qwen2LongSeqForCausalLM)
+register_classes(Qwen2LongSeqConfig)          # the model name: registry.py (mf_route/models.py)

@@ -61,6 +61,7 @@ class TiledHeadLoss(nn.Cell):
         group: the mp ``Group`` (size 1: the whole vocabulary on this rank).
         vocab_start: first vocabulary id of this rank's weight slice.
         compute_dtype: dtype of the logits matmul (logits and cross entropy are float32).
+        device_target: the mesh's (``tiling.upcast_matmul``: half-precision matmuls in float32 on CPU).
 
     ``construct(hidden, weight, labels, mask)``: hidden (N, H) (equal on the mp ranks; put it behind ``CopyToMP``,
     whose backward sums this rank's partial hidden gradient over mp), weight (Vp, H), labels (N,) int global ids
@@ -69,14 +70,18 @@ class TiledHeadLoss(nn.Cell):
     all-gather of the (T, 1) local maxima and one all-reduce of a (2, T) buffer, forward only.
     """
 
-    def __init__(self, tile: int, group, vocab_start: int, compute_dtype=ms.float32):
+    def __init__(self, tile: int, group, vocab_start: int, compute_dtype=ms.float32, device_target: str = "CPU"):
         super().__init__()
         if tile < 1:
             raise ValueError(f"TiledHeadLoss needs tile >= 1 tokens, got {tile}")
         self.tile, self.group, self.vocab_start, self.compute_dtype = tile, group, vocab_start, compute_dtype
+        self.device_target = device_target
 
     def _logits(self, hidden, weight):
-        return _float32(matmul(hidden, weight, transpose_b=True, compute_dtype=self.compute_dtype))   # (T, Vp)
+        return _float32(self._matmul(hidden, weight, transpose_b=True))                # (T, Vp)
+
+    def _matmul(self, a, b, **transpose):
+        return matmul(a, b, compute_dtype=self.compute_dtype, device_target=self.device_target, **transpose)
 
     def _target_index(self, labels, part: int):
         """(index (T, 1) into this slice, owned (T,) float32: 1 where the label is in this rank's slice)."""
@@ -125,8 +130,8 @@ class TiledHeadLoss(nn.Cell):
             grad = ops.tensor_scatter_elements(grad, index, -owned.expand_dims(-1), axis=1, reduction="add")
             grad = grad * scale[start:end].expand_dims(-1)
             grad = grad.astype(self.compute_dtype) if self.compute_dtype != ms.float32 else grad
-            d_hidden.append(matmul(grad, weight, compute_dtype=self.compute_dtype))        # (T, H)
-            ops.assign_add(d_weight, _float32(matmul(grad, h, transpose_a=True, compute_dtype=self.compute_dtype)))
+            d_hidden.append(self._matmul(grad, weight))                                     # (T, H)
+            ops.assign_add(d_weight, _float32(self._matmul(grad, h, transpose_a=True)))
             del grad
         d_hidden = ops.cat(d_hidden) if len(d_hidden) > 1 else d_hidden[0]
         return (d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype), ops.zeros_like(labels),

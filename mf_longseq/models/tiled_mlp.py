@@ -49,18 +49,19 @@ class TiledMLP(nn.Cell):
     Args:
         tile: tokens per tile (>= 1).
         compute_dtype: dtype of the matmuls and of gate / up / their product (silu in float32, as ``MLP``).
+        device_target: the mesh's (``tiling.upcast_matmul``: half-precision matmuls in float32 on CPU).
 
     ``construct(x, w_gate, w_up, w_down)``: x (B, S, H); w_gate, w_up (Fp, H); w_down (H, Fp), in compute dtype.
     """
 
-    def __init__(self, tile: int, compute_dtype=ms.float32):
+    def __init__(self, tile: int, compute_dtype=ms.float32, device_target: str = "CPU"):
         super().__init__()
         if tile < 1:
             raise ValueError(f"TiledMLP needs tile >= 1 tokens, got {tile}")
-        self.tile, self.compute_dtype = tile, compute_dtype
+        self.tile, self.compute_dtype, self.device_target = tile, compute_dtype, device_target
 
     def _mm(self, a, b, **transpose):
-        return matmul(a, b, compute_dtype=self.compute_dtype, **transpose)
+        return matmul(a, b, compute_dtype=self.compute_dtype, device_target=self.device_target, **transpose)
 
     def _tile_forward(self, x, w_gate, w_up, w_down):
         gate = self._mm(x, w_gate, transpose_b=True)                                        # (T, Fp)

@@ -23,17 +23,19 @@ def tile_ranges(num_tokens: int, tile: int) -> Iterator[Tuple[int, int]]:
         yield start, min(start + tile, num_tokens)
 
 
-def upcast_matmul(compute_dtype) -> bool:
+def upcast_matmul(compute_dtype, device_target: str) -> bool:
     """CPU has no half-precision MatMul kernel: there half operands are multiplied in float32 and rounded back
-    (half storage, float32 accumulation, as on Ascend's cube unit)."""
-    return compute_dtype != ms.float32 and ms.get_context("device_target") == "CPU"
+    (half storage, float32 accumulation, as on Ascend's cube unit).  ``device_target``: the mesh's (the model
+    reads no global context)."""
+    return compute_dtype != ms.float32 and device_target == "CPU"
 
 
-def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, compute_dtype=ms.float32):
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, compute_dtype=ms.float32,
+           device_target: str = "CPU"):
     """op(a) @ op(b) of 2-D tensors in ``compute_dtype`` (op: transpose when asked); the product in
     ``compute_dtype``.  Operands of another dtype are cast first."""
     mm = _MM[(transpose_a, transpose_b)]
-    if upcast_matmul(compute_dtype):
+    if upcast_matmul(compute_dtype, device_target):
         return mm(a.astype(ms.float32), b.astype(ms.float32)).astype(compute_dtype)
     return mm(a.astype(compute_dtype), b.astype(compute_dtype))
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from mf_longseq.mf_route.inputs import loss_mask_from_labels
+from mf_longseq.train.step_math import shift_labels
 
 DATA_SUFFIXES = (".npy", ".bin", ".mindrecord")
 
@@ -233,5 +233,5 @@ def batch_for_step(source, step: int, *, batch_size: int, dp: int = 1, dp_id: in
     """The whole-sequence batch of data-parallel rank ``dp_id`` at ``step`` (shifted labels, loss mask)."""
     first = (step * dp + dp_id) * batch_size
     tokens = np.stack([source.sample(first + b) for b in range(batch_size)])   # (B, S + 1)
-    labels = tokens[:, 1:].astype(np.int32)                                    # (B, S)
-    return Batch(tokens[:, :-1].astype(np.int32), labels, loss_mask_from_labels(labels, pad_token_id))
+    ids, labels, loss_mask = shift_labels(tokens, pad_token_id)                # (B, S) each (train/step_math.py)
+    return Batch(ids.astype(np.int32), labels.astype(np.int32), loss_mask)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from mf_longseq.mf_route.inputs import check_pretraining_rows
+from mf_longseq.train.columns import check_pretraining_rows
 
 KEY = "train_dataset.data_loader.dataset_dir"
 

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 from mindformers.dataset.causal_language_model_dataset import CausalLanguageModelDataset
 
-from mf_longseq.mf_route.inputs import check_pretraining_rows, padding_rows, whole_batch
+from mf_longseq.train.columns import check_pretraining_rows, padding_rows, whole_batch
 
 
 def _check_shard(dp_shard) -> Tuple[int, int]:
@@ -63,7 +63,7 @@ def data_check_of(tree: dict, *, batch_size: int, dp: int, max_batches: Optional
 def scan_dataset(dataset, *, vocab_size: Optional[int], seq_length: int, pad_token_id: Optional[int], where: str,
                  max_batches: Optional[int] = None, batch_rows: str = "one batch") -> int:
     """Check the first ``max_batches`` batches (None: one epoch) of ``dataset`` before any step; returns the
-    batches checked.  Each batch goes through ``mf_inputs.whole_batch`` (shapes, id range, loss_mask) and must
+    batches checked.  Each batch goes through ``columns.whole_batch`` (shapes, id range, loss_mask) and must
     hold no all-padding sample (no label that counts: it would end the run when drawn alone).
 
     Raises:

@@ -4,7 +4,8 @@ One step on a rank of a dp x cp mesh (weights replicated over dp x cp)::
 
     batch      = batch_for_step(step, dp_id)                   whole sequences of this dp rank, labels shifted
     shard      = shard_sequence(batch, layout)                 (B, S) -> (B, S/CP) this rank's tokens
-    count      = all_reduce(sum(loss_mask), dp_cp)             global token count (not differentiated)
+    count      = all_reduce(sum(loss_mask), dp_cp)             global token count (not differentiated;
+                                                               this and the gradient sum: train/step_math.py)
     loss_sum, grads = executor(shard, 1 / count)               sum of CE * mask over this rank's tokens and
                                                                d(loss_sum / count) / d(weights): this rank's
                                                                share of the global-mean objective
@@ -33,6 +34,7 @@ import numpy as np
 from mf_longseq.train import checkpoint as ckpt
 from mf_longseq.train.data import batch_for_step
 from mf_longseq.train.monitor import Monitor, StepRecord, peak_rss_mib
+from mf_longseq.train.step_math import global_token_count, sync_flat_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +83,7 @@ class Trainer:
         self.losses: List[float] = []
 
     def _sum(self, value: float) -> float:
-        """Sum of a host scalar over the dp x cp ranks, in float32 (CPU AllReduce has no integer kernel; token
-        counts stay exact up to 2^24 tokens per step, beyond that the mean is off by < 1e-7 relative)."""
+        """Sum of a host scalar (the step's loss_sum) over the dp x cp ranks, in float32."""
         import mindspore as ms
         from mf_longseq.parallel.comm import all_reduce
         return float(all_reduce(ms.Tensor(np.array([value], np.float32)), self.group).asnumpy()[0])
@@ -106,28 +107,20 @@ class Trainer:
     def sync_gradients(self, grads):
         """The gradients summed over dp x cp, as one flat float32 buffer (one collective per step), clipped to
         ``max_grad_norm`` by the whole model's norm when it is set (``train/clip.py``)."""
-        from mf_longseq.parallel.comm import all_reduce
-        flat = all_reduce(self.optimizer.flatten(grads), self.group)           # (sum of sizes,)
-        if self.max_grad_norm is None:
-            return flat
         from mf_longseq.parallel.tensor_parallel import shard_specs
-        from mf_longseq.train.clip import clip_coefficient, global_grad_norm
-        pieces, start = [], 0
-        for n in self.optimizer.sizes:
-            pieces.append(flat[start:start + n])
-            start += n
-        norm = global_grad_norm(pieces, [p.name for p in self.params], self.mesh, shard_specs(self.model))
-        return flat * float(clip_coefficient(norm, self.max_grad_norm))
+        sharded = shard_specs(self.model) if self.max_grad_norm is not None else None
+        flat, _ = sync_flat_gradients(self.optimizer.flatten(grads), self.group, sizes=self.optimizer.sizes,
+                                      names=[p.name for p in self.params], mesh=self.mesh,
+                                      max_grad_norm=self.max_grad_norm, sharded=sharded)
+        return flat
 
     def step(self, step: int) -> StepResult:
         """Run update number ``step`` (0-based): the executor's forward and backward, gradient sum, AdamW."""
         import mindspore as ms
         inputs = self.local_batch(step)                        # ids, labels, loss_mask (B, S/CP) (+ packing)
         input_ids, loss_mask = inputs[0], inputs[2]
-        count = self._sum(float(loss_mask.asnumpy().sum(dtype=np.float64)))
-        if count <= 0:
-            raise ValueError(f"step {step}: every label is masked (pad_token_id = {self.pad_token_id}). "
-                             "Fix: check the data or model.model_config.pad_token_id.")
+        count = global_token_count(float(loss_mask.asnumpy().sum(dtype=np.float64)), self.group,
+                                   where=f"step {step} (pad_token_id = {self.pad_token_id}): ")
         loss_sum, grads = self.executor(inputs, ms.Tensor(np.float32(1.0 / count)))
         lr = self.optimizer.step_flat(self.sync_gradients(grads))
         loss = self._sum(loss_sum) / count

@@ -27,20 +27,20 @@ ON_ASCEND = {"context.device_target": "Ascend", "model.model_config.use_flash_at
 
 
 def _host_count_as_if_every_rank_equal():
-    """The model's token count (``mf_inputs.global_count``) still runs its AllReduce through the Ascend front
-    end, but the dummy collective returns zero, which the model refuses ("every label of the batch is masked").
-    The host value returned is the sum when every rank holds the same count: local count x group size."""
-    from mf_longseq.mf_route import inputs as mf_inputs
-    original = getattr(mf_inputs.global_count, "__wrapped__", mf_inputs.global_count)
+    """The model's token count (``step_math.global_token_count``) still runs its AllReduce through the Ascend
+    front end, but the dummy collective returns zero, which the model refuses ("every label of the batch is
+    masked").  The host value returned is the sum when every rank holds the same count: local count x group size."""
+    from mf_longseq.train import step_math
+    original = getattr(step_math.global_token_count, "__wrapped__", step_math.global_token_count)
 
-    def counted(mask_local, group):
+    def counted(local_mask_sum, group, where=""):
         try:
-            original(mask_local, group)
+            original(local_mask_sum, group, where)
         except ValueError as exc:                                # the dummy AllReduce's zero, nothing else
             assert "every label of the batch is masked" in str(exc), exc
-        return float(mask_local.asnumpy().sum(dtype=np.float64)) * group.size
+        return float(local_mask_sum) * group.size
     counted.__wrapped__ = original
-    mf_inputs.global_count = counted
+    step_math.global_token_count = counted
 
 
 def mf_route_step():

@@ -1,7 +1,7 @@
 """Bad data values are refused before the first step, naming the data and the fix (issue 20 items 3, 7, 9).
 
 Routes: ``--data`` (train/data.py), ``dataset_dir`` (train/mf_data.py, through MindFormers' dataset builder and
-``mf_dataset.scan_dataset``), MindFormers' columns (mf_route/inputs.py, what the model checks on the Trainer
+``mf_dataset.scan_dataset``), MindFormers' columns (train/columns.py, what the model checks on the Trainer
 route before the step's device work).  On today's main negative ids wrap round in the CPU gather, label -100
 trains towards a real token, ids >= vocab_size surface at the step that draws them, an all-padding sample ends
 the run at that step, and a dataset smaller than one batch recurses until threads run out.
@@ -100,7 +100,7 @@ def test_data_file_all_padding_sample_is_refused_before_the_first_step(tmp_path)
 
 
 def test_mindformers_columns_are_checked_and_minus_100_is_ignored():
-    from mf_longseq.mf_route.inputs import whole_batch
+    from mf_longseq.train.columns import whole_batch
     rng = np.random.default_rng(1)
     ids = rng.integers(1, VOCAB, (2, SEQ)).astype(np.int32)
     labels = rng.integers(1, VOCAB, (2, SEQ)).astype(np.int32)

@@ -3,6 +3,7 @@
 Layers, top to bottom::
 
     cli.py, tools/           the command line, launchers
+    mf_route/                MindFormers' Trainer route (registered classes; only registry.py imports it)
     train/                   the training runtime
     models/                  the decoder and its pipeline stage
     batch.py                 the step's ShardedBatch
@@ -10,10 +11,12 @@ Layers, top to bottom::
     parallel/, config, ...   exchanges, plan, sharding, RoPE tables
 
 A module may import its own layer or any layer below it, never one above.  Checked here: ``parallel/``,
-``attention/`` and ``models/`` import nothing from ``train/``, ``tools/`` or ``cli``; ``batch.py`` nothing from
-``models/``, ``train/``, ``tools/`` or ``cli``; ``train/`` nothing from ``tools/`` or ``cli``; ``config.py``,
+``attention/`` and ``models/`` import nothing from ``mf_route/``, ``train/``, ``tools/`` or ``cli``;
+``batch.py`` nothing from ``models/``, ``mf_route/``, ``train/``, ``tools/`` or ``cli``; ``train/`` nothing from
+``mf_route/``, ``tools/`` or ``cli``; ``mf_route/`` nothing from ``tools/`` or ``cli``; ``config.py``,
 ``documents.py``, ``rope.py`` and ``families.py`` (the bottom) nothing from ``attention/``, ``models/``,
-``train/``, ``tools/`` or ``cli``.  Imports inside functions count as much as those at the top of a file.
+``mf_route/``, ``train/``, ``tools/`` or ``cli``.  Imports inside functions count as much as those at the top of
+a file.
 """
 import ast
 from pathlib import Path
@@ -22,19 +25,21 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mf_longseq"
 ABOVE = {                                     # package folder -> the modules it must never import
-    "parallel": ("mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
-    "attention": ("mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
-    "models": ("mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
-    "train": ("mf_longseq.tools", "mf_longseq.cli"),
-    "batch.py": ("mf_longseq.models", "mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
-    "config.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.train", "mf_longseq.tools",
-                  "mf_longseq.cli"),
-    "documents.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.train", "mf_longseq.tools",
-                     "mf_longseq.cli"),
-    "rope.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.train", "mf_longseq.tools",
-                "mf_longseq.cli"),
-    "families.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.train", "mf_longseq.tools",
-                    "mf_longseq.cli"),
+    "parallel": ("mf_longseq.mf_route", "mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
+    "attention": ("mf_longseq.mf_route", "mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
+    "models": ("mf_longseq.mf_route", "mf_longseq.train", "mf_longseq.tools", "mf_longseq.cli"),
+    "train": ("mf_longseq.mf_route", "mf_longseq.tools", "mf_longseq.cli"),
+    "mf_route": ("mf_longseq.tools", "mf_longseq.cli"),
+    "batch.py": ("mf_longseq.models", "mf_longseq.mf_route", "mf_longseq.train", "mf_longseq.tools",
+                 "mf_longseq.cli"),
+    "config.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.mf_route", "mf_longseq.train",
+                  "mf_longseq.tools", "mf_longseq.cli"),
+    "documents.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.mf_route", "mf_longseq.train",
+                     "mf_longseq.tools", "mf_longseq.cli"),
+    "rope.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.mf_route", "mf_longseq.train",
+                "mf_longseq.tools", "mf_longseq.cli"),
+    "families.py": ("mf_longseq.attention", "mf_longseq.models", "mf_longseq.mf_route", "mf_longseq.train",
+                    "mf_longseq.tools", "mf_longseq.cli"),
 }
 # Known offenders, each a strict xfail until its import is removed (then an XPASS failure until the entry goes).
 KNOWN_OFFENDERS: dict = {}                  # file -> reason; empty: every package file follows the rule
@@ -92,3 +97,13 @@ def test_the_check_sees_an_upward_import(tmp_path):
 
 def test_known_offenders_are_checked_files():
     assert set(KNOWN_OFFENDERS) <= {p.values[0].relative_to(PACKAGE).as_posix() for p in checked_files()}
+
+
+def test_only_registry_and_the_layers_above_import_mf_route():
+    """MindFormers' Trainer route is reached from below through registry.py alone (it registers the classes)."""
+    above = {"mf_route", "tools", "cli.py", "registry.py"}
+    found = {p.relative_to(PACKAGE).as_posix(): lines for p in sorted(PACKAGE.rglob("*.py"))
+             if p.relative_to(PACKAGE).parts[0] not in above
+             for lines in [[f"line {line}: {name}" for line, name in imported_modules(p)
+                            if name == "mf_longseq.mf_route" or name.startswith("mf_longseq.mf_route.")]] if lines}
+    assert not found, f"files below mf_route/ import it: {found}"

@@ -40,7 +40,8 @@ def tokens(seed=1):
 
 
 def ours(cfg):
-    return build_model(cfg, mesh=Mesh(rank=0), long_seq_config=LongSeqConfig(block_size=8))
+    return build_model(cfg, mesh=Mesh(rank=0), long_seq_config=LongSeqConfig(block_size=8),
+                       registered=True)                  # the class MindFormers builds: its pretraining column
 
 
 def first_loss(model, ids) -> float:

@@ -93,18 +93,19 @@ def test_mf_longseq_train_refuses_by_key(change, key):
 
 
 def test_model_takes_mindformers_columns():
-    """(B, S + 1) pretraining column and the 5 packed columns (by position or by name) give the global mean."""
+    """(B, S + 1) pretraining column and the 5 packed columns (by position or by name) give the global mean: the
+    registered class (mf_route/models.py) against the plain model's shards form, same weights."""
     from mf_longseq.models import build_model
     from packed_docs import pack_documents
     tree = load_tree(_cfg(TINY_CP1))
     tree["model"]["model_config"]["seq_length"] = 32
-    model = build_model(tree)
+    model, plain = build_model(tree, registered=True), build_model(tree)
     rng = np.random.default_rng(3)
     tokens = rng.integers(3, 256, (2, 33)).astype(np.int32)
     tokens[0, 30:] = 0                                                       # pad_token_id 0: masked labels
     ids, labels = tokens[:, :-1], tokens[:, 1:]
     mask = (labels != 0).astype(np.float32)
-    loss_sum, count = model(ms.Tensor(ids), ms.Tensor(labels), ms.Tensor(mask))
+    loss_sum, count = plain(ms.Tensor(ids), ms.Tensor(labels), ms.Tensor(mask))
     want = float(loss_sum.asnumpy()) / float(count.asnumpy())
     assert float(model(ms.Tensor(tokens)).asnumpy()) == pytest.approx(want, rel=1e-6)
     tokens[1, 10] = 2
@@ -114,7 +115,7 @@ def test_model_takes_mindformers_columns():
     by_position = float(model(*cols).asnumpy())
     by_name = float(model(cols[0], labels=cols[1], loss_mask=cols[2], position_ids=cols[3],
                           actual_seq_len=cols[4]).asnumpy())
-    old_sum, old_count = model(cols[0], cols[1], cols[2], cols[4])
+    old_sum, old_count = plain(cols[0], cols[1], cols[2], cols[4])
     assert by_position == by_name == pytest.approx(float(old_sum.asnumpy()) / float(old_count.asnumpy()), rel=1e-6)
     with pytest.raises(ValueError, match=r"input_ids of shape \(2, 32\): MindFormers' pretraining column must be "
                                          r"\(batch, model.model_config.seq_length \+ 1 = 33\)"):

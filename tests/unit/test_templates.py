@@ -73,14 +73,15 @@ def test_template_loads_validates_and_matches_its_name(path):
 
 
 def one_step(net, seq_len, seed=0):
-    """Loss and gradient norm of one forward/backward on a random batch (CP = 1)."""
+    """Loss and gradient norm of one forward/backward on a random batch (CP = 1), through the plain model's form
+    (``forward_batch``: the registered class's ``construct`` takes MindFormers' columns)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 256, (1, seq_len + 1))
     ids, labels = Tensor(tokens[:, :-1].astype(np.int32)), Tensor(tokens[:, 1:].astype(np.int32))
     mask = Tensor(np.ones((1, seq_len), np.float32))
     params = net.trainable_params()
-    loss, count = net(ids, labels, mask)
-    grads = ms.grad(lambda a, b, c: net(a, b, c)[0], None, params)(ids, labels, mask)
+    loss, count = net.forward_batch(net.make_batch(ids, labels, mask))
+    grads = ms.grad(lambda a, b, c: net.forward_batch(net.make_batch(a, b, c))[0], None, params)(ids, labels, mask)
     return float(loss.asnumpy()) / float(count.asnumpy()), [np.array(g.asnumpy()) for g in grads]   # copies
 
 
