@@ -1,7 +1,9 @@
 """Models: one shared decoder (``decoder.py``) and three families as presets (LLaMA2, Qwen v1, Qwen1.5).
 
 Importing this package registers the config classes (``LlamaLongSeqConfig``, ``QwenLongSeqConfig``,
-``Qwen2LongSeqConfig``) and model classes (``*ForCausalLM``) in MindFormers' registry (CONFIG and MODELS).
+``Qwen2LongSeqConfig``) in MindFormers' registry (CONFIG).  The model names (``*ForCausalLM``, MODELS) are
+registered by ``mf_longseq/registry.py`` for the classes of ``mf_route/models.py`` (these plain models plus
+MindFormers' settings and columns); ``build_model`` builds the plain ones, which take (config, mesh, settings).
 
     from mf_longseq.models import build_model
     model = build_model("run.yaml")                                   # or a dict / MindFormerConfig

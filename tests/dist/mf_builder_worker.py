@@ -19,8 +19,8 @@ def one_step(model, ids, labels, mask, group=None):
     from mf_longseq.parallel.comm import all_reduce
     args = (Tensor(ids), Tensor(labels), Tensor(mask))
     params = model.trainable_params()
-    loss, count = model(*args)
-    grads = ms.grad(lambda a, b, c: model(a, b, c)[0], None, params)(*args)
+    loss, count = model.forward_batch(model.make_batch(*args))          # the plain model's form (shards)
+    grads = ms.grad(lambda a, b, c: model.forward_batch(model.make_batch(a, b, c))[0], None, params)(*args)
     if group is not None:
         loss, count = all_reduce(loss, group), all_reduce(count, group)
         grads = [all_reduce(g, group) for g in grads]
