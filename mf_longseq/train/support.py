@@ -177,33 +177,11 @@ def _unread_keys(tree: dict) -> List[ConfigError]:
     return out
 
 
-def _optimizer(tree: dict) -> List[ConfigError]:
-    from mf_longseq.train.optim import OptimSettings
-    try:
-        OptimSettings.from_mindformers(tree, steps=1)
-    except ConfigError as err:
-        return [err]
-    return []
-
-
 def refusals(tree: dict) -> List[ConfigError]:
-    """Every MindFormers key of ``tree`` (a plain dict) that ``mf-longseq train`` cannot honour; [] when none."""
-    return (_runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _unread_keys(tree)
-            + _optimizer(tree))
+    """Every MindFormers key of ``tree`` (a plain dict) that ``mf-longseq train`` cannot honour; [] when none.
+    (The ``optimizer`` section is parsed, and its errors raised, once: ``OptimSettings.from_mindformers`` in
+    ``train/validation.py``; the values honoured are read by ``train/settings.py read_settings``.)"""
+    return _runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _unread_keys(tree)
 
 
-def checkpoint_period(tree: dict) -> int:
-    """CheckpointMonitor's ``save_checkpoint_steps`` (0: no CheckpointMonitor or no period); after ``refusals``."""
-    for callback in tree.get("callbacks") or []:
-        if callback.get("type") == "CheckpointMonitor":
-            return int(callback.get("save_checkpoint_steps") or 0)
-    return 0
-
-
-def max_grad_norm(tree: dict):
-    """``runner_wrapper.max_grad_norm`` when ``use_clip_grad`` is True, else None."""
-    wrapper = tree.get("runner_wrapper") or {}
-    return float(wrapper.get("max_grad_norm", 1.0)) if wrapper.get("use_clip_grad") else None
-
-
-__all__ = ["refusals", "checkpoint_period", "max_grad_norm"]
+__all__ = ["refusals"]

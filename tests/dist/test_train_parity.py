@@ -47,16 +47,15 @@ def launched(msrun, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """family -> (initial weights, losses, final weights) of the CP=1 run of the same global batch."""
-    from mf_longseq.models import build_model
-    from mf_longseq.train.job import JobOptions, run_job
+    from mf_longseq.train.job import JobOptions, build_default_model, run_job
     cache = {}
 
     def get(case):
         if case.family not in cache:
             built = []
 
-            def factory(tree, mesh):
-                built.append(build_model(tree, mesh=mesh))
+            def factory(settings, mesh):
+                built.append(build_default_model(settings, mesh))
                 built.append(weights(built[0]))
                 return built[0]
 
