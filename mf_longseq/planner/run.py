@@ -7,7 +7,7 @@ log per rank as ``memory_planned_mib`` beside the measured ``memory_measured_mib
 
 The values are the run's own (``RunSettings``, ``train/settings.py``): ``settings.model`` (seq_length,
 compute_dtype, param_init_type, use_attn_mask_compression, vocab_size), ``settings.data.batch_size``
-(``runner_config.batch_size``, sequences per micro-batch), ``settings.parallel`` (degrees, micro_batch_num,
+(``runner_config.batch_size``, sequences per micro-batch), ``settings.long_seq`` (degrees, micro_batch_num,
 use_seq_parallel, enable_alltoall, device_target: backend "cpu" unless Ascend, block_size, loss_tile, mlp_tile,
 offload_layer_inputs) and ``settings.loop.recompute``.  Nothing is sharded over dp x cp (``zero`` 0): the plugin's
 runner and its runner wrapper keep the whole optimizer, gradients and weights on every rank.
@@ -21,7 +21,7 @@ from mf_longseq.planner.memory import Memory, memory_per_device
 
 def run_settings(settings) -> Settings:
     """The planner's ``Settings`` of a configured run: ``settings`` is its ``RunSettings`` (module docstring)."""
-    config, model = settings.parallel, settings.model
+    config, model = settings.long_seq, settings.model
     return Settings(seq_len=model.seq_length, micro_batch=settings.data.batch_size,
                     micro_batch_num=config.micro_batch_num, param_dtype=model.param_init_type,
                     grad_dtype=model.param_init_type, compute_dtype=model.compute_dtype, zero=0,
@@ -44,7 +44,7 @@ def planned_memory(settings) -> Tuple[Memory, bool]:
     from mf_longseq.planner.shapes import shape_of
     planned = run_settings(settings)
     model = settings.model
-    return memory_per_device(shape_of(model, model.family), settings.parallel.plan, planned), planned.recompute
+    return memory_per_device(shape_of(model, model.family), settings.long_seq.plan, planned), planned.recompute
 
 
 def planned_mib(settings) -> float:

@@ -131,7 +131,7 @@ def validate(source, *, devices: Optional[int] = None, overrides: Sequence[str] 
     if errors:
         found = [_error_dict(e) for e in errors]
         return Report(name, False, error=found[0], errors=found, warnings=collect.messages, route=route)
-    config = check.parallel
+    config = check.long_seq
     settings = {key_path(f.name): getattr(config, f.name) for f in fields(config)}
     settings.update({key_path(name): getattr(check.model, name)
                      for name in (*MODEL_FACTS, "use_attn_mask_compression")})

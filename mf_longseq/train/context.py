@@ -229,7 +229,7 @@ def setup(settings) -> RunContext:
     """Device, PyNative mode, communication (under msrun), auto-parallel context and the rank mesh.
 
     Args:
-        settings: the run's ``RunSettings`` (``check_run``): ``settings.parallel`` (``LongSeqConfig``) and
+        settings: the run's ``RunSettings`` (``check_run``): ``settings.long_seq`` (``LongSeqConfig``) and
             ``settings.runtime`` (the ``context:`` keys; the ``parallel:`` section, applied to MindSpore).
 
     Returns:
@@ -241,7 +241,7 @@ def setup(settings) -> RunContext:
     import mindspore as ms
     from mf_longseq.config import check_world_size
     from mf_longseq.parallel import Mesh
-    config = settings.parallel
+    config = settings.long_seq
     _set_device(config.device_target)
     configure_op_dispatch(config.device_target)
     ms.set_context(mode=ms.PYNATIVE_MODE, **runtime_context_kwargs(settings.runtime.context))

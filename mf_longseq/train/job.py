@@ -75,7 +75,7 @@ def build_default_model(settings: RunSettings, mesh):
     config) on ``mesh``, every decoder layer recomputed when ``recompute_config.recompute`` is True."""
     import copy
     from mf_longseq.models.build import apply_recompute
-    model = settings.model_class(copy.deepcopy(settings.model), mesh=mesh, long_seq_config=settings.parallel)
+    model = settings.model_class(copy.deepcopy(settings.model), mesh=mesh, long_seq_config=settings.long_seq)
     apply_recompute(model, settings.loop.recompute)
     return model
 
@@ -130,7 +130,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     from mf_longseq.train.validation import check_run
     tree = with_dataset_dir(load_tree(opts.config), opts.dataset_dir)      # --dataset-dir overrides the YAML
     settings = check_run(tree, steps=opts.steps)              # every rule, before any device work
-    config, data = settings.parallel, settings.data
+    config, data = settings.long_seq, settings.data
     run = run_context.setup(settings)
     seed = data.seed if opts.seed is None else opts.seed
     ms.set_seed(seed)

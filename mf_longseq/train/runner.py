@@ -225,7 +225,7 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, settin
     """Write this rank's file (every rank calls it at the same step) and, on rank 0, the metadata.
 
     The rank file holds ``trainer.state_parameters()`` (under pp: this stage's weights and moments only); the
-    metadata names the run's plan (``settings.parallel.plan``, the ``RunSettings`` of ``check_run``), the shard
+    metadata names the run's plan (``settings.long_seq.plan``, the ``RunSettings`` of ``check_run``), the shard
     spec of every mp-split weight and ``num_layers``, for resharding.  ``num_layers`` is the built model's
     (``trainer.model.config``; a YAML that omits the key builds the config class's default).  A model without a
     config (a plain Cell given to ``run_job``, e.g. the tests' stand-ins) has no decoder layers to reshard: None.
@@ -235,7 +235,7 @@ def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, settin
     model_config = getattr(trainer.model, "config", None)
     return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
                      barrier=barrier(run.world_size), save_id=agree_save_id(run.rank, run.world_size),
-                     plan=settings.parallel.plan, config_text=settings.config_text, data=data,
+                     plan=settings.long_seq.plan, config_text=settings.config_text, data=data,
                      optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
                                 "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
                                 "weight_decay": opt.weight_decay, "lr_schedule": opt.lr_schedule,

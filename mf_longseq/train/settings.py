@@ -1,7 +1,7 @@
 """``RunSettings``: every setting of one run, parsed once from the MindFormers YAML by ``check_run``.
 
     settings = check_run("run.yaml", steps=20)      # train/validation.py: every rule, then this object
-    settings.parallel.context_parallel              # LongSeqConfig (config.py)
+    settings.long_seq.context_parallel              # LongSeqConfig (config.py)
     settings.model.seq_length                       # the registered model config (models/model_config.py)
     settings.data.batch_size, settings.data.seed    # runner_config.batch_size, seed, ...
     settings.optimizer.learning_rate                # OptimSettings (train/optim.py); None on MindFormers' route
@@ -84,7 +84,8 @@ class RunSettings:
     """One run's settings (the module docstring); built by ``check_run`` only.
 
     Attributes:
-        parallel: ``LongSeqConfig`` (degrees, algorithm, sequence layout, tiles; ``parallel.plan`` is the RunPlan).
+        long_seq: the parallel settings, ``LongSeqConfig`` (degrees, algorithm, sequence layout, tiles;
+            ``long_seq.plan`` is the RunPlan).
         model: the model config the run builds (the registered class ``model.model_config.type`` names).
         model_class: the registered ``*ForCausalLM`` class ``model.arch.type`` names.
         data, optimizer, loop, runtime: the sections above (``optimizer`` is None on MindFormers' route, where
@@ -93,7 +94,7 @@ class RunSettings:
         config_text: the configuration as YAML text (written beside checkpoints as ``config.yaml``).
     """
 
-    parallel: LongSeqConfig
+    long_seq: LongSeqConfig
     model: Any
     model_class: type
     data: DataSettings = DataSettings()
@@ -107,7 +108,7 @@ class RunSettings:
     def samples_per_step(self) -> int:
         """Samples of one step per dp rank: ``batch_size``, times ``micro_batch_num`` with pipeline stages
         (MindFormers: the global batch is batch_size x data_parallel x micro_batch_num)."""
-        config = self.parallel
+        config = self.long_seq
         return self.data.batch_size * config.micro_batch_num if config.pipeline_stage > 1 else self.data.batch_size
 
 
@@ -128,7 +129,7 @@ def _section(tree: Mapping, path: str) -> Mapping:
     return MappingProxyType(copy.deepcopy(dict(node_at(tree, path) or {})))
 
 
-def read_settings(tree: Mapping, *, parallel: LongSeqConfig, model, model_class: type, warnings=(),
+def read_settings(tree: Mapping, *, long_seq: LongSeqConfig, model, model_class: type, warnings=(),
                   optimizer: Optional["OptimSettings"] = None, packing: Optional[PackingSettings] = None,
                   steps: Optional[int] = None) -> RunSettings:
     """The ``RunSettings`` of ``tree`` (a plain dict) whose rules ``collect_run`` checked; ``optimizer`` and
@@ -150,7 +151,7 @@ def read_settings(tree: Mapping, *, parallel: LongSeqConfig, model, model_class:
                     recompute=bool(node_at(tree, "recompute_config.recompute", False)),
                     load_checkpoint=node_at(tree, "load_checkpoint") or None)
     runtime = RuntimeKeys(context=_section(tree, "context"), parallel=_section(tree, "parallel"))
-    return RunSettings(parallel=parallel, model=model, model_class=model_class, data=data, optimizer=optimizer,
+    return RunSettings(long_seq=long_seq, model=model, model_class=model_class, data=data, optimizer=optimizer,
                        loop=loop, runtime=runtime, warnings=tuple(warnings),
                        config_text=yaml.safe_dump(plain(tree), sort_keys=False))
 

@@ -192,7 +192,7 @@ def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[i
             errors.append(err)
     if errors:
         return None, errors
-    return read_settings(tree, parallel=long_seq, model=model, model_class=model_class, warnings=warnings,
+    return read_settings(tree, long_seq=long_seq, model=model, model_class=model_class, warnings=warnings,
                          steps=steps, **parsed), []
 
 

@@ -138,7 +138,7 @@ def test_packing_with_pipeline_stages_is_accepted():
     through its ShardedBatch (tests/unit/test_pipeline_schedule.py checks the losses)."""
     from mf_longseq.train.validation import check_run
     checked = check_run(_packed_tree(pipeline_stage=2), devices=2)
-    assert checked.parallel.pipeline_stage == 2
+    assert checked.long_seq.pipeline_stage == 2
 
 
 def _tiny_template_config(tmp_path, seq_length=32):
