@@ -66,8 +66,8 @@ def emit_yaml(path: str, model: str, plan: RunPlan, settings: Settings) -> dict:
         raise ConfigError(err.key, True, f"{err.problem} in this build, so the planned run cannot be written",
                           "plan again with --seq-parallel off") from err
     model_config_from(tree)
-    header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {layout.world_size}: "
-              f"{layout.label()}{' with recompute' if settings.recompute else ''}, features: "
+    header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {plan.world_size}: "
+              f"{plan.label()}{' with recompute' if settings.recompute else ''}, features: "
               f"{settings.features()}\n")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(header + yaml.safe_dump(tree, sort_keys=False))

@@ -130,7 +130,7 @@ def plan_cli_args(argv):
 
 def test_a_run_plans_its_own_features_and_the_step_line_shows_both_figures():
     tree = {"context": {"device_target": "CPU"}, "recompute_config": {"recompute": True},
-            "parallel_config": {"model_parallel": 2, "context_parallel": 2},
+            "parallel_config": {"model_parallel": 2, "context_parallel": 2, "pipeline_stage": 1},
             "long_seq": {"loss_tile": 128, "offload_layer_inputs": True},
             "model": {"model_config": {"type": "QwenLongSeqConfig", "seq_length": 4096, "num_heads": 8,
                                        "hidden_size": 256, "num_layers": 4, "vocab_size": 151936,
