@@ -107,7 +107,8 @@ def adopt(source, *, route: str = "mindformers", cp: Optional[int] = None, algo:
     Args:
         route: ``mindformers`` (MindFormers' Trainer, run_mindformer.py) or ``train`` (``mf-longseq train``).
         cp, algo, dp, mp: parallel_config.context_parallel / context_parallel_algo / data_parallel /
-            model_parallel to set (None: keep the YAML's; context_parallel 1 when absent).
+            model_parallel to set (None: keep the YAML's; context_parallel 1 when absent).  ``algo`` is any name of
+            ``parallel/algorithms.py`` ALGORITHMS; outside MindFormers' three it is written as long_seq.cp_algo.
         pretraining_columns: read only input_ids from a finetuning dataset (its label columns are dropped).
 
     Returns:

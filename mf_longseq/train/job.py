@@ -137,7 +137,7 @@ def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, 
     np.random.seed(seed)
     memory_before, memory_planned = rss_mib(), planned_memory_mib(settings)
     model = model_factory(settings, run.mesh)
-    batch_size = settings.samples_per_step
+    batch_size = samples_per_step(data.batch_size, config)
     source = open_job_source(opts, settings, run.mesh, seed=seed, batch_size=batch_size)
     trainer = build_trainer(model=model, mesh=run.mesh, config=config, settings=settings.optimizer, source=source,
                             batch_size=batch_size, packing=data.packing, max_grad_norm=settings.loop.max_grad_norm,

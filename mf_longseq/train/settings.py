@@ -104,13 +104,6 @@ class RunSettings:
     warnings: Tuple[str, ...] = ()
     config_text: str = ""
 
-    @property
-    def samples_per_step(self) -> int:
-        """Samples of one step per dp rank: ``batch_size``, times ``micro_batch_num`` with pipeline stages
-        (MindFormers: the global batch is batch_size x data_parallel x micro_batch_num)."""
-        config = self.long_seq
-        return self.data.batch_size * config.micro_batch_num if config.pipeline_stage > 1 else self.data.batch_size
-
 
 def plain(node):
     """Nested dicts / lists of plain values (YAML-writable), from MindFormers' config objects."""
