@@ -1,11 +1,12 @@
 """Which MindFormers keys ``mf-longseq train`` honours, and the ones it refuses (before any device work).
 
-One list, read by ``run_job`` (the first refusal stops the run) and by ``mf-longseq validate``::
+One list, run by ``check_run`` on the train route (``train/validation.py``: ``mf-longseq train``, ``run_job`` and
+``mf-longseq validate``)::
 
     errors = refusals(tree)          # [ConfigError(key, value, problem, fix), ...]; [] means runnable
 
 Honoured (besides ``parallel_config``, ``model``, ``long_seq``, ``parallel``, ``context``, read by LongSeqConfig
-and the model builder):
+and the model builder); the values are read once, into ``RunSettings`` (``train/settings.py``):
 
     seed                                        weights and synthetic data (--seed overrides)
     runner_config.batch_size                    samples per dp rank per step (per micro-batch with pipeline stages)
@@ -32,7 +33,7 @@ run_mode other than train, a non-boolean use_clip_grad and a max_grad_norm that 
 """
 import math
 import os
-from typing import List
+from typing import List, Optional
 
 from mf_longseq.config import ConfigError, node_at
 
@@ -177,11 +178,25 @@ def _unread_keys(tree: dict) -> List[ConfigError]:
     return out
 
 
-def refusals(tree: dict) -> List[ConfigError]:
+def _optimizer(tree: dict, steps: int, parsed: Optional[dict]) -> List[ConfigError]:
+    """AdamW's settings, parsed once (``OptimSettings.from_mindformers``, the schedule built for ``steps``) into
+    ``parsed["optimizer"]`` for ``RunSettings``; the error when they cannot be honoured."""
+    from mf_longseq.train.optim import OptimSettings
+    try:
+        settings = OptimSettings.from_mindformers(tree, steps=steps)
+    except ConfigError as err:
+        return [err]
+    if parsed is not None:
+        parsed["optimizer"] = settings
+    return []
+
+
+def refusals(tree: dict, *, steps: int = 1, parsed: Optional[dict] = None) -> List[ConfigError]:
     """Every MindFormers key of ``tree`` (a plain dict) that ``mf-longseq train`` cannot honour; [] when none.
-    (The ``optimizer`` section is parsed, and its errors raised, once: ``OptimSettings.from_mindformers`` in
-    ``train/validation.py``; the values honoured are read by ``train/settings.py read_settings``.)"""
-    return _runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _unread_keys(tree)
+    ``parsed``: receives the run's ``OptimSettings`` (``check_run`` passes it; the other values honoured are read
+    by ``train/settings.py read_settings``)."""
+    return (_runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _unread_keys(tree)
+            + _optimizer(tree, steps, parsed))
 
 
 __all__ = ["refusals"]

@@ -280,15 +280,15 @@ def _run_keys(tree: Mapping, *, steps: Optional[int], route: str) -> Tuple[dict,
     refusals += _optimizer_refusals(tree)
     refusals += _packing_refusals(tree, parsed)
     if not refusals and route == "train":   # the list below reads sections whose types the checks above passed
-        refusals += _train_refusals(tree)
-        refusals += _optimizer_settings(tree, 1 if steps is None else steps, parsed)
+        refusals += _train_refusals(tree, 1 if steps is None else steps, parsed)
     return parsed, refusals
 
 
-def _train_refusals(tree: Mapping) -> List[ConfigError]:
-    """MindFormers keys ``mf-longseq train`` cannot honour (``train/support.py`` keeps the one list)."""
+def _train_refusals(tree: Mapping, steps: int, parsed: dict) -> List[ConfigError]:
+    """MindFormers keys ``mf-longseq train`` cannot honour (``train/support.py`` keeps the one list); its AdamW
+    settings, parsed there once, go into ``parsed``."""
     from mf_longseq.train.support import refusals
-    return refusals(dict(tree))
+    return refusals(dict(tree), steps=steps, parsed=parsed)
 
 
 def _recompute_refusals(tree: Mapping) -> List[ConfigError]:
@@ -339,16 +339,6 @@ def _optimizer_refusals(tree: Mapping) -> List[ConfigError]:
                                   and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         out.append(ConfigError("optimizer.betas", betas, "need two numbers in [0, 1)", "write betas: [0.9, 0.95]"))
     return out
-
-
-def _optimizer_settings(tree: Mapping, steps: int, parsed: dict) -> List[ConfigError]:
-    """``mf-longseq train``'s AdamW settings (``OptimSettings``, the schedule built once) into ``parsed``."""
-    from mf_longseq.train.optim import OptimSettings
-    try:
-        parsed["optimizer"] = OptimSettings.from_mindformers(tree, steps)
-    except ConfigError as err:
-        return [err]
-    return []
 
 
 def _packing_refusals(tree: Mapping, parsed: dict) -> List[ConfigError]:
