@@ -76,10 +76,10 @@ def worker(case_name: str, reuse_probe: int) -> None:
         return sync(self, grads)
     runner.Trainer.sync_gradients = probed_sync
 
-    def factory(tree, mesh):
+    def factory(settings, mesh):
         phases.base = _status()["VmRSS"]
         phases.mark("start")
-        model = job.build_default_model(tree, mesh)
+        model = job.build_default_model(settings, mesh)
         phases.mark("model built")
         return model
     orig_trainer = job.build_trainer

@@ -26,7 +26,7 @@ from typing import Optional
 from mindformers.tools.logger import logger
 from mindformers.trainer.causal_language_modeling.causal_language_modeling import CausalLanguageModelingTrainer
 
-from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size, node_at, raise_all
+from mf_longseq.config import ConfigError, LongSeqConfig, check_world_size
 from mf_longseq.train.mf_route_rules import OUR_DATASET, OUR_TRAINER, OUR_WRAPPER, route_refusals
 from mf_longseq.train.context import bind_rank_cores, configure_op_dispatch, runtime_context_kwargs
 
@@ -37,11 +37,11 @@ def plain_tree(config) -> dict:
     return load_tree(config)
 
 
-def layout_header(tree: dict, long_seq: LongSeqConfig, mesh) -> str:
-    """The run's layout line: mesh, CP algorithm and layout, sequence, and the global batch per step (MindFormers'
-    own ``global_batch_size`` line counts the data_parallel its trainer reset to 1)."""
-    batch = int(node_at(tree, "runner_config.batch_size", 1) or 1)
-    seq = node_at(tree, "model.model_config.seq_length")
+def layout_header(settings, mesh) -> str:
+    """The run's layout line (``settings``: its ``RunSettings``): mesh, CP algorithm and layout, sequence, and the
+    global batch per step (MindFormers' own ``global_batch_size`` line counts the data_parallel its trainer reset
+    to 1)."""
+    long_seq, batch, seq = settings.long_seq, settings.data.batch_size, settings.model.seq_length
     algo = long_seq.algo if long_seq.context_parallel > 1 else "off"
     return (f"mf_longseq: {mesh}, context_parallel_algo {algo}, layout {long_seq.layout}, seq_length {seq}; global "
             f"batch = batch_size {batch} x data_parallel {long_seq.data_parallel} = {batch * long_seq.data_parallel} "
@@ -49,7 +49,7 @@ def layout_header(tree: dict, long_seq: LongSeqConfig, mesh) -> str:
             "share it)")
 
 
-def apply_cpu_runtime(tree: dict, device_target: str) -> None:
+def apply_cpu_runtime(settings) -> None:
     """The CPU runtime of ``mf-longseq train`` (``train/context.py``) on this route: ``context.runtime_num_threads``
     applied to MindSpore, synchronous op dispatch, the msrun rank bound to its own CPUs.
 
@@ -64,7 +64,8 @@ def apply_cpu_runtime(tree: dict, device_target: str) -> None:
         ValueError: ``context.runtime_num_threads`` is not a positive integer.
     """
     import mindspore as ms
-    runtime = runtime_context_kwargs(tree.get("context"))
+    device_target = settings.long_seq.device_target
+    runtime = runtime_context_kwargs(settings.runtime.context)
     if runtime:
         ms.set_context(**runtime)
     configure_op_dispatch(device_target)
@@ -75,7 +76,8 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
     """``trainer.type: LongSeqTrainer``: MindFormers' causal-LM trainer that keeps the plugin's parallel layout.
 
     Attributes (set by ``set_config``): ``long_seq`` (``LongSeqConfig`` of the YAML as written), ``mesh`` (this
-    rank's ``Mesh``, communication groups created), ``tree`` (the config as plain dicts, before the reset).
+    rank's ``Mesh``, communication groups created), ``settings`` (the ``RunSettings`` of ``check_run`` on the
+    config before the reset).
 
     Raises:
         ConfigError: from ``set_config``, before any dataset, network or device work (module docstring).
@@ -83,7 +85,8 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
 
     long_seq: Optional[LongSeqConfig] = None
     mesh = None
-    tree: Optional[dict] = None
+    settings = None
+    registered_class = None                       # model.arch.type's registered class (mf_route/models.py)
     start_checkpoint: Optional[str] = None       # load_checkpoint, loaded by create_network (mf_route/start.py)
 
     def set_config(self, config=None, is_full_config: bool = False):
@@ -93,29 +96,30 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
 
     def _take_layout(self, config) -> None:
         from mf_longseq.mf_route.adapter import running_world_size
-        from mf_longseq.models.build import default_mesh
+        from mf_longseq.models.build import default_mesh, model_class_from
+        from mf_longseq.train.validation import check_run
         tree = plain_tree(config)
-        long_seq = LongSeqConfig.from_mindformers(tree)
-        raise_all(route_refusals(tree, long_seq))
+        settings = check_run(tree, route="mindformers")        # route_refusals included
+        long_seq = settings.long_seq
+        self.registered_class = model_class_from(tree, settings.model, registered=True)
         check_world_size(long_seq, running_world_size())
         from mf_longseq.mf_route.start import take_start_checkpoint
         self.start_checkpoint = take_start_checkpoint(config, world_size=running_world_size())
-        self.tree, self.long_seq = tree, long_seq
+        self.settings, self.long_seq = settings, long_seq
         self.mesh = default_mesh(long_seq)
-        apply_cpu_runtime(tree, long_seq.device_target)
-        logger.info(layout_header(tree, long_seq, self.mesh))
+        apply_cpu_runtime(settings)
+        logger.info(layout_header(settings, self.mesh))
 
     def create_network(self, default_args: Optional[dict] = None):
         """The YAML's ``model`` on this rank's mesh (``mf_longseq.models.build_model``), filled from
         ``load_checkpoint`` when the YAML names one (``mf_route/start.py``)."""
-        from mf_longseq.models import build_model
-        from mf_longseq.train.job import planned_memory_mib
+        from mf_longseq.train.job import build_default_model, planned_memory_mib
         from mf_longseq.train.monitor import rss_mib
         if (default_args or {}).get("calculate_per_token_loss"):
             raise ConfigError("calculate_per_token_loss", True, "the plugin's models return the global mean loss",
                               "set calculate_per_token_loss: False")
-        before, planned = rss_mib(), planned_memory_mib(self.tree)
-        network = build_model(self.tree, mesh=self.mesh, long_seq_config=self.long_seq, registered=True)
+        before, planned = rss_mib(), planned_memory_mib(self.settings)
+        network = build_default_model(self.settings, self.mesh, model_class=self.registered_class)
         network.memory_before_mib, network.memory_planned_mib = before, planned   # read by the runner wrapper
         if self.start_checkpoint:
             from mf_longseq.models.start_weights import load_start_weights
@@ -131,8 +135,8 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         args = dict(default_args or {})
         args["dp_shard"] = (self.mesh.coords()["dp_id"], self.mesh.dp)
         dataset = super().create_train_dataset(args)
-        batch_size = (self.tree.get("runner_config") or {}).get("batch_size", 1)
-        scan_dataset(dataset, **data_check_of(self.tree, batch_size=batch_size, dp=self.mesh.dp))   # before step 1
+        batch_size = self.settings.data.batch_size
+        scan_dataset(dataset, **data_check_of(self.settings, batch_size=batch_size, dp=self.mesh.dp))  # before step 1
         return dataset
 
 

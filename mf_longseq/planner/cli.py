@@ -99,17 +99,17 @@ def _algo_rows(shape, best, settings):
     rows = []
     for algo in CP_ALGOS:
         for u in ALGORITHMS[algo].planner_degrees(best.cp):
-            layout = replace(best, algo=algo, ulysses=u)
-            problem = check(layout, shape, settings)
+            plan = replace(best, algo=algo, ulysses=u)
+            problem = check(plan, shape, settings)
             call = comm.AttentionCall(settings.micro_batch, settings.seq_len, max(shape.heads // best.mp, 1),
                                       max(shape.kv_heads // best.mp, 1), shape.head_dim,
                                       settings.bytes_of("compute"), best.cp, u, settings.use_alltoall, algo)
             forward = sum(comm.attention_bytes(call, "forward").values())
-            traffic = step_traffic(shape, layout, settings)
+            traffic = step_traffic(shape, plan, settings)
             cp_step = sum(v for k, v in traffic.items() if k not in ("mp_all_reduce", "grad_all_reduce"))
-            attention = memory_per_device(shape, layout, settings).attention
-            split = ulysses_split(shape, layout)
-            rows.append((layout.label(), forward, cp_step, attention, problem, split.describe() if split else None,
+            attention = memory_per_device(shape, plan, settings).attention
+            split = ulysses_split(shape, plan)
+            rows.append((plan.label(), forward, cp_step, attention, problem, split.describe() if split else None,
                          comm.replicated_kv_bytes(call)))
     return rows
 

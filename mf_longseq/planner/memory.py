@@ -98,9 +98,9 @@ class Memory:
 LOGIT_BYTES = {"ascend": 16, "cpu": 48}     # per (token, vocabulary entry) at the cross entropy's peak (module doc)
 
 
-def sp_split(layout: RunPlan, settings: Settings) -> int:
+def sp_split(plan: RunPlan, settings: Settings) -> int:
     """r: what sequence parallelism divides the residual stream, norms and layer inputs by (mp, or 1 when off)."""
-    return layout.mp if settings.seq_parallel else 1
+    return plan.mp if settings.seq_parallel else 1
 
 
 def local_heads(heads: int, mp: int) -> int:
@@ -108,18 +108,18 @@ def local_heads(heads: int, mp: int) -> int:
     return max(heads // mp, 1)
 
 
-def stage_params(shape: ModelShape, layout: RunPlan) -> int:
+def stage_params(shape: ModelShape, plan: RunPlan) -> int:
     """Parameters on one device of the largest pipeline stage."""
-    t, h, d = layout.mp, shape.hidden, shape.head_dim
+    t, h, d = plan.mp, shape.hidden, shape.head_dim
     nt, kt = local_heads(shape.heads, t), local_heads(shape.kv_heads, t)
     plain = h * d * (2 * shape.heads + 2 * shape.kv_heads) + 3 * h * shape.ffn + 2 * h
     bias = (shape.layer_params - plain) // (shape.heads + 2 * shape.kv_heads) * (nt + 2 * kt) \
         if shape.layer_params > plain else 0
     layer = h * d * (2 * nt + 2 * kt) + 3 * h * (shape.ffn // t) + 2 * h + bias
-    per_stage = math.ceil(shape.layers / layout.pp) * layer
+    per_stage = math.ceil(shape.layers / plan.pp) * layer
     first = shape.embedding_params // t
     last = shape.head_params // t + shape.norm_params
-    return per_stage + (first + last if layout.pp == 1 else max(first, last))
+    return per_stage + (first + last if plan.pp == 1 else max(first, last))
 
 
 def _most_kv(split: HeadSplit) -> int:
@@ -127,50 +127,50 @@ def _most_kv(split: HeadSplit) -> int:
     return max(split.kv_count(j) for j in range(split.degree))
 
 
-def layer_activations(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
+def layer_activations(shape: ModelShape, plan: RunPlan, settings: Settings) -> int:
     """Bytes one decoder layer keeps for backward, per micro-batch (see the module docstring)."""
-    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
-    h, d, f = shape.hidden, shape.head_dim, shape.ffn // layout.mp
-    nt, kt = local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp)
-    r = sp_split(layout, settings)
+    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // plan.cp
+    h, d, f = shape.hidden, shape.head_dim, shape.ffn // plan.mp
+    nt, kt = local_heads(shape.heads, plan.mp), local_heads(shape.kv_heads, plan.mp)
+    r = sp_split(plan, settings)
     norms = 2 * (s * h * 4 + s * h * e) // r + (2 * s * h * e if r > 1 else 0)
     qkv = s * (nt + 2 * kt) * d * e
     rope = 2 * s * (nt + kt) * d * e
     attention = s * (nt + 2 * kt) * d * e + 2 * s * nt * d * e + 4 * s * nt
-    if layout.ulysses > 1:
-        split = HeadSplit(nt, kt, layout.ulysses)                           # the busiest Ulysses rank's heads
-        attention += s * layout.ulysses * (2 * split.busiest + 2 * _most_kv(split)) * d * e
+    if plan.ulysses > 1:
+        split = HeadSplit(nt, kt, plan.ulysses)                           # the busiest Ulysses rank's heads
+        attention += s * plan.ulysses * (2 * split.busiest + 2 * _most_kv(split)) * d * e
     mlp = 0 if settings.mlp_tile else s * f * (4 * e + 4)
     return norms + qkv + rope + attention + mlp
 
 
-def attention_buffers(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
+def attention_buffers(shape: ModelShape, plan: RunPlan, settings: Settings) -> int:
     """Transient bytes of one layer's attention backward, on top of what is kept."""
-    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
-    d, u = shape.head_dim, layout.ulysses
-    nt, kt = local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp)
+    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // plan.cp
+    d, u = shape.head_dim, plan.ulysses
+    nt, kt = local_heads(shape.heads, plan.mp), local_heads(shape.kv_heads, plan.mp)
     split = HeadSplit(nt, kt, u) if u > 1 else None
     kr = split.kv_heads_received if split else kt                           # kv heads over the Ulysses ranks
     kh = _most_kv(split) if split else kt                                   # kv heads entering the ring
-    in_place = layout.ring > 1 and settings.backend == "cpu"                # the fused kernel's backward_into
+    in_place = plan.ring > 1 and settings.backend == "cpu"                # the fused kernel's backward_into
     out = s * nt * d * 4 + (0 if in_place else s * nt * d * 4 + 2 * s * kh * d * 4)   # dq, block grads (float32)
-    if layout.ring > 1:
+    if plan.ring > 1:
         out += 2 * (2 * s * kh * d * e) + 2 * (2 * s * kh * d * 4)
     if u > 1:
         out += s * u * (3 * split.busiest + 4 * kh) * d * e                 # dout, [dq | dk | dv] out and in
     if u > 1 and not settings.use_alltoall:
         out += u * s * max(u * split.busiest, kr) * d * e
     if settings.backend == "cpu":
-        tile = min(settings.block_size, settings.seq_len // layout.ring)
+        tile = min(settings.block_size, settings.seq_len // plan.ring)
         out += 8 * settings.micro_batch * nt * tile * tile * 4 + s * (nt + 2 * kh) * d * 4 * (1 if e < 4 else 0)
     return out
 
 
-def backward_working_set(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
+def backward_working_set(shape: ModelShape, plan: RunPlan, settings: Settings) -> int:
     """Bytes of a layer's backward beyond what it keeps: the MLP's gradients (one tile's with ``mlp_tile``, and
     its recomputed intermediates) and the hidden-state gradient in and out (module docstring)."""
-    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // layout.cp
-    f, h, r = shape.ffn // layout.mp, shape.hidden, sp_split(layout, settings)
+    e, s = settings.bytes_of("compute"), settings.micro_batch * settings.seq_len // plan.cp
+    f, h, r = shape.ffn // plan.mp, shape.hidden, sp_split(plan, settings)
     mlp = 3 * s * f * e
     if settings.mlp_tile:
         tile = min(settings.mlp_tile, s)
@@ -178,24 +178,24 @@ def backward_working_set(shape: ModelShape, layout: RunPlan, settings: Settings)
     return mlp + 2 * s * h * e // r + (s * h * e if r > 1 else 0)
 
 
-def logits_bytes(shape: ModelShape, layout: RunPlan, settings: Settings) -> int:
+def logits_bytes(shape: ModelShape, plan: RunPlan, settings: Settings) -> int:
     """The cross entropy's peak on the last stage: s V/t x ``LOGIT_BYTES``, or one tile's with ``loss_tile`` plus
     the per-token statistics the tiles keep (module docstring)."""
-    s, vt = settings.micro_batch * settings.seq_len // layout.cp, shape.vocab // layout.mp
+    s, vt = settings.micro_batch * settings.seq_len // plan.cp, shape.vocab // plan.mp
     if settings.loss_tile:
         return min(settings.loss_tile, s) * vt * LOGIT_BYTES[settings.backend] + 8 * s
     return s * vt * LOGIT_BYTES[settings.backend]
 
 
-def memory_per_device(shape: ModelShape, layout: RunPlan, settings: Settings) -> Memory:
+def memory_per_device(shape: ModelShape, plan: RunPlan, settings: Settings) -> Memory:
     """Every item of the per-device memory of ``layout`` (bytes, worst pipeline stage)."""
-    params, group = stage_params(shape, layout), layout.dp * layout.cp
+    params, group = stage_params(shape, plan), plan.dp * plan.cp
     split = lambda stage: group if settings.zero >= stage else 1                          # noqa: E731
     optimizer = params * (8 + (4 if settings.bytes_of("param") < 4 else 0)) // split(1)
-    inputs = math.ceil(shape.layers / layout.pp) * min(layout.pp, max(settings.micro_batch_num, 1))
-    per_layer = layer_activations(shape, layout, settings)
-    s = settings.micro_batch * settings.seq_len // layout.cp
-    layer_input = s * shape.hidden * settings.bytes_of("compute") // sp_split(layout, settings)
+    inputs = math.ceil(shape.layers / plan.pp) * min(plan.pp, max(settings.micro_batch_num, 1))
+    per_layer = layer_activations(shape, plan, settings)
+    s = settings.micro_batch * settings.seq_len // plan.cp
+    layer_input = s * shape.hidden * settings.bytes_of("compute") // sp_split(plan, settings)
     on_device = min(inputs, 2) if settings.offload_layer_inputs else inputs
     mask = 2048 * 2048 if settings.mask_compression else settings.micro_batch * settings.seq_len ** 2
     if settings.mask_compression and settings.backend == "cpu":
@@ -204,7 +204,7 @@ def memory_per_device(shape: ModelShape, layout: RunPlan, settings: Settings) ->
                   gradients=params * settings.bytes_of("grad") // split(2),
                   optimizer=optimizer, activations=inputs * per_layer + on_device * layer_input,
                   activations_recompute=on_device * layer_input + per_layer,
-                  backward=backward_working_set(shape, layout, settings),
-                  attention=resolve(ALGORITHMS[layout.algo].buffers)(shape, layout, settings), mask=mask,
-                  logits=logits_bytes(shape, layout, settings),
+                  backward=backward_working_set(shape, plan, settings),
+                  attention=resolve(ALGORITHMS[plan.algo].buffers)(shape, plan, settings), mask=mask,
+                  logits=logits_bytes(shape, plan, settings),
                   host=inputs * layer_input if settings.offload_layer_inputs else 0)

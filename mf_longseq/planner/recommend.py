@@ -101,14 +101,14 @@ class Choices:
         """Every feature off: the run as it was before them."""
         return cls(loss_tile=0, mlp_tile=0, seq_parallel=False, offload_layer_inputs=False)
 
-    def variants(self, shape: ModelShape, layout: RunPlan, settings: Settings) -> Iterator[Settings]:
+    def variants(self, shape: ModelShape, plan: RunPlan, settings: Settings) -> Iterator[Settings]:
         """``settings`` with every combination of the features left to the planner (module docstring)."""
-        s, e = settings.micro_batch * settings.seq_len // layout.cp, settings.bytes_of("compute")
-        loss = min(default_loss_tile(shape.vocab // layout.mp), s)      # the model's own default rule
-        mlp = default_tile(shape.ffn // layout.mp * (4 * e + 4), s)
+        s, e = settings.micro_batch * settings.seq_len // plan.cp, settings.bytes_of("compute")
+        loss = min(default_loss_tile(shape.vocab // plan.mp), s)      # the model's own default rule
+        mlp = default_tile(shape.ffn // plan.mp * (4 * e + 4), s)
         options = [[0, loss] if self.loss_tile is None else [self.loss_tile],
                    [0, mlp] if self.mlp_tile is None else [self.mlp_tile],
-                   [False] if layout.mp == 1 else ([False, True] if _sp_accepted(layout) else [False])
+                   [False] if plan.mp == 1 else ([False, True] if _sp_accepted(plan) else [False])
                    if self.seq_parallel is None else [self.seq_parallel],
                    [False, True] if self.offload_layer_inputs is None else [self.offload_layer_inputs]]
         for loss_tile, mlp_tile, sp, offload in itertools.product(*options):
@@ -116,10 +116,10 @@ class Choices:
                           offload_layer_inputs=offload)
 
 
-def _sp_accepted(layout: RunPlan) -> bool:
+def _sp_accepted(plan: RunPlan) -> bool:
     """Whether ``LongSeqConfig`` accepts ``use_seq_parallel`` with this layout's degrees (the rule lives there)."""
     try:
-        LongSeqConfig(model_parallel=layout.mp, context_parallel=layout.cp, use_seq_parallel=True)
+        LongSeqConfig(model_parallel=plan.mp, context_parallel=plan.cp, use_seq_parallel=True)
     except ValueError:
         return False
     return True
@@ -147,12 +147,12 @@ def layouts(devices: int, shape: ModelShape, algos: Sequence[str], max_mp: int =
                         yield RunPlan(dp=dp, mp=mp, cp=cp, pp=pp, algo=algo, ulysses=u)
 
 
-def check(layout: RunPlan, shape: ModelShape, settings: Settings) -> Optional[str]:
+def check(plan: RunPlan, shape: ModelShape, settings: Settings) -> Optional[str]:
     """None if ``LongSeqConfig`` accepts the layout, else its error message (the rules live there)."""
     try:
-        parallel = LongSeqConfig(data_parallel=layout.dp, model_parallel=layout.mp, context_parallel=layout.cp,
-                                 pipeline_stage=layout.pp, micro_batch_num=max(settings.micro_batch_num, layout.pp),
-                                 cp_algo=layout.algo, ulysses_degree_in_cp=layout.ulysses_degree_in_cp,
+        parallel = LongSeqConfig(data_parallel=plan.dp, model_parallel=plan.mp, context_parallel=plan.cp,
+                                 pipeline_stage=plan.pp, micro_batch_num=max(settings.micro_batch_num, plan.pp),
+                                 cp_algo=plan.algo, ulysses_degree_in_cp=plan.ulysses_degree_in_cp,
                                  enable_alltoall=settings.use_alltoall,
                                  device_target="Ascend" if settings.backend == "ascend" else "CPU",
                                  block_size=settings.block_size)
@@ -163,28 +163,28 @@ def check(layout: RunPlan, shape: ModelShape, settings: Settings) -> Optional[st
     return None
 
 
-def ulysses_split(shape: ModelShape, layout: RunPlan) -> Optional[HeadSplit]:
+def ulysses_split(shape: ModelShape, plan: RunPlan) -> Optional[HeadSplit]:
     """How the layout's Ulysses ranks share one mp rank's heads (None without Ulysses)."""
-    if layout.ulysses == 1:
+    if plan.ulysses == 1:
         return None
-    return HeadSplit(local_heads(shape.heads, layout.mp), local_heads(shape.kv_heads, layout.mp), layout.ulysses)
+    return HeadSplit(local_heads(shape.heads, plan.mp), local_heads(shape.kv_heads, plan.mp), plan.ulysses)
 
 
-def step_traffic(shape: ModelShape, layout: RunPlan, settings: Settings) -> dict:
+def step_traffic(shape: ModelShape, plan: RunPlan, settings: Settings) -> dict:
     """Bytes one device sends in one step, by exchange (CP kinds from ``comm.attention_bytes``)."""
-    micro = max(settings.micro_batch_num, layout.pp)
-    layers = -(-shape.layers // layout.pp)
+    micro = max(settings.micro_batch_num, plan.pp)
+    layers = -(-shape.layers // plan.pp)
     call = comm.AttentionCall(batch=settings.micro_batch, seq_len=settings.seq_len,
-                              heads=local_heads(shape.heads, layout.mp),
-                              kv_heads=local_heads(shape.kv_heads, layout.mp), head_dim=shape.head_dim,
-                              itemsize=settings.bytes_of("compute"), cp=layout.cp, ulysses=layout.ulysses,
-                              use_alltoall=settings.use_alltoall, algo=layout.algo)
-    out = {kind: n * layers * micro for kind, n in comm.attention_bytes(call).items()} if layout.cp > 1 else {}
-    tokens = settings.micro_batch * settings.seq_len // layout.cp
+                              heads=local_heads(shape.heads, plan.mp),
+                              kv_heads=local_heads(shape.kv_heads, plan.mp), head_dim=shape.head_dim,
+                              itemsize=settings.bytes_of("compute"), cp=plan.cp, ulysses=plan.ulysses,
+                              use_alltoall=settings.use_alltoall, algo=plan.algo)
+    out = {kind: n * layers * micro for kind, n in comm.attention_bytes(call).items()} if plan.cp > 1 else {}
+    tokens = settings.micro_batch * settings.seq_len // plan.cp
     out["mp_all_reduce"] = comm.tensor_parallel_bytes(tokens, shape.hidden, settings.bytes_of("compute"),
-                                                      layout.mp) * layers * micro
-    out["grad_all_reduce"] = comm.gradient_allreduce_bytes(stage_params(shape, layout), settings.bytes_of("grad"),
-                                                           layout.dp * layout.cp)
+                                                      plan.mp) * layers * micro
+    out["grad_all_reduce"] = comm.gradient_allreduce_bytes(stage_params(shape, plan), settings.bytes_of("grad"),
+                                                           plan.dp * plan.cp)
     return {k: v for k, v in out.items() if v}
 
 
@@ -192,52 +192,52 @@ def _bandwidth(span: int, hw: Hardware) -> float:
     return (hw.intra_node_gbps if span <= hw.devices_per_node else hw.inter_node_gbps) * 1e9
 
 
-def step_seconds(shape: ModelShape, layout: RunPlan, settings: Settings, recompute: bool, hw: Hardware) -> float:
+def step_seconds(shape: ModelShape, plan: RunPlan, settings: Settings, recompute: bool, hw: Hardware) -> float:
     """Estimated seconds of one step (see the module docstring)."""
-    micro = max(settings.micro_batch_num, layout.pp)
+    micro = max(settings.micro_batch_num, plan.pp)
     tokens = settings.micro_batch * settings.seq_len * micro                     # per dp replica
-    split = ulysses_split(shape, layout)
+    split = ulysses_split(shape, plan)
     imbalance = split.imbalance if split else 1.0                                # busiest Ulysses rank's heads
     flops = tokens * (6 * shape.total_params + 6 * shape.layers * shape.hidden * settings.seq_len * imbalance)
     flops *= (4 / 3 if recompute else 1)
     flops += tokens * shape.layers * 6 * shape.hidden * shape.ffn if settings.mlp_tile else 0   # MLP again
     flops += tokens * 2 * shape.hidden * shape.vocab if settings.loss_tile else 0            # LM head again
-    flops /= layout.mp * layout.cp * layout.pp
+    flops /= plan.mp * plan.cp * plan.pp
     compute = flops / (hw.tflops * 1e12 * hw.efficiency)
-    traffic = step_traffic(shape, layout, settings)
-    spans = {"all_to_all": layout.mp * layout.ulysses, "all_gather": layout.mp * layout.ulysses,
-             "ring_shift": layout.mp * layout.cp, "mp_all_reduce": layout.mp,
-             "grad_all_reduce": layout.mp * layout.cp * layout.dp}
-    network = sum(n / _bandwidth(spans.get(kind, layout.mp * layout.cp), hw)     # other kinds: the CP group
+    traffic = step_traffic(shape, plan, settings)
+    spans = {"all_to_all": plan.mp * plan.ulysses, "all_gather": plan.mp * plan.ulysses,
+             "ring_shift": plan.mp * plan.cp, "mp_all_reduce": plan.mp,
+             "grad_all_reduce": plan.mp * plan.cp * plan.dp}
+    network = sum(n / _bandwidth(spans.get(kind, plan.mp * plan.cp), hw)     # other kinds: the CP group
                   for kind, n in traffic.items())
-    bubble = compute * (layout.pp - 1) / micro
-    return compute + network + bubble + _offload_exposed(shape, layout, settings, compute, hw)
+    bubble = compute * (plan.pp - 1) / micro
+    return compute + network + bubble + _offload_exposed(shape, plan, settings, compute, hw)
 
 
-def _offload_exposed(shape: ModelShape, layout: RunPlan, settings: Settings, compute: float, hw: Hardware) -> float:
+def _offload_exposed(shape: ModelShape, plan: RunPlan, settings: Settings, compute: float, hw: Hardware) -> float:
     """Seconds of layer-input copies (out after the forward, back before the backward) one layer's compute does
     not hide."""
     if not settings.offload_layer_inputs:
         return 0.0
-    layers = -(-shape.layers // layout.pp) * max(settings.micro_batch_num, layout.pp)
-    s = settings.micro_batch * settings.seq_len // layout.cp
-    nbytes = s * shape.hidden * settings.bytes_of("compute") // (layout.mp if settings.seq_parallel else 1)
+    layers = -(-shape.layers // plan.pp) * max(settings.micro_batch_num, plan.pp)
+    s = settings.micro_batch * settings.seq_len // plan.cp
+    nbytes = s * shape.hidden * settings.bytes_of("compute") // (plan.mp if settings.seq_parallel else 1)
     per_layer = compute / layers
     return layers * max(0.0, 2 * nbytes / (hw.host_gbps * 1e9) - per_layer)
 
 
-def _fitting(shape: ModelShape, layout: RunPlan, settings: Settings, hw: Hardware,
+def _fitting(shape: ModelShape, plan: RunPlan, settings: Settings, hw: Hardware,
              choices: Choices) -> Optional[Candidate]:
     """The fastest feature combination and recompute setting of ``layout`` that fits (None: none fits)."""
     best = None
-    for variant in choices.variants(shape, layout, settings):
-        memory = memory_per_device(shape, layout, variant)
+    for variant in choices.variants(shape, plan, settings):
+        memory = memory_per_device(shape, plan, variant)
         for recompute in (False, True):
             if variant.offload_layer_inputs and not recompute or memory.total(recompute) > hw.usable:
                 continue
             run = replace(variant, recompute=recompute)
-            cand = Candidate(layout, run, memory, recompute, step_traffic(shape, layout, run),
-                             step_seconds(shape, layout, run, recompute, hw))
+            cand = Candidate(plan, run, memory, recompute, step_traffic(shape, plan, run),
+                             step_seconds(shape, plan, run, recompute, hw))
             if best is None or (cand.step_seconds, cand.memory_total) < (best.step_seconds, best.memory_total):
                 best = cand
             break
@@ -250,11 +250,11 @@ def recommend(shape: ModelShape, devices: int, settings: Settings, hw: Hardware,
     """Layouts that fit ``hw.usable`` bytes, fastest first, each with its fastest fitting features (``choices``:
     the default uses none of them, as before they existed) and recompute only where needed."""
     out = []
-    for layout in layouts(devices, shape, algos, max_mp):
-        if check(layout, shape, settings) is not None:
+    for plan in layouts(devices, shape, algos, max_mp):
+        if check(plan, shape, settings) is not None:
             continue
-        s = replace(settings, micro_batch_num=max(settings.micro_batch_num, layout.pp))
-        found = _fitting(shape, layout, s, hw, choices)
+        s = replace(settings, micro_batch_num=max(settings.micro_batch_num, plan.pp))
+        found = _fitting(shape, plan, s, hw, choices)
         if found is not None:
             out.append(found)
     return sorted(out, key=lambda c: (c.step_seconds, c.memory_total))
@@ -274,12 +274,12 @@ def closest(shape: ModelShape, devices: int, settings: Settings, hw: Hardware,
     """The valid layout (and features ``choices`` allow) that needs the least memory, with recompute, whether it
     fits or not."""
     best = None
-    for layout in layouts(devices, shape, algos, max_mp):
-        if check(layout, shape, settings) is None:
-            s = replace(settings, micro_batch_num=max(settings.micro_batch_num, layout.pp), recompute=True)
-            for variant in _least(choices).variants(shape, layout, s):
-                memory = memory_per_device(shape, layout, variant)
+    for plan in layouts(devices, shape, algos, max_mp):
+        if check(plan, shape, settings) is None:
+            s = replace(settings, micro_batch_num=max(settings.micro_batch_num, plan.pp), recompute=True)
+            for variant in _least(choices).variants(shape, plan, s):
+                memory = memory_per_device(shape, plan, variant)
                 if best is None or memory.total(True) < best.memory_total:
-                    best = Candidate(layout, variant, memory, True, step_traffic(shape, layout, variant),
-                                     step_seconds(shape, layout, variant, True, hw))
+                    best = Candidate(plan, variant, memory, True, step_traffic(shape, plan, variant),
+                                     step_seconds(shape, plan, variant, True, hw))
     return best

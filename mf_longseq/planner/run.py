@@ -1,30 +1,31 @@
 """The planner's prediction for one configured run: what ``mf-longseq train`` (and the MindFormers Trainer route)
 log per rank as ``memory_planned_mib`` beside the measured ``memory_measured_mib``.
 
-    memory, recompute = planned_memory(tree)       # tree: the MindFormers config as nested dicts
-    planned_mib(tree)                               # memory.total(recompute) / 2**20
+    settings = check_run(tree)                      # train/validation.py: the run's RunSettings, parsed once
+    memory, recompute = planned_memory(settings)
+    planned_mib(settings)                           # memory.total(recompute) / 2**20
 
-The settings are read where the run reads them: ``model.model_config`` (seq_length, compute_dtype,
-param_init_type, use_attn_mask_compression), ``runner_config.batch_size`` (sequences per micro-batch),
-``parallel_config`` (degrees, micro_batch_num, use_seq_parallel), ``parallel.enable_alltoall``,
-``recompute_config.recompute``, ``context.device_target`` (backend "cpu" unless Ascend) and ``long_seq``
-(block_size, loss_tile, mlp_tile, offload_layer_inputs).  Nothing is sharded over dp x cp (``zero`` 0): the
-plugin's runner and its runner wrapper keep the whole optimizer, gradients and weights on every rank.
+The values are the run's own (``RunSettings``, ``train/settings.py``): ``settings.model`` (seq_length,
+compute_dtype, param_init_type, use_attn_mask_compression, vocab_size), ``settings.data.batch_size``
+(``runner_config.batch_size``, sequences per micro-batch), ``settings.long_seq`` (degrees, micro_batch_num,
+use_seq_parallel, enable_alltoall, device_target: backend "cpu" unless Ascend, block_size, loss_tile, mlp_tile,
+offload_layer_inputs) and ``settings.loop.recompute``.  Nothing is sharded over dp x cp (``zero`` 0): the plugin's
+runner and its runner wrapper keep the whole optimizer, gradients and weights on every rank.
 """
-from typing import Mapping, Tuple
+from typing import Tuple
 
-from mf_longseq.config import LongSeqConfig, node_at, resolve_loss_tile
+from mf_longseq.config import resolve_loss_tile
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import Memory, memory_per_device
 
 
-def run_settings(tree: Mapping, config: LongSeqConfig, model) -> Settings:
-    """The planner's ``Settings`` of a configured run (see the module docstring); ``model`` its
-    ``LongSeqModelConfig`` (defaults resolved)."""
-    return Settings(seq_len=model.seq_length, micro_batch=int(node_at(tree, "runner_config.batch_size", 1) or 1),
+def run_settings(settings) -> Settings:
+    """The planner's ``Settings`` of a configured run: ``settings`` is its ``RunSettings`` (module docstring)."""
+    config, model = settings.long_seq, settings.model
+    return Settings(seq_len=model.seq_length, micro_batch=settings.data.batch_size,
                     micro_batch_num=config.micro_batch_num, param_dtype=model.param_init_type,
                     grad_dtype=model.param_init_type, compute_dtype=model.compute_dtype, zero=0,
-                    recompute=bool(node_at(tree, "recompute_config.recompute", False)),
+                    recompute=settings.loop.recompute,
                     mask_compression=bool(model.use_attn_mask_compression),
                     use_alltoall=config.enable_alltoall,
                     backend="ascend" if config.device_target == "Ascend" else "cpu", block_size=config.block_size,
@@ -33,22 +34,20 @@ def run_settings(tree: Mapping, config: LongSeqConfig, model) -> Settings:
                     offload_layer_inputs=config.offload_layer_inputs)
 
 
-def planned_memory(tree: Mapping) -> Tuple[Memory, bool]:
-    """The planner's per-device memory of the run ``tree`` describes (worst pipeline stage) and whether it
-    recomputes.
+def planned_memory(settings) -> Tuple[Memory, bool]:
+    """The planner's per-device memory of the run ``settings`` (its ``RunSettings``) describes (worst pipeline
+    stage) and whether it recomputes.
 
     Raises:
-        ConfigError: as ``LongSeqConfig.from_mindformers`` / ``models.model_config_from``.
+        ValueError / KeyError: a model family the planner has no shapes for.
     """
-    from mf_longseq.models import model_config_from
     from mf_longseq.planner.shapes import shape_of
-    config = LongSeqConfig.from_mindformers(tree)
-    model = model_config_from(tree)
-    settings = run_settings(tree, config, model)
-    return memory_per_device(shape_of(model, model.family), config.plan, settings), settings.recompute
+    planned = run_settings(settings)
+    model = settings.model
+    return memory_per_device(shape_of(model, model.family), settings.long_seq.plan, planned), planned.recompute
 
 
-def planned_mib(tree: Mapping) -> float:
-    """The planner's predicted peak per device, MiB: ``planned_memory(tree)`` total."""
-    memory, recompute = planned_memory(tree)
+def planned_mib(settings) -> float:
+    """The planner's predicted peak per device, MiB: ``planned_memory(settings)`` total."""
+    memory, recompute = planned_memory(settings)
     return memory.total(recompute) / 2 ** 20

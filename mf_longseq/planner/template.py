@@ -12,7 +12,7 @@ from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner.layout import Settings
 
 
-def template(model: str, layout: RunPlan, settings: Settings) -> dict:
+def template(model: str, plan: RunPlan, settings: Settings) -> dict:
     """The YAML tree of one run."""
     from mf_longseq.planner.shapes import _config_of
     config = _config_of(model)
@@ -21,26 +21,26 @@ def template(model: str, layout: RunPlan, settings: Settings) -> dict:
     model_config.update(seq_length=settings.seq_len, compute_dtype=settings.compute_dtype,
                         param_init_type=settings.param_dtype, use_flash_attention=True,
                         use_attn_mask_compression=settings.mask_compression)
-    mindformers_algo = ALGORITHMS[layout.algo].mindformers     # else only long_seq.cp_algo takes the name
+    mindformers_algo = ALGORITHMS[plan.algo].mindformers     # else only long_seq.cp_algo takes the name
     return {
         "seed": 0,
         "run_mode": "train",
         "context": {"device_target": "Ascend" if settings.backend == "ascend" else "CPU", "mode": 1},
         "parallel": {"enable_alltoall": settings.use_alltoall,
                      "enable_parallel_optimizer": settings.zero > 0},
-        "parallel_config": {"data_parallel": layout.dp, "model_parallel": layout.mp,
-                            "context_parallel": layout.cp, "pipeline_stage": layout.pp,
+        "parallel_config": {"data_parallel": plan.dp, "model_parallel": plan.mp,
+                            "context_parallel": plan.cp, "pipeline_stage": plan.pp,
                             "micro_batch_num": settings.micro_batch_num,
-                            **({"context_parallel_algo": layout.algo} if mindformers_algo else {}),
-                            "ulysses_degree_in_cp": layout.ulysses_degree_in_cp,
+                            **({"context_parallel_algo": plan.algo} if mindformers_algo else {}),
+                            "ulysses_degree_in_cp": plan.ulysses_degree_in_cp,
                             "use_seq_parallel": settings.seq_parallel, "vocab_emb_dp": True},
         "recompute_config": {"recompute": settings.recompute},
         "runner_config": {"batch_size": settings.micro_batch},
         "model": {"model_config": model_config, "arch": {"type": arch_type}},
-        "long_seq": {"layout": layout.seq_layout, "block_size": settings.block_size,
-                     "device_num": layout.world_size, "loss_tile": settings.loss_tile,
+        "long_seq": {"layout": plan.seq_layout, "block_size": settings.block_size,
+                     "device_num": plan.world_size, "loss_tile": settings.loss_tile,
                      "mlp_tile": settings.mlp_tile, "offload_layer_inputs": settings.offload_layer_inputs,
-                     **({} if mindformers_algo else {"cp_algo": layout.algo})},
+                     **({} if mindformers_algo else {"cp_algo": plan.algo})},
     }
 
 
@@ -48,7 +48,7 @@ _MODEL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "n_kv_hea
                "rms_norm_eps", "theta", "qkv_has_bias", "tie_word_embeddings")
 
 
-def emit_yaml(path: str, model: str, layout: RunPlan, settings: Settings) -> dict:
+def emit_yaml(path: str, model: str, plan: RunPlan, settings: Settings) -> dict:
     """Write the template of ``layout`` (recompute and memory features from ``settings``) to ``path`` after
     checking it; returns the tree.
 
@@ -57,7 +57,7 @@ def emit_yaml(path: str, model: str, layout: RunPlan, settings: Settings) -> dic
             with context_parallel > 1: then plan with ``--seq-parallel off``).
     """
     from mf_longseq.models import model_config_from
-    tree = template(model, layout, settings)
+    tree = template(model, plan, settings)
     try:
         LongSeqConfig.from_mindformers(tree)
     except ConfigError as err:
@@ -66,8 +66,8 @@ def emit_yaml(path: str, model: str, layout: RunPlan, settings: Settings) -> dic
         raise ConfigError(err.key, True, f"{err.problem} in this build, so the planned run cannot be written",
                           "plan again with --seq-parallel off") from err
     model_config_from(tree)
-    header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {layout.world_size}: "
-              f"{layout.label()}{' with recompute' if settings.recompute else ''}, features: "
+    header = (f"# mf-longseq plan --model {model} --seq-len {settings.seq_len} --devices {plan.world_size}: "
+              f"{plan.label()}{' with recompute' if settings.recompute else ''}, features: "
               f"{settings.features()}\n")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(header + yaml.safe_dump(tree, sort_keys=False))

@@ -23,6 +23,7 @@ from typing import Any, List, Mapping, Optional
 
 from mf_longseq.config import ConfigError, node_at
 from mf_longseq.families import FAMILIES as FAMILY_TABLE
+from mf_longseq.parallel.algorithms import ALGORITHMS, MINDFORMERS_ALGOS
 from mf_longseq.train.mf_route_rules import OUR_DATASET, OUR_TRAINER, OUR_WRAPPER, PACKED_COLUMNS, PRETRAIN_COLUMNS
 
 REMOVED = "<removed>"
@@ -106,7 +107,8 @@ def adopt(source, *, route: str = "mindformers", cp: Optional[int] = None, algo:
     Args:
         route: ``mindformers`` (MindFormers' Trainer, run_mindformer.py) or ``train`` (``mf-longseq train``).
         cp, algo, dp, mp: parallel_config.context_parallel / context_parallel_algo / data_parallel /
-            model_parallel to set (None: keep the YAML's; context_parallel 1 when absent).
+            model_parallel to set (None: keep the YAML's; context_parallel 1 when absent).  ``algo`` is any name of
+            ``parallel/algorithms.py`` ALGORITHMS; outside MindFormers' three it is written as long_seq.cp_algo.
         pretraining_columns: read only input_ids from a finetuning dataset (its label columns are dropped).
 
     Returns:
@@ -215,6 +217,24 @@ def _classes(edit: _Editor) -> None:
     edit.set("runner_config.sink_mode", False, "data sinking needs graph mode; in PyNative it repeats every sample")
 
 
+def _algorithm(edit: _Editor, algo: Optional[str]) -> None:
+    """``--algo``: one of MindFormers' names goes to ``parallel_config.context_parallel_algo``, any other registered
+    name (``parallel/algorithms.py`` ALGORITHMS) to ``long_seq.cp_algo`` (MindFormers' enum refuses it), and the
+    other key, when the YAML has it, names the same algorithm or goes (the two may not disagree)."""
+    if algo is None:
+        return
+    if algo in MINDFORMERS_ALGOS:
+        edit.set("parallel_config.context_parallel_algo", algo, "asked on the command line")
+        if node_at(edit.out.tree, "long_seq.cp_algo") is not None:
+            edit.set("long_seq.cp_algo", algo, "asked on the command line (the two keys may not disagree)")
+        return
+    edit.set("long_seq.cp_algo", algo, f"asked on the command line; outside MindFormers' {', '.join(MINDFORMERS_ALGOS)} "
+             "the plugin's key names the algorithm")
+    if node_at(edit.out.tree, "parallel_config.context_parallel_algo") is not None:
+        edit.remove("parallel_config.context_parallel_algo", f"MindFormers' enum has no {algo}; long_seq.cp_algo "
+                    "names it (the two keys may not disagree)")
+
+
 def _parallel(edit: _Editor, *, cp, algo, dp, mp) -> None:
     tree = edit.out.tree
     edit.set("parallel.parallel_mode", 0, "the plugin runs its own collectives; MindSpore's semi/auto sharding "
@@ -224,10 +244,10 @@ def _parallel(edit: _Editor, *, cp, algo, dp, mp) -> None:
                       "Ascend)"), ("gradients_mean", "the plugin's loss is the global mean already")):
         if node_at(tree, f"parallel.{key}"):
             edit.set(f"parallel.{key}", False, why)
-    for key, value in (("data_parallel", dp), ("model_parallel", mp), ("context_parallel", cp),
-                       ("context_parallel_algo", algo)):
+    for key, value in (("data_parallel", dp), ("model_parallel", mp), ("context_parallel", cp)):
         if value is not None:
             edit.set(f"parallel_config.{key}", value, "asked on the command line")
+    _algorithm(edit, algo)
     if node_at(tree, "parallel_config.context_parallel") is None:
         edit.set("parallel_config.context_parallel", 1, "no CP degree given (pass --cp N)")
     if node_at(tree, "parallel_config.use_seq_parallel"):
@@ -343,8 +363,10 @@ def register(subparsers) -> None:
     parser.add_argument("--route", choices=("mindformers", "train"), default="mindformers",
                         help="run_mindformer.py (mindformers, default) or mf-longseq train")
     parser.add_argument("--cp", type=int, help="parallel_config.context_parallel")
-    parser.add_argument("--algo", choices=("colossalai_cp", "ulysses_cp", "hybrid_cp"),
-                        help="parallel_config.context_parallel_algo")
+    parser.add_argument("--algo", choices=tuple(ALGORITHMS),
+                        help="the CP algorithm, any registered name (parallel/algorithms.py): MindFormers' "
+                             f"{', '.join(MINDFORMERS_ALGOS)} as parallel_config.context_parallel_algo, any other "
+                             "as long_seq.cp_algo")
     parser.add_argument("--dp", type=int, help="parallel_config.data_parallel")
     parser.add_argument("--mp", type=int, help="parallel_config.model_parallel")
     parser.add_argument("--pretraining-columns", action="store_true",

@@ -37,9 +37,9 @@ def _src(node) -> str:
     return "{" + ast.unparse(node) + "}"
 
 
-def fields_with_docs(tree: ast.Module) -> List[Tuple[str, str, str, str]]:
+def fields_with_docs(module: ast.Module) -> List[Tuple[str, str, str, str]]:
     """(name, type, default, docstring) of every LongSeqConfig field, in order."""
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LongSeqConfig")
+    cls = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "LongSeqConfig")
     out, body = [], cls.body
     for i, node in enumerate(body):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):

@@ -85,13 +85,13 @@ def run_train(args) -> int:
                          "one of them.")
     if args.workers > 1 and not under_msrun():
         from mf_longseq.train.job import load_tree, with_dataset_dir
-        start = load_tree(args.config).get("load_checkpoint")
-        if not args.load_checkpoint and not args.resume and start:
-            args.load_checkpoint = start                  # workers run in the output dir: pass it on absolute
         from mf_longseq.tools.workers import launch
         from mf_longseq.train.validation import check_run
         config = with_dataset_dir(load_tree(args.config), args.dataset_dir) if args.dataset_dir else args.config
-        check_run(config, steps=args.steps, devices=args.workers)          # refused here, before msrun starts
+        settings = check_run(config, steps=args.steps, devices=args.workers)   # refused here, before msrun starts
+        start = settings.loop.load_checkpoint
+        if not args.load_checkpoint and not args.resume and start:
+            args.load_checkpoint = start                  # workers run in the output dir: pass it on absolute
         started = time.time()
         code = launch(_worker_args(args), workers=args.workers, run_dir=args.output_dir, port=args.port,
                       timeout=args.timeout)

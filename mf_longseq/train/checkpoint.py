@@ -3,7 +3,7 @@
     <output_dir>/checkpoints/step_000005/
         rank_0.ckpt  rank_1.ckpt ...   weights + AdamW moments of that rank (mindspore.save_checkpoint)
         config.yaml                    the run's config, as resolved
-        meta.json                      step, layout, data/rng state, optimizer settings, loss history, save_id
+        meta.json                      step, run_plan, data/rng state, optimizer settings, loss history, save_id
 
 A save is atomic: every rank writes its file into a fresh directory ``checkpoints/.step_000005.partial-<save_id>``
 (``save_id``: 12 hex digits drawn by rank 0 and shared with every rank by the caller, a world collective), then a
@@ -25,7 +25,8 @@ directory, those after the resumed step for a run resumed from its own output di
 
 Weights are replicated over the dp x cp ranks, cut over mp (each split tensor as its ``ShardSpec`` says) and held
 by one pipeline stage (a rank file under pp holds only its stage's weights and moments).  ``meta.json`` records
-the layout, the shard spec of every mp-split tensor (``shard_specs``) and ``num_layers``, so ``state_for_rank``
+the RunPlan (``run_plan``: degrees, rank order, algorithm, ``seq_layout``; a checkpoint written before it has the
+same under ``layout``, still read: ``reshard.saved_plan``), the shard spec of every mp-split tensor (``shard_specs``) and ``num_layers``, so ``state_for_rank``
 can resume under any layout: with the same mp and pp a rank reads one file (its own, or the dp x cp replica with
 its stage and mp index); with another mp or pp every file is merged and cut again (``parallel/reshard.py``).
 After a resume the dp x cp replicas compare a digest of what they loaded (``state_digest``, exchanged by the
@@ -42,6 +43,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import numpy as np
 
 from mf_longseq.parallel.plan import RunPlan
+from mf_longseq.parallel.reshard import PLAN_KEY, plan_record, saved_plan
 from mf_longseq.train.files import OutputError, os_error, remove_quietly, safe_path, write_atomic
 
 
@@ -81,18 +83,18 @@ def save_rank(directory: str, rank: int, parameters) -> str:
     return path
 
 
-def write_meta(directory: str, *, step: int, layout: RunPlan, config_tree: dict, data: dict, optimizer: dict,
+def write_meta(directory: str, *, step: int, plan: RunPlan, config_text: str, data: dict, optimizer: dict,
                losses: List[float], shard_specs: Mapping[str, dict], num_layers: Optional[int],
                extra: Optional[dict] = None) -> str:
-    """Write ``config.yaml`` and then ``meta.json`` into ``directory`` (a save's partial directory).
+    """Write ``config.yaml`` (``config_text``, the run's YAML) and then ``meta.json`` into ``directory`` (a save's
+    partial directory); ``plan`` is recorded under ``run_plan`` (``reshard.plan_record``).
 
     ``shard_specs``: weight name -> ``ShardSpec.to_dict()`` of every mp-split tensor; ``num_layers``: decoder
     layers (which stage holds which layer).  Both are what resharding to another mp / pp needs.
     """
-    import yaml
-    write_atomic(os.path.join(directory, "config.yaml"), yaml.safe_dump(config_tree, sort_keys=False))
-    files = {str(r): os.path.basename(rank_file(directory, r)) for r in range(layout.world_size)}
-    meta = {"format": FORMAT, "step": int(step), "config": "config.yaml", "layout": layout.as_dict(),
+    write_atomic(os.path.join(directory, "config.yaml"), config_text)
+    files = {str(r): os.path.basename(rank_file(directory, r)) for r in range(plan.world_size)}
+    meta = {"format": FORMAT, "step": int(step), "config": "config.yaml", PLAN_KEY: plan_record(plan),
             "rank_files": files, "replicated_over": "dp_cp", "data": data, "optimizer": optimizer,
             "rng": {"data_seed": data.get("seed"), "next_sample_step": int(step),
                     "note": "batches are a pure function of (seed, step, dp_id); no other random state is used "
@@ -123,7 +125,7 @@ def publish(output_dir: str, step: int, save_id: str) -> str:
 
 
 def save(output_dir: str, *, step: int, rank: int, parameters, barrier: Callable[[], None], save_id: str,
-         layout: RunPlan, config_tree: dict, data: dict, optimizer: dict, losses: List[float],
+         plan: RunPlan, config_text: str, data: dict, optimizer: dict, losses: List[float],
          shard_specs: Mapping[str, dict], num_layers: Optional[int], wait_visible: float = 30.0) -> str:
     """Every rank calls this at the same step with the same ``save_id`` (module docstring: an atomic save).
 
@@ -142,7 +144,7 @@ def save(output_dir: str, *, step: int, rank: int, parameters, barrier: Callable
         save_rank(directory, rank, parameters)
         barrier()
         if rank == 0:
-            write_meta(directory, step=step, layout=layout, config_tree=config_tree, data=data,
+            write_meta(directory, step=step, plan=plan, config_text=config_text, data=data,
                        optimizer=optimizer, losses=losses, shard_specs=shard_specs, num_layers=num_layers,
                        extra={"save_id": save_id})
             publish(output_dir, step, save_id)
@@ -242,23 +244,23 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def same_split(meta: dict, layout: RunPlan) -> bool:
+def same_split(meta: dict, plan: RunPlan) -> bool:
     """True when the checkpoint was written with this run's model_parallel and pipeline_stage (no resharding)."""
-    saved = meta["layout"]
-    return (saved["mp"], saved["pp"]) == (layout.mp, layout.pp)
+    saved = saved_plan(meta)
+    return (saved.mp, saved.pp) == (plan.mp, plan.pp)
 
 
-def file_for_rank(directory: str, meta: dict, rank: int, layout: RunPlan) -> str:
-    """The rank file this rank loads when mp and pp are unchanged: its own under the same layout, else the file of
+def file_for_rank(directory: str, meta: dict, rank: int, plan: RunPlan) -> str:
+    """The rank file this rank loads when mp and pp are unchanged: its own under the same plan, else the file of
     the saved rank with the same pipeline stage and mp index at dp_id = cp_id = 0 (weights replicated over dp x cp).
     """
-    assert same_split(meta, layout), "file_for_rank: another mp / pp needs state_for_rank (resharding)"
-    saved = meta["layout"]
-    if saved["world_size"] == layout.world_size and (saved["dp"], saved["cp"]) == (layout.dp, layout.cp):
+    assert same_split(meta, plan), "file_for_rank: another mp / pp needs state_for_rank (resharding)"
+    saved = saved_plan(meta)
+    if saved.world_size == plan.world_size and (saved.dp, saved.cp) == (plan.dp, plan.cp):
         source = rank
     else:
-        c = layout.coords(rank)
-        source = RunPlan.from_dict(saved).rank_of(stage=c["stage"], dp_id=0, cp_id=0, mp_id=c["mp_id"])
+        c = plan.coords(rank)
+        source = saved.rank_of(stage=c["stage"], dp_id=0, cp_id=0, mp_id=c["mp_id"])
     name = meta["rank_files"][str(source)]
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
@@ -266,8 +268,8 @@ def file_for_rank(directory: str, meta: dict, rank: int, layout: RunPlan) -> str
     return path
 
 
-def state_for_rank(directory: str, meta: dict, rank: int, layout: RunPlan) -> Dict[str, np.ndarray]:
-    """Name -> array of everything rank ``rank`` of ``layout`` holds (weights and ``adam_m.`` / ``adam_v.`` moments).
+def state_for_rank(directory: str, meta: dict, rank: int, plan: RunPlan) -> Dict[str, np.ndarray]:
+    """Name -> array of everything rank ``rank`` of ``plan`` holds (weights and ``adam_m.`` / ``adam_v.`` moments).
 
     Same mp and pp: one rank file (``file_for_rank``).  Otherwise every rank file is merged into full tensors and
     cut for this rank (``reshard.load_resharded``), which needs the metadata's ``shard_specs`` and ``num_layers``.
@@ -276,18 +278,18 @@ def state_for_rank(directory: str, meta: dict, rank: int, layout: RunPlan) -> Di
         ValueError: the checkpoint lacks what resharding needs (it was written before they were recorded).
     """
     import mindspore as ms
-    if same_split(meta, layout):
-        return {k: v.asnumpy() for k, v in ms.load_checkpoint(file_for_rank(directory, meta, rank, layout)).items()}
+    if same_split(meta, plan):
+        return {k: v.asnumpy() for k, v in ms.load_checkpoint(file_for_rank(directory, meta, rank, plan)).items()}
     from mf_longseq.parallel.reshard import load_resharded
-    saved = meta["layout"]
-    needs = {"shard_specs": saved["mp"] != layout.mp, "num_layers": max(saved["pp"], layout.pp) > 1}
+    saved = saved_plan(meta)
+    needs = {"shard_specs": saved.mp != plan.mp, "num_layers": max(saved.pp, plan.pp) > 1}
     lacking = [key for key, needed in needs.items() if needed and meta.get(key) is None]
     if lacking:
-        raise ValueError(f"--resume {directory}: written with model_parallel = {saved['mp']}, pipeline_stage = "
-                         f"{saved['pp']}; this run has {layout.mp}, {layout.pp}, and its {META} has no "
+        raise ValueError(f"--resume {directory}: written with model_parallel = {saved.mp}, pipeline_stage = "
+                         f"{saved.pp}; this run has {plan.mp}, {plan.pp}, and its {META} has no "
                          f"{' / '.join(lacking)} to reshard with. Fix: resume with parallel_config.model_parallel: "
-                         f"{saved['mp']} and pipeline_stage: {saved['pp']}.")
-    return load_resharded(directory, target=layout, rank=rank)
+                         f"{saved.mp} and pipeline_stage: {saved.pp}.")
+    return load_resharded(directory, target=plan, rank=rank)
 
 
 def assign(values: Mapping[str, np.ndarray], parameters, source: str) -> None:

@@ -225,12 +225,12 @@ def _set_device(target: str) -> None:
     ms.set_device(target)
 
 
-def setup(tree: Mapping, config) -> RunContext:
+def setup(settings) -> RunContext:
     """Device, PyNative mode, communication (under msrun), auto-parallel context and the rank mesh.
 
     Args:
-        tree: the MindFormers config as a dict (its ``parallel:`` section is applied).
-        config: the run's ``LongSeqConfig``.
+        settings: the run's ``RunSettings`` (``check_run``): ``settings.long_seq`` (``LongSeqConfig``) and
+            ``settings.runtime`` (the ``context:`` keys; the ``parallel:`` section, applied to MindSpore).
 
     Returns:
         A ``RunContext`` with the mesh (communication groups created when there is more than one rank).
@@ -241,9 +241,10 @@ def setup(tree: Mapping, config) -> RunContext:
     import mindspore as ms
     from mf_longseq.config import check_world_size
     from mf_longseq.parallel import Mesh
+    config = settings.long_seq
     _set_device(config.device_target)
     configure_op_dispatch(config.device_target)
-    ms.set_context(mode=ms.PYNATIVE_MODE, **runtime_context_kwargs(tree.get("context")))
+    ms.set_context(mode=ms.PYNATIVE_MODE, **runtime_context_kwargs(settings.runtime.context))
     distributed = under_msrun()
     rank, world_size = 0, 1
     if distributed:
@@ -252,7 +253,7 @@ def setup(tree: Mapping, config) -> RunContext:
             init()
         rank, world_size = get_rank(), get_group_size()
     check_world_size(config, world_size)
-    applied = apply_parallel_context(tree.get("parallel"), world_size=world_size, rank=rank)
+    applied = apply_parallel_context(settings.runtime.parallel, world_size=world_size, rank=rank)
     mesh = Mesh.from_config(config, rank=rank)
     if world_size > 1:
         mesh.create_groups()

@@ -22,13 +22,13 @@ import numpy as np
 
 from mf_longseq.train import checkpoint as ckpt
 from mf_longseq.train import context as run_context
-from mf_longseq.train import support
 from mf_longseq.train.data import open_source
 from mf_longseq.train.files import safe_path, write_atomic
 from mf_longseq.train.monitor import Monitor, rss_mib
 from mf_longseq.train.optim import AdamW, OptimSettings
 from mf_longseq.train.packing import PackingSettings
 from mf_longseq.train.runner import LoopSettings, Trainer, resume, save_checkpoint, train_loop
+from mf_longseq.train.settings import RunSettings, plain
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +58,7 @@ def load_tree(config: Any) -> dict:
         InputError / ConfigError: as ``validation.load_tree`` (unreadable path, not a mapping of sections).
     """
     from mf_longseq.train.validation import load_tree as read_config
-    return _plain(read_config(config))
-
-
-def _plain(node):
-    """Nested dicts / lists of plain values (YAML-writable), from MindFormers' config objects."""
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
-    if node is None or isinstance(node, (bool, int, float, str)):
-        return node
-    if hasattr(node, "to_dict"):
-        return _plain(node.to_dict())
-    return _plain(vars(node)) if hasattr(node, "__dict__") else str(node)
+    return plain(read_config(config))
 
 
 def with_dataset_dir(tree: dict, dataset_dir: Optional[str]) -> dict:
@@ -83,23 +70,17 @@ def with_dataset_dir(tree: dict, dataset_dir: Optional[str]) -> dict:
     return {**tree, "train_dataset": dataset}
 
 
-def model_config_value(tree: dict, key: str, default=None):
-    return ((tree.get("model") or {}).get("model_config") or {}).get(key, default)
-
-
-def _positive(tree: dict, key_path: str, default: int) -> int:
-    node: Any = tree
-    for part in key_path.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    value = default if node is None else node
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key_path} = {value!r}: must be a positive integer. Fix: set {key_path}: 1 or more.")
-    return value
-
-
-def build_default_model(tree: dict, mesh):
-    from mf_longseq.models import build_model
-    return build_model(tree, mesh=mesh)
+def build_default_model(settings: RunSettings, mesh, model_class: Optional[type] = None):
+    """The model ``settings`` describe (``model_class``, default ``settings.model_class``: the plain model
+    ``model.arch.type`` names; MindFormers' Trainer route passes the registered class, ``mf_route/models.py``) on
+    its own copy of the model config and ``mesh``, every decoder layer recomputed when
+    ``recompute_config.recompute`` is True."""
+    import copy
+    from mf_longseq.models.build import apply_recompute
+    cls = model_class or settings.model_class
+    model = cls(copy.deepcopy(settings.model), mesh=mesh, long_seq_config=settings.long_seq)
+    apply_recompute(model, settings.loop.recompute)
+    return model
 
 
 def build_trainer(*, model, mesh, config, settings: OptimSettings, source, batch_size: int,
@@ -129,87 +110,85 @@ def samples_per_step(batch_size: int, config) -> int:
     return batch_size * config.micro_batch_num if config.pipeline_stage > 1 else batch_size
 
 
-def open_job_source(opts: "JobOptions", tree: dict, mesh, *, vocab: int, seq_length: int, seed: int, packing,
-                    batch_size: int):
+def open_job_source(opts: "JobOptions", settings: RunSettings, mesh, *, seed: int, batch_size: int):
     """--data when given, else ``train_dataset.data_loader.dataset_dir`` (MindFormers' builder), else synthetic."""
-    directory = ((tree.get("train_dataset") or {}).get("data_loader") or {}).get("dataset_dir")
-    if opts.data is None and directory:
+    data, vocab, seq_length = settings.data, settings.model.vocab_size, settings.model.seq_length
+    if opts.data is None and data.dataset_dir:
         from mf_longseq.train.mf_data import DatasetDirTokens
-        return DatasetDirTokens(tree, dp_id=mesh.coords()["dp_id"], dp=mesh.dp, batch_size=batch_size,
+        return DatasetDirTokens(settings, dp_id=mesh.coords()["dp_id"], dp=mesh.dp, batch_size=batch_size,
                                 seq_length=seq_length, vocab_size=vocab, steps=opts.steps,
-                                pad_token_id=model_config_value(tree, "pad_token_id"))
+                                pad_token_id=data.pad_token_id)
     return open_source(opts.data, vocab_size=vocab, seq_length=seq_length, seed=seed, dtype=opts.data_dtype,
-                       eod_token_id=packing.eod_token_id if packing else None,
-                       pad_token_id=model_config_value(tree, "pad_token_id"))
+                       eod_token_id=data.packing.eod_token_id if data.packing else None,
+                       pad_token_id=data.pad_token_id)
 
 
 def run_job(opts: JobOptions, *, model_factory: Callable = build_default_model, stream=None):
-    """Run the job on this rank (under msrun: every rank runs it). Returns the rank's list of StepRecords."""
+    """Run the job on this rank (under msrun: every rank runs it). Returns the rank's list of StepRecords.
+
+    ``model_factory(settings, mesh)`` builds the model (default ``build_default_model``); ``settings`` is the
+    ``RunSettings`` of ``check_run``, the one object every part below reads (``train/settings.py``).
+    """
     import mindspore as ms
     from mf_longseq.train.validation import check_run
     tree = with_dataset_dir(load_tree(opts.config), opts.dataset_dir)      # --dataset-dir overrides the YAML
-    checked = check_run(tree, steps=opts.steps)               # every rule, before any device work
-    config = checked.long_seq
-    packing = PackingSettings.from_mindformers(tree)                      # None: samples are not packed
-    run = run_context.setup(tree, config)
-    seed = int(tree.get("seed", 0) or 0) if opts.seed is None else opts.seed
+    settings = check_run(tree, steps=opts.steps)              # every rule, before any device work
+    config, data = settings.long_seq, settings.data
+    run = run_context.setup(settings)
+    seed = data.seed if opts.seed is None else opts.seed
     ms.set_seed(seed)
     np.random.seed(seed)
-    memory_before, memory_planned = rss_mib(), planned_memory_mib(tree)
-    model = model_factory(tree, run.mesh)
-    settings = OptimSettings.from_mindformers(tree, opts.steps)
-    vocab = checked.model.vocab_size                         # what the model builds (class default if unset)
-    batch_size = samples_per_step(_positive(tree, "runner_config.batch_size", 1), config)
-    seq_length = checked.model.seq_length
-    source = open_job_source(opts, tree, run.mesh, vocab=vocab, seq_length=seq_length, seed=seed,
-                             packing=packing, batch_size=batch_size)
-    trainer = build_trainer(model=model, mesh=run.mesh, config=config, settings=settings, source=source,
-                            batch_size=batch_size, packing=packing, max_grad_norm=support.max_grad_norm(tree),
-                            pad_token_id=model_config_value(tree, "pad_token_id") if source.kind != "synthetic"
-                            else None)
+    memory_before, memory_planned = rss_mib(), planned_memory_mib(settings)
+    model = model_factory(settings, run.mesh)
+    batch_size = samples_per_step(data.batch_size, config)
+    source = open_job_source(opts, settings, run.mesh, seed=seed, batch_size=batch_size)
+    trainer = build_trainer(model=model, mesh=run.mesh, config=config, settings=settings.optimizer, source=source,
+                            batch_size=batch_size, packing=data.packing, max_grad_norm=settings.loop.max_grad_norm,
+                            pad_token_id=data.pad_token_id if source.kind != "synthetic" else None)
     if not opts.resume:             # no broadcast before a resume: the replicas' digests compare what each loaded
         trainer.broadcast_weights()
-    load_start(trainer, model, run.mesh, opts, tree)        # refuses --load-checkpoint beside --resume
+    load_start(trainer, model, run.mesh, opts, settings)     # refuses --load-checkpoint beside --resume
     start = resume(trainer, run, config, opts.resume) if opts.resume else 0
     if start >= opts.steps:
         raise ValueError(f"--steps {opts.steps}: the checkpoint is already at step {start}. "
                          f"Fix: pass --steps larger than {start}.")
     output_dir = opts.output_dir or (ckpt.run_dir_of(opts.resume) if opts.resume else None)
-    if not opts.save_every and support.checkpoint_period(tree) and output_dir:   # (the CLI always has one)
-        opts = replace(opts, save_every=support.checkpoint_period(tree))   # CheckpointMonitor.save_checkpoint_steps
+    period = settings.loop.checkpoint_period
+    if not opts.save_every and period and output_dir:            # (the CLI always has one)
+        opts = replace(opts, save_every=period)                  # CheckpointMonitor.save_checkpoint_steps
     if opts.save_every and not output_dir:
         raise ValueError("--save-every needs --output-dir. Fix: pass --output-dir DIR.")
     if output_dir and run.rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-        _write_yaml(tree, safe_path(output_dir, "config.yaml"))
+        write_atomic(safe_path(output_dir, "config.yaml"), settings.config_text)
         if opts.save_every:
             _retire_abandoned(output_dir, start, opts.resume)
     monitor = Monitor(run.rank, opts.steps, output_dir, stream=stream, start_step=start)
     monitor.say(f"mf-longseq train: {run.mesh}, algo {config.algo}, layout {config.layout}, "
-                f"seq_length {seq_length}, batch {trainer.batch_size} per dp rank, data "
+                f"seq_length {settings.model.seq_length}, batch {trainer.batch_size} per dp rank, data "
                 f"{_data_line(source.describe())}, steps {start + 1}..{opts.steps}")
     data_state = {**source.describe(), "batch_size": trainer.batch_size}
 
     def save(step):
-        save_checkpoint(trainer, run, output_dir=output_dir, step=step, tree=tree, config=config, data=data_state)
+        save_checkpoint(trainer, run, output_dir=output_dir, step=step, settings=settings, data=data_state)
 
     loop = LoopSettings(end_step=opts.steps, start_step=start, save_every=opts.save_every, output_dir=output_dir,
                         memory_before_mib=memory_before, memory_planned_mib=memory_planned)
     return train_loop(trainer, run, loop, monitor=monitor, save=save if opts.save_every else None)
 
 
-def planned_memory_mib(tree: dict) -> Optional[float]:
+def planned_memory_mib(settings: RunSettings) -> Optional[float]:
     """The planner's peak per device for this run, MiB (``planner/run.py``); None, with a warning, for a model
     the planner cannot describe (a custom model factory's)."""
     from mf_longseq.planner.run import planned_mib
     try:
-        return planned_mib(tree)
+        return planned_mib(settings)
     except (ValueError, KeyError, TypeError) as err:
         logger.warning("memory_planned_mib: the planner cannot describe this run (%s); not logged", err)
         return None
 
 
-def load_start(trainer: Trainer, model, mesh, opts: JobOptions, tree: dict) -> Optional[str]:
+def load_start(trainer: Trainer, model, mesh, opts: JobOptions, settings: RunSettings) -> Optional[str]:
     """Start from weights: ``--load-checkpoint`` or the YAML's ``load_checkpoint`` (ignored with ``--resume``, which
     restores the run's own weights and optimizer) fills every parameter this rank trains; returns the path.
 
@@ -221,7 +200,7 @@ def load_start(trainer: Trainer, model, mesh, opts: JobOptions, tree: dict) -> O
         raise ValueError(f"--load-checkpoint {opts.load_checkpoint} and --resume {opts.resume}: two starting points. "
                          "Fix: --resume continues a run (weights and optimizer); --load-checkpoint starts a new run "
                          "from weights. Pass one of them.")
-    path = None if opts.resume else (opts.load_checkpoint or tree.get("load_checkpoint") or None)
+    path = None if opts.resume else (opts.load_checkpoint or settings.loop.load_checkpoint)
     if path:
         fill_parameters(trainer.params, read_start_weights(path, model.config), model=model, mesh=mesh, source=path)
         logger.info("start weights from %s", path)
@@ -231,11 +210,6 @@ def load_start(trainer: Trainer, model, mesh, opts: JobOptions, tree: dict) -> O
 def _data_line(described: dict) -> str:
     """The run header's data: ``synthetic``, or the kind and the absolute path it reads."""
     return f"{described['kind']} {described['path']}" if "path" in described else described["kind"]
-
-
-def _write_yaml(tree: dict, path: str) -> None:
-    import yaml
-    write_atomic(path, yaml.safe_dump(tree, sort_keys=False))
 
 
 def _retire_abandoned(output_dir: str, start: int, resume_path: Optional[str]) -> None:

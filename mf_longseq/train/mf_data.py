@@ -67,7 +67,8 @@ class DatasetDirTokens:
     """Token source over MindFormers' dataset of one dp rank (``sample(index)`` in ``batch_for_step`` order).
 
     Args:
-        tree: the run's config (plain dict) with ``train_dataset`` / ``train_dataset_task``.
+        settings: the run's ``RunSettings`` (``check_run``); ``settings.data.train_dataset`` is the section
+            MindFormers' dataset builder gets.
         dp_id, dp: this rank's data-parallel coordinate and degree.
         batch_size: samples per dp rank per step.
         seq_length: ``model.model_config.seq_length``; every row must hold seq_length + 1 tokens.
@@ -87,13 +88,13 @@ class DatasetDirTokens:
 
     kind = "dataset_dir"
 
-    def __init__(self, tree: dict, *, dp_id: int, dp: int, batch_size: int, seq_length: int,
+    def __init__(self, settings, *, dp_id: int, dp: int, batch_size: int, seq_length: int,
                  vocab_size: Optional[int] = None, pad_token_id: Optional[int] = None, steps: Optional[int] = None):
         from mindformers.dataset import build_dataset
         from mindformers.tools.register import MindFormerConfig
         from mf_longseq.train.mf_dataset import LongSeqCausalLanguageModelDataset  # noqa: F401  (registered)
         from mf_longseq.train.mf_dataset import data_check_of, scan_dataset
-        section = dict(tree["train_dataset"])
+        section = settings.data.dataset_section()
         section["batch_size"] = batch_size
         self.path = section["data_loader"]["dataset_dir"]
         check_input_ids_column(self.path)
@@ -102,7 +103,7 @@ class DatasetDirTokens:
             raise ValueError(f"{KEY} = {self.path!r}: {rows} rows, fewer than one batch of runner_config.batch_size "
                              f"x data_parallel = {batch_size} x {dp} = {batch_size * dp}. Fix: write more rows "
                              "(MindFormers' causal-LM format), or lower runner_config.batch_size.")
-        check = {**data_check_of(tree, batch_size=batch_size, dp=dp, max_batches=steps),
+        check = {**data_check_of(settings, batch_size=batch_size, dp=dp, max_batches=steps),
                  "seq_length": seq_length, "vocab_size": vocab_size, "pad_token_id": pad_token_id}
         task = MindFormerConfig(type="LongSeqCausalLanguageModelDataset", dataset_config=MindFormerConfig(**section))
         self.dataset = build_dataset(task, default_args={"dp_shard": (dp_id, dp)})

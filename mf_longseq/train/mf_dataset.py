@@ -49,13 +49,12 @@ class LongSeqCausalLanguageModelDataset(CausalLanguageModelDataset):
         return CausalLanguageModelDataset.__new__(sharded, dataset_config, **kwargs)
 
 
-def data_check_of(tree: dict, *, batch_size: int, dp: int, max_batches: Optional[int] = None) -> dict:
-    """The ``data_check`` arguments of a run's config: ``model.model_config`` vocab_size / seq_length /
+def data_check_of(settings, *, batch_size: int, dp: int, max_batches: Optional[int] = None) -> dict:
+    """The ``data_check`` arguments of a run's ``RunSettings``: the model's vocab_size / seq_length, the YAML's
     pad_token_id, ``train_dataset.data_loader.dataset_dir`` (named in errors), the batch of this rank."""
-    model = (tree.get("model") or {}).get("model_config") or {}
-    directory = ((tree.get("train_dataset") or {}).get("data_loader") or {}).get("dataset_dir")
-    return {"vocab_size": model.get("vocab_size"), "seq_length": model.get("seq_length"),
-            "pad_token_id": model.get("pad_token_id"), "max_batches": max_batches,
+    model, directory = settings.model, settings.data.dataset_dir
+    return {"vocab_size": model.vocab_size, "seq_length": model.seq_length,
+            "pad_token_id": settings.data.pad_token_id, "max_batches": max_batches,
             "where": f"train_dataset.data_loader.dataset_dir {directory}",
             "batch_rows": f"runner_config.batch_size x data_parallel = {batch_size} x {dp} = {batch_size * dp}"}
 

@@ -12,7 +12,7 @@ EOD token; an EOD on the last token ends the last document (it adds no entry).  
 Every CP rank takes its tokens' ids and positions with ``shard_sequence(x, mesh, layout, seq_dim=1)``: both
 are global per token, so documents crossing shard or zigzag-chunk boundaries need nothing special.
 
-Training with packed samples (``Trainer(packing=PackingSettings.from_mindformers(yaml))``) reads MindFormers'
+Training with packed samples (``Trainer(packing=check_run(yaml).data.packing)``) reads MindFormers'
 dataset keys: ``train_dataset.data_loader.config.create_compressed_eod_mask: True`` turns packing on,
 ``eod_pad_length`` (default 128, as MindFormers) bounds the documents per sample, ``eod`` is the EOD token id
 (``model.model_config.eos_token_id`` when unset), ``eod_mask_loss`` (default False) drops the loss of every
@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 
+from mf_longseq.config import node_at
 from mf_longseq.documents import as_rows
 
 LOADER_KEY = "train_dataset.data_loader.config"
@@ -65,13 +66,6 @@ def actual_seq_len_from_tokens(tokens, eod_token_id: int, eod_pad_length: int) -
 
 
 
-
-def _node(tree, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 @dataclass(frozen=True)
 class PackingSettings:
     """How the trainer packs: EOD token, documents per sample, whether EOD positions count in the loss."""
@@ -94,8 +88,9 @@ class PackingSettings:
 
     @classmethod
     def from_mindformers(cls, tree: dict) -> Optional["PackingSettings"]:
-        """The settings of a MindFormers YAML (as a plain dict); None when packing is off."""
-        loader = _node(tree, LOADER_KEY) or {}
+        """The settings of a MindFormers YAML (as a plain dict); None when packing is off.  Called by
+        ``check_run`` (``train/validation.py``) only: the run reads ``RunSettings.data.packing``."""
+        loader = node_at(tree, LOADER_KEY) or {}
         if not isinstance(loader, dict):
             loader = {}
         on = loader.get("create_compressed_eod_mask", False)
@@ -105,7 +100,7 @@ class PackingSettings:
             return None
         eod = loader.get("eod")
         if eod is None or (isinstance(eod, int) and not isinstance(eod, bool) and eod < 0):   # MindFormers: -1 unset
-            eod = _node(tree, EOS_TOKEN_KEY)
+            eod = node_at(tree, EOS_TOKEN_KEY)
         pad_length = loader.get("eod_pad_length", loader.get("compressed_eod_mask_length", DEFAULT_EOD_PAD_LENGTH))
         return cls(eod_token_id=eod, eod_pad_length=pad_length, eod_mask_loss=loader.get("eod_mask_loss", False))
 

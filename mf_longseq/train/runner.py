@@ -214,54 +214,53 @@ def train_loop(trainer: Trainer, run, loop: LoopSettings, *, monitor: Monitor,
     return monitor.records
 
 
-def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, tree: dict, config, data: dict) -> str:
+def save_checkpoint(trainer: Trainer, run, *, output_dir: str, step: int, settings, data: dict) -> str:
     """Write this rank's file (every rank calls it at the same step) and, on rank 0, the metadata.
 
     The rank file holds ``trainer.state_parameters()`` (under pp: this stage's weights and moments only); the
-    metadata names the layout, the shard spec of every mp-split weight and ``num_layers``, for resharding.
-    ``num_layers`` is the built model's (``trainer.model.config``): a YAML that omits the key builds the config
-    class's default, which the raw ``tree`` does not hold.  A model without a config (a plain Cell given to
-    ``run_job``, e.g. the tests' stand-ins) has no decoder layers to reshard: the YAML's value, if any, is written.
+    metadata names the run's plan (``settings.long_seq.plan``, the ``RunSettings`` of ``check_run``), the shard
+    spec of every mp-split weight and ``num_layers``, for resharding.  ``num_layers`` is the built model's
+    (``trainer.model.config``; a YAML that omits the key builds the config class's default).  A model without a
+    config (a plain Cell given to ``run_job``, e.g. the tests' stand-ins) has no decoder layers to reshard: None.
     """
     from mf_longseq.parallel.tensor_parallel import shard_specs
     opt = trainer.optimizer.settings
     model_config = getattr(trainer.model, "config", None)
-    num_layers = (model_config.num_layers if model_config is not None
-                  else ((tree.get("model") or {}).get("model_config") or {}).get("num_layers"))
     return ckpt.save(output_dir, step=step, rank=run.rank, parameters=trainer.state_parameters(),
                      barrier=barrier(run.world_size), save_id=agree_save_id(run.rank, run.world_size),
-                     layout=config.plan, config_tree=tree, data=data,
+                     plan=settings.long_seq.plan, config_text=settings.config_text, data=data,
                      optimizer={"type": "AdamW", "step_count": trainer.optimizer.step_count,
                                 "learning_rate": opt.learning_rate, "betas": list(opt.betas), "eps": opt.eps,
                                 "weight_decay": opt.weight_decay, "lr_schedule": opt.lr_schedule,
                                 "total_steps": opt.total_steps},
                      losses=trainer.losses,
                      shard_specs={name: spec.to_dict() for name, spec in shard_specs(trainer.model).items()},
-                     num_layers=num_layers)
+                     num_layers=None if model_config is None else model_config.num_layers)
 
 
 def resume(trainer: Trainer, run, config, path: str) -> int:
-    """Load a checkpoint into the trainer, under this run's layout; returns the step to continue from.
+    """Load a checkpoint into the trainer, under this run's plan; returns the step to continue from.
 
     Another dp / cp reads one replica; another mp or pp reshards the whole checkpoint for this rank
     (``checkpoint.state_for_rank``).  The dp x cp replicas then compare a digest of what they loaded
     (``verify_replicas``): the weights and moments are exactly those of the saved run, the same on every replica.
 
     Raises:
-        ValueError: no complete checkpoint, a layout it cannot be resharded to, or replicas that loaded
+        ValueError: no complete checkpoint, a plan it cannot be resharded to, or replicas that loaded
             different state (naming the step directory).
     """
     directory = ckpt.find_resume_dir(path)
     meta = ckpt.read_meta(directory)
-    layout = config.plan
-    values = ckpt.state_for_rank(directory, meta, run.rank, layout)
+    plan = config.plan
+    values = ckpt.state_for_rank(directory, meta, run.rank, plan)
     verify_replicas(trainer, values, directory)
     load_trainer_state(trainer, values, meta["optimizer"]["step_count"], source=directory)
     trainer.losses = list(meta["losses"])
     if run.rank == 0:
-        saved = meta["layout"]
-        how = "" if ckpt.same_split(meta, layout) else (
-            f", resharded from mp {saved['mp']} x pp {saved['pp']} to mp {layout.mp} x pp {layout.pp}")
+        from mf_longseq.parallel.reshard import saved_plan
+        saved = saved_plan(meta)
+        how = "" if ckpt.same_split(meta, plan) else (
+            f", resharded from mp {saved.mp} x pp {saved.pp} to mp {plan.mp} x pp {plan.pp}")
         logger.info("resumed from %s (step %d%s)", directory, meta["step"], how)
     return int(meta["step"])
 

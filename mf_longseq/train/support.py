@@ -1,11 +1,12 @@
 """Which MindFormers keys ``mf-longseq train`` honours, and the ones it refuses (before any device work).
 
-One list, read by ``run_job`` (the first refusal stops the run) and by ``mf-longseq validate``::
+One list, run by ``check_run`` on the train route (``train/validation.py``: ``mf-longseq train``, ``run_job`` and
+``mf-longseq validate``)::
 
     errors = refusals(tree)          # [ConfigError(key, value, problem, fix), ...]; [] means runnable
 
 Honoured (besides ``parallel_config``, ``model``, ``long_seq``, ``parallel``, ``context``, read by LongSeqConfig
-and the model builder):
+and the model builder); the values are read once, into ``RunSettings`` (``train/settings.py``):
 
     seed                                        weights and synthetic data (--seed overrides)
     runner_config.batch_size                    samples per dp rank per step (per micro-batch with pipeline stages)
@@ -32,7 +33,7 @@ run_mode other than train, a non-boolean use_clip_grad and a max_grad_norm that 
 """
 import math
 import os
-from typing import List
+from typing import List, Optional
 
 from mf_longseq.config import ConfigError, node_at
 
@@ -177,33 +178,25 @@ def _unread_keys(tree: dict) -> List[ConfigError]:
     return out
 
 
-def _optimizer(tree: dict) -> List[ConfigError]:
+def _optimizer(tree: dict, steps: int, parsed: Optional[dict]) -> List[ConfigError]:
+    """AdamW's settings, parsed once (``OptimSettings.from_mindformers``, the schedule built for ``steps``) into
+    ``parsed["optimizer"]`` for ``RunSettings``; the error when they cannot be honoured."""
     from mf_longseq.train.optim import OptimSettings
     try:
-        OptimSettings.from_mindformers(tree, steps=1)
+        settings = OptimSettings.from_mindformers(tree, steps=steps)
     except ConfigError as err:
         return [err]
+    if parsed is not None:
+        parsed["optimizer"] = settings
     return []
 
 
-def refusals(tree: dict) -> List[ConfigError]:
-    """Every MindFormers key of ``tree`` (a plain dict) that ``mf-longseq train`` cannot honour; [] when none."""
+def refusals(tree: dict, *, steps: int = 1, parsed: Optional[dict] = None) -> List[ConfigError]:
+    """Every MindFormers key of ``tree`` (a plain dict) that ``mf-longseq train`` cannot honour; [] when none.
+    ``parsed``: receives the run's ``OptimSettings`` (``check_run`` passes it; the other values honoured are read
+    by ``train/settings.py read_settings``)."""
     return (_runner(tree) + _wrapper(tree) + _callbacks(tree) + _dataset(tree) + _unread_keys(tree)
-            + _optimizer(tree))
+            + _optimizer(tree, steps, parsed))
 
 
-def checkpoint_period(tree: dict) -> int:
-    """CheckpointMonitor's ``save_checkpoint_steps`` (0: no CheckpointMonitor or no period); after ``refusals``."""
-    for callback in tree.get("callbacks") or []:
-        if callback.get("type") == "CheckpointMonitor":
-            return int(callback.get("save_checkpoint_steps") or 0)
-    return 0
-
-
-def max_grad_norm(tree: dict):
-    """``runner_wrapper.max_grad_norm`` when ``use_clip_grad`` is True, else None."""
-    wrapper = tree.get("runner_wrapper") or {}
-    return float(wrapper.get("max_grad_norm", 1.0)) if wrapper.get("use_clip_grad") else None
-
-
-__all__ = ["refusals", "checkpoint_period", "max_grad_norm"]
+__all__ = ["refusals"]

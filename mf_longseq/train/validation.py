@@ -28,12 +28,14 @@ import functools
 import inspect
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple
 
 from mf_longseq.config import (MAX_COUNT, MODEL_KEY_ALIASES, PARALLEL_CONFIG_KEYS, ConfigError, LongSeqConfig,
                                _check_sections, canonical_model_keys, check_offload, model_config_section, node_at,
                                raise_all)
+
+if TYPE_CHECKING:
+    from mf_longseq.train.settings import RunSettings
 
 # Sections a run reads besides those LongSeqConfig reads (config._SECTIONS): each must be a mapping when present.
 RUN_SECTIONS = ("runner_config", "optimizer", "lr_schedule", "recompute_config", "swap_config", "train_dataset",
@@ -45,23 +47,6 @@ _PARALLEL_INTS = ("expert_parallel", "seq_split_num", "gradient_aggregation_grou
 class InputError(ConfigError):
     """Not a broken rule: the file cannot be read (missing, a directory, no permission) or the command line is
     malformed (``--set``).  ``mf-longseq validate`` exits 2 on it (1 on a refusal)."""
-
-
-@dataclass(frozen=True)
-class RunCheck:
-    """A configuration that passed every check.
-
-    Attributes:
-        long_seq: the parallel settings (``LongSeqConfig``).
-        model: the model config the run builds (the registered class ``model.model_config.type`` names).
-        model_class: the registered ``*ForCausalLM`` class ``model.arch.type`` names.
-        warnings: keys that are read by MindFormers but not by mf_longseq (they change nothing here).
-    """
-
-    long_seq: LongSeqConfig
-    model: Any
-    model_class: type
-    warnings: tuple = ()
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -145,7 +130,7 @@ def route_of(tree: Mapping) -> str:
 
 
 def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None,
-              route: str = "train") -> RunCheck:
+              route: str = "train") -> "RunSettings":
     """Check everything a run on ``route`` reads from ``source`` (YAML path, dict or MindFormerConfig); no device work.
 
     Args:
@@ -157,7 +142,7 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
             (MindFormers' Trainer, ``run_mindformer.py``: ``mf_route/trainer.py route_refusals``).
 
     Returns:
-        A ``RunCheck``.
+        The run's ``RunSettings`` (``train/settings.py``): every value the run reads, parsed here once.
 
     Raises:
         ConfigError: the broken rule; ``ConfigErrors`` listing every one when several are broken
@@ -169,8 +154,8 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
 
 
 def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None,
-                route: str = "train") -> Tuple[Optional[RunCheck], List[ConfigError]]:
-    """(the check, []) when ``source`` is valid on ``route``, else (None, every broken rule found).
+                route: str = "train") -> Tuple[Optional["RunSettings"], List[ConfigError]]:
+    """(the settings, []) when ``source`` is valid on ``route``, else (None, every broken rule found).
 
     A rule that needs an earlier one to hold (the model needs the parallel settings) is skipped when that one
     is broken; everything else is checked.
@@ -180,6 +165,7 @@ def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[i
     """
     if route not in ROUTES:
         raise InputError("--route", route, "unknown route", f"use one of {', '.join(ROUTES)}")
+    from mf_longseq.train.settings import read_settings
     tree = load_tree(source)
     _check_sections(tree)
     nodes = {path: node_at(tree, path) for path in RUN_SECTIONS}
@@ -194,7 +180,8 @@ def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[i
         model, model_class, warnings = check_model(tree, long_seq)
     except ConfigError as err:
         errors.append(err)
-    errors += run_key_refusals(tree, long_seq, steps=steps, route=route)
+    parsed, refusals = _run_keys(tree, steps=steps, route=route)
+    errors += refusals
     if route == "mindformers" and long_seq is not None:
         from mf_longseq.train.mf_route_rules import route_refusals
         errors += route_refusals(tree, long_seq)
@@ -203,7 +190,10 @@ def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[i
             check_mindformers(tree)
         except ConfigError as err:
             errors.append(err)
-    return (None, errors) if errors else (RunCheck(long_seq, model, model_class, tuple(warnings)), [])
+    if errors:
+        return None, errors
+    return read_settings(tree, long_seq=long_seq, model=model, model_class=model_class, warnings=warnings,
+                         steps=steps, **parsed), []
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -271,6 +261,13 @@ def run_key_refusals(tree: Mapping, long_seq: Optional[LongSeqConfig], *, steps:
 
     This is the one place where refusals of run keys are collected: add new sources of refusals here.
     """
+    return _run_keys(tree, steps=steps, route=route)[1]
+
+
+def _run_keys(tree: Mapping, *, steps: Optional[int], route: str) -> Tuple[dict, List[ConfigError]]:
+    """(the sections parsed while checking: ``packing`` and on the train route ``optimizer``, for
+    ``read_settings``; the refusals)."""
+    parsed: dict = {}
     refusals: List[ConfigError] = []
     refusals += _positive_ints(tree, ("runner_config.batch_size", "runner_config.epochs"))
     seed = node_at(tree, "seed")
@@ -281,16 +278,17 @@ def run_key_refusals(tree: Mapping, long_seq: Optional[LongSeqConfig], *, steps:
     refusals += _recompute_refusals(tree)
     refusals += _registered_types(tree)
     refusals += _optimizer_refusals(tree)
-    refusals += _packing_refusals(tree)
+    refusals += _packing_refusals(tree, parsed)
     if not refusals and route == "train":   # the list below reads sections whose types the checks above passed
-        refusals += _train_refusals(tree)
-    return refusals
+        refusals += _train_refusals(tree, 1 if steps is None else steps, parsed)
+    return parsed, refusals
 
 
-def _train_refusals(tree: Mapping) -> List[ConfigError]:
-    """MindFormers keys ``mf-longseq train`` cannot honour (``train/support.py`` keeps the one list)."""
+def _train_refusals(tree: Mapping, steps: int, parsed: dict) -> List[ConfigError]:
+    """MindFormers keys ``mf-longseq train`` cannot honour (``train/support.py`` keeps the one list); its AdamW
+    settings, parsed there once, go into ``parsed``."""
     from mf_longseq.train.support import refusals
-    return refusals(dict(tree))
+    return refusals(dict(tree), steps=steps, parsed=parsed)
 
 
 def _recompute_refusals(tree: Mapping) -> List[ConfigError]:
@@ -343,10 +341,10 @@ def _optimizer_refusals(tree: Mapping) -> List[ConfigError]:
     return out
 
 
-def _packing_refusals(tree: Mapping) -> List[ConfigError]:
+def _packing_refusals(tree: Mapping, parsed: dict) -> List[ConfigError]:
     from mf_longseq.train.packing import PACKING_KEY, PackingSettings
     try:
-        PackingSettings.from_mindformers(tree)
+        parsed["packing"] = PackingSettings.from_mindformers(tree)
     except ValueError as err:
         return [_as_config_error(err, PACKING_KEY)]
     return []
@@ -435,5 +433,4 @@ def _as_config_error(err: ValueError, default_key: str) -> ConfigError:
 
 
 __all__ = ["check_run", "collect_run", "route_of", "ROUTES", "check_model", "check_mindformers", "run_key_refusals",
-           "load_tree", "RunCheck",
-           "InputError"]
+           "load_tree", "InputError"]

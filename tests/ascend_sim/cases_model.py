@@ -82,8 +82,8 @@ def train_step(family, which, dp, mp, cp, pp, packed=False):
         tree["model"]["model_config"]["eos_token_id"] = 2
     built = []
 
-    def factory(tree, mesh):
-        model = job.build_default_model(tree, mesh)
+    def factory(settings, mesh):
+        model = job.build_default_model(settings, mesh)
         built.append(model)
         return model
     run_context.under_msrun = lambda: True                      # the worker plays an msrun worker (init() done)

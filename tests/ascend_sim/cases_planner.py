@@ -81,6 +81,7 @@ def step_peak_mib(model, batch_, steps: int = 1):
 def offload_saves_layer_inputs():
     from mindspore import Tensor
     from mf_longseq.planner.run import planned_memory
+    from mf_longseq.train.validation import check_run
     moves, original = [], Tensor.move_to
 
     def spy(tensor, to, blocking=True):
@@ -100,7 +101,7 @@ def offload_saves_layer_inputs():
         Tensor.move_to = original
     layers = OFFLOAD_SHAPE["num_layers"]
     assert moves.count("CPU") == moves.count("Ascend") == 2 * layers, moves      # two steps, every layer
-    with_, without = (planned_memory(_tree(OFFLOAD_SHAPE, True, offload_layer_inputs=off))[0].total(True)
+    with_, without = (planned_memory(check_run(_tree(OFFLOAD_SHAPE, True, offload_layer_inputs=off)))[0].total(True)
                       for off in (True, False))
     planned = (without - with_) / MIB
     saved = peaks[False] - peaks[True]
@@ -117,8 +118,9 @@ LLAMA2_7B = dict(num_layers=1, hidden_size=4096, num_heads=32, n_kv_heads=32, in
 
 def _against_planner(recompute: bool, **long_seq) -> dict:
     from mf_longseq.planner.run import planned_memory
+    from mf_longseq.train.validation import check_run
     tree = _tree(LLAMA2_7B, recompute, **long_seq)
-    memory, rc = planned_memory(tree)
+    memory, rc = planned_memory(check_run(tree))
     model, batch_ = _build(tree)
     measured, base = step_peak_mib(model, batch_)
     del model, batch_

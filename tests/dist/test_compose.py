@@ -127,7 +127,7 @@ def test_pipeline_checkpoint_holds_each_stage_only(launch):
     import mindspore as ms
     directory = job_checkpoint(launch, "job_pp2_cp2")
     meta = json.loads((directory / "meta.json").read_text())
-    assert (meta["layout"]["pp"], meta["layout"]["cp"], meta["num_layers"]) == (2, 2, 2)
+    assert (meta["run_plan"]["pp"], meta["run_plan"]["cp"], meta["num_layers"]) == (2, 2, 2)
     stage_weights = {0: {"model.embed_tokens.weight"}, 1: {"model.norm.weight", "lm_head.weight"}}
     for rank in range(cw.WORLD):
         stage = rank // 2                                              # rank = stage * (dp*cp*mp) + ...
@@ -142,7 +142,7 @@ def test_pipeline_checkpoint_holds_each_stage_only(launch):
 @pytest.mark.dist
 def test_mp2_cp2_checkpoint_resumes_under_cp4(launch, job_reference):
     meta = json.loads((job_checkpoint(launch, "job_mp2_cp2") / "meta.json").read_text())
-    assert meta["layout"]["mp"] == 2 and meta["shard_specs"]["lm_head.weight"]["kind"] == "split"
+    assert meta["run_plan"]["mp"] == 2 and meta["shard_specs"]["lm_head.weight"]["kind"] == "split"
     for rank in range(cw.WORLD):
         log = job_log(launch, "job_resume_cp4", rank)
         assert log["steps"] == list(range(cw.JOB_SAVE_STEP + 1, cw.JOB_STEPS + 1))
@@ -186,7 +186,7 @@ def test_pipeline_checkpoint_of_yaml_without_num_layers_reshards_to_one_stage(de
     for rank in range(2):
         assert_losses(job_log(launch, name, rank)["losses"], reference[:saved], f"{name} rank {rank}")
     meta = json.loads((directory / "meta.json").read_text())
-    assert (meta["layout"]["pp"], meta["num_layers"]) == (2, DEFAULT_NUM_LAYERS)
+    assert (meta["run_plan"]["pp"], meta["num_layers"]) == (2, DEFAULT_NUM_LAYERS)
 
 
 @pytest.mark.dist

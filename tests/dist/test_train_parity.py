@@ -47,16 +47,15 @@ def launched(msrun, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """family -> (initial weights, losses, final weights) of the CP=1 run of the same global batch."""
-    from mf_longseq.models import build_model
-    from mf_longseq.train.job import JobOptions, run_job
+    from mf_longseq.train.job import JobOptions, build_default_model, run_job
     cache = {}
 
     def get(case):
         if case.family not in cache:
             built = []
 
-            def factory(tree, mesh):
-                built.append(build_model(tree, mesh=mesh))
+            def factory(settings, mesh):
+                built.append(build_default_model(settings, mesh))
                 built.append(weights(built[0]))
                 return built[0]
 
@@ -115,8 +114,8 @@ def test_resume_at_step_5_repeats_steps_6_to_10_exactly(launched):
         for name in full_w:
             assert np.array_equal(resumed_w[name], full_w[name]), (rank, name)
     meta = json.loads((folder / "run" / "checkpoints" / "step_000005" / "meta.json").read_text())
-    assert meta["layout"] == {"dp": 2, "cp": 2, "mp": 1, "pp": 1, "ulysses": 1, "ring": 2, "layout": "zigzag",
-                              "context_parallel_algo": "colossalai_cp", "world_size": 4}
+    assert meta["run_plan"] == {"dp": 2, "cp": 2, "mp": 1, "pp": 1, "ulysses": 1, "ring": 2, "seq_layout": "zigzag",
+                                "context_parallel_algo": "colossalai_cp", "world_size": 4}
     assert sorted(os.listdir(folder / "run" / "checkpoints" / "step_000005")) == \
         ["config.yaml", "meta.json", "rank_0.ckpt", "rank_1.ckpt", "rank_2.ckpt", "rank_3.ckpt"]
 

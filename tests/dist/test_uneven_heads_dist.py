@@ -66,14 +66,13 @@ def test_training_equals_one_process(results, name):
     """Losses equal the one-process run of the same global batch; every rank logs the same.  With mp = 1 the
     final weights (replicated on every rank) also equal the reference's; with mp = 2 each rank holds a shard,
     and the losses of steps 2 and 3 carry the updates."""
-    from mf_longseq.models import build_model
-    from mf_longseq.train.job import JobOptions, run_job
+    from mf_longseq.train.job import JobOptions, build_default_model, run_job
     from train_worker import weights
     dp, mp, cp, algo, heads, kv_heads = TRAIN_CASES[name]
     built = []
 
-    def factory(tree, mesh):
-        built.append(build_model(tree, mesh=mesh))
+    def factory(settings, mesh):
+        built.append(build_default_model(settings, mesh))
         return built[-1]
     records = run_job(JobOptions(config=train_tree(heads=heads, kv_heads=kv_heads), steps=TRAIN_STEPS),
                       model_factory=factory, stream=io.StringIO())

@@ -80,15 +80,14 @@ def weights(model) -> dict:
 
 
 def run_case(case: Case, rank: int, out_dir: str) -> None:
-    from mf_longseq.models import build_model
     from mf_longseq.train.checkpoint import step_dir
-    from mf_longseq.train.job import JobOptions, run_job
+    from mf_longseq.train.job import JobOptions, build_default_model, run_job
     folder = os.path.join(out_dir, case.name)
     os.makedirs(folder, exist_ok=True)
     built = []
 
-    def factory(tree, mesh):
-        model = build_model(tree, mesh=mesh)
+    def factory(settings, mesh):
+        model = build_default_model(settings, mesh)
         if rank == 0 and not built:
             np.savez(os.path.join(folder, "init.npz"), **weights(model))
         built.append(model)

@@ -53,15 +53,14 @@ def train_tree(dp: int = 1, mp: int = 1, cp: int = 1, algo: str = "colossalai_cp
 
 
 def run_training(name: str, rank: int, out_dir: str) -> None:
-    from mf_longseq.models import build_model
-    from mf_longseq.train.job import JobOptions, run_job
+    from mf_longseq.train.job import JobOptions, build_default_model, run_job
     from train_worker import weights
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
     built = []
 
-    def factory(tree, mesh):
-        built.append(build_model(tree, mesh=mesh))
+    def factory(settings, mesh):
+        built.append(build_default_model(settings, mesh))
         return built[-1]
 
     records = run_job(JobOptions(config=train_tree(*TRAIN_CASES[name]), steps=TRAIN_STEPS,

@@ -100,3 +100,22 @@ def test_cli_prints_every_change_with_its_reason_and_writes_only_what_validates(
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1 and not bad.exists()
     assert "train_dataset.input_columns = ['input_ids', 'labels']" in proc.stderr
+
+
+def test_algo_offers_every_registered_algorithm():
+    """``--algo`` lists every name of ``parallel/algorithms.py`` ALGORITHMS (not only MindFormers' three); a name
+    outside MindFormers' enum is written as ``long_seq.cp_algo`` (MindFormers' key removed) and validates."""
+    import argparse
+    from mf_longseq.parallel.algorithms import ALGORITHMS, MINDFORMERS_ALGOS
+    from mf_longseq.tools import adopt as adopt_tool
+    parser = argparse.ArgumentParser()
+    adopt_tool.register(parser.add_subparsers())
+    choices = next(a for a in parser._subparsers._group_actions[0].choices["adopt"]._actions
+                   if a.dest == "algo").choices
+    assert tuple(choices) == tuple(ALGORITHMS) and set(MINDFORMERS_ALGOS) < set(choices)
+    for name in set(ALGORITHMS) - set(MINDFORMERS_ALGOS):
+        result = adopt(str(LLAMA2), cp=2, algo=name)
+        assert result.tree["long_seq"]["cp_algo"] == name
+        assert "context_parallel_algo" not in result.tree["parallel_config"]
+        check, errors = collect_run(result.tree, route="mindformers")
+        assert errors == [] and check.long_seq.algo == name

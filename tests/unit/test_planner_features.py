@@ -14,6 +14,7 @@ from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.memory import LOGIT_BYTES, memory_per_device
 from mf_longseq.planner.recommend import Choices, Hardware, default_tile, recommend
 from mf_longseq.planner.run import planned_memory
+from mf_longseq.train.validation import check_run
 from mf_longseq.planner.shapes import model_shape
 from mf_longseq.train.monitor import StepRecord
 
@@ -129,12 +130,12 @@ def plan_cli_args(argv):
 
 def test_a_run_plans_its_own_features_and_the_step_line_shows_both_figures():
     tree = {"context": {"device_target": "CPU"}, "recompute_config": {"recompute": True},
-            "parallel_config": {"model_parallel": 2, "context_parallel": 2},
+            "parallel_config": {"model_parallel": 2, "context_parallel": 2, "pipeline_stage": 1},
             "long_seq": {"loss_tile": 128, "offload_layer_inputs": True},
             "model": {"model_config": {"type": "QwenLongSeqConfig", "seq_length": 4096, "num_heads": 8,
                                        "hidden_size": 256, "num_layers": 4, "vocab_size": 151936,
                                        "intermediate_size": 512}}}
-    memory, recompute = planned_memory(tree)
+    memory, recompute = planned_memory(check_run(tree))
     assert recompute and memory.logits == 128 * (151936 // 2) * LOGIT_BYTES["cpu"] + 8 * 2048
     assert memory.host == 4 * 2048 * 256 * 4                      # 4 layers, each input copied (float32)
     rec = StepRecord(step=1, loss=1.0, tokens=8, seconds=1.0, lr=0.1, peak_rss_mib=[900.0, 910.0],

@@ -6,6 +6,7 @@ import pytest
 from mindspore import context
 
 from mf_longseq.config import LongSeqConfig
+from mf_longseq.train.settings import RunSettings, RuntimeKeys
 from mf_longseq.train.context import apply_parallel_context, parallel_context_kwargs, \
     resolve_parallel_mode
 
@@ -66,7 +67,7 @@ def test_setup_checks_the_world_size_with_the_config_rule():
     with pytest.raises(ValueError, match=r"data_parallel x model_parallel x context_parallel x pipeline_stage = "
                                          r"2 x 1 x 2 x 1 = 4, but 1 ranks were started\. Fix: launch msrun with "
                                          r"--worker_num 4"):
-        setup({}, cfg)
+        setup(RunSettings(long_seq=cfg, model=None, model_class=object))
 
 
 @pytest.mark.parametrize("target, blocking", [("CPU", True), ("Ascend", False), ("GPU", False)])
@@ -86,7 +87,8 @@ def test_setup_applies_the_op_dispatch_decision(monkeypatch):
     from mf_longseq.train import context
     seen = []
     monkeypatch.setattr(context, "configure_op_dispatch", lambda target: seen.append(target) or True)
-    run = context.setup({"context": {"runtime_num_threads": 1}}, LongSeqConfig())
+    run = context.setup(RunSettings(long_seq=LongSeqConfig(), model=None, model_class=object,
+                                    runtime=RuntimeKeys(context={"runtime_num_threads": 1})))
     assert seen == ["CPU"] and run.world_size == 1
 
 

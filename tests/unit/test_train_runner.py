@@ -91,8 +91,8 @@ def job_tree(**over):
     return tree
 
 
-def bigram_factory(tree, mesh):
-    return Bigram(seed=tree["seed"])
+def bigram_factory(settings, mesh):
+    return Bigram(seed=settings.data.seed)
 
 
 def test_save_at_step_5_and_resume_gives_the_same_steps_6_to_10(tmp_path):
@@ -101,7 +101,7 @@ def test_save_at_step_5_and_resume_gives_the_same_steps_6_to_10(tmp_path):
     step5 = ckpt.step_dir(str(tmp_path / "a"), 5)
     assert sorted(os.listdir(step5)) == ["config.yaml", "meta.json", "rank_0.ckpt"]
     meta = json.load(open(os.path.join(step5, "meta.json")))
-    assert meta["step"] == 5 and meta["layout"]["world_size"] == 1 and meta["optimizer"]["step_count"] == 5
+    assert meta["step"] == 5 and meta["run_plan"]["world_size"] == 1 and meta["optimizer"]["step_count"] == 5
     assert meta["losses"] == [r.loss for r in full[:5]] and meta["data"]["kind"] == "synthetic"
     assert os.path.isfile(os.path.join(ckpt.step_dir(str(tmp_path / "a"), 10), "meta.json"))
 
