@@ -23,7 +23,7 @@ class Family:
     Attributes:
         name: the key everywhere (``LongSeqModelConfig.family``, ``plan --model <name>-<size>``, template folder).
         title: its name in prose and headers (``LLaMA2``).
-        module: the module defining the config and model classes and registering them in MindFormers.
+        module: the module defining the config and model classes (it registers the config class in MindFormers).
         config_class, model_class: the registered class names (``model.model_config.type``, ``model.arch.type``).
         hf_architecture, hf_model_type: Hugging Face ``config.json`` ``architectures[0]`` and ``model_type``.
         mindformers_classes: MindFormers' own (``model_config.type``, ``arch.type``) that ``adopt`` rewrites to
