@@ -228,8 +228,8 @@ def _algorithm(edit: _Editor, algo: Optional[str]) -> None:
         if node_at(edit.out.tree, "long_seq.cp_algo") is not None:
             edit.set("long_seq.cp_algo", algo, "asked on the command line (the two keys may not disagree)")
         return
-    edit.set("long_seq.cp_algo", algo, f"asked on the command line; outside MindFormers' {', '.join(MINDFORMERS_ALGOS)} "
-             "the plugin's key names the algorithm")
+    edit.set("long_seq.cp_algo", algo, "asked on the command line; outside MindFormers' "
+             f"{', '.join(MINDFORMERS_ALGOS)} the plugin's key names the algorithm")
     if node_at(edit.out.tree, "parallel_config.context_parallel_algo") is not None:
         edit.remove("parallel_config.context_parallel_algo", f"MindFormers' enum has no {algo}; long_seq.cp_algo "
                     "names it (the two keys may not disagree)")

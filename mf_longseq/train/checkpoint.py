@@ -26,9 +26,10 @@ directory, those after the resumed step for a run resumed from its own output di
 Weights are replicated over the dp x cp ranks, cut over mp (each split tensor as its ``ShardSpec`` says) and held
 by one pipeline stage (a rank file under pp holds only its stage's weights and moments).  ``meta.json`` records
 the RunPlan (``run_plan``: degrees, rank order, algorithm, ``seq_layout``; a checkpoint written before it has the
-same under ``layout``, still read: ``reshard.saved_plan``), the shard spec of every mp-split tensor (``shard_specs``) and ``num_layers``, so ``state_for_rank``
-can resume under any layout: with the same mp and pp a rank reads one file (its own, or the dp x cp replica with
-its stage and mp index); with another mp or pp every file is merged and cut again (``parallel/reshard.py``).
+same under ``layout``, still read: ``reshard.saved_plan``), the shard spec of every mp-split tensor
+(``shard_specs``) and ``num_layers``, so ``state_for_rank`` can resume under any plan: with the same mp and pp a
+rank reads one file (its own, or the dp x cp replica with its stage and mp index); with another mp or pp every
+file is merged and cut again (``parallel/reshard.py``).
 After a resume the dp x cp replicas compare a digest of what they loaded (``state_digest``, exchanged by the
 runner over the dp x cp group) and refuse, naming the step directory, when they differ.
 """

@@ -118,6 +118,10 @@ def plain(node):
     return plain(vars(node)) if hasattr(node, "__dict__") else str(node)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _section(tree: Mapping, path: str) -> Mapping:
     return MappingProxyType(copy.deepcopy(dict(node_at(tree, path) or {})))
 
@@ -129,10 +133,12 @@ def read_settings(tree: Mapping, *, long_seq: LongSeqConfig, model, model_class:
     ``packing`` are the sections it already parsed while checking (each is parsed once)."""
     import yaml
     wrapper = node_at(tree, "runner_wrapper") or {}
-    period = 0
+    norm = wrapper.get("max_grad_norm", 1.0)
+    period = 0                  # (MindFormers' route checks neither key: its own callbacks and wrapper read them)
     for callback in node_at(tree, "callbacks") or []:
         if isinstance(callback, Mapping) and callback.get("type") == "CheckpointMonitor":
-            period = int(callback.get("save_checkpoint_steps") or 0)
+            period = callback.get("save_checkpoint_steps") or 0
+            period = period if isinstance(period, int) and not isinstance(period, bool) else 0
             break
     data = DataSettings(batch_size=node_at(tree, "runner_config.batch_size", 1) or 1,
                         seed=node_at(tree, "seed", 0) or 0,
@@ -140,7 +146,7 @@ def read_settings(tree: Mapping, *, long_seq: LongSeqConfig, model, model_class:
                         dataset_dir=node_at(tree, "train_dataset.data_loader.dataset_dir") or None,
                         packing=packing, train_dataset=_section(tree, "train_dataset"))
     loop = LoopKeys(steps=steps, checkpoint_period=period,
-                    max_grad_norm=float(wrapper.get("max_grad_norm", 1.0)) if wrapper.get("use_clip_grad") else None,
+                    max_grad_norm=float(norm) if wrapper.get("use_clip_grad") is True and _is_number(norm) else None,
                     recompute=bool(node_at(tree, "recompute_config.recompute", False)),
                     load_checkpoint=node_at(tree, "load_checkpoint") or None)
     runtime = RuntimeKeys(context=_section(tree, "context"), parallel=_section(tree, "parallel"))

@@ -151,11 +151,12 @@ def run_job_case(name, out_dir, *, rank):
 
 def world_size_message():
     """The error the run set-up raises for degrees of 8 ranks on the 4 running ones ("" if none)."""
+    from mf_longseq.config import LongSeqConfig
     from mf_longseq.train.context import setup
-    from mf_longseq.train.validation import check_run
+    from mf_longseq.train.settings import RunSettings
     tree = tiny_tree(dp=2, cp=2, pp=2, micro=2)
     try:
-        setup(check_run(tree))
+        setup(RunSettings(long_seq=LongSeqConfig.from_mindformers(tree), model=None, model_class=object))
     except ValueError as err:
         return str(err)
     return ""
