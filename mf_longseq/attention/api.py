@@ -14,7 +14,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from mf_longseq.attention.attention_plan import AttentionPlan
-from mf_longseq.attention.kernel import default_scale
+from mf_longseq.attention.kernel import TOKEN_MAJOR, default_scale
 from mf_longseq.attention.select import select_kernel
 from mf_longseq.attention.ulysses import ulysses_attention
 from mf_longseq.parallel.algorithms import ALGORITHMS, CpAlgorithm, resolve
@@ -108,10 +108,9 @@ def context_parallel_attention(q, k, v, *, mesh, algo: str = "colossalai_cp", ca
 
 
 def _token_major(kernel):
-    """``kernel`` working on (B, S, N, D) tensors directly (``FusedCpuKernel.with_layout``), or None when it only
-    takes the (B, N, S, D) of the kernel contract."""
-    with_layout = getattr(kernel, "with_layout", None)
-    return with_layout("BSND") if with_layout is not None else None
+    """``kernel`` working on (B, S, N, D) tensors directly (``AttentionKernel.with_input_layout("BSND")``, e.g.
+    the fused CPU kernel), or None when it only takes the (B, N, S, D) of the kernel contract."""
+    return kernel.with_input_layout(TOKEN_MAJOR) if TOKEN_MAJOR in kernel.input_layouts else None
 
 
 def _attention(row: CpAlgorithm, q, k, v, mesh, kernel, scale, use_alltoall, masks):

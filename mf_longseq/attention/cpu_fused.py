@@ -10,8 +10,9 @@ and, for the ring's running results (``ring.py``), the same work accumulated in 
     forward_into(q, k, v, mask, scale, out, lse)      out, lse float32: the block merged in by log-sum-exp
     backward_into(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)   dq, dk, dv float32: gradients added
 
-Token-major layout (``with_layout("BSND")``): the same contract with the sequence before the heads, the layout of
-the model's activations: q, out, dout, dq (B, S_q, N, D); k, v, dk, dv (B, S_k, K, D); lse, delta (B, S_q, N).
+Token-major ``input_layout`` "BSND" (``with_input_layout``): the same contract with the sequence before the heads,
+the format of the model's activations: q, out, dout, dq (B, S_q, N, D); k, v, dk, dv (B, S_k, K, D); lse, delta
+(B, S_q, N).
 The kernel reads and writes it in place (strided rows), so the algorithms need no transposes around it:
 MindSpore's CPU transpose copies about 0.3 GB/s on one thread (measured: 100 ms for a (1, 16384, 8, 64) float32
 tensor), which at S = 16k cost more than 10 % of a ring rank's step.
@@ -30,7 +31,6 @@ for them (``AsyncRQueue::Wait``), one core spinning beside this kernel's threads
 synchronously, decided once in ``train.context.configure_op_dispatch`` (measurements there and in
 docs/design.md).  MindSpore releases the GIL while the op runs, so other Python threads keep running.
 """
-import copy
 import os
 from typing import Tuple
 
@@ -40,11 +40,11 @@ from mindspore import Tensor, ops
 from mindspore.ops import CustomRegOp, DataType
 
 from mf_longseq.attention.cpu_build import library_path
+from mf_longseq.attention.kernel import HEAD_MAJOR, TOKEN_MAJOR, AttentionKernel
 from mf_longseq.attention.mask import AttentionMask, DenseMask
 from mf_longseq.attention.merge import merge_into
 
 _F32, _I32 = DataType.F32_Default, DataType.I32_Default
-LAYOUTS = ("BNSD", "BSND")          # head-major (the kernel contract), token-major (the model's activations)
 
 
 def _f32(x):
@@ -83,7 +83,7 @@ def cpu_threads() -> int:
     return max(1, min(int(configured), usable))
 
 
-class FusedCpuKernel:
+class FusedCpuKernel(AttentionKernel):
     """FlashAttention-2 in C++ on CPU (see module docstring).
 
     Tiles hold about ``block_q`` query rows (the G query heads of a kv head share a tile: block_q / G rows per
@@ -95,10 +95,12 @@ class FusedCpuKernel:
     """
 
     name = "fused_cpu"
+    input_layouts = (HEAD_MAJOR, TOKEN_MAJOR)     # head-major (the kernel contract), token-major (the activations)
 
     def __init__(self, block_size: int = 2048, block_q: int = 128, block_k: int = 512):
         from mf_longseq.attention.kernel import BlockwiseKernel
-        self.layout = "BNSD"
+        self.input_layout = HEAD_MAJOR
+        self.block_size: int = block_size                        # the skip test's tile (AttentionKernel.block_size)
         self.block_q, self.block_k = min(block_q, block_size), min(block_k, block_size)
         self.reference = BlockwiseKernel(block_size)             # DenseMask fallback
         lib = library_path()
@@ -120,31 +122,18 @@ class FusedCpuKernel:
                                   f32("dq"), f32("dk"), f32("dv")] + pos, done,
                                  lambda *_: (1,), lambda *_: ms.float32)
 
-    def with_layout(self, layout: str) -> "FusedCpuKernel":
-        """This kernel (same operators) taking and returning tensors in ``layout``: "BNSD" (the kernel contract)
-        or "BSND" (token-major, see the module docstring).
-
-        Raises:
-            ValueError: another layout.
-        """
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout = {layout!r}: the fused CPU kernel takes {' or '.join(LAYOUTS)}.")
-        twin = copy.copy(self)
-        twin.layout = layout
-        return twin
-
     def _mask_args(self, mask: AttentionMask, scale: float, rows_per_head: int):
         """(q_pos, k_pos, q_doc, k_doc, cfg) tensors; cfg = [scale, causal, docs, threads, block_q, block_k,
         token_major]."""
         def ids(x, n):
             return Tensor(np.ascontiguousarray(x if x is not None else np.zeros(n), dtype=np.int32))
         cfg = np.array([scale, mask.causal, mask.has_docs, cpu_threads(), rows_per_head, self.block_k,
-                        self.layout == "BSND"], np.float32)
+                        self.input_layout == TOKEN_MAJOR], np.float32)
         return (ids(mask.q_pos, 1), ids(mask.k_pos, 1), ids(mask.q_doc, 1), ids(mask.k_doc, 1), Tensor(cfg))
 
     def _rows_per_head(self, q, k) -> int:
         """Query rows per head of a tile: block_q / G (at least min(16, block_q)), about block_q rows a tile."""
-        heads = 2 if self.layout == "BSND" else 1
+        heads = 2 if self.input_layout == TOKEN_MAJOR else 1
         return max(min(16, self.block_q), self.block_q // (q.shape[heads] // k.shape[heads]))
 
     def forward(self, q, k, v, mask: AttentionMask, scale: float) -> Tuple[Tensor, Tensor]:
@@ -197,7 +186,7 @@ class FusedCpuKernel:
 
     # DenseMask: the blockwise reference, in BNSD; token-major tensors are swapped (B, S, H, ..) <-> (B, H, S, ..).
     def _swap(self, *xs):
-        return [x.swapaxes(1, 2) if self.layout == "BSND" else x for x in xs]
+        return [x.swapaxes(1, 2) if self.input_layout == TOKEN_MAJOR else x for x in xs]
 
     def _reference_forward(self, q, k, v, mask, scale):
         return tuple(self._swap(*self.reference.forward(*self._swap(q, k, v), mask, scale)))

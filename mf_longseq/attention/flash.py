@@ -22,6 +22,7 @@ from mindspore import Tensor, ops
 
 from mf_longseq.attention.flash_args import (MAX_TND_SEGMENTS, FlashArgs, FlashCall, documented_keep,
                                              flash_arguments, plan_flash_calls)
+from mf_longseq.attention.kernel import HEAD_MAJOR, AttentionKernel
 from mf_longseq.attention.merge import merge
 from mf_longseq.attention.mask import AttentionMask, compressed_causal_mask
 
@@ -128,7 +129,7 @@ def _attention_in(dout32, delta):
     return dout32 * (delta.expand_dims(-1) / safe)
 
 
-class FlashKernel:
+class FlashKernel(AttentionKernel):
     """Local attention through FlashAttentionScore (Ascend); the same contract as ``BlockwiseKernel``.
 
     Args:
@@ -139,7 +140,8 @@ class FlashKernel:
     """
 
     name = "flash"
-    block_size = 1 << 30          # tiles are whole position runs: RingAttention's skip test uses this
+    block_size = None             # each run of consecutive positions is one call (TND segments), not tiled
+    input_layouts = (HEAD_MAJOR,)
 
     def __init__(self, primitives=None, compute_dtype=None, max_tnd_segments: int = MAX_TND_SEGMENTS):
         self.primitives = primitives or AscendPrimitives()
@@ -169,7 +171,7 @@ class FlashKernel:
 
     def _inputs(self, call: FlashCall, dtype, *pairs):
         """Take the call's rows (q-like) or cols (k-like) of each tensor, cast, and lay out."""
-        return [_to_layout(_take(x, idx).astype(dtype), call.layout) for x, idx in pairs]
+        return [_to_layout(_take(x, idx).astype(dtype), call.input_layout) for x, idx in pairs]
 
     def forward(self, q, k, v, mask: AttentionMask, scale: float):
         b, n, s_q, d = q.shape
@@ -182,8 +184,8 @@ class FlashKernel:
             sm_max, sm_sum, _, out_c = self.primitives.forward(args.init)(
                 q_c, k_c, v_c, None, None, None, self._mask_tensor(args), None,
                 args.actual_seq_qlen, args.actual_seq_kvlen)
-            lse_c = _stat_from(sm_max, call.layout, b) + ops.log(_stat_from(sm_sum, call.layout, b))   # (B, N, T)
-            out_c = _from_layout(out_c, call.layout, b).astype(ms.float32)                              # (B, N, T, D)
+            lse_c = _stat_from(sm_max, call.input_layout, b) + ops.log(_stat_from(sm_sum, call.input_layout, b))   # (B, N, T)
+            out_c = _from_layout(out_c, call.input_layout, b).astype(ms.float32)                              # (B, N, T, D)
             out, lse = merge(out, lse, _put_rows(out_c, call.q_index, s_q, 0.0),
                              _put_rows(lse_c, call.q_index, s_q, float("-inf")))
         return out.astype(q.dtype), lse
@@ -202,12 +204,12 @@ class FlashKernel:
                                                (v, call.k_index), (dout, call.q_index))
             lse_c, delta_c = _take(lse, call.q_index), _take(delta, call.q_index)           # (B, N, T)
             attn_in = _attention_in(_take(dout, call.q_index).astype(ms.float32), delta_c)  # (B, N, T, D)
-            sm_max = _stat_to(lse_c, call.layout)
+            sm_max = _stat_to(lse_c, call.input_layout)
             grads = self.primitives.grad(args.init)(
                 q_c, k_c, v_c, do_c, None, None, None, self._mask_tensor(args), sm_max, ops.ones_like(sm_max),
-                None, _to_layout(attn_in.astype(dtype), call.layout), None,
+                None, _to_layout(attn_in.astype(dtype), call.input_layout), None,
                 args.actual_seq_qlen, args.actual_seq_kvlen)
-            dq_c, dk_c, dv_c = (_from_layout(g, call.layout, b).astype(ms.float32) for g in grads[:3])
+            dq_c, dk_c, dv_c = (_from_layout(g, call.input_layout, b).astype(ms.float32) for g in grads[:3])
             dq = dq + _put_rows(dq_c, call.q_index, s_q, 0.0)
             dk = dk + _put_rows(dk_c, call.k_index, s_k, 0.0)
             dv = dv + _put_rows(dv_c, call.k_index, s_k, 0.0)

@@ -57,7 +57,7 @@ class FlashCall:
 
     Attributes:
         q_index, k_index: int64 indices of the call's queries / keys into the kernel call's S_q / S_k.
-        layout: "BNSD" or "TND".
+        input_layout: FlashAttentionScore's input_layout, "BNSD" or "TND".
         sparse_mode: 0, 2 or 3 (mask.SPARSE_*).
         mask: "none", "compressed" (2048 x 2048) or "dense" (``dense_mask``).
         dense_mask: (len(q_index), len(k_index)) uint8 slice, 1 = masked (mask == "dense" only).
@@ -66,7 +66,7 @@ class FlashCall:
 
     q_index: np.ndarray
     k_index: np.ndarray
-    layout: str = "BNSD"
+    input_layout: str = "BNSD"
     sparse_mode: int = SPARSE_DEFAULT
     mask: str = NO_MASK
     dense_mask: Optional[np.ndarray] = field(default=None, repr=False)
@@ -237,9 +237,9 @@ def flash_arguments(call: FlashCall, *, batch: int, head_num: int, scale: float,
     if call.sparse_mode in (SPARSE_LEFT_UP_CAUSAL, SPARSE_RIGHT_DOWN_CAUSAL):
         nxt = 0                                           # causal: nothing after the diagonal (ignored in 2/3)
     init = dict(head_num=head_num, keep_prob=float(keep_prob), scale_value=float(scale), pre_tokens=pre,
-                next_tokens=nxt, inner_precise=0, input_layout=call.layout, sparse_mode=call.sparse_mode)
+                next_tokens=nxt, inner_precise=0, input_layout=call.input_layout, sparse_mode=call.sparse_mode)
     attn_mask = {NO_MASK: None, COMPRESSED: compressed_causal_mask(), DENSE: call.dense_mask}[call.mask]
-    if call.layout != "TND":
+    if call.input_layout != "TND":
         return FlashArgs(init, attn_mask, None, None)
     if batch * len(call.seq_qlen) > MAX_TND_SEGMENTS:
         raise ValueError(f"TND call with {batch} samples x {len(call.seq_qlen)} document segments > "

@@ -6,7 +6,8 @@ key tokens of this call, D head dim, R = G * tile rows (a tile's queries of all 
     q (B, N, S_q, D), k and v (B, K, S_k, D)  ->  out (B, N, S_q, D) in q's dtype, lse (B, N, S_q) float32
 
 ``lse`` is the natural-log sum of exp(scores) over the visible keys (-inf where a query sees none) so partial
-results merge exactly (``merge``).  Three kernels share this contract:
+results merge exactly (``merge``).  The contract is declared by ``AttentionKernel`` below (every kernel class
+subclasses it and sets its attributes); three kernels implement it:
 
 * ``BlockwiseKernel`` (the reference; GPU, and CPU without a C++ compiler): tiles of ``block_size``; online
   softmax in float32 (FlashAttention-2); tiles that ``AttentionMask`` marks SKIP cost nothing, FULL tiles use no
@@ -17,8 +18,9 @@ results merge exactly (``merge``).  Three kernels share this contract:
 
 No S x S tensor exists in either direction: the largest temporary is (B, K, R, tile_k).
 """
+import copy
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -27,6 +29,58 @@ from mindspore import Tensor, nn, ops
 from mf_longseq.attention.mask import FULL, AttentionMask
 
 NEG_INF = float("-inf")
+HEAD_MAJOR, TOKEN_MAJOR = "BNSD", "BSND"     # FlashAttentionScore's input_layout names of the two tensor formats
+
+
+class AttentionKernel:
+    """The declared contract of a local attention kernel (shapes: the module docstring).
+
+    Methods:
+        forward(q, k, v, mask, scale) -> (out, lse): out in q's dtype, lse float32 natural-log sums.
+        backward(q, k, v, dout, lse, delta, mask, scale) -> (dq, dk, dv) float32, given the *final* lse and
+            delta = rowsum(dout * out) - dlse.
+        ``mask`` is an ``AttentionMask`` (``mask.py``); ``scale`` the softmax scale (1/sqrt(D) by default).
+
+    Attributes every kernel class sets explicitly (``tests/unit/test_kernel_protocol.py`` checks them):
+        name: short name (benchmarks, logs).
+        block_size: tokens per tile of the kernel's work, the tile the ring's and kvallgather's skip test
+            classifies (``AttentionMask.plan``); None when the kernel takes each run of consecutive positions
+            whole (one tile per run, e.g. FlashAttentionScore).
+        input_layouts: the tensor formats (FlashAttentionScore's ``input_layout`` names) the kernel can take:
+            "BNSD" (head-major, the shapes above, always) and "BSND" (token-major: q, out, dout, dq
+            (B, S_q, N, D); k, v, dk, dv (B, S_k, K, D); lse, delta (B, S_q, N)).
+        input_layout: the format this instance takes ("BNSD" unless made by ``with_input_layout``).
+
+    Optional accumulating forms (``forward_into`` / ``backward_into``, ``cpu_fused.py``) are read by ``ring.py``
+    when present.
+    """
+
+    name: str = ""
+    block_size: Optional[int] = None
+    input_layouts: Tuple[str, ...] = (HEAD_MAJOR,)
+    input_layout: str = HEAD_MAJOR
+
+    def with_input_layout(self, input_layout: str) -> "AttentionKernel":
+        """This kernel (same operators) taking and returning tensors in ``input_layout`` (one of
+        ``input_layouts``).
+
+        Raises:
+            ValueError: a format the kernel does not take.
+        """
+        if input_layout not in self.input_layouts:
+            raise ValueError(f"input_layout = {input_layout!r}: the {self.name} kernel takes "
+                             f"{' or '.join(self.input_layouts)}.")
+        if input_layout == self.input_layout:
+            return self
+        twin = copy.copy(self)
+        twin.input_layout = input_layout
+        return twin
+
+    def forward(self, q, k, v, mask: AttentionMask, scale: float) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(self, q, k, v, dout, lse, delta, mask: AttentionMask, scale: float):
+        raise NotImplementedError
 
 
 def _rows(x_BKGSD, qs: int, qe: int):
@@ -62,13 +116,18 @@ def _append(x, column):
     return ops.cat([x, column], axis=-1)
 
 
-class BlockwiseKernel:
-    """Tiled attention with online softmax, composed of MindSpore ops (runs on CPU, GPU and Ascend)."""
+class BlockwiseKernel(AttentionKernel):
+    """Tiled attention with online softmax, composed of MindSpore ops (runs on CPU, GPU and Ascend).
+
+    Args:
+        block_size: tokens per tile (queries and keys).
+    """
 
     name = "blockwise"
+    input_layouts = (HEAD_MAJOR,)
 
     def __init__(self, block_size: int = 2048):
-        self.block_size = block_size
+        self.block_size: int = block_size
 
     def _bias(self, mask: AttentionMask, qs, qe, ks, ke, shape):
         """Additive bias of a PARTIAL tile at the tile's full (B, K, G*T_q, T_k) shape: 0 visible, -inf masked."""

@@ -46,8 +46,7 @@ class KvAllGatherAttention(nn.Cell):
     def __init__(self, group, kernel, masks: Sequence[AttentionMask], scale: float, seq_axis: int):
         super().__init__()
         self.group, self.kernel, self.masks, self.scale, self.axis = group, kernel, list(masks), scale, seq_axis
-        tile = getattr(kernel, "block_size", 1 << 30)
-        self.work = [any(row for _, _, row in m.plan(tile)) for m in self.masks]   # parts with a visible key
+        self.work = [any(row for _, _, row in m.plan(kernel.block_size)) for m in self.masks]   # parts with work
 
     def _part(self, x, j: int):
         size = x.shape[self.axis] // self.group.size

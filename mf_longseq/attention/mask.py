@@ -24,8 +24,10 @@ import numpy as np
 SKIP, FULL, PARTIAL = "skip", "full", "partial"
 
 
-def tile_bounds(positions: np.ndarray, block_size: int) -> List[Tuple[int, int]]:
-    """[start, end) index ranges of at most ``block_size`` tokens with consecutive positions."""
+def tile_bounds(positions: np.ndarray, block_size: Optional[int]) -> List[Tuple[int, int]]:
+    """[start, end) index ranges of at most ``block_size`` tokens with consecutive positions (None: each run of
+    consecutive positions whole, a kernel's ``block_size`` of None)."""
+    block_size = block_size or max(1, len(positions))
     breaks = np.flatnonzero(np.diff(positions) != 1) + 1
     runs = np.split(np.arange(len(positions)), breaks)
     bounds = []
@@ -99,9 +101,9 @@ class AttentionMask:
                 return SKIP if not ok.any() else (FULL if ok.all() else PARTIAL)
         return FULL if causal_full else PARTIAL
 
-    def plan(self, block_size: int):
+    def plan(self, block_size: Optional[int]):
         """For each query tile: (qs, qe, [(ks, ke, kind), ...]) with SKIP tiles left out (computed once per
-        block size, ``cached``)."""
+        block size, ``cached``; None: whole runs of consecutive positions, ``tile_bounds``)."""
         return self.cached(("tiles", block_size), lambda: self._tile_plan(block_size))
 
     def _tile_plan(self, block_size: int):

@@ -29,7 +29,7 @@ gradients into dQ and the arriving dK/dV buffer itself, so no block output and n
 holds out + the two K/V blocks, backward out, dQ, the two K/V blocks and the dK/dV buffers (the one arriving is
 waited for before the block's kernel, which adds into it).  Other kernels (FlashKernel on Ascend) take the
 block-gradient path above, unchanged.  With a
-token-major kernel (``FusedCpuKernel.with_layout("BSND")``) the same code runs on q (B, S_loc, N, D), k and v
+token-major kernel (``FusedCpuKernel.with_input_layout("BSND")``) the same code runs on q (B, S_loc, N, D), k and v
 (B, S_loc, K, D) and lse (B, S_loc, N): nothing here depends on the order of the sequence and head axes.
 """
 from typing import Sequence
@@ -84,8 +84,7 @@ class RingAttention(nn.Cell):
         super().__init__()
         self.group, self.kernel, self.scale = group, kernel, scale
         self.masks = list(masks)
-        block = getattr(kernel, "block_size", 1 << 30)
-        self.work = [_has_work(m, block) for m in self.masks]
+        self.work = [_has_work(m, kernel.block_size) for m in self.masks]         # AttentionKernel.block_size
 
     def _source(self, step: int) -> int:
         return (self.group.index - step) % self.group.size

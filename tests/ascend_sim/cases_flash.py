@@ -21,15 +21,15 @@ def _tensor(shape, dtype=ms.bfloat16):
 
 
 def calls_of(plan):
-    """(layout, sparse_mode, mask kind) of each planned call, and its rows x cols."""
-    return [{"layout": c.layout, "sparse_mode": int(c.sparse_mode), "mask": c.mask, "rows": len(c.q_index),
+    """(input_layout, sparse_mode, mask kind) of each planned call, and its rows x cols."""
+    return [{"input_layout": c.input_layout, "sparse_mode": int(c.sparse_mode), "mask": c.mask, "rows": len(c.q_index),
              "cols": len(c.k_index), "segments": len(c.seq_qlen)} for c in plan]
 
 
 def run_kernel(mask, *, batch=B, heads=N, kv_heads=K, dim=D, dtype=ms.bfloat16, expect=None, scale=None):
     """Forward + backward of ``LocalAttention(FlashKernel(), mask)``; shape/dtype checks; returns the info.
 
-    ``expect``: (layout, sparse_mode, mask) kinds that must all be in the plan.
+    ``expect``: (input_layout, sparse_mode, mask) kinds that must all be in the plan.
     """
     from mf_longseq.attention.flash import FlashKernel
     from mf_longseq.attention.kernel import LocalAttention, default_scale
@@ -38,7 +38,7 @@ def run_kernel(mask, *, batch=B, heads=N, kv_heads=K, dim=D, dtype=ms.bfloat16, 
     k, v = _tensor((batch, kv_heads, s_k, dim), dtype), _tensor((batch, kv_heads, s_k, dim), dtype)
     kernel = FlashKernel()
     calls = calls_of(kernel.plan(mask, batch))
-    kinds = {(c["layout"], c["sparse_mode"], c["mask"]) for c in calls}
+    kinds = {(c["input_layout"], c["sparse_mode"], c["mask"]) for c in calls}
     missing = set(expect or ()) - kinds
     assert not missing, f"the plan has no call of kind {sorted(missing)}: {calls}"
     attn = LocalAttention(kernel, mask, default_scale(dim) if scale is None else scale)
@@ -169,7 +169,7 @@ def many_segments():
     info = run_kernel(_mask(s, docs=docs), batch=1, heads=2, kv_heads=1, dim=64,
                       expect=[("TND", 3, "compressed")])
     assert all(c["segments"] <= 1024 for c in info["calls"]), info["calls"]
-    info["calls"] = [c for c in info["calls"] if c["layout"] == "TND"]
+    info["calls"] = [c for c in info["calls"] if c["input_layout"] == "TND"]
     return info
 
 

@@ -77,7 +77,7 @@ def mf_route_step():
     assert model.mesh.cp == 2 and model.mesh.rank == 0, repr(model.mesh)
     kernel = model.model.layers[0].self_attn.core.kernel
     assert isinstance(kernel, FlashKernel), type(kernel)
-    layouts = {c.layout for c in rec.flash_calls}
+    layouts = {c.input_layout for c in rec.flash_calls}
     assert layouts == {"BNSD"}, f"FlashAttentionScore layouts {layouts}"
     moved = Counter((c["op"], c["dtype"]) for c in rec.calls)
     for op in ("isend", "irecv"):                                    # the ring's bf16 exchanges reached HCCL

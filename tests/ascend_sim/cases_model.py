@@ -100,7 +100,7 @@ def train_step(family, which, dp, mp, cp, pp, packed=False):
                      tree["parallel"]["enable_alltoall"] else ("AllGather",)}[algo]
     for op in attention_ops:
         assert moved[(op, "BFloat16")] > 0, f"{algo}: no bf16 {op} reached HCCL: {dict(moved)}"
-    layouts = {c.layout for c in rec.flash_calls}
+    layouts = {c.input_layout for c in rec.flash_calls}
     assert ("TND" in layouts) == packed, f"packed = {packed}: FlashAttentionScore layouts {layouts}"
     if mp > 1:
         assert moved[("AllReduce", "BFloat16")] > 0, f"mp = {mp}: no bf16 AllReduce: {dict(moved)}"

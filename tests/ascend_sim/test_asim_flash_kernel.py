@@ -3,7 +3,7 @@ import pytest
 
 from asim_harness import cases_of, check_case
 
-# What plan_flash_calls can emit (flash_args' module docstring table): (layout, sparse_mode, attn_mask kind).
+# What plan_flash_calls can emit (flash_args' module docstring table): (input_layout, sparse_mode, attn_mask kind).
 EMITTED_KINDS = {("BNSD", 0, "none"), ("BNSD", 0, "dense"), ("BNSD", 2, "compressed"), ("BNSD", 3, "compressed"),
                  ("TND", 3, "compressed")}
 BAD_ARGUMENT = ("flash", "bad_argument_kv_heads")

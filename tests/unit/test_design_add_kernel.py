@@ -22,7 +22,10 @@ def test_every_file_named_exists():
 
 def test_the_optional_parts_named_are_read_by_their_callers():
     section = _section()
-    for part, caller in (("block_size", "mf_longseq/attention/ring.py"), ("with_layout", "mf_longseq/attention/api.py"),
+    for part, caller in (("block_size", "mf_longseq/attention/ring.py"),
+                         ("block_size", "mf_longseq/attention/kvallgather.py"),
+                         ("input_layouts", "mf_longseq/attention/api.py"),
+                         ("with_input_layout", "mf_longseq/attention/api.py"),
                          ("forward_into", "mf_longseq/attention/ring.py"),
                          ("backward_into", "mf_longseq/attention/ring.py")):
         assert f"`{part}" in section, f"{part} is not described"

@@ -36,7 +36,7 @@ def coverage(mask, batch=1):
     for call in plan_flash_calls(mask):
         args = flash_arguments(call, batch=batch, head_num=4, scale=0.125)
         m, n = len(call.q_index), len(call.k_index)
-        folded = batch if call.layout == "TND" else 1             # TND folds the batch into T
+        folded = batch if call.input_layout == "TND" else 1             # TND folds the batch into T
         keep = documented_keep(args.init, args.attn_mask, args.actual_seq_qlen, args.actual_seq_kvlen,
                                folded * m, folded * n)
         assert keep.any(axis=1).all(), f"call {call} has a row with no key"
@@ -106,7 +106,7 @@ def _mask(q, k, causal=True, q_doc=None, k_doc=None):
 def test_named_cases_get_the_expected_arguments():
     r = np.arange
     diag = plan_flash_calls(_mask(r(16, 32), r(16, 32)))
-    assert [(c.layout, c.sparse_mode, c.mask) for c in diag] == [("BNSD", 2, "compressed")]
+    assert [(c.input_layout, c.sparse_mode, c.mask) for c in diag] == [("BNSD", 2, "compressed")]
     args = flash_arguments(diag[0], batch=2, head_num=8, scale=0.125)
     assert args.init == dict(head_num=8, keep_prob=1.0, scale_value=0.125, pre_tokens=MAX_TOKENS, next_tokens=0,
                              inner_precise=0, input_layout="BNSD", sparse_mode=2)
@@ -131,7 +131,7 @@ def test_eod_uses_tnd_with_cumulative_lengths():
     pos = np.arange(32)
     doc = docs_from_ends([5, 20, 32], 32)
     calls = plan_flash_calls(_mask(pos, pos, True, doc, doc))
-    assert [(c.layout, c.sparse_mode) for c in calls] == [("TND", 3)]
+    assert [(c.input_layout, c.sparse_mode) for c in calls] == [("TND", 3)]
     assert calls[0].seq_qlen == (5, 15, 12) == calls[0].seq_kvlen
     args = flash_arguments(calls[0], batch=2, head_num=4, scale=0.5)
     assert args.actual_seq_qlen == (5, 20, 32, 37, 52, 64) == args.actual_seq_kvlen
@@ -141,7 +141,7 @@ def test_eod_uses_tnd_with_cumulative_lengths():
     zz = np.r_[0:8, 24:32]
     doc = docs_from_ends([3, 30, 32], 32)[zz]
     calls = plan_flash_calls(_mask(zz, zz, True, doc, doc))
-    kinds = sorted((c.layout, c.sparse_mode) for c in calls)
+    kinds = sorted((c.input_layout, c.sparse_mode) for c in calls)
     assert kinds == [("BNSD", 0), ("TND", 3)]
 
 
@@ -151,7 +151,7 @@ def test_argument_errors_name_the_fix():
         flash_arguments(call, batch=1, head_num=1, scale=1.0, keep_prob=0.0)
     pos = np.arange(64)
     doc = np.arange(64) // 2                                                       # 32 two-token documents
-    tnd = [c for c in plan_flash_calls(_mask(pos, pos, True, doc, doc)) if c.layout == "TND"][0]
+    tnd = [c for c in plan_flash_calls(_mask(pos, pos, True, doc, doc)) if c.input_layout == "TND"][0]
     with pytest.raises(ValueError, match="max_tnd_segments"):
         flash_arguments(tnd, batch=33, head_num=1, scale=1.0)
     assert all(len(c.seq_qlen) <= 10 for c in plan_flash_calls(_mask(pos, pos, True, doc, doc), 10))

@@ -127,8 +127,8 @@ def test_rows_that_see_no_key(kernel):
 
 
 def run_token_major(q, k, v, dout, mask, block):
-    """The fused kernel on (B, S, N, D) tensors as they are (``with_layout("BSND")``): out, lse (B, N, S), grads."""
-    cell = LocalAttention(FusedCpuKernel(block).with_layout("BSND"), mask, default_scale(q.shape[-1]))
+    """The fused kernel on (B, S, N, D) tensors as they are (``with_input_layout("BSND")``): out, lse, grads."""
+    cell = LocalAttention(FusedCpuKernel(block).with_input_layout("BSND"), mask, default_scale(q.shape[-1]))
     dout_t = Tensor(dout)
 
     def loss(q_, k_, v_):
@@ -176,6 +176,6 @@ def test_token_major_dense_mask_goes_through_the_reference():
         assert np.abs(got - ref).max() <= TOL, name
 
 
-def test_with_layout_refuses_other_layouts():
+def test_with_input_layout_refuses_other_layouts():
     with pytest.raises(ValueError, match="BNSD or BSND"):
-        FusedCpuKernel(64).with_layout("TND")
+        FusedCpuKernel(64).with_input_layout("TND")

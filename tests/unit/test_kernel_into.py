@@ -21,7 +21,7 @@ def _inputs(s, n, kv, d, seed):
 
 def _split_run(layout, dense, q, k, v, dout, q_pos, k_pos, halves):
     """Forward and backward of the queries against the key ``halves`` one at a time, accumulated in place."""
-    kernel = FusedCpuKernel(32).with_layout(layout)
+    kernel = FusedCpuKernel(32).with_input_layout(layout)
     scale = default_scale(q.shape[-1])
     lay = (lambda x: Tensor(np.ascontiguousarray(x))) if layout == "BSND" else \
         (lambda x: Tensor(np.ascontiguousarray(x.transpose(0, 2, 1, 3))))
@@ -63,7 +63,7 @@ def test_accumulated_blocks_match_oracle(layout, dense):
 
 
 def test_running_buffers_must_be_contiguous_float32():
-    kernel = FusedCpuKernel(32).with_layout("BSND")
+    kernel = FusedCpuKernel(32).with_input_layout("BSND")
     q, k, v, _ = (Tensor(x) for x in _inputs(16, 2, 1, 8, seed=1))
     pos = np.arange(16)
     out, lse = ops.zeros(q.shape, ms.float16), ops.zeros(q.shape[:-1], ms.float32)
