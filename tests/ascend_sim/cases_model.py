@@ -20,7 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
-from asim_worker import batch, case
+from asim_worker import batch, case, host_count_as_if_every_rank_equal
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "yaml_templates"
@@ -54,27 +54,18 @@ def _tiny_tree(relative, dp, mp, cp, pp):
 
 
 def _host_sums_as_if_every_rank_equal():
-    """``Trainer._sum`` (logged loss) and ``step_math.global_token_count`` (token count) still run their
-    AllReduce through the Ascend front end, but the dummy collective returns meaningless values (zero), and the
-    step refuses a zero token count.  The host value returned here is what the sum is when every rank holds the
-    same value: value x group size."""
-    from mf_longseq.train import step_math
+    """``Trainer._sum`` (logged loss) still runs its AllReduce through the Ascend front end, but the dummy
+    collective returns meaningless values (zero).  The host value returned here is what the sum is when every
+    rank holds the same value: value x group size.  The token count: ``host_count_as_if_every_rank_equal``."""
     from mf_longseq.train.runner import Trainer
     original = getattr(Trainer._sum, "__wrapped__", Trainer._sum)
-    count = getattr(step_math.global_token_count, "__wrapped__", step_math.global_token_count)
 
     def summed(self, value):
         original(self, value)
         return value * self.group.size
-
-    def counted(local_mask_sum, group, where=""):
-        try:
-            count(local_mask_sum, group, where)
-        except ValueError as exc:                                # the dummy AllReduce's zero, nothing else
-            assert "every label of the batch is masked" in str(exc), exc
-        return float(local_mask_sum) * group.size
-    summed.__wrapped__, counted.__wrapped__ = original, count
-    Trainer._sum, step_math.global_token_count = summed, counted
+    summed.__wrapped__ = original
+    Trainer._sum = summed
+    host_count_as_if_every_rank_equal()
 
 
 def train_step(family, which, dp, mp, cp, pp, packed=False):
