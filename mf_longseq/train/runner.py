@@ -34,7 +34,7 @@ import numpy as np
 from mf_longseq.train import checkpoint as ckpt
 from mf_longseq.train.data import batch_for_step
 from mf_longseq.train.monitor import Monitor, StepRecord, peak_rss_mib
-from mf_longseq.train.step_math import global_token_count, sync_flat_gradients
+from mf_longseq.train import step_math
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ class Trainer:
         ``max_grad_norm`` by the whole model's norm when it is set (``train/clip.py``)."""
         from mf_longseq.parallel.tensor_parallel import shard_specs
         sharded = shard_specs(self.model) if self.max_grad_norm is not None else None
-        flat, _ = sync_flat_gradients(self.optimizer.flatten(grads), self.group, sizes=self.optimizer.sizes,
-                                      names=[p.name for p in self.params], mesh=self.mesh,
-                                      max_grad_norm=self.max_grad_norm, sharded=sharded)
+        flat, _ = step_math.sync_flat_gradients(self.optimizer.flatten(grads), self.group,
+                                                sizes=self.optimizer.sizes, names=[p.name for p in self.params],
+                                                mesh=self.mesh, max_grad_norm=self.max_grad_norm, sharded=sharded)
         return flat
 
     def step(self, step: int) -> StepResult:
@@ -119,8 +119,8 @@ class Trainer:
         import mindspore as ms
         inputs = self.local_batch(step)                        # ids, labels, loss_mask (B, S/CP) (+ packing)
         input_ids, loss_mask = inputs[0], inputs[2]
-        count = global_token_count(float(loss_mask.asnumpy().sum(dtype=np.float64)), self.group,
-                                   where=f"step {step} (pad_token_id = {self.pad_token_id}): ")
+        count = step_math.global_token_count(float(loss_mask.asnumpy().sum(dtype=np.float64)), self.group,
+                                             where=f"step {step} (pad_token_id = {self.pad_token_id}): ")
         loss_sum, grads = self.executor(inputs, ms.Tensor(np.float32(1.0 / count)))
         lr = self.optimizer.step_flat(self.sync_gradients(grads))
         loss = self._sum(loss_sum) / count

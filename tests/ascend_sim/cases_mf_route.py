@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asim_worker import batch, case
+from asim_worker import batch, case, host_count_as_if_every_rank_equal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # tests/: mf_route
 
@@ -24,23 +24,6 @@ ASCEND_WRAPPER = {"type": "MFTrainOneStepCell", "use_clip_grad": True, "max_grad
                                   "scale_factor": 2, "scale_window": 1000}}
 ON_ASCEND = {"context.device_target": "Ascend", "model.model_config.use_flash_attention": True,
              "model.model_config.compute_dtype": "bfloat16"}
-
-
-def _host_count_as_if_every_rank_equal():
-    """The model's token count (``step_math.global_token_count``) still runs its AllReduce through the Ascend
-    front end, but the dummy collective returns zero, which the model refuses ("every label of the batch is
-    masked").  The host value returned is the sum when every rank holds the same count: local count x group size."""
-    from mf_longseq.train import step_math
-    original = getattr(step_math.global_token_count, "__wrapped__", step_math.global_token_count)
-
-    def counted(local_mask_sum, group, where=""):
-        try:
-            original(local_mask_sum, group, where)
-        except ValueError as exc:                                # the dummy AllReduce's zero, nothing else
-            assert "every label of the batch is masked" in str(exc), exc
-        return float(local_mask_sum) * group.size
-    counted.__wrapped__ = original
-    step_math.global_token_count = counted
 
 
 def mf_route_step():
@@ -60,7 +43,7 @@ def mf_route_step():
     route = RouteCase("llama2_cp2_ascend", "llama2_tiny_s256_cp2_colossalai_cp.yaml", cp=2, overrides=ON_ASCEND)
     cfg = route_config(route, data, str(work / "run"))
     cfg.runner_wrapper = MindFormerConfig(**ASCEND_WRAPPER)
-    _host_count_as_if_every_rank_equal()
+    host_count_as_if_every_rank_equal()
     os.environ.setdefault("REGISTER_PATH", str(Path(__file__).resolve().parents[2] / "mf_longseq"))
     build_context(cfg)
     assert ms.get_context("device_target") == "Ascend", ms.get_context("device_target")

@@ -20,7 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
-from asim_worker import batch, case
+from asim_worker import batch, case, host_count_as_if_every_rank_equal
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "yaml_templates"
@@ -54,9 +54,9 @@ def _tiny_tree(relative, dp, mp, cp, pp):
 
 
 def _host_sums_as_if_every_rank_equal():
-    """``Trainer._sum`` (token count, logged loss) still runs its AllReduce through the Ascend front end, but
-    the dummy collective returns meaningless values (zero), and the step refuses a zero token count.  The host
-    value returned here is what the sum is when every rank holds the same value: value x group size."""
+    """``Trainer._sum`` (logged loss) still runs its AllReduce through the Ascend front end, but the dummy
+    collective returns meaningless values (zero).  The host value returned here is what the sum is when every
+    rank holds the same value: value x group size.  The token count: ``host_count_as_if_every_rank_equal``."""
     from mf_longseq.train.runner import Trainer
     original = getattr(Trainer._sum, "__wrapped__", Trainer._sum)
 
@@ -65,6 +65,7 @@ def _host_sums_as_if_every_rank_equal():
         return value * self.group.size
     summed.__wrapped__ = original
     Trainer._sum = summed
+    host_count_as_if_every_rank_equal()
 
 
 def train_step(family, which, dp, mp, cp, pp, packed=False):
