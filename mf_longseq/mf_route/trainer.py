@@ -99,7 +99,7 @@ class LongSeqTrainer(CausalLanguageModelingTrainer):
         from mf_longseq.models.build import default_mesh, model_class_from
         from mf_longseq.train.validation import check_run
         tree = plain_tree(config)
-        settings = check_run(tree, route="mindformers")        # route_refusals included
+        settings = check_run(tree, route="mindformers", built_by_mindformers=True)   # route_refusals included
         long_seq = settings.long_seq
         self.registered_class = model_class_from(tree, settings.model, registered=True)
         check_world_size(long_seq, running_world_size())

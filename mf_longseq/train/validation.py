@@ -130,7 +130,7 @@ def route_of(tree: Mapping) -> str:
 
 
 def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None,
-              route: str = "train") -> "RunSettings":
+              route: str = "train", built_by_mindformers: bool = False) -> "RunSettings":
     """Check everything a run on ``route`` reads from ``source`` (YAML path, dict or MindFormerConfig); no device work.
 
     Args:
@@ -140,6 +140,8 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
             read, ``train.data.read_token_file``.)
         route: ``train`` (``mf-longseq train``: its refusals, ``train/support.py``) or ``mindformers``
             (MindFormers' Trainer, ``run_mindformer.py``: ``mf_route/trainer.py route_refusals``).
+        built_by_mindformers: ``source`` is the config MindFormers' Trainer already built (``LongSeqTrainer``):
+            MindFormers' own constructors are not run on it again.
 
     Returns:
         The run's ``RunSettings`` (``train/settings.py``): every value the run reads, parsed here once.
@@ -148,13 +150,15 @@ def check_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int
         ConfigError: the broken rule; ``ConfigErrors`` listing every one when several are broken
             (``InputError`` when the file cannot be read).
     """
-    check, errors = collect_run(source, devices=devices, steps=steps, route=route)
+    check, errors = collect_run(source, devices=devices, steps=steps, route=route,
+                                built_by_mindformers=built_by_mindformers)
     raise_all(errors)
     return check
 
 
 def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[int] = None,
-                route: str = "train") -> Tuple[Optional["RunSettings"], List[ConfigError]]:
+                route: str = "train", built_by_mindformers: bool = False
+                ) -> Tuple[Optional["RunSettings"], List[ConfigError]]:
     """(the settings, []) when ``source`` is valid on ``route``, else (None, every broken rule found).
 
     A rule that needs an earlier one to hold (the model needs the parallel settings) is skipped when that one
@@ -185,7 +189,10 @@ def collect_run(source: Any, *, devices: Optional[int] = None, steps: Optional[i
     if route == "mindformers" and long_seq is not None:
         from mf_longseq.train.mf_route_rules import route_refusals
         errors += route_refusals(tree, long_seq)
-    if not errors:            # MindFormers' own classes repeat the parallel rules above: checked once they hold
+    # MindFormers' own classes repeat the parallel rules above: checked once they hold; not when MindFormers' Trainer
+    # already built them (``built_by_mindformers``: its swap_config and the rest are in MindFormers' internal form,
+    # which its constructors do not take back).
+    if not errors and not built_by_mindformers:
         try:
             check_mindformers(tree)
         except ConfigError as err:
