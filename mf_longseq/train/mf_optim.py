@@ -23,7 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mf_longseq.config import ConfigError
-from mf_longseq.train.optim import adamw_flat_update, scatter
+from mf_longseq.train.optim import apply_update, plan_pieces
 
 
 def _per_param_decay(params, weight_decay: float) -> list:
@@ -62,8 +62,7 @@ class LongSeqAdamW(nn.Optimizer):
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
         self.sizes = [int(np.prod(p.shape)) for p in self.parameters]
         total = sum(self.sizes)
-        decay = np.concatenate([np.full(n, d, np.float32) for n, d in zip(self.sizes, decays)])
-        self.decay = Tensor(decay) if decay.any() else None                       # (total,)
+        self.pieces = plan_pieces([tuple(p.shape) for p in self.parameters], decays)   # train/optim.py
         self.adam_m = Parameter(Tensor(np.zeros(total, np.float32)), name="adam_m.flat", requires_grad=False)
         self.adam_v = Parameter(Tensor(np.zeros(total, np.float32)), name="adam_v.flat", requires_grad=False)
 
@@ -77,12 +76,8 @@ class LongSeqAdamW(nn.Optimizer):
         lr = float(lr.asnumpy()) if isinstance(lr, Tensor) else float(lr)
         self.assignadd(self.global_step, self.global_step_increase_tensor)
         step = int(self.global_step.asnumpy().reshape(-1)[0])
-        flat = ops.cat([p.astype(ms.float32).reshape(-1) for p in self.parameters])
-        flat, m, v = adamw_flat_update(flat, grad, self.adam_m.value(), self.adam_v.value(), lr=lr, step=step,
-                                       betas=self.betas, eps=self.eps, decay=self.decay)
-        self.adam_m.set_data(m)
-        self.adam_v.set_data(v)
-        scatter(self.parameters, self.sizes, flat)
+        apply_update(self.parameters, self.pieces, grad, self.adam_m, self.adam_v, lr=lr, step=step,
+                     betas=self.betas, eps=self.eps)                          # in place, piece by piece
         return True
 
 
