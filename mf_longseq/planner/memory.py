@@ -47,7 +47,8 @@ s U (n_max + 2 (n_max + 2 k_max)) D e; Kh the kv heads a ring carries (under Uly
 receives); with the AllGather-based exchange also the gathered tensor, U times the larger of the busiest rank's
 output (U s n_max) and the packed kv.  The blockwise kernel (backend "cpu") adds
 its float32 tiles, T = min(block_size, S/R): in the backward of one tile the scores, their masked copy, p,
-dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4); and float32 copies of
+dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4) (under Ulysses the kernel
+runs the busiest rank's n_max heads over S/R tokens: 8 of (b n_max T^2 4)); and float32 copies of
 q, k, v when the compute dtype is half.
 Mask: dense b S^2 bytes (uint8) without compression, 2048^2 with (none on the CPU kernel).
 
@@ -59,6 +60,26 @@ them and one float32 array too many.  Measured: the Ascend dry-run allocator (``
 16.2 bytes per entry at vocabulary 151936 (issue 19); CPU ranks: ``tests/dist/test_planner_memory.py``.
 With ``loss_tile`` T the tile's logits are recomputed in the backward, so the term is min(T, s) V/t x 16, plus
 the per-token float32 logsumexp and target logit the tiles keep (8 s).
+
+Optimizer step (``step``): after the backward the activations and transients are gone, and the update runs
+beside the weights, gradients and optimizer states.  It adds the runner's flat float32 gradient (P x 4 bytes,
+P = the stage's parameters: ``Trainer.sync_gradients`` / ``LongSeqAdamW`` sum them as one buffer, beside the
+per-parameter gradients) and the update's own buffers, ``train/optim.py``'s ``step_transient_bytes``: AdamW
+updates m, v and the weights in place in pieces of at most ``STEP_CHUNK`` elements, with ``STEP_TEMPORARIES``
+float32 piece-sized buffers alive at once (10 x 4 MiB).  The peak of a step is the larger of its two phases::
+
+    total = weights + gradients + optimizer + max(backward phase, step)
+    backward phase = activations (kept) + backward + attention + mask + logits
+    step = P x 4 + step_transient_bytes(P)       (``zero`` 0; 0 with ``zero`` >= 1)
+
+The step term is mf_longseq's flat AdamW (``mf-longseq train``'s runner, ``optimizer.type: LongSeqAdamW``), which
+keeps the whole optimizer on every rank (``zero`` 0, as ``planner/run.py`` plans the runner).  With ``zero`` >= 1
+the update is MindFormers' parallel optimizer, per parameter shard, with no flat gradient; its transient (one
+shard's temporaries) is not modelled.
+
+Measured (CPU ranks, ``benchmarks/memory_phases.py``): before the in-place update the flat AdamW step grew ~8.5
+float32 buffers of P above the backward's peak (1.2 - 1.5x the plan where P is mostly a 151936 vocabulary,
+docs/planner_memory.md); now the step stays under the backward's peak there, as the formula says.
 """
 import math
 from dataclasses import dataclass, fields
@@ -69,6 +90,7 @@ from mf_longseq.parallel.algorithms import ALGORITHMS, resolve
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.shapes import ModelShape
+from mf_longseq.train.optim import step_transient_bytes
 
 
 @dataclass(frozen=True)
@@ -85,11 +107,13 @@ class Memory:
     mask: int
     logits: int
     host: int = 0               # layer inputs offloaded to host memory (not device memory, not in the total)
+    step: int = 0               # the optimizer step beyond the states: flat gradient, update pieces (module doc)
 
     def total(self, recompute: bool) -> int:
+        """The step's peak: the states plus the larger of the backward phase and the optimizer step."""
         acts = self.activations_recompute if recompute else self.activations
-        return (self.weights + self.gradients + self.optimizer + acts + self.backward + self.attention + self.mask
-                + self.logits)
+        backward_phase = acts + self.backward + self.attention + self.mask + self.logits
+        return self.weights + self.gradients + self.optimizer + max(backward_phase, self.step)
 
     def rows(self) -> List[Tuple[str, int]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -160,9 +184,9 @@ def attention_buffers(shape: ModelShape, layout: RunPlan, settings: Settings) ->
         out += s * u * (3 * split.busiest + 4 * kh) * d * e                 # dout, [dq | dk | dv] out and in
     if u > 1 and not settings.use_alltoall:
         out += u * s * max(u * split.busiest, kr) * d * e
-    if settings.backend == "cpu":
-        tile = min(settings.block_size, settings.seq_len // layout.ring)
-        out += 8 * settings.micro_batch * nt * tile * tile * 4 + s * (nt + 2 * kh) * d * 4 * (1 if e < 4 else 0)
+    if settings.backend == "cpu":                    # the kernel's heads: under Ulysses the busiest rank's
+        tile, heads = min(settings.block_size, settings.seq_len // layout.ring), split.busiest if split else nt
+        out += 8 * settings.micro_batch * heads * tile * tile * 4 + s * (nt + 2 * kh) * d * 4 * (1 if e < 4 else 0)
     return out
 
 
@@ -207,4 +231,5 @@ def memory_per_device(shape: ModelShape, layout: RunPlan, settings: Settings) ->
                   backward=backward_working_set(shape, layout, settings),
                   attention=resolve(ALGORITHMS[layout.algo].buffers)(shape, layout, settings), mask=mask,
                   logits=logits_bytes(shape, layout, settings),
-                  host=inputs * layer_input if settings.offload_layer_inputs else 0)
+                  host=inputs * layer_input if settings.offload_layer_inputs else 0,
+                  step=params * 4 + step_transient_bytes(params) if settings.zero == 0 else 0)
