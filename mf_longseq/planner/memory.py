@@ -22,8 +22,9 @@ sequence parallelism (``seq_parallel`` and t > 1), else 1:
     attention  s (Nt + 2 Kt) D e + 2 s Nt D e + 4 s Nt     BNSD q, k, v, the output in both layouts, lse
                (+ Ulysses: the head-layout q, k, v and output of the busiest Ulysses rank, s U (2 n_max +
                2 k_max) D e; n_max = ceil(Nt/U), k_max its most kv heads, ``attention/head_split.py``)
-    MLP        s (F/t) (4 e + 4)        gate, its float32 copy, silu, up, their product (0 with ``mlp_tile``:
-                                        the tile's intermediates are recomputed in the backward)
+    MLP        s (F/t) (4 e + 4 [e < 4]) gate, silu, up, their product, and the gate's float32 copy when the
+                                        compute dtype is half (a float32 gate is not copied); 0 with ``mlp_tile``
+                                        (the tile's intermediates are recomputed in the backward)
 
 Each layer's input (the recompute checkpoint) is s h e / r.  Without recompute every layer keeps its
 activations and input; with recompute only the inputs are kept, and one layer's activations live during its
@@ -57,7 +58,10 @@ Logits on the last stage, per (token, vocabulary entry of this mp rank) ``LOGIT_
 ReduceMax's backward), exp(logits - max) (kept by Exp's backward), its incoming gradient and the outgoing one.
 The compute-dtype logits are dead by then (Cast's backward keeps nothing): the earlier 22 = e + 5 x 4 counted
 them and one float32 array too many.  Measured: the Ascend dry-run allocator (``ms.runtime.max_memory_allocated``)
-16.2 bytes per entry at vocabulary 151936 (issue 19); CPU ranks: ``tests/dist/test_planner_memory.py``.
+16.2 bytes per entry at vocabulary 151936 (issue 19).  CPU ranks (``LOGIT_BYTES["cpu"]`` = 40, float32
+compute): ``benchmarks/memory_phases.py qwen_vocab_cp1`` (256 tokens x 151936, where the logits are almost all
+of the step) grows 1557 MiB in the forward + backward, 75 of it the gradients: 1482 MiB, 40.0 bytes per entry
+(the earlier 48 was read from runs whose peak included the flat AdamW step's buffers).
 With ``loss_tile`` T the tile's logits are recomputed in the backward, so the term is min(T, s) V/t x 16, plus
 the per-token float32 logsumexp and target logit the tiles keep (8 s).
 
@@ -119,7 +123,7 @@ class Memory:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
 
 
-LOGIT_BYTES = {"ascend": 16, "cpu": 48}     # per (token, vocabulary entry) at the cross entropy's peak (module doc)
+LOGIT_BYTES = {"ascend": 16, "cpu": 40}     # per (token, vocabulary entry) at the cross entropy's peak (module doc)
 
 
 def sp_split(layout: RunPlan, settings: Settings) -> int:
@@ -164,7 +168,7 @@ def layer_activations(shape: ModelShape, layout: RunPlan, settings: Settings) ->
     if layout.ulysses > 1:
         split = HeadSplit(nt, kt, layout.ulysses)                           # the busiest Ulysses rank's heads
         attention += s * layout.ulysses * (2 * split.busiest + 2 * _most_kv(split)) * d * e
-    mlp = 0 if settings.mlp_tile else s * f * (4 * e + 4)
+    mlp = 0 if settings.mlp_tile else s * f * (4 * e + (4 if e < 4 else 0))
     return norms + qkv + rope + attention + mlp
 
 
