@@ -58,10 +58,11 @@ Logits on the last stage, per (token, vocabulary entry of this mp rank) ``LOGIT_
 ReduceMax's backward), exp(logits - max) (kept by Exp's backward), its incoming gradient and the outgoing one.
 The compute-dtype logits are dead by then (Cast's backward keeps nothing): the earlier 22 = e + 5 x 4 counted
 them and one float32 array too many.  Measured: the Ascend dry-run allocator (``ms.runtime.max_memory_allocated``)
-16.2 bytes per entry at vocabulary 151936 (issue 19).  CPU ranks (``LOGIT_BYTES["cpu"]`` = 40, float32
-compute): ``benchmarks/memory_phases.py qwen_vocab_cp1`` (256 tokens x 151936, where the logits are almost all
-of the step) grows 1557 MiB in the forward + backward, 75 of it the gradients: 1482 MiB, 40.0 bytes per entry
-(the earlier 48 was read from runs whose peak included the flat AdamW step's buffers).
+16.2 bytes per entry at vocabulary 151936 (issue 19).  CPU ranks (``LOGIT_BYTES["cpu"]`` = 48, float32
+compute; ``tests/dist/test_planner_memory.py``): on one rank the forward + backward of ``qwen_vocab_cp1`` (256
+tokens x 151936) grows 40 bytes per entry beyond its gradients (``benchmarks/memory_phases.py``), but the ring
+CP 2 ranks of the same shape measure 200 - 260 MiB more, the tiled one 1386 - 1415 MiB: with 40 the plan is
+1.15 - 1.19x under them, with 48 within 0.86 - 1.06 (docs/planner_memory.md).
 With ``loss_tile`` T the tile's logits are recomputed in the backward, so the term is min(T, s) V/t x 16, plus
 the per-token float32 logsumexp and target logit the tiles keep (8 s).
 
@@ -123,7 +124,7 @@ class Memory:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
 
 
-LOGIT_BYTES = {"ascend": 16, "cpu": 40}     # per (token, vocabulary entry) at the cross entropy's peak (module doc)
+LOGIT_BYTES = {"ascend": 16, "cpu": 48}     # per (token, vocabulary entry) at the cross entropy's peak (module doc)
 
 
 def sp_split(layout: RunPlan, settings: Settings) -> int:

@@ -4,7 +4,8 @@ MindFormers' ``AdamW`` (``mindformers.core.optim.AdamW``) updates each parameter
 in PyNative every call dispatches a dozen small ops per parameter, about half of a tiny model's step on CPU.
 This optimizer applies the same update (``train/optim.py``'s ``adamw_flat_update``: bias-corrected moments,
 decoupled weight decay ``p * (1 - lr * wd)``, MindFormers' learning rate at ``global_step`` before the increment)
-to all parameters concatenated in one float32 buffer, as ``mf-longseq train`` does.  It takes what MindFormers'
+to all parameters in the order of one flat float32 buffer, in place and piece by piece (``apply_update``: a few
+4 MiB buffers beyond the weights, gradients and moments), as ``mf-longseq train`` does.  It takes what MindFormers'
 trainer passes (``build_optim``): the parameter groups of ``get_optimizer_grouped_parameters`` (each group's
 ``weight_decay``; no decay on norms and biases) and the ``lr_schedule`` cell::
 
