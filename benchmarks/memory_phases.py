@@ -86,7 +86,7 @@ def worker(case_name: str, reuse_probe: int) -> None:
 
     def trainer_factory(**kwargs):
         trainer = orig_trainer(**kwargs)
-        phases.mark("trainer built (AdamW m, v, decay mask)")
+        phases.mark("trainer built (AdamW m, v)")
         return trainer
     job.build_trainer = trainer_factory
     record = job.run_job(job.JobOptions(config=case_tree(case), steps=1, output_dir=None), model_factory=factory)[-1]

@@ -4,7 +4,8 @@ MindFormers' ``AdamW`` (``mindformers.core.optim.AdamW``) updates each parameter
 in PyNative every call dispatches a dozen small ops per parameter, about half of a tiny model's step on CPU.
 This optimizer applies the same update (``train/optim.py``'s ``adamw_flat_update``: bias-corrected moments,
 decoupled weight decay ``p * (1 - lr * wd)``, MindFormers' learning rate at ``global_step`` before the increment)
-to all parameters concatenated in one float32 buffer, as ``mf-longseq train`` does.  It takes what MindFormers'
+to all parameters in the order of one flat float32 buffer, in place and piece by piece (``apply_update``: a few
+4 MiB buffers beyond the weights, gradients and moments), as ``mf-longseq train`` does.  It takes what MindFormers'
 trainer passes (``build_optim``): the parameter groups of ``get_optimizer_grouped_parameters`` (each group's
 ``weight_decay``; no decay on norms and biases) and the ``lr_schedule`` cell::
 
@@ -23,7 +24,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mf_longseq.config import ConfigError
-from mf_longseq.train.optim import adamw_flat_update, scatter
+from mf_longseq.train.optim import apply_update, plan_pieces
 
 
 def _per_param_decay(params, weight_decay: float) -> list:
@@ -62,8 +63,7 @@ class LongSeqAdamW(nn.Optimizer):
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
         self.sizes = [int(np.prod(p.shape)) for p in self.parameters]
         total = sum(self.sizes)
-        decay = np.concatenate([np.full(n, d, np.float32) for n, d in zip(self.sizes, decays)])
-        self.decay = Tensor(decay) if decay.any() else None                       # (total,)
+        self.pieces = plan_pieces([tuple(p.shape) for p in self.parameters], decays)   # train/optim.py
         self.adam_m = Parameter(Tensor(np.zeros(total, np.float32)), name="adam_m.flat", requires_grad=False)
         self.adam_v = Parameter(Tensor(np.zeros(total, np.float32)), name="adam_v.flat", requires_grad=False)
 
@@ -77,12 +77,8 @@ class LongSeqAdamW(nn.Optimizer):
         lr = float(lr.asnumpy()) if isinstance(lr, Tensor) else float(lr)
         self.assignadd(self.global_step, self.global_step_increase_tensor)
         step = int(self.global_step.asnumpy().reshape(-1)[0])
-        flat = ops.cat([p.astype(ms.float32).reshape(-1) for p in self.parameters])
-        flat, m, v = adamw_flat_update(flat, grad, self.adam_m.value(), self.adam_v.value(), lr=lr, step=step,
-                                       betas=self.betas, eps=self.eps, decay=self.decay)
-        self.adam_m.set_data(m)
-        self.adam_v.set_data(v)
-        scatter(self.parameters, self.sizes, flat)
+        apply_update(self.parameters, self.pieces, grad, self.adam_m, self.adam_v, lr=lr, step=step,
+                     betas=self.betas, eps=self.eps)                          # in place, piece by piece
         return True
 
 

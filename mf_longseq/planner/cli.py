@@ -25,7 +25,7 @@ from mf_longseq.planner import comm
 from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import CP_ALGOS, MINDFORMERS_ALGOS, RunPlan
 from mf_longseq.planner.layout import Settings
-from mf_longseq.planner.memory import memory_per_device
+from mf_longseq.planner.memory import Memory, memory_per_device
 from mf_longseq.planner.recommend import (Choices, Hardware, check, closest, recommend, step_traffic,
                                           ulysses_split)
 from mf_longseq.planner.shapes import model_shape
@@ -194,11 +194,10 @@ def _print_items(out: dict, best: dict) -> None:
     plain = out["without_features"]
     print(f"  {'item':24s}{'no features':>12s}{'chosen':>12s}")
     for name, value in best["memory"].items():
-        note = "  (host memory, not counted)" if name == "host" else ""
+        note = {"host": "  (host memory, not counted)",
+                "step": "  (optimizer step: the total takes it or the backward's items, the larger)"}.get(name, "")
         print(f"  {name:24s}{gib(plain[name])}{gib(value)}{note}")
-    recompute = best["recompute"]
-    total_plain = sum(v for k, v in plain.items() if k not in ("host", "activations" if recompute else
-                                                                "activations_recompute"))
+    total_plain = Memory(**plain).total(best["recompute"])
     print(f"  {'total':24s}{gib(total_plain)}{gib(best['memory_total'])}")
     today = out.get("best_without_features")
     print("  without the features: " + (f"best {today['label']}{' with recompute' if today['recompute'] else ''}, "

@@ -22,8 +22,9 @@ sequence parallelism (``seq_parallel`` and t > 1), else 1:
     attention  s (Nt + 2 Kt) D e + 2 s Nt D e + 4 s Nt     BNSD q, k, v, the output in both layouts, lse
                (+ Ulysses: the head-layout q, k, v and output of the busiest Ulysses rank, s U (2 n_max +
                2 k_max) D e; n_max = ceil(Nt/U), k_max its most kv heads, ``attention/head_split.py``)
-    MLP        s (F/t) (4 e + 4)        gate, its float32 copy, silu, up, their product (0 with ``mlp_tile``:
-                                        the tile's intermediates are recomputed in the backward)
+    MLP        s (F/t) (4 e + 4 [e < 4]) gate, silu, up, their product, and the gate's float32 copy when the
+                                        compute dtype is half (a float32 gate is not copied); 0 with ``mlp_tile``
+                                        (the tile's intermediates are recomputed in the backward)
 
 Each layer's input (the recompute checkpoint) is s h e / r.  Without recompute every layer keeps its
 activations and input; with recompute only the inputs are kept, and one layer's activations live during its
@@ -47,7 +48,8 @@ s U (n_max + 2 (n_max + 2 k_max)) D e; Kh the kv heads a ring carries (under Uly
 receives); with the AllGather-based exchange also the gathered tensor, U times the larger of the busiest rank's
 output (U s n_max) and the packed kv.  The blockwise kernel (backend "cpu") adds
 its float32 tiles, T = min(block_size, S/R): in the backward of one tile the scores, their masked copy, p,
-dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4); and float32 copies of
+dp, dp - delta, ds and the transposed p and ds are alive together, 8 of (b Nt T^2 4) (under Ulysses the kernel
+runs the busiest rank's n_max heads over S/R tokens: 8 of (b n_max T^2 4)); and float32 copies of
 q, k, v when the compute dtype is half.
 Mask: dense b S^2 bytes (uint8) without compression, 2048^2 with (none on the CPU kernel).
 
@@ -56,9 +58,33 @@ Logits on the last stage, per (token, vocabulary entry of this mp rank) ``LOGIT_
 ReduceMax's backward), exp(logits - max) (kept by Exp's backward), its incoming gradient and the outgoing one.
 The compute-dtype logits are dead by then (Cast's backward keeps nothing): the earlier 22 = e + 5 x 4 counted
 them and one float32 array too many.  Measured: the Ascend dry-run allocator (``ms.runtime.max_memory_allocated``)
-16.2 bytes per entry at vocabulary 151936 (issue 19); CPU ranks: ``tests/dist/test_planner_memory.py``.
+16.2 bytes per entry at vocabulary 151936 (issue 19).  CPU ranks (``LOGIT_BYTES["cpu"]`` = 48, float32
+compute; ``tests/dist/test_planner_memory.py``): on one rank the forward + backward of ``qwen_vocab_cp1`` (256
+tokens x 151936) grows 40 bytes per entry beyond its gradients (``benchmarks/memory_phases.py``), but the ring
+CP 2 ranks of the same shape measure 200 - 260 MiB more, the tiled one 1386 - 1415 MiB: with 40 the plan is
+1.15 - 1.19x under them, with 48 within 0.86 - 1.06 (docs/planner_memory.md).
 With ``loss_tile`` T the tile's logits are recomputed in the backward, so the term is min(T, s) V/t x 16, plus
 the per-token float32 logsumexp and target logit the tiles keep (8 s).
+
+Optimizer step (``step``): after the backward the activations and transients are gone, and the update runs
+beside the weights, gradients and optimizer states.  It adds the runner's flat float32 gradient (P x 4 bytes,
+P = the stage's parameters: ``Trainer.sync_gradients`` / ``LongSeqAdamW`` sum them as one buffer, beside the
+per-parameter gradients) and the update's own buffers, ``train/optim.py``'s ``step_transient_bytes``: AdamW
+updates m, v and the weights in place in pieces of at most ``STEP_CHUNK`` elements, with ``STEP_TEMPORARIES``
+float32 piece-sized buffers alive at once (10 x 4 MiB).  The peak of a step is the larger of its two phases::
+
+    total = weights + gradients + optimizer + max(backward phase, step)
+    backward phase = activations (kept) + backward + attention + mask + logits
+    step = P x 4 + step_transient_bytes(P)       (``zero`` 0; 0 with ``zero`` >= 1)
+
+The step term is mf_longseq's flat AdamW (``mf-longseq train``'s runner, ``optimizer.type: LongSeqAdamW``), which
+keeps the whole optimizer on every rank (``zero`` 0, as ``planner/run.py`` plans the runner).  With ``zero`` >= 1
+the update is MindFormers' parallel optimizer, per parameter shard, with no flat gradient; its transient (one
+shard's temporaries) is not modelled.
+
+Measured (CPU ranks, ``benchmarks/memory_phases.py``): before the in-place update the flat AdamW step grew ~8.5
+float32 buffers of P above the backward's peak (1.2 - 1.5x the plan where P is mostly a 151936 vocabulary,
+docs/planner_memory.md); now the step stays under the backward's peak there, as the formula says.
 """
 import math
 from dataclasses import dataclass, fields
@@ -69,6 +95,7 @@ from mf_longseq.parallel.algorithms import ALGORITHMS, resolve
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner.layout import Settings
 from mf_longseq.planner.shapes import ModelShape
+from mf_longseq.train.optim import step_transient_bytes
 
 
 @dataclass(frozen=True)
@@ -85,11 +112,13 @@ class Memory:
     mask: int
     logits: int
     host: int = 0               # layer inputs offloaded to host memory (not device memory, not in the total)
+    step: int = 0               # the optimizer step beyond the states: flat gradient, update pieces (module doc)
 
     def total(self, recompute: bool) -> int:
+        """The step's peak: the states plus the larger of the backward phase and the optimizer step."""
         acts = self.activations_recompute if recompute else self.activations
-        return (self.weights + self.gradients + self.optimizer + acts + self.backward + self.attention + self.mask
-                + self.logits)
+        backward_phase = acts + self.backward + self.attention + self.mask + self.logits
+        return self.weights + self.gradients + self.optimizer + max(backward_phase, self.step)
 
     def rows(self) -> List[Tuple[str, int]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -140,7 +169,7 @@ def layer_activations(shape: ModelShape, plan: RunPlan, settings: Settings) -> i
     if plan.ulysses > 1:
         split = HeadSplit(nt, kt, plan.ulysses)                           # the busiest Ulysses rank's heads
         attention += s * plan.ulysses * (2 * split.busiest + 2 * _most_kv(split)) * d * e
-    mlp = 0 if settings.mlp_tile else s * f * (4 * e + 4)
+    mlp = 0 if settings.mlp_tile else s * f * (4 * e + (4 if e < 4 else 0))
     return norms + qkv + rope + attention + mlp
 
 
@@ -160,9 +189,9 @@ def attention_buffers(shape: ModelShape, plan: RunPlan, settings: Settings) -> i
         out += s * u * (3 * split.busiest + 4 * kh) * d * e                 # dout, [dq | dk | dv] out and in
     if u > 1 and not settings.use_alltoall:
         out += u * s * max(u * split.busiest, kr) * d * e
-    if settings.backend == "cpu":
-        tile = min(settings.block_size, settings.seq_len // plan.ring)
-        out += 8 * settings.micro_batch * nt * tile * tile * 4 + s * (nt + 2 * kh) * d * 4 * (1 if e < 4 else 0)
+    if settings.backend == "cpu":                    # the kernel's heads: under Ulysses the busiest rank's
+        tile, heads = min(settings.block_size, settings.seq_len // plan.ring), split.busiest if split else nt
+        out += 8 * settings.micro_batch * heads * tile * tile * 4 + s * (nt + 2 * kh) * d * 4 * (1 if e < 4 else 0)
     return out
 
 
@@ -207,4 +236,5 @@ def memory_per_device(shape: ModelShape, plan: RunPlan, settings: Settings) -> M
                   backward=backward_working_set(shape, plan, settings),
                   attention=resolve(ALGORITHMS[plan.algo].buffers)(shape, plan, settings), mask=mask,
                   logits=logits_bytes(shape, plan, settings),
-                  host=inputs * layer_input if settings.offload_layer_inputs else 0)
+                  host=inputs * layer_input if settings.offload_layer_inputs else 0,
+                  step=params * 4 + step_transient_bytes(params) if settings.zero == 0 else 0)

@@ -105,40 +105,126 @@ class OptimSettings:
         return float(np.asarray(value.asnumpy()).reshape(-1)[0])
 
 
-def adamw_flat_update(flat, grad, m, v, *, lr: float, step: int, betas, eps: float, decay=None):
-    """One AdamW update (the module docstring's formula) on flat float32 buffers, all (N,).
+STEP_CHUNK = 1 << 20     # elements of one piece of the update: 4 MiB of float32 (``step_transient_bytes``)
+STEP_TEMPORARIES = 10    # float32 piece-sized buffers alive at once in ``update_piece`` (counted below)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous part [start, stop) of the flat order that one ``update_piece`` call updates: whole
+    consecutive parameters ``params`` with one weight decay (``rows`` None), or the row slab ``rows`` = (r0, r1)
+    of the one parameter ``params[0]`` (a parameter larger than the chunk)."""
+
+    start: int
+    stop: int
+    params: tuple
+    rows: Optional[tuple]
+    decay: float             # this piece's weight decay (0.0: none)
+
+
+def plan_pieces(shapes, decays, chunk: Optional[int] = None) -> list:
+    """Split the flat order of parameters with ``shapes`` and per-parameter ``decays`` into ``Piece``s of at most
+    ``chunk`` elements (or one row, when a row is larger): runs of whole parameters with equal decay, and row
+    slabs of the parameters larger than ``chunk`` (default ``STEP_CHUNK``)."""
+    chunk = chunk or STEP_CHUNK
+    pieces, group, start, offset = [], [], 0, 0
+
+    def close():
+        if group:
+            pieces.append(Piece(start, offset, tuple(group), None, decays[group[0]]))
+            group.clear()
+    for i, shape in enumerate(shapes):
+        n = int(np.prod(shape))
+        if n > chunk and len(shape) >= 1 and shape[0] > 1:
+            close()
+            row = n // shape[0]
+            per = max(1, chunk // row)
+            for r0 in range(0, shape[0], per):
+                r1 = min(r0 + per, shape[0])
+                pieces.append(Piece(offset + r0 * row, offset + r1 * row, (i,), (r0, r1), decays[i]))
+            offset += n
+            start = offset
+            continue
+        if group and (decays[i] != decays[group[0]] or offset + n - start > chunk):
+            close()
+        if not group:
+            start = offset
+        group.append(i)
+        offset += n
+    close()
+    return pieces
+
+
+def adamw_flat_update(flat, grad, m, v, *, lr: float, step: int, betas, eps: float, decay: float = 0.0):
+    """One AdamW update (the module docstring's formula) on float32 vectors, all (n,).
 
     Args:
-        flat, grad, m, v: parameters, gradient, first and second moments, concatenated in one order.
+        flat, grad, m, v: parameters, gradient, first and second moments of the same n elements.
         lr: learning rate of this update; step: its 1-based number (bias correction); betas: (b1, b2); eps.
-        decay: (N,) per-element weight decay (0 where none), or None.
+        decay: the elements' weight decay (0: none).  The factor 1 - decay * lr is rounded in float32 as the
+            element-wise float32 ops round it.
 
     Returns:
-        (new parameters, new m, new v), each (N,) float32.
+        (new parameters, new m, new v), each (n,) float32.
     """
     b1, b2 = betas
     grad = grad.astype(ms.float32)
     m = m * b1 + grad * (1.0 - b1)
     v = v * b2 + ops.square(grad) * (1.0 - b2)
-    if decay is not None:
-        flat = flat * (1.0 - decay * lr)
+    if decay:
+        flat = flat * float(np.float32(1.0) - np.float32(decay) * np.float32(lr))
     flat = flat - (m / (1.0 - b1 ** step)) / (ops.sqrt(v / (1.0 - b2 ** step)) + eps) * lr
     return flat, m, v
 
 
-def scatter(params, sizes, flat) -> None:
-    """Write the flat (sum of sizes,) buffer back into ``params`` (each in its own shape and dtype)."""
+def update_piece(params, piece: Piece, grad, m, v, **hyper) -> None:
+    """Apply ``adamw_flat_update`` to one piece, in place: the flat moments ``m``, ``v`` (Tensors or Parameters,
+    (N,) float32) by slice assignment, the parameters by slice assignment (row slab) or ``set_data`` (whole).
+
+    Alive at once, each at most the piece's size in float32: the piece's weights, gradient, m and v, the new m
+    and v, and at most four temporaries of the formula (``STEP_TEMPORARIES`` = 10; a half-precision
+    parameter's float32 copy replaces the weights' slice)."""
+    a, b = piece.start, piece.stop
+    if piece.rows is not None:
+        p, (r0, r1) = params[piece.params[0]], piece.rows
+        flat = p[r0:r1].astype(ms.float32).reshape(-1)
+    else:
+        flat = ops.cat([params[i].astype(ms.float32).reshape(-1) for i in piece.params]) \
+            if len(piece.params) > 1 else params[piece.params[0]].astype(ms.float32).reshape(-1)
+    flat, new_m, new_v = adamw_flat_update(flat, grad[a:b], m[a:b], v[a:b], decay=piece.decay, **hyper)
+    m[a:b] = new_m
+    v[a:b] = new_v
+    if piece.rows is not None:
+        p[r0:r1] = flat.reshape((r1 - r0,) + tuple(p.shape[1:])).astype(p.dtype)
+        return
     start = 0
-    for p, n in zip(params, sizes):
+    for i in piece.params:
+        p = params[i]
+        n = int(np.prod(p.shape))
         p.set_data(flat[start:start + n].reshape(p.shape).astype(p.dtype))
         start += n
+
+
+def step_transient_bytes(params: int, chunk: int = STEP_CHUNK) -> int:
+    """Bytes the update allocates beyond weights, gradients and moments: ``STEP_TEMPORARIES`` float32 buffers
+    of one piece (at most ``chunk`` elements; ``planner/memory.py`` uses this)."""
+    return STEP_TEMPORARIES * min(chunk, params) * 4
+
+
+def apply_update(params, pieces, grad, m, v, **hyper) -> None:
+    """One AdamW update of ``params`` with the flat (N,) float32 gradient ``grad``, piece by piece, in place."""
+    for piece in pieces:
+        update_piece(params, piece, grad, m, v, **hyper)
 
 
 class AdamW:
     """Deterministic AdamW over a list of ``Parameter``s (see the module docstring for the formula).
 
-    The moments live in two flat float32 buffers (all parameters concatenated in order), so one update is a
-    handful of element-wise ops whatever the number of parameters (PyNative dispatches op by op).
+    The moments live in two flat float32 buffers (all parameters concatenated in order); one update walks them
+    in pieces of at most ``STEP_CHUNK`` elements (``plan_pieces``: runs of whole parameters with one weight
+    decay, row slabs of larger ones) and writes moments and weights in place, so the step allocates a few
+    piece-sized buffers whatever the parameter count (``step_transient_bytes``), and PyNative dispatches a
+    handful of element-wise ops per piece.  The weight decay is one number per piece, not a per-element mask.
 
     Args:
         params: the trainable parameters, in a fixed order.
@@ -152,8 +238,8 @@ class AdamW:
         total = sum(self.sizes)
         self.m = ops.zeros((total,), ms.float32)                                   # (sum of sizes,)
         self.v = ops.zeros((total,), ms.float32)
-        decays = [np.full(n, 1.0 if p.ndim >= 2 else 0.0, np.float32) for p, n in zip(self.params, self.sizes)]
-        self.decay_mask = Tensor(np.concatenate(decays) if decays else np.zeros(0, np.float32))
+        decays = [settings.weight_decay if p.ndim >= 2 else 0.0 for p in self.params]
+        self.pieces = plan_pieces([tuple(p.shape) for p in self.params], decays)
         self.step_count = 0          # updates applied so far
 
     @staticmethod
@@ -170,10 +256,8 @@ class AdamW:
         s = self.settings
         lr = s.lr_at(self.step_count)
         self.step_count += 1
-        decay = self.decay_mask * s.weight_decay if s.weight_decay else None
-        flat, self.m, self.v = adamw_flat_update(self.flatten(self.params), grad, self.m, self.v, lr=lr,
-                                                 step=self.step_count, betas=s.betas, eps=s.eps, decay=decay)
-        scatter(self.params, self.sizes, flat)
+        apply_update(self.params, self.pieces, grad, self.m, self.v, lr=lr, step=self.step_count, betas=s.betas,
+                     eps=s.eps)
         return lr
 
     def state_parameters(self):

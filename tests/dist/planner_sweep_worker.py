@@ -44,28 +44,18 @@ class Case:
         return self.dp * self.cp * self.mp
 
 
-# Measured with the default loss tile on (441 tokens: one tile here, as each rank has 256 tokens): measured /
-# planned 1.20 (cp1) and 1.26 / 1.27 (ring cp2).  Where (one rank, VmRSS / VmHWM per phase, cp1; the table and the
-# probe are in docs/planner_memory.md): building the model and the runner's AdamW leaves 310 MiB (weights, m, v
-# and AdamW's float32 decay mask, each 75 MiB); forward + backward add 1557 MiB (grads 75 + 40 bytes per logit
-# entry, under the planner's 48: the logits term over-predicts); then the flat AdamW step adds 635 MiB (8.5
-# float32 buffers of the 19.5 M parameters) above the backward's peak: MindSpore's CPU pool serves a second
-# forward + backward entirely from what the first one freed, but only 1.5 of those parameter-sized buffers.  In the
-# LLaMA cases the same step grows 4 buffers and stays under the backward's peak, so a term for it added to the
-# sum over-predicts them (0.87 -> 0.76 for llama_cp1): not modelled, kept as a strict xfail.
-_POOL_GAP = ("CPU memory pool: the flat AdamW step's parameter-sized float32 buffers are not served from the "
-             "backward's freed memory (measured / planned 1.20 cp1, 1.26 ring cp2, 1.53 ring cp2 in 128-token "
-             "loss tiles at a 151936 vocabulary, hidden 64; docs/planner_memory.md)")
+# The Qwen-vocabulary cases' parameters (19.5 M) are almost all the two 151936 x 64 vocabulary matrices.  Until
+# AdamW updated in place piece by piece (train/optim.py) they measured 1.20 (cp1), 1.26 / 1.27 (ring cp2) and
+# 1.53 (ring cp2, 128-token loss tiles) of the plan: the flat update grew ~8.5 float32 buffers of the parameter
+# count above the backward's peak, and its decay mask was one more (docs/planner_memory.md).
 CASES = [
     Case("llama_cp1", seq=2048),                                  # measured / planned on this branch: 0.87
     Case("llama_ring_cp2", cp=2, seq=4096),
     Case("llama_ulysses_cp2", algo="ulysses_cp", cp=2, seq=4096),
     Case("llama_hybrid_cp4", algo="hybrid_cp", cp=4, ulysses_in_cp=2, seq=8192),
     Case("llama_ring_cp2_recompute", cp=2, seq=4096, recompute=True),
-    Case("qwen_vocab_cp1", seq=256, vocab=QWEN_VOCAB, hidden=64, heads=4, kv_heads=4, ffn=176,
-         known_gap=_POOL_GAP),
-    Case("qwen_vocab_ring_cp2", cp=2, seq=512, vocab=QWEN_VOCAB, hidden=64, heads=4, kv_heads=4, ffn=176,
-         known_gap=_POOL_GAP),
+    Case("qwen_vocab_cp1", seq=256, vocab=QWEN_VOCAB, hidden=64, heads=4, kv_heads=4, ffn=176),
+    Case("qwen_vocab_ring_cp2", cp=2, seq=512, vocab=QWEN_VOCAB, hidden=64, heads=4, kv_heads=4, ffn=176),
     # tiles on / off (issue 19 items 1, 2): the loss untiled and in 4 tiles; a wide FFN with and without mlp_tile
     Case("llama_ring_cp2_loss_untiled", cp=2, seq=4096, features={"long_seq.loss_tile": 0}),
     Case("llama_ring_cp2_loss_tile", cp=2, seq=4096, features={"long_seq.loss_tile": 512}),
@@ -76,11 +66,10 @@ CASES = [
     Case("llama_mp2_ring_cp2_sp", cp=2, mp=2, seq=4096, features={"parallel_config.use_seq_parallel": True}),
     Case("llama_mp2_ulysses_cp2_sp", algo="ulysses_cp", cp=2, mp=2, seq=4096,
          features={"parallel_config.use_seq_parallel": True}),
-    # a Qwen-size vocabulary with the loss tiled: 8 tiles of 128 tokens per rank.  Measured 2049 / 2039 MiB against
-    # 1342 planned: the plan plus the AdamW step's 8.5 parameter-sized buffers and the decay mask (9.5 x 75 MiB)
-    # is 2051 (the same gap as above; a 128-token float32 logits tile is 74.2 MiB, a parameter vector 74.6)
+    # a Qwen-size vocabulary with the loss tiled: 8 tiles of 128 tokens per rank (a 128-token float32 logits tile
+    # is 74.2 MiB, a parameter vector 74.6: the step's buffers would not fit in the tiles the backward freed)
     Case("qwen_vocab_ring_cp2_loss_tile", cp=2, seq=2048, vocab=QWEN_VOCAB, hidden=64, heads=4, kv_heads=4,
-         ffn=176, features={"long_seq.loss_tile": 128}, known_gap=_POOL_GAP),
+         ffn=176, features={"long_seq.loss_tile": 128}),
 ]
 
 

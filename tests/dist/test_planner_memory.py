@@ -12,9 +12,9 @@ One msrun launch per case: MindSpore's CPU memory pool keeps what a case freed (
 measure too little.  The cases are the layouts CP 1 / 2 / 4, ring / Ulysses / hybrid, with recompute; the loss
 untiled and tiled, a wide FFN with and without ``mlp_tile``; mp2 x cp2 with sequence parallelism off and on
 (ring, Ulysses); and a Qwen-size vocabulary (151936) with a small hidden size, where the logits dominate, untiled
-and in 128-token tiles.  A case with a ``known_gap`` is expected to fail (strict xfail, the reason names the gap):
-the Qwen-vocabulary cases whose parameters are mostly the vocabulary matrices are 20 - 53 % over
-(``planner_sweep_worker.py`` and docs/planner_memory.md say why).
+and in 128-token tiles (whose parameters are mostly the vocabulary matrices, so the optimizer step's memory
+shows: ``train/optim.py`` updates in place, piece by piece).  A case with a ``known_gap`` is expected to fail
+(strict xfail, the reason names the gap); none has one now.
 """
 import json
 from pathlib import Path
