@@ -48,7 +48,7 @@ def fewest(model: str, seq: int, features: bool, zero: int = 1):
 def describe(fits: bool, cand) -> str:
     if cand is None:
         return "no valid layout"
-    flags = f"{cand.layout.label()}{', recompute' if cand.recompute else ''}"
+    flags = f"{cand.plan.label()}{', recompute' if cand.recompute else ''}"
     if cand.settings.features() != "none":
         flags += f", {cand.settings.features()}"
     return f"{cand.memory_total / GIB:.1f} GiB: {flags}" if fits else f"none fits (least {cand.memory_total / GIB:.1f} GiB)"

@@ -8,7 +8,7 @@ The command is ``mf-longseq plan`` (``planner/cli.py``).
 """
 from mf_longseq.planner.comm import AttentionCall, attention_bytes
 from mf_longseq.parallel.plan import RunPlan
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 from mf_longseq.planner.memory import Memory, memory_per_device
 from mf_longseq.planner.recommend import Candidate, Hardware, recommend
 from mf_longseq.planner.shapes import ModelShape, available_models, model_shape

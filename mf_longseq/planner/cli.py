@@ -24,7 +24,7 @@ from typing import Optional
 from mf_longseq.planner import comm
 from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import CP_ALGOS, MINDFORMERS_ALGOS, RunPlan
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 from mf_longseq.planner.memory import Memory, memory_per_device
 from mf_longseq.planner.recommend import (Choices, Hardware, check, closest, recommend, step_traffic,
                                           ulysses_split)
@@ -132,20 +132,20 @@ def report(args) -> dict:
     if shown is not None:
         out["best" if ranked else "closest"] = _candidate_dict(shown, shape)
         plain = replace(shown.settings, loss_tile=0, mlp_tile=0, seq_parallel=False, offload_layer_inputs=False)
-        out["without_features"] = dict(memory_per_device(shape, shown.layout, plain).rows())
+        out["without_features"] = dict(memory_per_device(shape, shown.plan, plain).rows())
         today = recommend(shape, args.devices, settings, hw, algos, max_mp=args.max_mp, choices=Choices.off())
         out["best_without_features"] = _candidate_dict(today[0], shape) if today else None
         out["algorithms_at_best"] = [dict(zip(("label", "cp_bytes_per_layer_forward", "cp_bytes_per_step",
                                                "attention_buffers", "invalid", "ulysses_heads",
                                                "replicated_kv_bytes_per_layer_forward"), row))
-                                     for row in _algo_rows(shape, shown.layout, shown.settings)]
+                                     for row in _algo_rows(shape, shown.plan, shown.settings)]
     return out
 
 
 def _candidate_dict(cand, shape) -> dict:
-    split = ulysses_split(shape, cand.layout)
+    split = ulysses_split(shape, cand.plan)
     return {"ulysses_heads": split.describe() if split else None, "head_imbalance": split.imbalance if split else 1.0,
-            "layout": asdict(cand.layout), "label": cand.layout.label(), "settings": asdict(cand.settings),
+            "plan": asdict(cand.plan), "label": cand.plan.label(), "settings": asdict(cand.settings),
             "features": cand.settings.features(), "recompute": cand.recompute, "memory_total": cand.memory_total, "memory": dict(cand.memory.rows()),
             "comm_bytes_per_step": cand.comm_bytes, "step_seconds_estimate": cand.step_seconds}
 
@@ -169,8 +169,8 @@ def _print(out: dict, args) -> None:
               f"{gib(out['usable_memory']).strip()} usable. Fix: more devices, more --device-memory, or a higher "
               "--zero (3 splits the weights too).")
     _print_items(out, best)
-    print(f"\nCP exchanges per device at dp{best['layout']['dp']} mp{best['layout']['mp']} cp{best['layout']['cp']} "
-          f"pp{best['layout']['pp']} (bytes this device sends):")
+    print(f"\nCP exchanges per device at dp{best['plan']['dp']} mp{best['plan']['mp']} cp{best['plan']['cp']} "
+          f"pp{best['plan']['pp']} (bytes this device sends):")
     print(f"  {'algorithm':34s}{'per layer fwd':>16s}{'per step':>16s}{'attn buffers':>14s}")
     for row in out.get("algorithms_at_best", []):
         note = "  (invalid: " + row["invalid"].split(":")[0] + ")" if row["invalid"] else ""
@@ -217,7 +217,7 @@ def _run(args, stdout) -> int:
             raise ValueError(f"--emit-yaml {args.emit_yaml}: no layout fits, nothing to write. Fix: more devices or "
                              "more --device-memory")
         best = out["best"]
-        emit_yaml(args.emit_yaml, args.model, RunPlan(**best["layout"]), Settings(**best["settings"]))
+        emit_yaml(args.emit_yaml, args.model, RunPlan(**best["plan"]), Settings(**best["settings"]))
         out["emitted_yaml"] = args.emit_yaml
     if args.json:
         print(json.dumps(out, indent=2, default=str), file=stdout)

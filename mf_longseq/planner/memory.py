@@ -93,7 +93,7 @@ from typing import List, Tuple
 from mf_longseq.attention.head_split import HeadSplit
 from mf_longseq.parallel.algorithms import ALGORITHMS, resolve
 from mf_longseq.parallel.plan import RunPlan
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 from mf_longseq.planner.shapes import ModelShape
 from mf_longseq.train.optim import step_transient_bytes
 

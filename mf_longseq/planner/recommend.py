@@ -30,7 +30,7 @@ from mf_longseq.config import LOSS_TILE_BUDGET_BYTES, LongSeqConfig, default_los
 from mf_longseq.planner import comm
 from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import MINDFORMERS_ALGOS, RunPlan
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 from mf_longseq.planner.memory import Memory, local_heads, memory_per_device, stage_params
 from mf_longseq.planner.shapes import ModelShape
 
@@ -55,9 +55,9 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A layout that fits, with its memory, traffic and estimated step time."""
+    """A plan (``RunPlan``: degrees, algorithm, cut) that fits, with its memory, traffic and estimated step time."""
 
-    layout: RunPlan
+    plan: RunPlan
     settings: Settings
     memory: Memory
     recompute: bool

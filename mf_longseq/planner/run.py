@@ -15,7 +15,7 @@ runner and its runner wrapper keep the whole optimizer, gradients and weights on
 from typing import Tuple
 
 from mf_longseq.config import resolve_loss_tile
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 from mf_longseq.planner.memory import Memory, memory_per_device
 
 

@@ -9,7 +9,7 @@ from mf_longseq.config import ConfigError, LongSeqConfig
 from mf_longseq.families import FAMILIES
 from mf_longseq.parallel.algorithms import ALGORITHMS
 from mf_longseq.parallel.plan import RunPlan
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 
 
 def template(model: str, plan: RunPlan, settings: Settings) -> dict:

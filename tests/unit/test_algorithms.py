@@ -58,7 +58,7 @@ def test_dispatch_is_the_rows_run(extra_row):
 
 def test_mesh_shape_and_planner_read_the_row(extra_row):
     from mf_longseq.planner import comm
-    from mf_longseq.planner.layout import Settings
+    from mf_longseq.planner.run_settings import Settings
     from mf_longseq.planner.memory import memory_per_device
     from mf_longseq.planner.shapes import model_shape
     assert ulysses_degree_of("twice_cp", 4, 2) == 1
@@ -144,7 +144,7 @@ def test_plan_compares_kvallgather():
     """``mf-longseq plan``'s comparison of the algorithms at the best layout has a kvallgather_cp row, with the
     bytes of its row's formulas (LLaMA2-70B, 8 kv heads: one per mp rank at mp = 8)."""
     from mf_longseq.planner import cli
-    from mf_longseq.planner.layout import Settings
+    from mf_longseq.planner.run_settings import Settings
     from mf_longseq.planner.shapes import model_shape
     shape, settings = model_shape("llama2-70b"), Settings(seq_len=131072)
     rows = {row[0]: row for row in cli._algo_rows(shape, RunPlan(dp=1, mp=8, cp=8), settings)}
@@ -158,7 +158,7 @@ def test_plan_ranks_mindformers_algorithms_unless_one_is_named():
     """The planner's search (and the YAML it writes) keeps to MindFormers' three algorithms by default; a plugin
     algorithm is searched when ``--algo`` names it, and its YAML names it by long_seq.cp_algo."""
     import inspect
-    from mf_longseq.planner.layout import Settings
+    from mf_longseq.planner.run_settings import Settings
     from mf_longseq.planner.recommend import closest, layouts, recommend
     from mf_longseq.planner.shapes import model_shape
     from mf_longseq.planner.template import template

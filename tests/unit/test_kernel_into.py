@@ -19,13 +19,13 @@ def _inputs(s, n, kv, d, seed):
                                                                          (1, s, n, d))]
 
 
-def _split_run(layout, dense, q, k, v, dout, q_pos, k_pos, halves):
+def _split_run(input_layout, dense, q, k, v, dout, q_pos, k_pos, halves):
     """Forward and backward of the queries against the key ``halves`` one at a time, accumulated in place."""
-    kernel = FusedCpuKernel(32).with_input_layout(layout)
+    kernel = FusedCpuKernel(32).with_input_layout(input_layout)
     scale = default_scale(q.shape[-1])
-    lay = (lambda x: Tensor(np.ascontiguousarray(x))) if layout == "BSND" else \
+    lay = (lambda x: Tensor(np.ascontiguousarray(x))) if input_layout == "BSND" else \
         (lambda x: Tensor(np.ascontiguousarray(x.transpose(0, 2, 1, 3))))
-    back = (lambda t: t.asnumpy()) if layout == "BSND" else (lambda t: t.asnumpy().transpose(0, 2, 1, 3))
+    back = (lambda t: t.asnumpy()) if input_layout == "BSND" else (lambda t: t.asnumpy().transpose(0, 2, 1, 3))
     grid = np.triu(np.ones((len(k_pos),) * 2, np.uint8), 1)                 # 1 = masked: the causal grid
     masks = [DenseMask(q_pos, k_pos[sl], True, grid=grid) if dense else AttentionMask(q_pos, k_pos[sl], True)
              for sl in halves]
@@ -46,17 +46,17 @@ def _split_run(layout, dense, q, k, v, dout, q_pos, k_pos, halves):
     return back(out), lse.asnumpy(), back(dq) / 2, np.concatenate(dk, 1), np.concatenate(dv, 1)
 
 
-@pytest.mark.parametrize("layout", ["BSND", "BNSD"])
+@pytest.mark.parametrize("input_layout", ["BSND", "BNSD"])
 @pytest.mark.parametrize("dense", [False, True])
-def test_accumulated_blocks_match_oracle(layout, dense):
+def test_accumulated_blocks_match_oracle(input_layout, dense):
     """Three key blocks; the queries of the first rows see nothing of the later blocks (-inf lse merged)."""
     s, n, kv, d = 96, 4, 2, 16
     q, k, v, dout = _inputs(s, n, kv, d, seed=13)
     pos = np.arange(s)
     halves = [slice(0, 40), slice(40, 70), slice(70, 96)]
-    out, lse, dq, dk, dv = _split_run(layout, dense, q, k, v, dout, pos, pos, halves)
+    out, lse, dq, dk, dv = _split_run(input_layout, dense, q, k, v, dout, pos, pos, halves)
     ref_out, ref_lse, (rdq, rdk, rdv) = reference_attention(q, k, v, causal_allowed(pos, pos), default_scale(d), dout)
-    lse_bsn = lse if layout == "BSND" else lse.transpose(0, 2, 1)
+    lse_bsn = lse if input_layout == "BSND" else lse.transpose(0, 2, 1)
     for name, got, ref in (("out", out, ref_out), ("lse", lse_bsn.transpose(0, 2, 1), ref_lse), ("dq", dq, rdq),
                            ("dk", dk, rdk), ("dv", dv, rdv)):
         assert np.abs(got - ref).max() <= TOL, name

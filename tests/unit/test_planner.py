@@ -15,7 +15,7 @@ from mf_longseq.models import CONFIG_CLASSES, count_parameters
 from mf_longseq.planner import cli as plan_cli
 from mf_longseq.planner.comm import AttentionCall, attention_bytes
 from mf_longseq.parallel.plan import RunPlan
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 from mf_longseq.planner.memory import layer_activations, memory_per_device, stage_params
 from mf_longseq.planner.recommend import Hardware, layouts, recommend
 from mf_longseq.planner.shapes import available_models, model_shape
@@ -119,7 +119,7 @@ def test_every_recommendation_is_valid_and_fits():
     ranked = recommend(shape, 16, settings, hw)
     assert ranked, "a 7B model at 32k on 16 x 64 GiB must fit somewhere"
     for cand in ranked:
-        lay = cand.layout
+        lay = cand.plan
         assert lay.world_size == 16 and cand.memory_total <= hw.usable
         checked_settings(seq_length=32768, num_heads=shape.heads, num_kv_heads=shape.kv_heads,
                          num_layers=shape.layers, data_parallel=lay.dp, model_parallel=lay.mp, context_parallel=lay.cp,
@@ -133,11 +133,11 @@ def test_layouts_the_config_rejects_are_never_recommended():
     shape = model_shape("llama2-70b")                                       # 64 heads, 8 kv heads
     settings = Settings(seq_len=131072, zero=3)
     ranked = recommend(shape, 64, settings, Hardware())
-    valid = {c.layout for c in ranked}
+    valid = {c.plan for c in ranked}
     for lay in layouts(64, shape, ("ulysses_cp",)):
         if lay.mp == 8 and lay.cp == 8:
             assert lay in valid                                               # 8 heads per mp rank, U = 8: ok
-    assert not any(c.layout.algo == "ulysses_cp" and (64 // c.layout.mp) % c.layout.ulysses for c in ranked)
+    assert not any(c.plan.algo == "ulysses_cp" and (64 // c.plan.mp) % c.plan.ulysses for c in ranked)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -165,7 +165,7 @@ def test_emit_yaml_writes_a_valid_template_of_the_best_layout(tmp_path, capsys):
                       "--emit-yaml", str(path)], capsys)
     report = json.loads(out)
     assert code == 0 and report["emitted_yaml"] == str(path)
-    best = report["best"]["layout"]
+    best = report["best"]["plan"]
     tree = yaml.safe_load(path.read_text())
     pc = tree["parallel_config"]
     assert (pc["data_parallel"], pc["model_parallel"], pc["context_parallel"], pc["pipeline_stage"],

@@ -10,7 +10,7 @@ import yaml
 from mf_longseq.config import LongSeqConfig
 from mf_longseq.parallel.plan import RunPlan
 from mf_longseq.planner import cli as plan_cli
-from mf_longseq.planner.layout import Settings
+from mf_longseq.planner.run_settings import Settings
 from mf_longseq.planner.memory import LOGIT_BYTES, memory_per_device
 from mf_longseq.planner.recommend import Choices, Hardware, default_tile, recommend
 from mf_longseq.planner.run import planned_memory

@@ -213,7 +213,7 @@ def test_planner_accepts_uneven_layouts_and_charges_the_busiest_rank(monkeypatch
     """40 heads at Ulysses 16 is a valid plan; its attention FLOPs are the busiest rank's, 1.2x the mean."""
     rec = importlib.import_module("mf_longseq.planner.recommend")
     from mf_longseq.parallel.plan import RunPlan
-    from mf_longseq.planner.layout import Settings
+    from mf_longseq.planner.run_settings import Settings
     from mf_longseq.planner.shapes import model_shape
     shape, settings, hw = model_shape("qwen-14b"), Settings(seq_len=262144), rec.Hardware()   # 40 heads, 40 kv
     layout = RunPlan(cp=16, algo="ulysses_cp", ulysses=16)
