@@ -37,7 +37,12 @@ layer's backward; not part of the total).
 Backward working set: while a layer's backward runs, the gradients of its largest block exist next to the
 activations not yet released: the MLP's d(product), d(silu), d(up) (3 s F/t e; with ``mlp_tile`` T those of
 one tile plus its recomputed intermediates, T F/t (3 e + 4 e + 4)) and the hidden-state gradient in and out
-(2 s h e / r; + SP: s h e, the full gradient of a gathered input before its reduce-scatter).
+(2 s h e / r; + SP: s h e, the full gradient of a gathered input before its reduce-scatter).  The logits
+(below) die when the loss's backward ends, before the first layer's backward allocates these: the two are a max,
+not a sum, as the memory pool serves the MLP's gradients from the freed logits.  Measured (``python
+benchmarks/memory_phases.py llama_ring_cp2_wide_ffn --layers``, ring CP 2, S 4096, FFN 2816: 3 s F e = 66 MiB
+of MLP gradients, 384 MiB of logits): the last layer's MLP backward raises the peak 1.2 MiB above the loss's,
+its attention backward 62 MiB (that term stays summed).
 
 Attention buffers (transient, the backward of one layer; ``attention/ring.py``, ``ulysses.py``): the kernel's
 float32 block gradients (s Nt D 4 + 2 s Kh D 4; none for the ring on backend "cpu", whose fused kernel adds into
@@ -74,7 +79,7 @@ updates m, v and the weights in place in pieces of at most ``STEP_CHUNK`` elemen
 float32 piece-sized buffers alive at once (10 x 4 MiB).  The peak of a step is the larger of its two phases::
 
     total = weights + gradients + optimizer + max(backward phase, step)
-    backward phase = activations (kept) + backward + attention + mask + logits
+    backward phase = activations (kept) + max(backward, logits) + attention + mask
     step = P x 4 + step_transient_bytes(P)       (``zero`` 0; 0 with ``zero`` >= 1)
 
 The step term is mf_longseq's flat AdamW (``mf-longseq train``'s runner, ``optimizer.type: LongSeqAdamW``), which
@@ -117,7 +122,7 @@ class Memory:
     def total(self, recompute: bool) -> int:
         """The step's peak: the states plus the larger of the backward phase and the optimizer step."""
         acts = self.activations_recompute if recompute else self.activations
-        backward_phase = acts + self.backward + self.attention + self.mask + self.logits
+        backward_phase = acts + max(self.backward, self.logits) + self.attention + self.mask   # module doc
         return self.weights + self.gradients + self.optimizer + max(backward_phase, self.step)
 
     def rows(self) -> List[Tuple[str, int]]:
