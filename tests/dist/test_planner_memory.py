@@ -14,7 +14,7 @@ untiled and tiled, a wide FFN with and without ``mlp_tile``; mp2 x cp2 with sequ
 (ring, Ulysses); and a Qwen-size vocabulary (151936) with a small hidden size, where the logits dominate, untiled
 and in 128-token tiles (whose parameters are mostly the vocabulary matrices, so the optimizer step's memory
 shows: ``train/optim.py`` updates in place, piece by piece).  A case with a ``known_gap`` is expected to fail
-(strict xfail, the reason names the gap): ``llama_ring_cp2_wide_ffn`` (0.83 / 0.84).
+(strict xfail, the reason names the gap); none has one now.
 """
 import json
 from pathlib import Path
