@@ -92,7 +92,7 @@ def run_case(args, mesh):
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
         if i + 1 < args.warmup + args.steps:
-            del grads                                          # nothing of a step outlives it
+            del grads, g                                       # nothing of a step outlives it (the loop's g too)
     peak = peak_rss_mib() - baseline
     out = cell(q, k, v)
     rows = os.path.join(args.rows_dir, f"{args.algo}_{args.seq}_{args.kv}_rank{mesh.rank}.npz")

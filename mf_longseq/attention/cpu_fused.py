@@ -121,6 +121,8 @@ class FusedCpuKernel(AttentionKernel):
                                  [f32("q"), f32("k"), f32("v"), f32("dout"), f32("lse"), f32("delta"),
                                   f32("dq"), f32("dk"), f32("dv")] + pos, done,
                                  lambda *_: (1,), lambda *_: ms.float32)
+        self._delta = _custom(lib, "FusedAttentionDelta", [f32("dout"), f32("out"), f32("dlse")], [f32("delta")],
+                              lambda dout, out, dlse: dlse, lambda *_: ms.float32)
 
     def _mask_args(self, mask: AttentionMask, scale: float, rows_per_head: int):
         """(q_pos, k_pos, q_doc, k_doc, cfg) tensors; cfg = [scale, causal, docs, threads, block_q, block_k,
@@ -149,6 +151,14 @@ class FusedCpuKernel(AttentionKernel):
             return self._reference_backward(q, k, v, dout, lse, delta, mask, scale)
         args = self._mask_args(mask, scale, self._rows_per_head(q, k))
         return self._bwd(_f32(q), _f32(k), _f32(v), _f32(dout), _f32(lse), _f32(delta), *args)
+
+    def delta(self, dout, out, dlse):
+        """rowsum(dout * out) - dlse (float32, lse's shape) in one C++ pass: no (.., D) product is allocated
+        (strided views, e.g. the ``DenseMask`` path's swapped outputs, take the generic form)."""
+        xs = (_f32(dout), _f32(out), _f32(dlse))
+        if not all(x.is_contiguous() for x in xs):
+            return super().delta(dout, out, dlse)
+        return self._delta(*xs)
 
     def forward_into(self, q, k, v, mask: AttentionMask, scale: float, out, lse) -> None:
         """Merge this block's attention into the running ``out`` (q's shape) and ``lse`` (q's shape without D), both

@@ -82,6 +82,10 @@ class AttentionKernel:
     def backward(self, q, k, v, dout, lse, delta, mask: AttentionMask, scale: float):
         raise NotImplementedError
 
+    def delta(self, dout, out, dlse):
+        """The backward's delta = rowsum(dout * out) - dlse, float32, lse's shape (either layout)."""
+        return (_f32(dout) * _f32(out)).sum(-1) - dlse
+
 
 def _rows(x_BKGSD, qs: int, qe: int):
     """(B, K, G, S, D) -> the tile's rows (B, K, G*(qe-qs), D)."""
@@ -259,6 +263,6 @@ class LocalAttention(nn.Cell):
 
     def bprop(self, q, k, v, out, dout):
         d_out, d_lse = dout
-        delta = (_f32(d_out) * _f32(out[0])).sum(-1) - d_lse
+        delta = self.kernel.delta(d_out, out[0], d_lse)
         dq, dk, dv = self.kernel.backward(q, k, v, d_out, out[1], delta, self.mask, self.scale)
         return _cast(dq, q.dtype), _cast(dk, k.dtype), _cast(dv, v.dtype)

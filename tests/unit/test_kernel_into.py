@@ -72,3 +72,20 @@ def test_running_buffers_must_be_contiguous_float32():
     dq, dk = ops.zeros(q.shape, ms.float32), ops.zeros((1, 1, 8, 16), ms.float32).swapaxes(2, 3)
     with pytest.raises(ValueError, match="dk: .*strided view"):
         kernel.backward_into(q, k, v, q, lse, lse, AttentionMask(pos, pos, True), 0.3, dq, dk, ops.zeros_like(k))
+
+
+@pytest.mark.parametrize("input_layout", ["BSND", "BNSD"])
+def test_delta_in_one_pass_matches_rowsum(input_layout):
+    """``FusedCpuKernel.delta`` (the C++ pass the backward's delta comes from, no (.., D) product) equals
+    rowsum(dout * out) - dlse in float64, in either layout, and a strided view takes the generic form."""
+    rng = np.random.default_rng(5)
+    shape = (2, 40, 4, 16) if input_layout == "BSND" else (2, 4, 40, 16)
+    dout, out = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    dlse = rng.standard_normal(shape[:-1]).astype(np.float32)
+    kernel = FusedCpuKernel(32).with_input_layout(input_layout)
+    want = (dout.astype(np.float64) * out).sum(-1) - dlse
+    got = kernel.delta(Tensor(dout), Tensor(out), Tensor(dlse)).asnumpy()
+    assert got.shape == dlse.shape and np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    view = Tensor(np.ascontiguousarray(out.transpose(0, 2, 1, 3))).swapaxes(1, 2)       # same values, strided
+    got_view = kernel.delta(Tensor(dout), view, Tensor(dlse)).asnumpy()
+    assert np.allclose(got_view, want, rtol=1e-5, atol=1e-5)

@@ -488,3 +488,24 @@ extern "C" int FusedAttentionBackwardInto(int nparam, void **params, int *ndims,
   static_cast<float *>(params[14])[0] = 0.0f;
   return 0;
 }
+
+// delta = rowsum(dout * out) - dlse, the backward's row offset, written straight into its (rows) output: no
+// (rows, D) product exists.  Rows are the leading dimensions of dout/out (either layout; lse's order matches).
+// params: dout, out (rows, D), dlse (rows) | delta (rows).  Sums in double.
+extern "C" int FusedAttentionDelta(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const float *dout = static_cast<const float *>(params[0]), *out = static_cast<const float *>(params[1]);
+  const float *dlse = static_cast<const float *>(params[2]);
+  float *delta = static_cast<float *>(params[3]);
+  const int64_t d = shapes[0][ndims[0] - 1];
+  int64_t rows = 1;
+  for (int i = 0; i < ndims[2]; ++i) rows *= shapes[2][i];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *a = dout + r * d, *b = out + r * d;
+    double sum = 0.0;
+    for (int64_t e = 0; e < d; ++e) sum += static_cast<double>(a[e]) * b[e];
+    delta[r] = static_cast<float>(sum - dlse[r]);
+  }
+  return 0;
+}
