@@ -7,6 +7,7 @@ import sys
 import mindspore as ms
 
 from asim_harness import ROOT
+from mf_longseq.attention.kernel import AttentionKernel
 from mf_longseq.tools import ascend_selfcheck as selfcheck
 
 SCRIPT = ROOT / "scripts" / "ascend_selfcheck.sh"
@@ -40,12 +41,15 @@ def _emulated_flash():
     return FlashKernel(primitives=NumpyFlashPrimitives(), compute_dtype=ms.float32)
 
 
-class _OffByTenPercent:
-    """A broken kernel: the emulated FlashKernel with out scaled by 1.1."""
+class _OffByTenPercent(AttentionKernel):
+    """A broken kernel: the emulated FlashKernel with out scaled by 1.1 (the declared kernel contract,
+    ``attention/kernel.py AttentionKernel``, otherwise the inner kernel's)."""
 
     def __init__(self):
         self.inner = _emulated_flash()
+        self.name = "off_by_ten_percent"
         self.block_size = self.inner.block_size
+        self.input_layouts, self.input_layout = self.inner.input_layouts, self.inner.input_layout
 
     def forward(self, *args):
         out, lse = self.inner.forward(*args)
